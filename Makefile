@@ -1,0 +1,34 @@
+# moelens — everything a fresh machine needs is here: `make demo`, `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU wheel of torch first (override: make TORCH=torch), then the package in editable mode.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.moelens-installed
+DEMO   ?= .demo
+
+.PHONY: install demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check "$(TORCH)"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/moelens tiny mixtral --out $(DEMO)/tiny-mixtral
+	$(VENV)/bin/moelens inspect $(DEMO)/tiny-mixtral
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/run.py
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache build src/*.egg-info

@@ -1,0 +1,481 @@
+"""What a family adapter is, and the building blocks most families are made of.
+
+A family adapter knows two things about one model family: how to read its ``config.json``
+(layers, experts, top-k, which layers are MoE) and where its tensors lie on disk. It turns both
+into the uniform view of :mod:`moelens.checkpoint.model`. Adding a family is one module in this
+package that subclasses :class:`Family` (usually :class:`StandardFamily`, filling in names) and
+decorates it with :func:`moelens.checkpoint.registry.register`.
+
+Expert layouts are small objects because the same layout recurs across families:
+:class:`PerExpert` (one tensor per expert and role, name templates with ``{L}`` and ``{e}``),
+:class:`FusedGateUp` (a [E, 2F, d] or [E, d, 2F] gate_up tensor and a [E, ...] down tensor),
+and :class:`FlatExperts` (DBRX: experts stacked along the rows of a 2-D tensor).
+A family lists its candidate layouts; the first whose tensors exist in the checkpoint is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+
+from moelens.checkpoint.model import ExpertWeights, RouterWeights
+from moelens.checkpoint.store import TensorStore
+from moelens.errors import CheckpointFormatError, ConfigError
+
+
+def first_key(config: dict[str, Any], keys: Sequence[str], default: Any = None) -> Any:
+    """The value of the first key present in ``config`` (config spellings vary by family)."""
+    for k in keys:
+        if config.get(k) is not None:
+            return config[k]
+    return default
+
+
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """NaN or inf in a weight makes every downstream number meaningless: refuse it."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointFormatError(f"tensor {name!r} holds {bad} NaN/inf values; the checkpoint is corrupt or was saved mid-divergence")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert layouts
+# ----------------------------------------------------------------------------------------------
+class ExpertLayout:
+    """Where one layer's experts lie. Subclasses read one expert's role matrix as [out, in]."""
+
+    name: str = "?"
+
+    def present(self, store: TensorStore, L: int) -> bool:
+        raise NotImplementedError
+
+    def n_experts(self, store: TensorStore, L: int) -> int:
+        raise NotImplementedError
+
+    def ffn(self, store: TensorStore, L: int) -> int:
+        raise NotImplementedError
+
+    def matrix(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+    def bias(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
+        return None
+
+    def stack(self, store: TensorStore, L: int, role: str) -> torch.Tensor:
+        mats = [self.matrix(store, L, e, role) for e in range(self.n_experts(store, L))]
+        return torch.stack(mats)
+
+    def dtype(self, store: TensorStore, L: int) -> str:
+        raise NotImplementedError
+
+    def parameter_count(self, store: TensorStore, L: int) -> int:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PerExpert(ExpertLayout):
+    """One tensor per (expert, role). Templates use ``{L}`` (layer) and ``{e}`` (expert), e.g.
+    ``"model.layers.{L}.block_sparse_moe.experts.{e}.w1.weight"``. ``gate`` may be None for an
+    ungated FFN. Bias templates are optional."""
+
+    gate: Optional[str]
+    up: str
+    down: str
+    gate_bias: Optional[str] = None
+    up_bias: Optional[str] = None
+    down_bias: Optional[str] = None
+    name: str = "per_expert"
+
+    def _name(self, role: str, L: int, e: int) -> Optional[str]:
+        t = getattr(self, role)
+        return None if t is None else t.format(L=L, e=e)
+
+    def present(self, store: TensorStore, L: int) -> bool:
+        return self.up.format(L=L, e=0) in store
+
+    def n_experts(self, store: TensorStore, L: int) -> int:
+        e = 0
+        while self.up.format(L=L, e=e) in store:
+            e += 1
+        return e
+
+    def ffn(self, store: TensorStore, L: int) -> int:
+        return store.shape(self.up.format(L=L, e=0))[0]
+
+    def matrix(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
+        name = self._name(role, L, e)
+        if name is None:
+            return None
+        return check_finite(name, store.read(name))
+
+    def bias(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
+        t = getattr(self, f"{role}_bias")
+        if t is None or t.format(L=L, e=e) not in store:
+            return None
+        return store.read(t.format(L=L, e=e))
+
+    def dtype(self, store: TensorStore, L: int) -> str:
+        return store.dtype(self.up.format(L=L, e=0))
+
+    def parameter_count(self, store: TensorStore, L: int) -> int:
+        total = 0
+        for e in range(self.n_experts(store, L)):
+            for role in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+                t = getattr(self, role)
+                if t is not None and t.format(L=L, e=e) in store:
+                    total += _numel(store.shape(t.format(L=L, e=e)))
+        return total
+
+
+@dataclass(frozen=True)
+class FusedGateUp(ExpertLayout):
+    """Experts fused in 3-D tensors: ``gate_up`` [E, 2F, d] and ``down`` [E, d, F] when
+    ``orientation == "out_in"`` (transformers v5 in memory, Granite, JetMoE), or [E, d, 2F] and
+    [E, F, d] when ``"in_out"`` (GPT-OSS, Llama4). ``split`` says where gate and up are inside the
+    2F axis: ``"halves"`` (gate first) or ``"interleaved"`` (gate = even, up = odd; GPT-OSS).
+    Optional biases: ``gate_up_bias`` [E, 2F], ``down_bias`` [E, d]."""
+
+    gate_up: str
+    down: str
+    orientation: str = "out_in"
+    split: str = "halves"
+    gate_up_bias: Optional[str] = None
+    down_bias: Optional[str] = None
+    name: str = "fused"
+
+    def present(self, store: TensorStore, L: int) -> bool:
+        return self.gate_up.format(L=L) in store and self.down.format(L=L) in store
+
+    def n_experts(self, store: TensorStore, L: int) -> int:
+        return store.shape(self.gate_up.format(L=L))[0]
+
+    def ffn(self, store: TensorStore, L: int) -> int:
+        shape = store.shape(self.gate_up.format(L=L))
+        two_f = shape[1] if self.orientation == "out_in" else shape[2]
+        return two_f // 2
+
+    def _split(self, gu: torch.Tensor, role: str, axis: int) -> torch.Tensor:
+        """Take gate or up out of the 2F axis ``axis`` of ``gu``."""
+        two_f = gu.shape[axis]
+        if self.split == "interleaved":
+            idx = torch.arange(0 if role == "gate" else 1, two_f, 2)
+            return gu.index_select(axis, idx)
+        f = two_f // 2
+        return gu.narrow(axis, 0 if role == "gate" else f, f)
+
+    def matrix(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
+        if role == "down":
+            name = self.down.format(L=L)
+            m = store.read(name, index=e)  # [d, F] out_in, [F, d] in_out
+            m = m if self.orientation == "out_in" else m.T
+        else:
+            name = self.gate_up.format(L=L)
+            gu = store.read(name, index=e)  # [2F, d] out_in, [d, 2F] in_out
+            if self.orientation == "out_in":
+                m = self._split(gu, role, 0)
+            else:
+                m = self._split(gu, role, 1).T
+        return check_finite(name, m.contiguous())
+
+    def stack(self, store: TensorStore, L: int, role: str) -> torch.Tensor:
+        if role == "down":
+            name = self.down.format(L=L)
+            m = store.read(name)
+            m = m if self.orientation == "out_in" else m.transpose(1, 2)
+        else:
+            name = self.gate_up.format(L=L)
+            gu = store.read(name)
+            m = self._split(gu, role, 1) if self.orientation == "out_in" else self._split(gu, role, 2).transpose(1, 2)
+        return check_finite(name, m.contiguous())
+
+    def bias(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
+        if role == "down":
+            if self.down_bias is None or self.down_bias.format(L=L) not in store:
+                return None
+            return store.read(self.down_bias.format(L=L), index=e)
+        if self.gate_up_bias is None or self.gate_up_bias.format(L=L) not in store:
+            return None
+        b = store.read(self.gate_up_bias.format(L=L), index=e)
+        return self._split(b, role, 0)
+
+    def dtype(self, store: TensorStore, L: int) -> str:
+        return store.dtype(self.gate_up.format(L=L))
+
+    def parameter_count(self, store: TensorStore, L: int) -> int:
+        names = [self.gate_up, self.down, self.gate_up_bias, self.down_bias]
+        return sum(_numel(store.shape(n.format(L=L))) for n in names if n is not None and n.format(L=L) in store)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Families
+# ----------------------------------------------------------------------------------------------
+class Family:
+    """A model family: reads its config and its tensors into the uniform view.
+
+    Class attributes identify the family: ``name`` (moelens' spelling), ``architectures``
+    (``config.json["architectures"]`` values) and ``model_types`` (``config.json["model_type"]``).
+    ``tiny_layouts`` lists the on-disk layouts the test fixtures build for it."""
+
+    name: ClassVar[str] = "?"
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
+    tiny_layouts: ClassVar[tuple[str, ...]] = ("per_expert",)
+    is_dense: ClassVar[bool] = False
+
+    def __init__(self, config: dict[str, Any], store: TensorStore):
+        self.config = config
+        self.store = store
+
+    # structure ---------------------------------------------------------------------------------
+    def n_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    def moe_layer_indices(self) -> list[int]:
+        raise NotImplementedError
+
+    def n_experts(self, L: int) -> int:
+        raise NotImplementedError
+
+    def top_k(self) -> int:
+        return int(first_key(self.config, ("num_experts_per_tok", "moe_k", "top_k", "num_selected_experts", "experts_per_token"), 0))
+
+    def expert_ffn(self, L: int) -> int:
+        raise NotImplementedError
+
+    def n_shared_experts(self) -> int:
+        return 0
+
+    def expert_dtype(self) -> str:
+        raise NotImplementedError
+
+    def layout_name(self) -> str:
+        raise NotImplementedError
+
+    def expert_parameter_count(self, L: int) -> int:
+        raise NotImplementedError
+
+    # tensors -----------------------------------------------------------------------------------
+    def router(self, L: int) -> RouterWeights:
+        raise NotImplementedError
+
+    def expert_matrix(self, L: int, e: int, role: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expert(self, L: int, e: int) -> ExpertWeights:
+        raise NotImplementedError
+
+    def expert_stack(self, L: int, role: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def shared_experts(self, L: int) -> list[ExpertWeights]:
+        return []
+
+    def shared_expert_gate(self, L: int) -> Optional[torch.Tensor]:
+        return None
+
+    def attention(self, L: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dense_mlp(self, L: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # test fixtures -----------------------------------------------------------------------------
+    @classmethod
+    def tiny_config(cls) -> Any:
+        """A transformers config of a tiny model of this family (hidden 32-64, 2-4 layers, 4-8
+        experts), used by :mod:`moelens.testing.tiny` to build test checkpoints."""
+        raise NotImplementedError
+
+
+class StandardFamily(Family):
+    """A family described by tensor-name templates (``{L}`` = layer index, ``{e}`` = expert).
+
+    Subclasses set the class attributes below and override :meth:`moe_layer_indices` when not
+    every layer is MoE. Names are relative to the checkpoint root."""
+
+    layer_prefix: ClassVar[str] = "model.layers.{L}."
+    # e.g. "mlp.gate.weight" (relative to layer_prefix); a tuple lists candidates in order, since
+    # transformers v5 renames some routers in the fused layout.
+    router_weight: ClassVar[str | tuple[str, ...]] = ""
+    router_bias: ClassVar[Optional[str]] = None
+    score_correction_bias: ClassVar[Optional[str]] = None
+    expert_layouts: ClassVar[tuple[ExpertLayout, ...]] = ()  # templates relative to layer_prefix
+    shared_expert_layouts: ClassVar[tuple[ExpertLayout, ...]] = ()  # PerExpert with {e} unused or shared index
+    shared_gate_weight: ClassVar[Optional[str]] = None
+    attention_names: ClassVar[dict[str, str]] = {
+        "q": "self_attn.q_proj.weight",
+        "k": "self_attn.k_proj.weight",
+        "v": "self_attn.v_proj.weight",
+        "o": "self_attn.o_proj.weight",
+    }
+    dense_mlp_names: ClassVar[dict[str, str]] = {
+        "gate": "mlp.gate_proj.weight",
+        "up": "mlp.up_proj.weight",
+        "down": "mlp.down_proj.weight",
+    }
+    expert_count_keys: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+    def __init__(self, config: dict[str, Any], store: TensorStore):
+        super().__init__(config, store)
+        self._layout_cache: dict[int, ExpertLayout] = {}
+
+    def _full(self, template: str, L: int) -> str:
+        return (self.layer_prefix + template).format(L=L, e="{e}")
+
+    # structure ---------------------------------------------------------------------------------
+    def moe_layer_indices(self) -> list[int]:
+        return list(range(self.n_layers()))
+
+    def config_n_experts(self) -> int:
+        return int(first_key(self.config, self.expert_count_keys, 0))
+
+    def _router_name(self, L: int) -> str:
+        candidates = (self.router_weight,) if isinstance(self.router_weight, str) else self.router_weight
+        for c in candidates:
+            if self._full(c, L) in self.store:
+                return self._full(c, L)
+        raise CheckpointFormatError(
+            f"the router of layer {L} is missing: none of {', '.join(self._full(c, L) for c in candidates)} "
+            f"is in {self.store.directory}; the checkpoint is incomplete or not a {self.name} checkpoint"
+        )
+
+    def n_experts(self, L: int) -> int:
+        return self.store.shape(self._router_name(L))[0]
+
+    def _layout(self, L: int) -> ExpertLayout:
+        lay = self._layout_cache.get(L)
+        if lay is not None:
+            return lay
+        for candidate in self.expert_layouts:
+            bound = _bind(candidate, self.layer_prefix)
+            if bound.present(self.store, L):
+                self._layout_cache[L] = bound
+                return bound
+        raise CheckpointFormatError(
+            f"layer {L} of this {self.name} checkpoint has none of the expert layouts moelens knows "
+            f"({', '.join(c.name for c in self.expert_layouts)}); expected tensors like "
+            f"{_example(self.expert_layouts[0], self.layer_prefix, L)!r}"
+        )
+
+    def layout_name(self) -> str:
+        return self._layout(self.moe_layer_indices()[0]).name
+
+    def expert_ffn(self, L: int) -> int:
+        return self._layout(L).ffn(self.store, L)
+
+    def expert_dtype(self) -> str:
+        moe = self.moe_layer_indices()
+        if not moe:
+            return self.store.dtype(self._full(self.attention_names["q"], 0)) if self.attention_names else "?"
+        return self._layout(moe[0]).dtype(self.store, moe[0])
+
+    def expert_parameter_count(self, L: int) -> int:
+        return self._layout(L).parameter_count(self.store, L)
+
+    # tensors -----------------------------------------------------------------------------------
+    def _read_opt(self, template: Optional[str], L: int) -> Optional[torch.Tensor]:
+        if template is None:
+            return None
+        name = self._full(template, L)
+        if name not in self.store:
+            return None
+        return self.store.read(name).reshape(-1)
+
+    def router(self, L: int) -> RouterWeights:
+        name = self._router_name(L)
+        weight = check_finite(name, self.store.read(name))
+        return RouterWeights(
+            weight=weight,
+            bias=self._read_opt(self.router_bias, L),
+            score_correction_bias=self._read_opt(self.score_correction_bias, L),
+        )
+
+    def expert_matrix(self, L: int, e: int, role: str) -> torch.Tensor:
+        m = self._layout(L).matrix(self.store, L, e, role)
+        if m is None:
+            raise ConfigError(f"{self.name} experts have no {role!r} matrix; use 'up' or 'down'")
+        return m
+
+    def expert(self, L: int, e: int) -> ExpertWeights:
+        lay = self._layout(L)
+        return ExpertWeights(
+            gate=lay.matrix(self.store, L, e, "gate"),
+            up=lay.matrix(self.store, L, e, "up"),
+            down=lay.matrix(self.store, L, e, "down"),
+            gate_bias=lay.bias(self.store, L, e, "gate"),
+            up_bias=lay.bias(self.store, L, e, "up"),
+            down_bias=lay.bias(self.store, L, e, "down"),
+        )
+
+    def expert_stack(self, L: int, role: str) -> torch.Tensor:
+        return self._layout(L).stack(self.store, L, role)
+
+    def shared_experts(self, L: int) -> list[ExpertWeights]:
+        for candidate in self.shared_expert_layouts:
+            bound = _bind(candidate, self.layer_prefix)
+            if bound.present(self.store, L):
+                n = bound.n_experts(self.store, L)
+                return [
+                    ExpertWeights(
+                        gate=bound.matrix(self.store, L, e, "gate"),
+                        up=bound.matrix(self.store, L, e, "up"),
+                        down=bound.matrix(self.store, L, e, "down"),
+                    )
+                    for e in range(n)
+                ]
+        return []
+
+    def shared_expert_gate(self, L: int) -> Optional[torch.Tensor]:
+        if self.shared_gate_weight is None:
+            return None
+        name = self._full(self.shared_gate_weight, L)
+        return self.store.read(name) if name in self.store else None
+
+    def attention(self, L: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, template in self.attention_names.items():
+            name = self._full(template, L)
+            if name in self.store:
+                out[key] = self.store.read(name)
+        return out
+
+    def dense_mlp(self, L: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, template in self.dense_mlp_names.items():
+            name = self._full(template, L)
+            out[key] = check_finite(name, self.store.read(name))
+        return out
+
+
+def _bind(layout: ExpertLayout, prefix: str) -> ExpertLayout:
+    """Prefix every template of a layout with the family's layer prefix."""
+    from dataclasses import fields, replace
+
+    changes = {}
+    for f in fields(layout):
+        v = getattr(layout, f.name)
+        if f.name != "name" and isinstance(v, str) and f.name not in ("orientation", "split"):
+            changes[f.name] = prefix + v
+    return replace(layout, **changes)
+
+
+def _example(layout: ExpertLayout, prefix: str, L: int) -> str:
+    bound = _bind(layout, prefix)
+    if isinstance(bound, PerExpert):
+        return bound.up.format(L=L, e=0)
+    if isinstance(bound, FusedGateUp):
+        return bound.gate_up.format(L=L)
+    return bound.name

@@ -1,0 +1,298 @@
+"""The one view of every checkpoint family: ``MoEModel -> MoELayer -> ExpertWeights``.
+
+Every matrix is returned in torch ``Linear`` orientation [out, in]:
+``gate`` and ``up`` are [F, d], ``down`` is [d, F], the router is [E, d]. Reads are lazy: nothing
+but headers is read until a tensor is asked for, one expert of a fused tensor is read as a slice,
+and :meth:`MoELayer.iter_experts` streams experts so peak memory stays near one expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+
+from moelens.errors import ConfigError, IndexOutOfRangeError, NotMoEError
+from moelens.ranges import compact_ranges
+
+if TYPE_CHECKING:
+    from moelens.checkpoint.families.base import Family
+    from moelens.checkpoint.store import TensorStore
+
+ROLES = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """A layer's router. ``weight`` [E, d]; ``bias`` [E] is added to the logits (GPT-OSS);
+    ``score_correction_bias`` [E] is added to the scores for top-k selection only
+    (DeepSeek-V3, GLM4-MoE, Ernie4.5, MiniMax-M2)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    score_correction_bias: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert's FFN, [out, in]: gate, up [F, d]; down [d, F]. Biases, where the family has
+    them, are [F], [F], [d]. ``gate`` is None for a family without a gated FFN."""
+
+    gate: Optional[torch.Tensor]
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: Optional[torch.Tensor] = None
+    up_bias: Optional[torch.Tensor] = None
+    down_bias: Optional[torch.Tensor] = None
+
+    def matrix(self, role: str) -> torch.Tensor:
+        check_role(role)
+        m = getattr(self, role)
+        if m is None:
+            raise ConfigError(f"this expert has no {role!r} matrix (its FFN is not gated); use 'up' or 'down'")
+        return m
+
+
+def check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ConfigError(f"unknown matrix role {role!r}; expected one of {', '.join(ROLES)}")
+
+
+class MoELayer:
+    """One MoE block of a model. Obtain it from :meth:`MoEModel.layer`."""
+
+    def __init__(self, model: "MoEModel", index: int):
+        self.model = model
+        self.index = index
+        self._family = model.family_adapter
+
+    def __repr__(self) -> str:
+        return f"MoELayer({self.model.name} L{self.index}, E={self.n_experts}, d={self.hidden_size}, F={self.expert_ffn})"
+
+    @property
+    def n_experts(self) -> int:
+        return self._family.n_experts(self.index)
+
+    @property
+    def top_k(self) -> int:
+        return self.model.top_k
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.hidden_size
+
+    @property
+    def expert_ffn(self) -> int:
+        return self._family.expert_ffn(self.index)
+
+    def router(self) -> RouterWeights:
+        """The router, weight [E, d] (+ biases where present)."""
+        return self._family.router(self.index)
+
+    def _check_expert(self, e: int) -> int:
+        if not isinstance(e, int) or not 0 <= e < self.n_experts:
+            raise IndexOutOfRangeError(
+                f"expert {e} is out of range: layer {self.index} has experts 0..{self.n_experts - 1}"
+            )
+        return e
+
+    def expert(self, e: int) -> ExpertWeights:
+        """Expert ``e``'s gate, up and down matrices in [out, in] orientation."""
+        return self._family.expert(self.index, self._check_expert(e))
+
+    def expert_matrix(self, e: int, role: str) -> torch.Tensor:
+        """One matrix of one expert, [out, in]; only that slice is read from disk."""
+        check_role(role)
+        return self._family.expert_matrix(self.index, self._check_expert(e), role)
+
+    def expert_stack(self, role: str) -> torch.Tensor:
+        """All experts' ``role`` matrices as [E, out, in] in the stored dtype (one role of one
+        layer in memory)."""
+        check_role(role)
+        return self._family.expert_stack(self.index, role)
+
+    def iter_experts(self, role: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Stream ``(e, matrix)`` over experts, one expert in memory at a time."""
+        check_role(role)
+        for e in range(self.n_experts):
+            yield e, self._family.expert_matrix(self.index, e, role)
+
+    def shared_experts(self) -> list[ExpertWeights]:
+        """Shared (always-on) experts, [] when the family has none."""
+        return self._family.shared_experts(self.index)
+
+    def shared_expert_gate(self) -> Optional[torch.Tensor]:
+        """Qwen2-MoE's sigmoid gate of the shared expert, [1, d]; None elsewhere."""
+        return self._family.shared_expert_gate(self.index)
+
+
+@dataclass
+class MoEModel:
+    """A checkpoint opened for reading. Build it with :func:`moelens.open_model`.
+
+    Attributes mirror ``moelens inspect``: ``family``, ``n_layers``, ``hidden_size`` (d),
+    ``moe_layers`` and ``dense_layers`` (indices), ``n_experts`` (E), ``top_k``, ``expert_ffn`` (F),
+    ``n_shared_experts``, ``dtype`` (of the expert weights as stored)."""
+
+    path: Path
+    source: str
+    config: dict[str, Any]
+    store: "TensorStore"
+    family_adapter: "Family"
+    revision: Optional[str] = None
+    _layers: dict[int, MoELayer] = field(default_factory=dict, repr=False)
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.family_adapter.name
+
+    @property
+    def name(self) -> str:
+        """A short name: the repo id when opened from the cache, else the directory name."""
+        return self.source if "/" in self.source and not Path(self.source).exists() else self.path.name
+
+    @property
+    def n_layers(self) -> int:
+        return self.family_adapter.n_layers()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.family_adapter.hidden_size()
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.family_adapter.moe_layer_indices()
+
+    @property
+    def dense_layers(self) -> list[int]:
+        moe = set(self.moe_layers)
+        return [i for i in range(self.n_layers) if i not in moe]
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+    @property
+    def n_experts(self) -> int:
+        return self.family_adapter.n_experts(self.moe_layers[0]) if self.is_moe else 0
+
+    @property
+    def top_k(self) -> int:
+        return self.family_adapter.top_k() if self.is_moe else 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.family_adapter.expert_ffn(self.moe_layers[0]) if self.is_moe else 0
+
+    @property
+    def n_shared_experts(self) -> int:
+        return self.family_adapter.n_shared_experts() if self.is_moe else 0
+
+    @property
+    def dtype(self) -> str:
+        """Stored dtype of the expert weights (``"BF16"``, ``"F32"``, ``"F8_E4M3"``, ``"MXFP4"``)."""
+        return self.family_adapter.expert_dtype()
+
+    def dtypes(self) -> dict[str, int]:
+        """Count of tensors per stored dtype."""
+        out: dict[str, int] = {}
+        for info in self.store.infos.values():
+            out[info.dtype] = out.get(info.dtype, 0) + 1
+        return out
+
+    # -- parameter counts ----------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """``total`` and ``experts`` (routed experts only) parameter counts, from headers only.
+        Quantised tensors count logical weights (scales are not parameters)."""
+        total = 0
+        for name in self.store.infos:
+            if name.endswith(("_scale_inv", "_scales")):
+                continue
+            base = name[: -len("_blocks")] if name.endswith("_blocks") else name
+            total += _numel(self.store.shape(base))
+        experts = 0
+        for L in self.moe_layers:
+            experts += self.family_adapter.expert_parameter_count(L)
+        return {"total": total, "experts": experts}
+
+    def size_on_disk(self) -> int:
+        return self.store.total_bytes()
+
+    # -- access --------------------------------------------------------------------------------
+    def _check_layer(self, i: int) -> int:
+        if not isinstance(i, int) or not 0 <= i < self.n_layers:
+            raise IndexOutOfRangeError(f"layer {i} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
+        return i
+
+    def layer(self, i: int) -> MoELayer:
+        """MoE layer ``i``. Raises :class:`NotMoEError` for a dense layer or a dense model."""
+        self._check_layer(i)
+        if i not in set(self.moe_layers):
+            if not self.is_moe:
+                raise NotMoEError(f"{self.name} is a dense {self.family} model with no MoE layers; this needs an MoE checkpoint")
+            raise NotMoEError(
+                f"layer {i} of {self.name} is dense, not MoE; MoE layers are {_ranges(self.moe_layers)}"
+            )
+        if i not in self._layers:
+            self._layers[i] = MoELayer(self, i)
+        return self._layers[i]
+
+    def layers(self, indices: Optional[list[int]] = None) -> Iterator[MoELayer]:
+        """Iterate over MoE layers (all of them by default)."""
+        for i in (self.moe_layers if indices is None else indices):
+            yield self.layer(i)
+
+    def attention(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s attention projections ``q``, ``k``, ``v``, ``o`` in [out, in]; {} for a
+        layer without attention (a Mamba layer of Jamba)."""
+        return self.family_adapter.attention(self._check_layer(i))
+
+    def dense_mlp(self, i: int) -> dict[str, torch.Tensor]:
+        """Dense layer ``i``'s MLP ``gate``, ``up``, ``down`` in [out, in]."""
+        self._check_layer(i)
+        if i in set(self.moe_layers):
+            raise NotMoEError(f"layer {i} is an MoE layer; use model.layer({i}) for its experts")
+        return self.family_adapter.dense_mlp(i)
+
+    def file_hashes(self) -> dict[str, str]:
+        return self.store.file_hashes()
+
+    def summary(self) -> dict[str, Any]:
+        """What ``moelens inspect --json`` prints."""
+        counts = self.parameter_counts()
+        return {
+            "source": self.source,
+            "path": str(self.path),
+            "family": self.family,
+            "architecture": (self.config.get("architectures") or [None])[0],
+            "n_layers": self.n_layers,
+            "moe_layers": self.moe_layers,
+            "dense_layers": self.dense_layers,
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "hidden_size": self.hidden_size,
+            "expert_ffn": self.expert_ffn,
+            "shared_experts": self.n_shared_experts,
+            "dtype": self.dtype,
+            "dtypes": self.dtypes(),
+            "parameters_total": counts["total"],
+            "parameters_experts": counts["experts"],
+            "size_on_disk_bytes": self.size_on_disk(),
+            "expert_layout": self.family_adapter.layout_name() if self.is_moe else None,
+        }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _ranges(values: list[int]) -> str:
+    if not values:
+        return "none"
+    return compact_ranges(values)

@@ -1,0 +1,43 @@
+"""``open_model``: from a path or repo id to an :class:`~moelens.checkpoint.model.MoEModel`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from moelens.checkpoint.model import MoEModel
+from moelens.checkpoint.registry import family_for_config
+from moelens.checkpoint.source import resolve_source
+from moelens.checkpoint.store import TensorStore
+from moelens.errors import CheckpointFormatError
+
+
+def read_config(path) -> dict:
+    cfg_path = path / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointFormatError(f"{cfg_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{cfg_path} is not a JSON object")
+    # Multimodal wrappers (Llama4) keep the language model's settings under text_config.
+    return config
+
+
+def open_model(source: str | os.PathLike[str], revision: Optional[str] = None) -> MoEModel:
+    """Open a checkpoint for lazy reading.
+
+    ``source`` is a local directory holding ``config.json`` and safetensors files, or a repo id
+    (``"mistralai/Mixtral-8x7B-v0.1"``) already in the local Hugging Face cache; nothing is
+    downloaded. Reads ``config.json``, the safetensors index and file headers, nothing else.
+
+    >>> model = open_model("path/to/checkpoint")
+    >>> model.family, model.n_experts, model.layer(0).router().weight.shape
+    """
+    path = resolve_source(source, revision)
+    config = read_config(path)
+    family_cls = family_for_config(config)
+    store = TensorStore(path)
+    adapter = family_cls(config, store)
+    return MoEModel(path=path, source=str(source), config=config, store=store, family_adapter=adapter, revision=revision)

@@ -1,0 +1,279 @@
+"""Lazy access to the tensors of a safetensors checkpoint.
+
+Opening a store reads the index and every file's header (a few KB each) and validates them:
+a shard the index names but that is missing, a header that is not JSON, or a file shorter than
+its header promises is reported at once. Tensor data is read only when asked for, by memory
+mapping, and a fused expert tensor can be read one expert (a slice of the first axis) at a time.
+
+Quantised tensors are dequantised on read, transparently, under the name of the weight:
+- FP8 e4m3 with ``<name>_scale_inv`` of shape [ceil(out/b), ceil(in/b)] (DeepSeek-V3, b = 128):
+  W = W_fp8 * scale_inv broadcast over b x b blocks;
+- MXFP4 ``<name>_blocks`` (U8 [..., rows, cols/32, 16]) and ``<name>_scales`` (U8 [..., rows,
+  cols/32]) (GPT-OSS): each byte holds two FP4 (e2m1) values, low nibble first, and each block
+  of 32 values shares the exponent ``scale - 127``. The result has shape [..., rows, cols].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from moelens.errors import CheckpointFormatError
+
+INDEX_NAME = "model.safetensors.index.json"
+
+# e2m1 code points, index = 4-bit code (sign bit is the high bit of the nibble).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a file header says about one tensor."""
+
+    name: str
+    file: Path
+    dtype: str  # safetensors spelling: "BF16", "F32", "F8_E4M3", "U8", ...
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header: 8-byte little-endian length, then JSON.
+
+    Raises :class:`CheckpointFormatError` for a truncated or corrupt file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointFormatError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointFormatError(
+                    f"{path} is corrupt or truncated: its header claims {n} bytes but the file has {size}; re-download it"
+                )
+            raw = fh.read(n)
+    except OSError as exc:
+        raise CheckpointFormatError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointFormatError(f"{path} has a corrupt header (not JSON): not a valid safetensors file; re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path} has a corrupt header: not a valid safetensors file; re-download it")
+    data_len = size - 8 - n
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointFormatError(f"{path} has a corrupt header entry for {name!r}; re-download it") from None
+        end = max(end, hi)
+    if end > data_len:
+        raise CheckpointFormatError(
+            f"{path} is truncated: its tensors need {end} data bytes but the file holds {data_len}; re-download it"
+        )
+    return header
+
+
+class TensorStore:
+    """Every tensor of a checkpoint directory, by name, read lazily."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.files = self._list_files()
+        self.infos: dict[str, TensorInfo] = {}
+        for file in self.files:
+            header = read_header(file)
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                shape = tuple(int(s) for s in meta["shape"])
+                lo, hi = meta["data_offsets"]
+                self.infos[name] = TensorInfo(name, file, meta["dtype"], shape, hi - lo)
+        self._check_index_names()
+        self._handles: dict[Path, Any] = {}
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _list_files(self) -> list[Path]:
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointFormatError(f"{index} is not a valid safetensors index (no 'weight_map'); re-download it") from None
+            self._index_map = dict(weight_map)
+            files = []
+            for shard in sorted(set(weight_map.values())):
+                path = self.directory / shard
+                if not path.is_file():
+                    raise CheckpointFormatError(
+                        f"shard {shard} named by {INDEX_NAME} is missing from {self.directory}; download every shard"
+                    )
+                files.append(path)
+            return files
+        self._index_map = {}
+        files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointFormatError(
+                f"{self.directory} has no *.safetensors files; moelens reads safetensors checkpoints only "
+                "(convert .bin/.pt weights with transformers' save_pretrained)"
+            )
+        return files
+
+    def _check_index_names(self) -> None:
+        for name, shard in self._index_map.items():
+            info = self.infos.get(name)
+            if info is None:
+                raise CheckpointFormatError(
+                    f"{INDEX_NAME} places {name!r} in {shard}, but that file has no such tensor; the shard is corrupt or stale"
+                )
+
+    # -- queries -------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos or f"{name}_blocks" in self.infos
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Logical shape (after dequantisation) of a tensor."""
+        if name in self.infos:
+            return self.infos[name].shape
+        if f"{name}_blocks" in self.infos:
+            *lead, rows, nblocks, bsize = self.infos[f"{name}_blocks"].shape
+            return (*lead, rows, nblocks * bsize * 2)
+        raise self._missing(name)
+
+    def dtype(self, name: str) -> str:
+        if name in self.infos:
+            return self.infos[name].dtype
+        if f"{name}_blocks" in self.infos:
+            return "MXFP4"
+        raise self._missing(name)
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def _missing(self, name: str) -> CheckpointFormatError:
+        return CheckpointFormatError(
+            f"tensor {name!r} is missing from {self.directory}; the checkpoint is incomplete or not the layout its config names"
+        )
+
+    def _handle(self, file: Path):
+        from safetensors import safe_open
+
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointFormatError(f"cannot open {file}: {exc}; re-download it") from None
+            self._handles[file] = h
+        return h
+
+    # -- reads -----------------------------------------------------------------------------------
+    def read(self, name: str, index: int | slice | None = None) -> torch.Tensor:
+        """Read a tensor, or ``tensor[index]`` along its first axis, dequantised if stored so.
+
+        Only the bytes of the requested slice are copied out of the memory map."""
+        if name in self.infos:
+            info = self.infos[name]
+            t = self._raw(info, index)
+            scale_name = f"{name}_scale_inv"
+            if info.dtype.startswith("F8") and scale_name in self.infos:
+                scale = self._raw(self.infos[scale_name], index)
+                t = dequantize_fp8_blocks(t, scale)
+            return t
+        if f"{name}_blocks" in self.infos:
+            blocks = self._raw(self.infos[f"{name}_blocks"], index)
+            scales = self._raw(self.infos[f"{name}_scales"], index)
+            return dequantize_mxfp4(blocks, scales)
+        raise self._missing(name)
+
+    def _raw(self, info: TensorInfo, index: int | slice | None) -> torch.Tensor:
+        try:
+            h = self._handle(info.file)
+            if index is None:
+                return h.get_tensor(info.name)
+            sl = h.get_slice(info.name)
+            if isinstance(index, int):
+                if not 0 <= index < info.shape[0]:
+                    raise IndexError(index)
+                return sl[index : index + 1][0]
+            return sl[index]
+        except CheckpointFormatError:
+            raise
+        except IndexError:
+            raise
+        except Exception as exc:
+            raise CheckpointFormatError(f"cannot read {info.name!r} from {info.file}: {exc}; the file may be corrupt") from None
+
+    def file_hashes(self, algorithm: str = "sha256", max_bytes: int | None = None) -> dict[str, str]:
+        """Content hashes of the config and weight files, for a run's manifest.
+
+        A checkpoint of hundreds of GB cannot be hashed on every run, so by default a file is
+        fingerprinted by its size, its header and its first and last MiB; ``max_bytes=-1`` hashes
+        whole files."""
+        out: dict[str, str] = {}
+        paths = [p for p in (self.directory / "config.json", self.directory / INDEX_NAME) if p.is_file()] + self.files
+        for p in paths:
+            out[p.name] = fingerprint_file(p, algorithm, whole=max_bytes == -1)
+        return out
+
+
+def fingerprint_file(path: Path, algorithm: str = "sha256", whole: bool = False, chunk: int = 1 << 20) -> str:
+    """Hash of a file: whole, or of (size, first MiB, last MiB) for large files."""
+    h = hashlib.new(algorithm)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if whole or size <= 4 * chunk:
+            for block in iter(lambda: fh.read(chunk), b""):
+                h.update(block)
+            return f"{algorithm}:{h.hexdigest()}"
+        h.update(str(size).encode())
+        h.update(fh.read(chunk))
+        fh.seek(size - chunk)
+        h.update(fh.read(chunk))
+    return f"{algorithm}-sampled:{h.hexdigest()}"
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """W[r, c] = W_fp8[r, c] * scale_inv[r // b_r, c // b_c] with b inferred from the shapes
+    (128 x 128 for DeepSeek-V3); works on [out, in] or a leading batch axis."""
+    out_dim, in_dim = weight.shape[-2:]
+    b_r = math.ceil(out_dim / scale_inv.shape[-2])
+    b_c = math.ceil(in_dim / scale_inv.shape[-1])
+    s = scale_inv.float().repeat_interleave(b_r, dim=-2)[..., :out_dim, :]
+    s = s.repeat_interleave(b_c, dim=-1)[..., :in_dim]
+    return weight.float() * s
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 -> float32. blocks U8 [..., rows, G, 16], scales U8 [..., rows, G] -> [..., rows, G*32]."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    blocks = blocks.to(torch.uint8)
+    lo = (blocks & 0x0F).long()
+    hi = (blocks >> 4).long()
+    vals = torch.stack((lut[lo], lut[hi]), dim=-1).flatten(-2)  # [..., rows, G, 32], low nibble first
+    exp = scales.to(torch.int32) - 127
+    vals = torch.ldexp(vals, exp.unsqueeze(-1).to(torch.float32))
+    return vals.flatten(-2)
+
+
+def iter_names(store: TensorStore, prefix: str) -> Iterable[str]:
+    return (n for n in store.infos if n.startswith(prefix))

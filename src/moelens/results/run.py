@@ -1,0 +1,134 @@
+"""A run = a directory holding ``manifest.json`` and one Parquet file per table.
+
+The manifest records what is needed to trust and reproduce the numbers: the model (source,
+family, input file hashes), the analysis and its options, the seed, package versions and timings.
+Tables are written atomically (temporary file, then rename) so an interrupted run never leaves a
+half-written file behind, and ``append_table`` lets an analysis add one layer's rows at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from moelens.errors import RunDirectoryError
+from moelens.ranges import compact_ranges
+
+MANIFEST = "manifest.json"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour can change a number."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("moelens", "torch", "numpy", "scipy", "pandas", "safetensors", "transformers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (sorted keys, indented, NaN-free values expected)."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_table(path: Path, table: pd.DataFrame) -> None:
+    """Write one Parquet table atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Run:
+    """The result of one analysis: a manifest and named tidy tables.
+
+    ``tables`` maps a table name (``"alignment"``) to a DataFrame; it is saved as
+    ``<name>.parquet``. ``path`` is set once the run is saved or loaded.
+    """
+
+    manifest: dict[str, Any]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise KeyError(f"run has no table {name!r}; it has {sorted(self.tables)}") from None
+
+    @property
+    def label(self) -> str:
+        """A short human label: the manifest's ``label`` or ``model name · layers``."""
+        if self.manifest.get("label"):
+            return str(self.manifest["label"])
+        model = self.manifest.get("model", {})
+        name = model.get("name") or Path(str(model.get("source", "run"))).name
+        layers = self.manifest.get("options", {}).get("layers")
+        if isinstance(layers, list) and layers:
+            return f"{name} L{compact_ranges(layers)}"
+        return str(name)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the manifest and every table under ``path`` (created if needed)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, table in self.tables.items():
+            write_table(path / f"{name}.parquet", table)
+        write_json(path / MANIFEST, self.manifest)
+        self.path = path
+        return path
+
+
+def load_run(path: str | os.PathLike[str]) -> Run:
+    """Read a run directory written by :meth:`Run.save` (or by an analysis that streams layers)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise RunDirectoryError(f"run directory {path} does not exist; pass the --out directory of an analysis")
+    if not manifest_path.is_file():
+        raise RunDirectoryError(f"{path} has no {MANIFEST}; it is not a moelens run directory (or the run never started)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunDirectoryError(f"{manifest_path} is not valid JSON ({exc}); re-run the analysis") from None
+    tables = {p.stem: pd.read_parquet(p) for p in sorted(path.glob("*.parquet"))}
+    return Run(manifest=manifest, tables=tables, path=path)
+
+
+def load_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:
+    """Load several run directories, in the order given."""
+    return [load_run(p) for p in paths]

@@ -1,0 +1,33 @@
+"""Session-wide fixtures: tiny checkpoints of every family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_checkpoint(family, layout="per_expert", dtype="float32", sharded=False) -> Path``.
+
+    Builds (once per session) a tiny random checkpoint with transformers' ``save_pretrained``."""
+    from moelens.testing.tiny import TinySpec, build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[TinySpec, Path] = {}
+
+    def make(family: str, layout: str = "per_expert", dtype: str = "float32", sharded: bool = False) -> Path:
+        spec = TinySpec(family, layout, dtype, sharded)
+        if spec not in built:
+            built[spec] = build_tiny_checkpoint(spec, root / spec.id)
+        return built[spec]
+
+    return make
