@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -39,7 +40,7 @@ err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -132,8 +133,9 @@ def tiny(
     fams = families()
     if family not in fams:
         fail(f"unknown family {family!r}; known: {', '.join(fams)}")
-    if layout not in fams[family].tiny_layouts:
-        fail(f"{family} has no tiny {layout!r} layout; it has {', '.join(fams[family].tiny_layouts)}")
+    layouts = tuple(fams[family].tiny_layouts) + tuple(getattr(fams[family], "tiny_custom_layouts", ()))
+    if layout not in layouts:
+        fail(f"{family} has no tiny {layout!r} layout; it has {', '.join(dict.fromkeys(layouts))}")
     path = build_tiny_checkpoint(TinySpec(family, layout, dtype, sharded), out, seed=seed)
     console.print(f"wrote tiny {family} ({layout}, {dtype}) to [bold]{path}[/]")
 
@@ -154,7 +156,7 @@ def main() -> None:
     try:
         app()
     except MoelensError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

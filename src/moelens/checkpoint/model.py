@@ -260,8 +260,17 @@ class MoEModel:
     def file_hashes(self) -> dict[str, str]:
         return self.store.file_hashes()
 
+    def check(self) -> None:
+        """Raise :class:`~moelens.errors.CheckpointFormatError` naming a missing or misshapen
+        tensor if an MoE layer is incomplete on disk (a partial download). Reads headers only, so
+        it is cheap at any scale; NaN weights are found when a tensor is read."""
+        for i in self.moe_layers:
+            self.family_adapter.check_layer(i)
+
     def summary(self) -> dict[str, Any]:
-        """What ``moelens inspect --json`` prints."""
+        """What ``moelens inspect --json`` prints. Checks first that the checkpoint is complete
+        (:meth:`check`), so that a summary never describes a partial download."""
+        self.check()
         counts = self.parameter_counts()
         return {
             "source": self.source,

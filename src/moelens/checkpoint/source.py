@@ -46,7 +46,7 @@ def resolve_source(source: str | os.PathLike[str], revision: Optional[str] = Non
     if not repo_dir.is_dir():
         raise SourceNotFoundError(
             f"{source} is neither a local path nor in the Hugging Face cache at {cache}; "
-            f"download it first (huggingface-cli download {source}) or set HF_HUB_CACHE"
+            f"download it first (hf download {source}) or set HF_HUB_CACHE"
         )
     ref = revision or "main"
     ref_file = repo_dir / "refs" / ref

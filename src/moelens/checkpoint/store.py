@@ -10,7 +10,10 @@ Quantised tensors are dequantised on read, transparently, under the name of the 
   W = W_fp8 * scale_inv broadcast over b x b blocks;
 - MXFP4 ``<name>_blocks`` (U8 [..., rows, cols/32, 16]) and ``<name>_scales`` (U8 [..., rows,
   cols/32]) (GPT-OSS): each byte holds two FP4 (e2m1) values, low nibble first, and each block
-  of 32 values shares the exponent ``scale - 127``. The result has shape [..., rows, cols].
+  of 32 values shares the exponent ``scale - 127``. The result has shape [..., rows, cols],
+  blocks running along cols. The blocks follow the reduction axis, so for GPT-OSS this is
+  [E, out, in], the transpose of the unquantised tensor of the same name: the family adapter,
+  not the store, knows that (transformers transposes after dequantising).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
-from moelens.errors import CheckpointFormatError
+from moelens.errors import CheckpointFormatError, ConfigError
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -76,18 +79,35 @@ def read_header(path: Path) -> dict[str, Any]:
     data_len = size - 8 - n
     end = 0
     for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            lo, hi = meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointFormatError(f"{path} has a corrupt header entry for {name!r}; re-download it") from None
-        end = max(end, hi)
+        if name != "__metadata__":
+            end = max(end, _check_entry(path, name, meta))
     if end > data_len:
         raise CheckpointFormatError(
             f"{path} is truncated: its tensors need {end} data bytes but the file holds {data_len}; re-download it"
         )
     return header
+
+
+def _check_entry(path: Path, name: str, meta: Any) -> int:
+    """Validate one header entry (dtype known, shape of non-negative ints, data_offsets whose span
+    is exactly the tensor's size) and return where its data ends."""
+
+    def corrupt(why: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{path} has a corrupt header entry for {name!r} ({why}); re-download it")
+
+    if not isinstance(meta, dict):
+        raise corrupt("not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in _DTYPE_BYTES:
+        raise corrupt(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise corrupt(f"shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise corrupt(f"data_offsets {offsets!r} are not two increasing offsets")
+    if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        raise corrupt(f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}")
+    return offsets[1]
 
 
 class TensorStore:
@@ -114,8 +134,12 @@ class TensorStore:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointFormatError(f"{index} is not a valid safetensors index (no 'weight_map'); re-download it") from None
+                if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise CheckpointFormatError(
+                    f"{index} is not a valid safetensors index (expected a 'weight_map' of tensor name -> shard file); re-download it"
+                ) from None
             self._index_map = dict(weight_map)
             files = []
             for shard in sorted(set(weight_map.values())):
@@ -252,15 +276,27 @@ def fingerprint_file(path: Path, algorithm: str = "sha256", whole: bool = False,
     return f"{algorithm}-sampled:{h.hexdigest()}"
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """W[r, c] = W_fp8[r, c] * scale_inv[r // b_r, c // b_c] with b inferred from the shapes
-    (128 x 128 for DeepSeek-V3); works on [out, in] or a leading batch axis."""
+def dequantize_fp8_blocks(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """W[r, c] = W_fp8[r, c] * scale_inv[r // b_r, c // b_c]; works on [out, in] or with a
+    leading batch axis.
+
+    ``block`` is the config's ``weight_block_size`` (128 x 128 for DeepSeek-V3). Without it the
+    block is inferred as the smallest power of two covering ``ceil(out / scale rows)``: the last
+    block of a dimension may be partial (DeepSeek-V3's ``kv_a_proj_with_mqa`` has 576 rows = 4.5
+    blocks), so plain ``ceil(576 / 5) = 116`` would be wrong."""
     out_dim, in_dim = weight.shape[-2:]
-    b_r = math.ceil(out_dim / scale_inv.shape[-2])
-    b_c = math.ceil(in_dim / scale_inv.shape[-1])
+    if block is None:
+        block = (_pow2_at_least(math.ceil(out_dim / scale_inv.shape[-2])), _pow2_at_least(math.ceil(in_dim / scale_inv.shape[-1])))
+    b_r, b_c = block
     s = scale_inv.float().repeat_interleave(b_r, dim=-2)[..., :out_dim, :]
     s = s.repeat_interleave(b_c, dim=-1)[..., :in_dim]
     return weight.float() * s
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -273,6 +309,35 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     exp = scales.to(torch.int32) - 127
     vals = torch.ldexp(vals, exp.unsqueeze(-1).to(torch.float32))
     return vals.flatten(-2)
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float -> MXFP4, the inverse of :func:`dequantize_mxfp4`: [..., rows, cols] -> blocks U8
+    [..., rows, cols/32, 16] and scales U8 [..., rows, cols/32], blocks of 32 along the last axis.
+
+    Each block's scale is the smallest power of two 2^k with max|w| / 2^k <= 6 (so nothing is
+    clipped, as the reference GPT-OSS quantiser rounds its scales up), and each value is rounded
+    to the nearest e2m1 code point, ties to the even code. The error of one value is then at most
+    max(2^k, |w|) / 4. Used to write quantised test checkpoints; moelens itself only reads."""
+    *lead, rows, cols = weight.shape
+    if cols % 32:
+        raise ConfigError(f"MXFP4 packs blocks of 32 values along the last axis, which has {cols}; pad it to a multiple of 32")
+    w = weight.detach().float().contiguous().reshape(*lead, rows, cols // 32, 32)
+    amax = w.abs().amax(dim=-1)
+    mantissa, exponent = torch.frexp(amax / 6.0)  # amax/6 = m * 2^e with m in [0.5, 1)
+    k = torch.where(mantissa == 0.5, exponent - 1, exponent)  # ceil(log2(amax / 6))
+    k = torch.where(amax > 0, k, torch.full_like(k, -127)).clamp(-127, 127)
+    scaled = torch.ldexp(w, (-k).unsqueeze(-1).float())
+    grid = torch.tensor(FP4_VALUES[:8], dtype=torch.float32)
+    mag = scaled.abs().clamp(max=6.0)
+    upper = torch.bucketize(mag, grid).clamp(max=7)  # first code point >= mag
+    lower = (upper - 1).clamp(min=0)
+    d_up, d_low = grid[upper] - mag, mag - grid[lower]
+    take_upper = (d_up < d_low) | ((d_up == d_low) & (upper % 2 == 0))
+    codes = torch.where(take_upper, upper, lower) | (torch.signbit(scaled).long() << 3)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # low nibble first
+    scales = (k + 127).to(torch.uint8)
+    return blocks, scales
 
 
 def iter_names(store: TensorStore, prefix: str) -> Iterable[str]:

@@ -75,6 +75,9 @@ def build_tiny_checkpoint(spec: TinySpec, out: Path, seed: int = 0) -> Path:
 
     from moelens.checkpoint.registry import families
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a tiny write needs no "Writing model shards" bar
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cls = families()[spec.family]

@@ -74,6 +74,12 @@ class ExpertLayout:
     def parameter_count(self, store: TensorStore, L: int) -> int:
         raise NotImplementedError
 
+    def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
+        """What keeps layer ``L`` from holding all ``n`` experts its router scores (missing
+        tensors, wrong expert counts), from headers only; [] when complete."""
+        stored = self.n_experts(store, L)
+        return [] if stored == n else [f"{stored} experts are stored where the router scores {n}"]
+
 
 @dataclass(frozen=True)
 class PerExpert(ExpertLayout):
@@ -97,6 +103,8 @@ class PerExpert(ExpertLayout):
         return self.up.format(L=L, e=0) in store
 
     def n_experts(self, store: TensorStore, L: int) -> int:
+        if "{e}" not in self.up:  # one MLP, e.g. a shared expert: counting would never end
+            return int(self.present(store, L))
         e = 0
         while self.up.format(L=L, e=e) in store:
             e += 1
@@ -128,6 +136,12 @@ class PerExpert(ExpertLayout):
                 if t is not None and t.format(L=L, e=e) in store:
                     total += _numel(store.shape(t.format(L=L, e=e)))
         return total
+
+    def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
+        if "{e}" not in self.up:
+            return [] if self.present(store, L) else [f"{self.up.format(L=L, e=0)} is missing"]
+        names = (t.format(L=L, e=e) for e in range(n) for t in (self.gate, self.up, self.down) if t is not None)
+        return [f"{name} is missing" for name in names if name not in store]
 
 
 @dataclass(frozen=True)
@@ -208,6 +222,78 @@ class FusedGateUp(ExpertLayout):
         names = [self.gate_up, self.down, self.gate_up_bias, self.down_bias]
         return sum(_numel(store.shape(n.format(L=L))) for n in names if n is not None and n.format(L=L) in store)
 
+    def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
+        out = []
+        for t in (self.gate_up, self.down):
+            name = t.format(L=L)
+            if name not in store:
+                out.append(f"{name} is missing")
+            elif store.shape(name)[0] != n:
+                out.append(f"{name} holds {store.shape(name)[0]} experts where the router scores {n}")
+        return out
+
+
+@dataclass(frozen=True)
+class FlatExperts(ExpertLayout):
+    """Experts stacked along the rows of 2-D tensors (DBRX): ``gate``, ``up`` and ``down`` are
+    each [E·F, d], expert ``e`` owning rows ``e·F:(e+1)·F``. Gate and up rows are [out, in];
+    down rows are [in, out] (``down_transposed``), so down is transposed on read. The tensors do
+    not carry E, so it is taken from the first axis of the ``router`` tensor."""
+
+    gate: str
+    up: str
+    down: str
+    router: str
+    down_transposed: bool = True
+    name: str = "flat"
+
+    def present(self, store: TensorStore, L: int) -> bool:
+        return all(t.format(L=L) in store for t in (self.gate, self.up, self.down, self.router))
+
+    def n_experts(self, store: TensorStore, L: int) -> int:
+        return store.shape(self.router.format(L=L))[0]
+
+    def ffn(self, store: TensorStore, L: int) -> int:
+        rows = store.shape(self.up.format(L=L))[0]
+        n = self.n_experts(store, L)
+        if rows % n:
+            raise CheckpointFormatError(
+                f"{self.up.format(L=L)} has {rows} rows, not a multiple of the {n} experts its router scores; "
+                "the checkpoint is inconsistent"
+            )
+        return rows // n
+
+    def matrix(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
+        name = getattr(self, role).format(L=L)
+        f = self.ffn(store, L)
+        m = store.read(name, index=slice(e * f, (e + 1) * f))  # only this expert's rows
+        if role == "down" and self.down_transposed:
+            m = m.T
+        return check_finite(name, m.contiguous())
+
+    def stack(self, store: TensorStore, L: int, role: str) -> torch.Tensor:
+        name = getattr(self, role).format(L=L)
+        m = store.read(name).reshape(self.n_experts(store, L), self.ffn(store, L), -1)
+        if role == "down" and self.down_transposed:
+            m = m.transpose(1, 2)
+        return check_finite(name, m.contiguous())
+
+    def dtype(self, store: TensorStore, L: int) -> str:
+        return store.dtype(self.up.format(L=L))
+
+    def parameter_count(self, store: TensorStore, L: int) -> int:
+        return sum(_numel(store.shape(t.format(L=L))) for t in (self.gate, self.up, self.down))
+
+    def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
+        out = []
+        for t in (self.gate, self.up, self.down):
+            name = t.format(L=L)
+            if name not in store:
+                out.append(f"{name} is missing")
+            elif store.shape(name)[0] % n:
+                out.append(f"{name} has {store.shape(name)[0]} rows, not a multiple of the {n} experts")
+        return out
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
@@ -267,6 +353,12 @@ class Family:
     def expert_parameter_count(self, L: int) -> int:
         raise NotImplementedError
 
+    def check_layer(self, L: int) -> None:
+        """Raise :class:`CheckpointFormatError` if MoE layer ``L`` is incomplete on disk; reads
+        headers only. The default touches what every analysis needs: router and expert shapes."""
+        self.n_experts(L)
+        self.expert_ffn(L)
+
     # tensors -----------------------------------------------------------------------------------
     def router(self, L: int) -> RouterWeights:
         raise NotImplementedError
@@ -310,8 +402,9 @@ class StandardFamily(Family):
     # e.g. "mlp.gate.weight" (relative to layer_prefix); a tuple lists candidates in order, since
     # transformers v5 renames some routers in the fused layout.
     router_weight: ClassVar[str | tuple[str, ...]] = ""
-    router_bias: ClassVar[Optional[str]] = None
-    score_correction_bias: ClassVar[Optional[str]] = None
+    # optional tensors; a tuple lists candidate names, the first present is read
+    router_bias: ClassVar[str | tuple[str, ...] | None] = None
+    score_correction_bias: ClassVar[str | tuple[str, ...] | None] = None
     expert_layouts: ClassVar[tuple[ExpertLayout, ...]] = ()  # templates relative to layer_prefix
     shared_expert_layouts: ClassVar[tuple[ExpertLayout, ...]] = ()  # PerExpert with {e} unused or shared index
     shared_gate_weight: ClassVar[Optional[str]] = None
@@ -385,14 +478,26 @@ class StandardFamily(Family):
     def expert_parameter_count(self, L: int) -> int:
         return self._layout(L).parameter_count(self.store, L)
 
+    def check_layer(self, L: int) -> None:
+        n = self.n_experts(L)
+        problems = self._layout(L).problems(self.store, L, n)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointFormatError(
+                f"layer {L} of {self.store.directory} is incomplete: {problems[0]}{more}; "
+                "the checkpoint is partly downloaded or damaged, re-download it"
+            )
+
     # tensors -----------------------------------------------------------------------------------
-    def _read_opt(self, template: Optional[str], L: int) -> Optional[torch.Tensor]:
+    def _read_opt(self, template: str | tuple[str, ...] | None, L: int) -> torch.Tensor | None:
+        """The first present of one or several candidate tensors, flattened; None if none is."""
         if template is None:
             return None
-        name = self._full(template, L)
-        if name not in self.store:
-            return None
-        return self.store.read(name).reshape(-1)
+        for candidate in (template,) if isinstance(template, str) else template:
+            name = self._full(candidate, L)
+            if name in self.store:
+                return self.store.read(name).reshape(-1)
+        return None
 
     def router(self, L: int) -> RouterWeights:
         name = self._router_name(L)
@@ -478,4 +583,6 @@ def _example(layout: ExpertLayout, prefix: str, L: int) -> str:
         return bound.up.format(L=L, e=0)
     if isinstance(bound, FusedGateUp):
         return bound.gate_up.format(L=L)
+    if isinstance(bound, FlatExperts):
+        return bound.up.format(L=L)
     return bound.name

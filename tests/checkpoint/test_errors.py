@@ -1,0 +1,272 @@
+"""Bad input, end to end: each mistake raises the right MoelensError from the API, and the
+command line prints it as one line on stderr and exits with status 2, without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moelens as ml
+from moelens import cli
+from moelens.checkpoint.registry import supported_architectures
+from moelens.errors import (
+    CheckpointFormatError,
+    IndexOutOfRangeError,
+    NotMoEError,
+    SourceNotFoundError,
+    UnsupportedArchitectureError,
+)
+
+EXPERT_W2 = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+EXPERT_W1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+
+
+def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """Run ``moelens *args`` through :func:`moelens.cli.main`, as the installed script does."""
+    monkeypatch.setattr(sys, "argv", ["moelens", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def assert_cli_fails(capsys, monkeypatch, source: Path | str, *phrases: str) -> str:
+    code, out, err = run_cli(capsys, monkeypatch, "inspect", str(source))
+    assert code == 2
+    assert "Traceback" not in err + out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for phrase in phrases:
+        assert phrase in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def mixtral(tiny_checkpoint, tmp_path) -> Path:
+    """A private copy of a tiny Mixtral checkpoint, free to damage."""
+    path = tmp_path / "mixtral"
+    shutil.copytree(tiny_checkpoint("mixtral", "per_expert"), path)
+    return path
+
+
+@pytest.fixture
+def sharded_mixtral(tiny_checkpoint, tmp_path) -> Path:
+    path = tmp_path / "mixtral-sharded"
+    shutil.copytree(tiny_checkpoint("mixtral", "per_expert", sharded=True), path)
+    return path
+
+
+def rewrite(path: Path, change) -> None:
+    """Load a safetensors file, let ``change`` edit the dict of tensors, save it back."""
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# -- where the checkpoint is -----------------------------------------------------------------------
+def test_missing_path(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SourceNotFoundError, match="does not exist"):
+        ml.open_model(tmp_path / "nowhere")
+    assert_cli_fails(capsys, monkeypatch, tmp_path / "nowhere", "does not exist")
+
+
+def test_directory_without_config(mixtral, capsys, monkeypatch):
+    (mixtral / "config.json").unlink()
+    with pytest.raises(SourceNotFoundError, match="no config.json"):
+        ml.open_model(mixtral)
+    assert_cli_fails(capsys, monkeypatch, mixtral, "no config.json")
+
+
+def test_repo_id_not_in_cache(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SourceNotFoundError, match="nor in the Hugging Face cache") as info:
+        ml.open_model("someorg/absent-model")
+    assert str(tmp_path / "hub") in str(info.value)
+    assert_cli_fails(capsys, monkeypatch, "someorg/absent-model", "someorg/absent-model", "HF_HUB_CACHE")
+
+
+def fake_hub_cache(root: Path, checkpoint: Path, repo: str, commit: str) -> Path:
+    """Lay ``checkpoint`` out as huggingface_hub does: blobs, snapshot symlinks, refs/main."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(checkpoint.iterdir())):
+        blob = repo_dir / "blobs" / f"blob{i:04d}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_repo_id_in_cache_opens(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = fake_hub_cache(tmp_path / "hub", tiny_checkpoint("mixtral", "per_expert"), "someorg/tiny-mixtral", commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = ml.open_model("someorg/tiny-mixtral")
+    assert model.path == snapshot and model.name == "someorg/tiny-mixtral"
+    assert model.family == "mixtral" and model.layer(0).expert(0).gate.shape == (model.expert_ffn, model.hidden_size)
+    assert ml.open_model("someorg/tiny-mixtral", revision=commit).path == snapshot
+    with pytest.raises(SourceNotFoundError, match=commit):  # names the snapshots it has
+        ml.open_model("someorg/tiny-mixtral", revision="v2.0")
+    code, out, _ = run_cli(capsys, monkeypatch, "inspect", "someorg/tiny-mixtral", "--json")
+    assert code == 0 and json.loads(out)["family"] == "mixtral"
+
+
+# -- what the config says ----------------------------------------------------------------------------
+def test_unsupported_architecture(mixtral, capsys, monkeypatch):
+    config = json.loads((mixtral / "config.json").read_text())
+    config.update(architectures=["FancyNewMoeForCausalLM"], model_type="fancy_new_moe")
+    (mixtral / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="FancyNewMoeForCausalLM") as info:
+        ml.open_model(mixtral)
+    assert "MixtralForCausalLM" in str(info.value) and "GptOssForCausalLM" in str(info.value)
+    assert_cli_fails(capsys, monkeypatch, mixtral, "FancyNewMoeForCausalLM", "MixtralForCausalLM")
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    (lambda c: c.pop("num_hidden_layers"), "'num_hidden_layers'"),
+    (lambda c: c.update(num_hidden_layers="many"), "cannot use"),
+])
+def test_config_missing_or_bad_key(mixtral, damage, phrase, capsys, monkeypatch):
+    config = json.loads((mixtral / "config.json").read_text())
+    damage(config)
+    (mixtral / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match=phrase):
+        ml.open_model(mixtral)
+    assert_cli_fails(capsys, monkeypatch, mixtral, "config.json")
+
+
+def test_config_not_json(mixtral, capsys, monkeypatch):
+    (mixtral / "config.json").write_text("{ not json")
+    with pytest.raises(CheckpointFormatError, match="not valid JSON"):
+        ml.open_model(mixtral)
+    assert_cli_fails(capsys, monkeypatch, mixtral, "not valid JSON")
+
+
+def test_moe_layer_of_a_dense_model(tmp_path, capsys, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    if "LlamaForCausalLM" not in supported_architectures():
+        with pytest.raises(UnsupportedArchitectureError):
+            ml.open_model(tmp_path / "llama")
+        assert_cli_fails(capsys, monkeypatch, tmp_path / "llama", "LlamaForCausalLM")
+        return
+    model = ml.open_model(tmp_path / "llama")
+    assert not model.is_moe and model.moe_layers == []
+    with pytest.raises(NotMoEError, match="dense"):
+        model.layer(0)
+    assert list(model.layers()) == []
+    code, out, _ = run_cli(capsys, monkeypatch, "inspect", str(tmp_path / "llama"))
+    assert code == 0 and "dense" in out  # inspecting a dense model is no mistake
+
+
+# -- what the files hold -------------------------------------------------------------------------------
+def test_index_names_a_missing_shard(sharded_mixtral, capsys, monkeypatch):
+    shards = sorted(sharded_mixtral.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    with pytest.raises(CheckpointFormatError, match=f"shard {shards[1].name} .* is missing"):
+        ml.open_model(sharded_mixtral)
+    assert_cli_fails(capsys, monkeypatch, sharded_mixtral, shards[1].name, "missing")
+
+
+def test_truncated_safetensors(mixtral, capsys, monkeypatch):
+    file = mixtral / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        ml.open_model(mixtral)
+    assert_cli_fails(capsys, monkeypatch, mixtral, "truncated", "model.safetensors")
+
+
+def test_truncated_inside_the_header(mixtral, capsys, monkeypatch):
+    file = mixtral / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        ml.open_model(mixtral)
+    assert_cli_fails(capsys, monkeypatch, mixtral, "truncated")
+
+
+def test_corrupt_header(mixtral, capsys, monkeypatch):
+    file = mixtral / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:40] = b"\xff" * 32  # the header's first bytes: no longer JSON
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match="corrupt header"):
+        ml.open_model(mixtral)
+    assert_cli_fails(capsys, monkeypatch, mixtral, "corrupt header")
+
+
+def test_missing_tensor(mixtral, capsys, monkeypatch):
+    rewrite(mixtral / "model.safetensors", lambda t: t.pop(EXPERT_W2))
+    model = ml.open_model(mixtral)  # lazy: nothing is read yet
+    with pytest.raises(CheckpointFormatError, match=EXPERT_W2.replace(".", r"\.")):
+        model.layer(1).expert(2)
+    with pytest.raises(CheckpointFormatError, match="incomplete"):
+        model.check()
+    model.layer(1).expert(1)  # the rest still reads
+    assert_cli_fails(capsys, monkeypatch, mixtral, EXPERT_W2, "incomplete")
+
+
+def test_missing_router(mixtral, capsys, monkeypatch):
+    rewrite(mixtral / "model.safetensors", lambda t: t.pop("model.layers.0.block_sparse_moe.gate.weight"))
+    with pytest.raises(CheckpointFormatError, match="router of layer 0 is missing"):
+        ml.open_model(mixtral).layer(0).router()
+    assert_cli_fails(capsys, monkeypatch, mixtral, "router of layer 0 is missing")
+
+
+def test_nan_weights_in_an_expert(mixtral):
+    def poison(tensors):
+        tensors[EXPERT_W1][3, 5] = float("nan")
+
+    rewrite(mixtral / "model.safetensors", poison)
+    layer = ml.open_model(mixtral).layer(0)
+    for read in (lambda: layer.expert(1), lambda: layer.expert_matrix(1, "gate"), lambda: layer.expert_stack("gate")):
+        with pytest.raises(CheckpointFormatError, match="1 NaN/inf") as info:
+            read()
+        assert EXPERT_W1 in str(info.value)
+    layer.expert(0)  # a healthy expert still reads
+    layer.expert_matrix(1, "up")
+
+
+# -- what is asked of it ------------------------------------------------------------------------------
+def test_layer_and_expert_out_of_range(tiny_checkpoint):
+    model = ml.open_model(tiny_checkpoint("mixtral", "per_expert"))
+    for bad in (model.n_layers, -1, 99):
+        with pytest.raises(IndexOutOfRangeError, match=f"layer {bad} is out of range"):
+            model.layer(bad)
+        with pytest.raises(IndexOutOfRangeError):
+            model.attention(bad)
+    layer = model.layer(0)
+    for bad in (layer.n_experts, -1):
+        with pytest.raises(IndexOutOfRangeError, match=f"expert {bad} is out of range"):
+            layer.expert(bad)
+        with pytest.raises(IndexOutOfRangeError):
+            layer.expert_matrix(bad, "down")
+    with pytest.raises(IndexError):  # also an IndexError, for code that catches that
+        layer.expert(layer.n_experts)
+
+
+def test_python_dash_m_prints_one_line(tmp_path):
+    """``python -m moelens`` goes through the same entry point as the installed script."""
+    result = subprocess.run(
+        [sys.executable, "-m", "moelens", "inspect", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
