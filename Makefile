@@ -22,10 +22,15 @@ demo: install
 	$(VENV)/bin/moelens inspect $(DEMO)/tiny-mixtral
 
 test: install
+	@# The report's browser test needs headless Chromium; install it where we may (root with apt).
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: the browser test will be skipped"; }
 	$(PY) -m pytest -q
 
+# e.g. make bench BENCH_ARGS="--shapes qwen3 --quick --threads 1"
 bench: install
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

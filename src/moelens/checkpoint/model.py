@@ -246,8 +246,12 @@ class MoEModel:
             yield self.layer(i)
 
     def attention(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer ``i``'s attention projections ``q``, ``k``, ``v``, ``o`` in [out, in]; {} for a
-        layer without attention (a Mamba layer of Jamba)."""
+        """Layer ``i``'s attention projections in [out, in], keyed ``q``, ``k``, ``v``, ``o``.
+
+        Families with other attention keep their own parts: DeepSeek's latent attention gives
+        ``q`` (or ``q_a``/``q_b``), ``kv_a``, ``kv_b``, ``o``; JetMoE gives only the shared ``k``
+        and ``v``. A layer without attention (a Mamba layer of Jamba, a linear-attention layer
+        of Qwen3-Next) gives {}."""
         return self.family_adapter.attention(self._check_layer(i))
 
     def dense_mlp(self, i: int) -> dict[str, torch.Tensor]:

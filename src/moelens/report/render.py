@@ -1,0 +1,38 @@
+"""Jinja2 rendering of the report templates (in ``report/templates/``), autoescaped."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+#: Figure function → heading of its explanation (figure captions point back to it).
+EXPLANATION_TITLES = {
+    "comparison_panels": "Comparison plots",
+    "cos_squared_per_expert": "cos²θ expert comparison",
+    "shuffle_statistics": "Shuffle statistics",
+    "z_decomposition": "z-score decomposition",
+    "null_distribution": "Distribution comparison",
+    "layer_permutation_test": "Layer permutation test",
+    "per_expert_breakdown": "Per-expert breakdown",
+    "complete_analysis": "Complete analysis",
+    "layer_k_heatmap": "Layers × k heat maps",
+}
+
+
+@lru_cache(maxsize=1)
+def environment() -> Environment:
+    """Every value is HTML-escaped (labels and titles are user text); a missing variable is an error."""
+    env = Environment(
+        loader=PackageLoader("moelens.report", "templates"),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["explain_title"] = EXPLANATION_TITLES.__getitem__
+    return env
+
+
+def render(template: str, **context: object) -> str:
+    return environment().get_template(template).render(**context)

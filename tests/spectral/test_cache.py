@@ -1,0 +1,93 @@
+"""The spectrum cache: keyed by content, role, method and dtype; a changed tensor is a miss."""
+
+from __future__ import annotations
+
+import torch
+
+from moelens.spectral import (
+    SpectrumCache,
+    content_hash,
+    cumulative_energies,
+    normalize_rows,
+    project_experts,
+)
+
+
+def _run(weights, probes, cache, role="gate", method="eigh"):
+    out = torch.empty(weights.shape[0], 2, probes.shape[0], dtype=torch.float64)
+    sig = []
+    for chunk in project_experts(enumerate(weights), normalize_rows(probes), role, method=method, cache=cache):
+        out[chunk.experts] = cumulative_energies(chunk.coefficients, [1, 4])
+        sig.append(chunk.spectra.sigma)
+    return out, torch.cat(sig)
+
+
+def test_content_hash_sees_every_byte_dtype_and_shape():
+    t = torch.randn(4, 6)
+    h = content_hash(t)
+    assert h == content_hash(t.clone())
+    u = t.clone()
+    u[3, 5] = torch.nextafter(u[3, 5], torch.tensor(float("inf")))  # one ulp
+    assert content_hash(u) != h
+    assert content_hash(t.reshape(6, 4)) != h
+    assert content_hash(t.to(torch.bfloat16)) != content_hash(t.to(torch.float16))
+    assert content_hash(t.t()) == content_hash(t.t().contiguous())
+
+
+def test_second_run_hits_and_gives_identical_numbers(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    weights, probes = torch.randn(3, 20, 8, generator=g), torch.randn(3, 8, generator=g)
+    cache = SpectrumCache(tmp_path)
+    first, s1 = _run(weights, probes, cache)
+    assert (cache.hits, cache.misses) == (0, 3)
+    second, s2 = _run(weights, probes, cache)
+    assert (cache.hits, cache.misses) == (3, 3)
+    assert torch.equal(first, second) and torch.equal(s1, s2)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 3
+
+
+def test_changed_tensor_is_never_served_a_stale_spectrum(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    weights, probes = torch.randn(3, 20, 8, generator=g), torch.randn(3, 8, generator=g)
+    cache = SpectrumCache(tmp_path)
+    _run(weights, probes, cache)
+    changed = weights.clone()
+    changed[1] = torch.randn(20, 8, generator=g)
+    before = (cache.hits, cache.misses)
+    got, sigma = _run(changed, probes, cache)
+    assert (cache.hits - before[0], cache.misses - before[1]) == (2, 1)
+    fresh, fresh_sigma = _run(changed, probes, None)
+    assert torch.equal(got, fresh) and torch.equal(sigma, fresh_sigma)
+
+
+def test_role_method_and_dtype_are_part_of_the_key(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    square = torch.randn(2, 8, 8, generator=g)
+    probes = torch.randn(2, 8, generator=g)
+    cache = SpectrumCache(tmp_path)
+    gate, _ = _run(square, probes, cache, role="gate")
+    down, _ = _run(square, probes, cache, role="down")  # same bytes, transposed input side
+    assert cache.hits == 0
+    assert not torch.allclose(gate, down)
+    _run(square, probes, cache, role="gate", method="svd")
+    assert cache.hits == 0
+    keys = {SpectrumCache.key("h", "gate", "eigh", d) for d in ("float32", "float64")}
+    assert len(keys) == 2
+
+
+def test_unreadable_cache_file_is_a_miss_and_is_rewritten(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    weights, probes = torch.randn(1, 12, 6, generator=g), torch.randn(1, 6, generator=g)
+    cache = SpectrumCache(tmp_path)
+    ref, _ = _run(weights, probes, cache)
+    (path,) = list(tmp_path.rglob("*.safetensors"))
+    path.write_bytes(b"not a safetensors file")
+    got, _ = _run(weights, probes, cache)
+    assert cache.hits == 0 and torch.equal(got, ref)
+    again, _ = _run(weights, probes, cache)
+    assert cache.hits == 1 and torch.equal(again, ref)
+
+
+def test_default_directory_follows_moelens_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOELENS_CACHE", str(tmp_path))
+    assert SpectrumCache().directory == tmp_path / "spectra"

@@ -1,0 +1,157 @@
+"""Batched Gram–eigh and SVD spectra, and the projection coefficients built on them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelens.spectral import (
+    INPUT_SIDE,
+    OUTPUT_SIDE,
+    cumulative_energies,
+    input_side,
+    normalize_rows,
+    project_experts,
+    spectrum_of,
+)
+
+
+def _energies(weights: torch.Tensor, probes: torch.Tensor, role: str, method: str, ks, dtype=torch.float32, chunk_bytes=1) -> torch.Tensor:
+    """A [experts, K, probes] through the streaming path."""
+    out = torch.empty(weights.shape[0], len(ks), probes.shape[0], dtype=torch.float64)
+    for chunk in project_experts(enumerate(weights), normalize_rows(probes.to(dtype)), role, method=method, dtype=dtype, chunk_bytes=chunk_bytes):
+        out[chunk.experts] = cumulative_energies(chunk.coefficients, ks)
+    return out
+
+
+def _reference_energies(weights: torch.Tensor, probes: torch.Tensor, role: str, ks) -> torch.Tensor:
+    """Per-expert float64 SVD, in a loop, the plain way."""
+    r = probes.double() / probes.double().norm(dim=1, keepdim=True)
+    out = torch.empty(weights.shape[0], len(ks), probes.shape[0], dtype=torch.float64)
+    for j, w in enumerate(weights):
+        u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        v = u if role == "down" else vh.T  # input side: columns of d-dim singular vectors
+        for ki, k in enumerate(ks):
+            out[j, ki] = ((v[:, :k].T @ r.T) ** 2).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("f,d", [(48, 32), (16, 40), (32, 32)])
+@pytest.mark.parametrize("role", ["gate", "down"])
+def test_eigh_and_svd_agree_with_a_plain_svd(f, d, role):
+    g = torch.Generator().manual_seed(f * 100 + d)
+    shape = (5, d, f) if role == "down" else (5, f, d)
+    weights = torch.randn(*shape, generator=g)
+    probes = torch.randn(5, d, generator=g)
+    rank = min(f, d)
+    ks = sorted({1, 2, 7, rank, d})
+    ref = _reference_energies(weights, probes, role, ks)
+    for method in ("eigh", "svd"):
+        got = _energies(weights, probes, role, method, ks)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        got64 = _energies(weights, probes, role, method, ks, dtype=torch.float64)
+        torch.testing.assert_close(got64, ref, atol=1e-10, rtol=0)
+
+
+def test_batched_chunks_equal_one_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    weights = torch.randn(7, 24, 16, generator=g)
+    probes = torch.randn(7, 16, generator=g)
+    ks = [1, 4, 16]
+    one = _energies(weights, probes, "gate", "eigh", ks, chunk_bytes=1)
+    many = _energies(weights, probes, "gate", "eigh", ks, chunk_bytes=1 << 30)
+    torch.testing.assert_close(one, many, atol=1e-6, rtol=0)
+
+
+def test_energy_stops_growing_past_the_rank():
+    """F < d: the input side has rank F, so A(k) for k > F equals A(F), and k = d is not 1."""
+    g = torch.Generator().manual_seed(5)
+    weights = torch.randn(3, 8, 32, generator=g)  # F = 8 < d = 32
+    probes = torch.randn(3, 32, generator=g)
+    for method in ("eigh", "svd"):
+        a = _energies(weights, probes, "gate", method, [8, 9, 16, 32])
+        torch.testing.assert_close(a[:, 1:], a[:, :1].expand(-1, 3, -1), atol=1e-7, rtol=0)
+        assert (a[:, -1] < 0.99).all()
+
+
+def test_rank_deficient_thin_side_drops_directions_in_both_methods():
+    """F < d and rank 3 < F: directions of zero σ are not determined, both methods drop them."""
+    g = torch.Generator().manual_seed(6)
+    weights = torch.randn(2, 12, 3, generator=g) @ torch.randn(2, 3, 24, generator=g)  # [2, 12, 24]
+    probes = torch.randn(2, 24, generator=g)
+    for method in ("eigh", "svd"):
+        spec = spectrum_of(weights.float(), method)
+        assert spec.rank.tolist() == [3, 3]
+        assert (spec.sigma[:, 3:] == 0).all()
+        e = _energies(weights, probes, "gate", method, [3, 4, 12, 24])
+        torch.testing.assert_close(e[:, 1:], e[:, :1].expand(-1, 3, -1), atol=1e-6, rtol=0)
+
+
+def test_rank_deficient_full_side_keeps_a_complete_basis():
+    """F ≥ d and rank 3 < d: the d input-side vectors still span R^d, so A(d) = 1."""
+    g = torch.Generator().manual_seed(6)
+    weights = torch.randn(2, 40, 3, generator=g) @ torch.randn(2, 3, 24, generator=g)  # [2, 40, 24]
+    probes = torch.randn(2, 24, generator=g)
+    for method in ("eigh", "svd"):
+        e = _energies(weights, probes, "gate", method, [3, 24])
+        torch.testing.assert_close(e[:, 1], torch.ones(2, 2, dtype=torch.float64), atol=1e-6, rtol=0)
+        ref = _reference_energies(weights, probes, "gate", [3])
+        torch.testing.assert_close(e[:, :1], ref, atol=1e-5, rtol=0)
+
+
+def test_planted_router_on_the_top_singular_vector_gives_align_one():
+    g = torch.Generator().manual_seed(7)
+    weights = torch.randn(4, 48, 32, generator=g)
+    probes = torch.randn(4, 32, generator=g)
+    for j in range(4):
+        _, _, vh = torch.linalg.svd(weights[j].double())
+        probes[j] = 3.0 * vh[0].float()  # scale must not matter
+    for method in ("eigh", "svd"):
+        a = _energies(weights, probes, "gate", method, [1])
+        diag = torch.diagonal(a[:, 0, :])
+        torch.testing.assert_close(diag, torch.ones(4, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_isotropic_random_weights_give_k_over_d():
+    """For Gaussian W (rotation invariant), the top-k input subspace is uniformly random, so
+    A(k) ~ Beta(k/2, (d−k)/2) with mean k/d and variance 2k(d−k)/(d²(d+2)). The mean over the E
+    routers and E experts must be within 4 standard errors, taking the E experts (the independent
+    subspaces) as the sample size: |mean − k/d| ≤ 4·sqrt(var/E)."""
+    g = torch.Generator().manual_seed(11)
+    n, d, f = 24, 128, 256
+    weights = torch.randn(n, f, d, generator=g)
+    probes = torch.randn(n, d, generator=g)
+    ks = [1, 8, 32, 64, 100]
+    a = _energies(weights, probes, "gate", "eigh", ks)
+    for ki, k in enumerate(ks):
+        var = 2 * k * (d - k) / (d * d * (d + 2))
+        tol = 4 * math.sqrt(var / n)
+        assert abs(a[:, ki, :].mean().item() - k / d) <= tol, (k, a[:, ki, :].mean().item(), k / d, tol)
+
+
+def test_sides_and_input_side_view():
+    w = torch.randn(3, 10, 6)
+    assert input_side(w, "down").shape == (3, 6, 10)
+    assert input_side(w, "gate") is w
+    assert spectrum_of(torch.randn(2, 10, 6), "eigh").side == INPUT_SIDE
+    assert spectrum_of(torch.randn(2, 6, 10), "eigh").side == OUTPUT_SIDE
+    assert spectrum_of(torch.randn(2, 6, 10), "svd").side == INPUT_SIDE
+
+
+def test_eigh_singular_values_match_svd():
+    g = torch.Generator().manual_seed(8)
+    for shape in [(3, 50, 20), (3, 20, 50)]:
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        s_ref = torch.linalg.svdvals(x)
+        torch.testing.assert_close(spectrum_of(x, "eigh").sigma, s_ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(spectrum_of(x, "svd").sigma, s_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_zero_router_row_has_zero_energy():
+    probes = torch.zeros(2, 8)
+    probes[1, 0] = 1.0
+    a = _energies(torch.randn(2, 12, 8), probes, "gate", "eigh", [8])
+    assert a[:, 0, 0].abs().max() == 0
+    torch.testing.assert_close(a[:, 0, 1], torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
