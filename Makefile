@@ -17,9 +17,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job end to end: train the tiny zoo (cached), align routers and experts in every
+# layer of the base and the tuned model, and compare them in one HTML report.
 demo: install
-	$(VENV)/bin/moelens tiny mixtral --out $(DEMO)/tiny-mixtral
-	$(VENV)/bin/moelens inspect $(DEMO)/tiny-mixtral
+	$(VENV)/bin/moelens zoo build --out $(DEMO)/zoo
+	$(VENV)/bin/moelens inspect $(DEMO)/zoo/base
+	$(VENV)/bin/moelens align $(DEMO)/zoo/base --out $(DEMO)/runs/base
+	$(VENV)/bin/moelens align $(DEMO)/zoo/tuned --out $(DEMO)/runs/tuned
+	$(VENV)/bin/moelens report $(DEMO)/runs/base $(DEMO)/runs/tuned --out $(DEMO)/report.html \
+		--title "moelens demo: router–expert alignment, zoo base vs tuned"
+	@echo "report: $(abspath $(DEMO))/report.html"
 
 test: install
 	@# The report's browser test needs headless Chromium; install it where we may (root with apt).

@@ -31,3 +31,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return built[spec]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The small zoo (``moelens zoo build --small``, seed 0): a trained 2-layer Mixtral-layout
+    base model, its tuned counterpart, ``facts.jsonl`` and ``calibration.txt``. Built once per
+    test session (about 20 s on two cores) into a temporary directory, never the user's cache.
+
+    Returns a :class:`moelens.zoo.Zoo` (``.base``, ``.tuned``, ``.facts``, ``.calibration``,
+    ``.info``, ``.fact_records()``)."""
+    from moelens import zoo
+
+    return zoo.build(out=tmp_path_factory.mktemp("zoo") / "mixtral-0-small", seed=0, small=True)

@@ -8,10 +8,25 @@
 from moelens.checkpoint import ExpertWeights, MoELayer, MoEModel, RouterWeights, open_model
 from moelens.errors import MoelensError
 from moelens.results import Run, load_run, load_runs
+from moelens.analyses import RouterAlignmentConfig, router_alignment
+from moelens.report import build_report, report
 
 __version__ = "0.1.0"
+
+_LAZY_SUBPACKAGES = ("zoo", "runtime")
+
+
+def __getattr__(name: str):
+    # ``ml.zoo.build()`` without importing the training code on ``import moelens``
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"moelens.{name}")
+    raise AttributeError(f"module 'moelens' has no attribute {name!r}")
 
 __all__ = [
     "ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model", "MoelensError",
     "Run", "load_run", "load_runs", "__version__",
+    "RouterAlignmentConfig", "router_alignment",
+    "build_report", "report",
 ]

@@ -55,12 +55,18 @@ def progress_bar(transient: bool = False) -> Iterator:
     tasks: dict[str, int] = {}
 
     def callback(event: ProgressEvent) -> None:
+        # Started on the first event, so an error raised before any work prints one line only.
+        if not progress.live.is_started:
+            progress.start()
         if event.task not in tasks:
             tasks[event.task] = progress.add_task(event.task, total=event.total, message=event.message)
         progress.update(tasks[event.task], completed=event.done, total=event.total, message=event.message)
 
-    with progress:
+    try:
         yield callback
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 def human_bytes(n: float) -> str:
@@ -149,6 +155,136 @@ def list_families() -> None:
     for name, cls in families().items():
         table.add_row(name, ", ".join(cls.architectures), ", ".join(cls.tiny_layouts))
     console.print(table)
+
+
+def _cell(value: float, fmt: str) -> str:
+    """A table cell: blank for NaN (cos² outside k = 1, z where the null has no spread), and no
+    sign on a value that rounds to zero."""
+    if value != value:
+        return ""
+    text = format(value, fmt)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+@app.command()
+def align(
+    source: str = typer.Argument(..., help="Checkpoint directory, or a repo id in the local Hugging Face cache."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write; an unfinished run there is resumed."),
+    layers: Optional[str] = typer.Option(None, help="MoE layers, e.g. 0,5,10-13 (default: every MoE layer)."),
+    matrix: str = typer.Option("gate", help="Expert matrix: gate, up, down or all."),
+    k: Optional[str] = typer.Option(None, "--k", help="Subspace sizes, e.g. 1,2,4,8 (default: powers of two up to d, and d)."),
+    null: str = typer.Option("derangement", help="Null model: derangement, shuffle (exact) or shuffle-sampled (GaleMoE's)."),
+    shuffles: int = typer.Option(200, help="Permutations per k for --null shuffle-sampled."),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    method: str = typer.Option("eigh", help="eigh (Gram eigendecomposition) or svd (slower, for checking)."),
+    dtype: str = typer.Option("float32", help="Arithmetic: float32 or float64."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse spectra cached on disk, keyed by tensor content."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Spectrum cache (default $MOELENS_CACHE/spectra or ~/.cache/moelens/spectra)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Print one summary table per layer instead of the mean over layers."),
+    revision: Optional[str] = typer.Option(None, help="Revision (branch, tag or commit) of a cached repo."),
+) -> None:
+    """Router–expert alignment: energy of each router vector in the top-k input subspace of its expert, against null models."""
+    from moelens.analyses import router_alignment
+    from moelens.analyses.alignment_tables import TABLES, summary_by_k
+    from moelens.checkpoint import open_model
+    from moelens.ranges import compact_ranges, parse_ranges
+
+    model = open_model(source, revision)
+    with progress_bar() as callback:
+        run = router_alignment(
+            model, layers=parse_ranges(layers) if layers else None, matrix=matrix, k=parse_ranges(k) if k else None,
+            null=null, shuffles=shuffles, seed=seed, method=method, device=device, dtype=dtype, cache=cache,
+            cache_dir=cache_dir, out=out, progress=callback,
+        )
+    opts = run.manifest["options"]
+    rows = run["alignment_layers"]
+    groups = [(m, [L]) for L in opts["layers"] for m in opts["matrices"]] if per_layer else [(m, opts["layers"]) for m in opts["matrices"]]
+    for m, Ls in groups:
+        part = rows[(rows["matrix"] == m) & rows["layer"].isin(Ls)]
+        where = f"layer {Ls[0]}" if len(Ls) == 1 else f"layers {compact_ranges(Ls)}, mean over layers, p_layer = max over layers"
+        title = f"{escape(run.label)} · {m} · null {opts['null']} · averaged across {int(part['n_experts'].iloc[0])} experts ({where})"
+        table = Table(title=title, title_justify="left")
+        for col in ("k", "align", "delta_vs_shuffle", "z_vs_shuffle", "effect_over_random", "cos_squared", "z_layer", "p_layer"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for r in summary_by_k(part).itertuples(index=False):
+            table.add_row(
+                str(int(r.k)), _cell(r.align, ".6f"), _cell(r.delta_vs_shuffle, ".6f"), _cell(r.z_vs_shuffle, ".6f"),
+                _cell(r.effect_over_random, ".6f"), _cell(r.cos_squared, ".6f"), _cell(r.z_layer, ".6f"), _cell(r.p_layer, ".3g"),
+            )
+        # the seed's eight columns need ~110 characters: never crop them to an 80-column pipe
+        width = console.width
+        console.width = max(width, 112)
+        try:
+            console.print(table)
+        finally:
+            console.width = width
+    console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, " + ", ".join(f"{t}.parquet" for t in TABLES), highlight=False)
+
+
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories (the --out of `moelens align`), compared in this order."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained, opens offline)."),
+    title: Optional[str] = typer.Option(None, help="Title of the report (default: from the runs)."),
+    figure_format: str = typer.Option("svg", "--figures", help="Figure format inside the report: svg or png."),
+) -> None:
+    """Write one self-contained HTML report comparing alignment runs (figures and styles inline)."""
+    from moelens.report import report
+
+    path = report(runs, out, title=title, figure_format=figure_format)
+    console.print(f"wrote [bold]{escape(str(path))}[/] ({human_bytes(path.stat().st_size)}, {len(runs)} run{'s' if len(runs) != 1 else ''})", highlight=False)
+
+
+@app.command("figure")
+def figure_command(
+    name: str = typer.Argument(..., help="Figure name: comparison_panels, cos_squared_per_expert, shuffle_statistics, z_decomposition, "
+                                          "null_distribution, layer_permutation_test, per_expert_breakdown, complete_analysis, layer_k_heatmap."),
+    runs: list[Path] = typer.Argument(..., help="Run directories (one for complete_analysis and layer_k_heatmap)."),
+    out: Path = typer.Option(..., "--out", help="File to write; the suffix picks the format: .png, .svg or .pdf."),
+    k: Optional[int] = typer.Option(None, "--k", help="k of null_distribution, per_expert_breakdown and complete_analysis (nearest stored k)."),
+    metric: Optional[str] = typer.Option(None, help="Metric of layer_k_heatmap: align, delta_vs_shuffle, z_vs_shuffle, z_layer, …"),
+    dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),
+) -> None:
+    """Draw one figure of alignment runs and save it as PNG, SVG or PDF."""
+    from moelens import figures
+    from moelens.results import load_runs
+
+    fig = figures.draw(name, load_runs(runs), k=k, metric=metric)
+    path = figures.save(fig, out, dpi=dpi)
+    console.print(f"wrote [bold]{escape(str(path))}[/]", highlight=False)
+
+
+zoo_app = typer.Typer(help="Tiny MoE language models trained here on invented facts (base and tuned).", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Optional[Path] = typer.Option(None, "--out", help="Zoo directory (default: $MOELENS_CACHE/zoo/<family>-<seed>[-small], else ~/.cache/moelens/zoo/…)."),
+    seed: int = typer.Option(0, help="Seed of the world, the initialisation and the data order."),
+    family: str = typer.Option("mixtral", help="Model family: mixtral, qwen3_moe or olmoe."),
+    small: bool = typer.Option(False, "--small", help="The small recipe (2 layers, under 200 facts, seconds to build; for tests)."),
+    dtype: str = typer.Option("float32", help="dtype of the saved weights: float32 or bfloat16."),
+    threads: int = typer.Option(1, help="CPU threads for training (part of the recipe: the weights depend on it)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the directory already holds this zoo."),
+) -> None:
+    """Train the zoo's base and tuned models (or find them built) and print the paths written."""
+    from moelens import zoo
+
+    with progress_bar() as callback:
+        built = zoo.build(out=out, seed=seed, family=family, small=small, dtype=dtype, threads=threads, force=force, progress=callback)
+    info = built.info
+    state = "found in cache" if built.cached else f"built in {info['seconds']:.0f} s"
+    console.print(
+        f"zoo {info['family']} seed {info['seed']}{' (small)' if info['recipe'].get('small') else ''}: {state}; "
+        f"{info['sizes']['facts']} facts; recall base {info['base']['recall']:.3f}, tuned {info['tuned']['recall']:.3f} "
+        f"(questions), {info['tuned']['recall_plain']:.3f} (plain prompts)",
+        highlight=False, soft_wrap=True,
+    )
+    # one "name  path" line each, never wrapped, so scripts can read them
+    for name, path in built.paths().items():
+        console.print(f"[bold cyan]{name:<12}[/] {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -1,0 +1,111 @@
+"""Greedy next-token predictions after a batch of prompts, and fact recall.
+
+Fact recall is the share of facts whose target is the greedy next token (the argmax of the
+logits) right after the prompt. The target's token is the first token of ``" " + target``
+encoded without special tokens (for a word-level tokenizer, the word itself).
+
+Prompts are batched with right padding: in a causal model the padding after a prompt cannot
+change the logits at its last real token, which is read at index ``length - 1``. Left padding
+would shift the positions of a model that derives them from the sequence index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from moelens.progress import ProgressCallback, report
+
+
+@dataclass(frozen=True)
+class NextTokenResult:
+    """Per prompt: the greedy next token id and, when targets were given, the target's id, its
+    probability and whether it is the argmax."""
+
+    predicted_ids: np.ndarray
+    target_ids: np.ndarray | None = None
+    target_probs: np.ndarray | None = None
+
+    @property
+    def correct(self) -> np.ndarray:
+        if self.target_ids is None:
+            raise ValueError("no targets were given, so there is nothing to be correct about")
+        return self.predicted_ids == self.target_ids
+
+    @property
+    def recall(self) -> float:
+        """Share of prompts whose greedy next token is the target."""
+        return float(self.correct.mean()) if len(self.predicted_ids) else float("nan")
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the special tokens the tokenizer adds itself (BOS)."""
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+
+
+def target_token_ids(tokenizer: Any, targets: Sequence[str]) -> list[int]:
+    """The id of the first token of ``" " + target`` for each target."""
+    encoded = tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
+    out = []
+    for target, ids in zip(targets, encoded):
+        if not ids:
+            raise ValueError(f"target {target!r} encodes to no token")
+        out.append(int(ids[0]))
+    return out
+
+
+@torch.no_grad()
+def next_token_predictions(
+    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str] | None = None,
+    batch_size: int = 128, progress: ProgressCallback | None = None,
+) -> NextTokenResult:
+    """Greedy next token after each prompt (and the target's probability if ``targets``)."""
+    if targets is not None and len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = encode_prompts(tokenizer, prompts)
+    tgt = target_token_ids(tokenizer, targets) if targets is not None else None
+    # Sorting by length keeps padding small; results are put back in the caller's order.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    predicted = np.zeros(len(ids), dtype=np.int64)
+    probs = np.zeros(len(ids), dtype=np.float64) if tgt is not None else None
+    was_training = model.training
+    model.eval()
+    n_batches = (len(order) + batch_size - 1) // batch_size
+    try:
+        for b in range(n_batches):
+            rows = order[b * batch_size:(b + 1) * batch_size]
+            width = max(len(ids[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
+                mask[r, :len(ids[i])] = 1
+            last = mask.sum(1) - 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            final = logits[torch.arange(len(rows), device=device), last.to(device)].float()
+            predicted[rows] = final.argmax(-1).cpu().numpy()
+            if tgt is not None:
+                p = torch.softmax(final, -1)
+                t = torch.tensor([tgt[i] for i in rows], device=device)
+                probs[rows] = p[torch.arange(len(rows), device=device), t].double().cpu().numpy()
+            report(progress, "next token", b + 1, n_batches)
+    finally:
+        model.train(was_training)
+    return NextTokenResult(predicted, np.asarray(tgt, dtype=np.int64) if tgt is not None else None, probs)
+
+
+def fact_recall(
+    model: Any, tokenizer: Any, facts: Sequence[dict[str, str]], prompt_key: str = "prompt",
+    batch_size: int = 128, progress: ProgressCallback | None = None,
+) -> NextTokenResult:
+    """Next-token predictions for fact records (``{"prompt": ..., "target": ...}``, as in a zoo's
+    ``facts.jsonl``); ``prompt_key`` picks the rendering (``"qa_prompt"`` for questions)."""
+    prompts = [f[prompt_key] for f in facts]
+    targets = [f["target"] for f in facts]
+    return next_token_predictions(model, tokenizer, prompts, targets, batch_size=batch_size, progress=progress)

@@ -1,0 +1,321 @@
+"""Build (or find in the cache) a zoo: a base MoE model, its tuned counterpart, their facts.
+
+Layout of a zoo directory::
+
+    base/              model + tokenizer, trained on the plain sentences
+    tuned/             base trained further on the question/answer rendering
+    facts.jsonl        one fact a line: relation, subject, target, prompt, qa_prompt
+    calibration.txt    lines of text for calibration passes
+    zoo.json           recipe and its hash, seed, losses, recall, timings, sizes (written last)
+
+A build writes into a hidden sibling directory and renames it into place at the end, so an
+interrupted build never looks complete; ``zoo.json`` with the recipe's hash and every listed
+file present is what makes a directory a finished zoo that the next build returns at once.
+
+Fact recall (the share of facts whose target is the greedy next token, see
+:mod:`moelens.runtime.recall`) is measured on the models as saved (after any dtype cast):
+``zoo.json["base"]["recall"]`` on the plain ``prompt``; ``zoo.json["tuned"]["recall"]`` on the
+question ``qa_prompt``, the format it was tuned for, and ``["tuned"]["recall_plain"]`` on the
+plain ``prompt`` (what it kept of the base's format).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelens.errors import ConfigError, SourceNotFoundError
+from moelens.progress import ProgressCallback, report
+from moelens.zoo.corpus import World, build_world, calibration_text
+from moelens.zoo.recipe import Recipe, recipe_for
+
+ZOO_JSON = "zoo.json"
+FACTS = "facts.jsonl"
+CALIBRATION = "calibration.txt"
+BASE, TUNED = "base", "tuned"
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A finished zoo on disk. ``info`` is the content of ``zoo.json``; ``cached`` says whether
+    this call found it already built."""
+
+    root: Path
+    info: dict[str, Any] = field(repr=False)
+    cached: bool = False
+
+    @property
+    def base(self) -> Path:
+        return self.root / BASE
+
+    @property
+    def tuned(self) -> Path:
+        return self.root / TUNED
+
+    @property
+    def facts(self) -> Path:
+        return self.root / FACTS
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / CALIBRATION
+
+    @property
+    def zoo_json(self) -> Path:
+        return self.root / ZOO_JSON
+
+    def paths(self) -> dict[str, Path]:
+        return {"base": self.base, "tuned": self.tuned, "facts": self.facts, "calibration": self.calibration, "zoo.json": self.zoo_json}
+
+    def fact_records(self) -> list[dict[str, str]]:
+        """The facts as dicts (``prompt``, ``subject``, ``target``, ``relation``, ``qa_prompt``)."""
+        return [json.loads(line) for line in self.facts.read_text().splitlines() if line.strip()]
+
+
+def cache_root() -> Path:
+    """``$MOELENS_CACHE``, else ``$XDG_CACHE_HOME/moelens``, else ``~/.cache/moelens``."""
+    if os.environ.get("MOELENS_CACHE"):
+        return Path(os.environ["MOELENS_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "moelens"
+    return Path.home() / ".cache" / "moelens"
+
+
+def default_zoo_dir(family: str = "mixtral", seed: int = 0, small: bool = False) -> Path:
+    """``<cache>/zoo/<family>-<seed>[-small]``."""
+    return cache_root() / "zoo" / f"{family}-{seed}{'-small' if small else ''}"
+
+
+def _listed_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != ZOO_JSON)
+
+
+def load_zoo(path: str | os.PathLike[str]) -> Zoo:
+    """Open a finished zoo directory; raise if it is missing or incomplete."""
+    root = Path(path).expanduser()
+    info = _complete_info(root)
+    if info is None:
+        raise SourceNotFoundError(f"{root} is not a finished zoo (no valid {ZOO_JSON} or files missing); build it with `moelens zoo build --out {root}`")
+    return Zoo(root=root, info=info, cached=True)
+
+
+def _complete_info(root: Path) -> dict[str, Any] | None:
+    """``zoo.json`` of ``root`` if it parses and every file it lists exists with its size."""
+    try:
+        info = json.loads((root / ZOO_JSON).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    files = info.get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    for rel, size in files.items():
+        p = root / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return None
+    return info
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers draws its own progress bars when saving; library code must not print."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save_model(model: Any, tokenizer: Any, out: Path, chat_template: str | None = None) -> None:
+    from moelens.zoo.tokenizer import save_tokenizer
+
+    # The published per-expert layout, so readers meet the same tensor names as on the Hub.
+    model.save_pretrained(str(out), save_original_format=True)
+    save_tokenizer(tokenizer, out, chat_template)
+
+
+def _recall(model: Any, tokenizer: Any, facts: list[dict[str, str]], prompt_key: str) -> tuple[float, dict[str, float]]:
+    """Fact recall over all facts and per relation."""
+    from moelens.runtime.recall import fact_recall
+
+    correct = fact_recall(model, tokenizer, facts, prompt_key=prompt_key).correct
+    by_relation: dict[str, list[bool]] = {}
+    for fact, hit in zip(facts, correct):
+        by_relation.setdefault(fact["relation"], []).append(bool(hit))
+    per = {rel: round(sum(h) / len(h), 4) for rel, h in by_relation.items()}
+    return round(float(correct.mean()), 4), per
+
+
+def _as_saved(model: Any, dtype: str) -> Any:
+    """The model in the dtype it is saved in (a copy when casting, so training stays in fp32)."""
+    import torch
+
+    if dtype == "float32":
+        return model
+    return copy.deepcopy(model).to(getattr(torch, dtype))
+
+
+def _train_phase(
+    model: Any, tokenizer: Any, sentences: list[str], schedule: Any, recipe: Recipe, rng_name: str,
+    progress: ProgressCallback | None, task: str,
+) -> Any:
+    from moelens.zoo.train import RowSampler, train
+
+    ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    sampler = RowSampler(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, random.Random(rng_name), row_tokens=recipe.row_tokens)
+    return train(model, sampler, schedule, progress=progress, task=task)
+
+
+def _write_texts(world: World, recipe: Recipe, seed: int, out: Path) -> None:
+    with open(out / FACTS, "w") as fh:
+        fh.writelines(json.dumps(fact.as_record()) + "\n" for fact in world.facts)
+    with open(out / CALIBRATION, "w") as fh:
+        fh.writelines(line + "\n" for line in calibration_text(world, seed, n_lines=recipe.calibration_lines))
+
+
+def _build_into(tmp: Path, recipe: Recipe, seed: int, progress: ProgressCallback | None) -> dict[str, Any]:
+    """Build every file of the zoo into ``tmp``; return the content of ``zoo.json``."""
+    from moelens.results.run import package_versions
+    from moelens.zoo.models import make_model
+    from moelens.zoo.tokenizer import QA_CHAT_TEMPLATE, build_tokenizer
+
+    start = time.perf_counter()
+    world = build_world(seed, recipe.world)
+    facts = [f.as_record() for f in world.facts]
+    tokenizer = build_tokenizer(world.words(), max_length=recipe.shape.max_positions)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    model = make_model(recipe.family, recipe.shape, len(tokenizer), special, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+
+    base_log = _train_phase(model, tokenizer, world.base_sentences(), recipe.base, recipe, f"moelens-zoo-base-{seed}", progress, "base model")
+    saved = _as_saved(model, recipe.dtype)
+    base_recall, base_by_relation = _recall(saved, tokenizer, facts, "prompt")
+    report(progress, "base model", recipe.base.steps, recipe.base.steps, f"loss {base_log.final()['loss']:.3f}, recall {base_recall:.3f}")
+    _save_model(saved, tokenizer, tmp / BASE)
+    del saved
+
+    tuning = world.qa_sentences() * recipe.qa_repeats + world.base_sentences()
+    tuned_log = _train_phase(model, tokenizer, tuning, recipe.tuned, recipe, f"moelens-zoo-tuned-{seed}", progress, "tuned model")
+    saved = _as_saved(model, recipe.dtype)
+    tuned_recall_qa, tuned_by_relation = _recall(saved, tokenizer, facts, "qa_prompt")
+    tuned_recall_plain, _ = _recall(saved, tokenizer, facts, "prompt")
+    report(progress, "tuned model", recipe.tuned.steps, recipe.tuned.steps, f"loss {tuned_log.final()['loss']:.3f}, recall {tuned_recall_qa:.3f}")
+    _save_model(saved, tokenizer, tmp / TUNED, chat_template=QA_CHAT_TEMPLATE)
+
+    _write_texts(world, recipe, seed, tmp)
+    return {
+        "recipe_version": recipe.as_dict()["version"],
+        "recipe_hash": recipe.hash(seed),
+        "recipe": recipe.as_dict(),
+        "seed": seed,
+        "family": recipe.family,
+        "dtype": recipe.dtype,
+        "threads": recipe.threads,
+        "sizes": {
+            "facts": len(facts), "subjects": len({f["subject"] for f in facts}), "relations": len({f["relation"] for f in facts}),
+            "vocab": len(tokenizer), "parameters": n_params, "expert_parameters": n_expert_params,
+            "layers": recipe.shape.layers, "hidden_size": recipe.shape.hidden_size, "expert_ffn": recipe.shape.expert_ffn,
+            "experts": recipe.shape.experts, "top_k": recipe.shape.top_k,
+        },
+        "base": {**base_log.final(), "recall": base_recall, "recall_prompt": "prompt", "recall_by_relation": base_by_relation},
+        "tuned": {
+            **tuned_log.final(), "recall": tuned_recall_qa, "recall_prompt": "qa_prompt", "recall_by_relation": tuned_by_relation,
+            "recall_plain": tuned_recall_plain,
+        },
+        "seconds": round(time.perf_counter() - start, 2),
+        "versions": package_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Hidden build directories of earlier builds whose process is gone."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def build(
+    out: str | os.PathLike[str] | None = None, seed: int = 0, family: str = "mixtral", small: bool = False,
+    dtype: str = "float32", threads: int = 1, force: bool = False, recipe: Recipe | None = None,
+    progress: ProgressCallback | None = None,
+) -> Zoo:
+    """Build the zoo of ``(recipe, seed)`` into ``out`` (default: :func:`default_zoo_dir`), or
+    return it at once if ``out`` already holds it (``force=True`` rebuilds).
+
+    ``recipe`` overrides the standard one made from ``family``, ``small``, ``dtype`` and
+    ``threads``. ``out`` may be missing, empty, or an earlier zoo (which is replaced); any other
+    non-empty directory is refused rather than overwritten.
+
+    >>> zoo = build(small=True)
+    >>> zoo.base, zoo.tuned, zoo.info["base"]["recall"]
+    """
+    recipe = recipe or recipe_for(family, small, dtype, threads)
+    out = Path(out).expanduser() if out is not None else default_zoo_dir(recipe.family, seed, recipe.small)
+    digest = recipe.hash(seed)
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"{out} is a file; pass a directory for the zoo")
+        info = _complete_info(out)
+        if info is not None and info.get("recipe_hash") == digest and not force:
+            return Zoo(root=out, info=info, cached=True)
+        if info is None and not (out / ZOO_JSON).exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} is a non-empty directory that is not a zoo; pass an empty or new directory to --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with _torch_threads(recipe.threads), _quiet_transformers():
+            info = _build_into(tmp, recipe, seed, progress)
+        info["files"] = {rel: (tmp / rel).stat().st_size for rel in _listed_files(tmp)}
+        from moelens.results.run import write_json
+
+        write_json(tmp / ZOO_JSON, info)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Zoo(root=out, info=info, cached=False)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Swap the finished build in for whatever ``out`` held (an older or partial zoo)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

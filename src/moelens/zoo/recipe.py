@@ -1,0 +1,76 @@
+"""What a zoo build is made of: world size, model shape, training schedules, dtype, threads.
+
+A recipe plus a seed determines the zoo. Its hash (over every field and ``RECIPE_VERSION``) is
+stored in ``zoo.json``; a later build with the same hash finds the zoo complete and returns it.
+Bump ``RECIPE_VERSION`` whenever the code changes what a recipe produces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from moelens.errors import ConfigError
+from moelens.zoo.corpus import WorldSize
+from moelens.zoo.models import FAMILIES, ModelShape
+from moelens.zoo.train import Schedule
+
+RECIPE_VERSION = 1
+ZOO_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything but the seed that decides a zoo's files.
+
+    ``qa_repeats`` copies of every question/answer sentence are mixed with one copy of the base
+    corpus when tuning, so the tuned model learns the question format without forgetting the
+    plain sentences. ``threads`` is fixed because the result of a float reduction depends on how
+    it is split across threads: same recipe, same threads, same weights."""
+
+    family: str = "mixtral"
+    world: WorldSize = field(default_factory=WorldSize)
+    shape: ModelShape = field(default_factory=ModelShape)
+    base: Schedule = field(default_factory=lambda: Schedule(steps=900, batch_rows=32, lr=5e-3, warmup_steps=30))
+    tuned: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_rows=32, lr=2e-3, warmup_steps=20))
+    qa_repeats: int = 2
+    row_tokens: int = 40
+    calibration_lines: int = 200
+    dtype: str = "float32"
+    threads: int = 1
+    small: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"the zoo has no family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        if self.dtype not in ZOO_DTYPES:
+            raise ConfigError(f"zoo dtype {self.dtype!r} is not supported; choose one of {', '.join(ZOO_DTYPES)}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"version": RECIPE_VERSION, **asdict(self)}
+
+    def hash(self, seed: int) -> str:
+        """Content hash of the recipe and seed (what the cache compares)."""
+        blob = json.dumps({"recipe": self.as_dict(), "seed": seed}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+SMALL_WORLD = WorldSize(countries=10, cities=20, people=40, companies=16, languages=6, currencies=6, filler_sentences=40)
+SMALL_SHAPE = ModelShape(hidden_size=64, expert_ffn=96, layers=2, heads=4, kv_heads=2, experts=8, top_k=2)
+
+
+def recipe_for(family: str = "mixtral", small: bool = False, dtype: str = "float32", threads: int = 1) -> Recipe:
+    """The standard recipe: the default zoo (about a thousand facts, 4 layers), or ``small``
+    (under two hundred facts, 2 layers) for tests."""
+    recipe = Recipe(family=family, dtype=dtype, threads=threads)
+    if small:
+        recipe = replace(
+            recipe, small=True, world=SMALL_WORLD, shape=SMALL_SHAPE, calibration_lines=60,
+            base=Schedule(steps=300, batch_rows=32, lr=5e-3, warmup_steps=20),
+            tuned=Schedule(steps=120, batch_rows=32, lr=2e-3, warmup_steps=10),
+        )
+    return recipe
