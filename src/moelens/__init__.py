@@ -5,11 +5,11 @@
 >>> model.layer(0).router().weight.shape
 """
 
+from moelens.analyses import RouterAlignmentConfig, router_alignment
 from moelens.checkpoint import ExpertWeights, MoELayer, MoEModel, RouterWeights, open_model
 from moelens.errors import MoelensError
-from moelens.results import Run, load_run, load_runs
-from moelens.analyses import RouterAlignmentConfig, router_alignment
 from moelens.report import build_report, report
+from moelens.results import Run, load_run, load_runs
 
 __version__ = "0.1.0"
 

@@ -96,7 +96,8 @@ def test_galemoe_permutations_are_successive_randperm_calls():
 def test_sampled_moments_reproduce_and_converge_to_the_exact_shuffle_moments():
     n = 6
     a = _energies(n, seed=5)
-    draw = lambda s: galemoe_permutations(n, a.shape[2], s, torch.Generator().manual_seed(9))
+    def draw(s):
+        return galemoe_permutations(n, a.shape[2], s, torch.Generator().manual_seed(9))
     m1, s1 = sampled_null_moments(a, draw(50))
     m2, s2 = sampled_null_moments(a, draw(50))
     assert np.array_equal(m1, m2) and np.array_equal(s1, s2)

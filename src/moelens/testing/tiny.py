@@ -72,10 +72,9 @@ def build_tiny_model(family: str, seed: int = 0) -> Any:
 def build_tiny_checkpoint(spec: TinySpec, out: Path, seed: int = 0) -> Path:
     """Write the tiny checkpoint of ``spec`` into ``out`` (created) and return ``out``."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from moelens.checkpoint.registry import families
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a tiny write needs no "Writing model shards" bar
     out = Path(out)
