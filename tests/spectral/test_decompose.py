@@ -155,3 +155,22 @@ def test_zero_router_row_has_zero_energy():
     a = _energies(torch.randn(2, 12, 8), probes, "gate", "eigh", [8])
     assert a[:, 0, 0].abs().max() == 0
     torch.testing.assert_close(a[:, 0, 1], torch.ones(2, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("role", ["gate", "down"])
+def test_thin_side_keeps_weak_real_directions_in_float32(role):
+    """F < d with singular values spread over 2.5 decades and routers partly in the weakest
+    directions: a float32 Gram alone would drop those below σ_1·√(d ε) ≈ 1.6e-2 σ_1 and lose
+    their energy; the float64 thin Gram keeps them, so eigh agrees with a float64 SVD."""
+    g = torch.Generator().manual_seed(7)
+    f, d, experts = 64, 2048, 3
+    u, _ = torch.linalg.qr(torch.randn(f, f, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, f, generator=g, dtype=torch.float64))
+    sigma = torch.logspace(0, -2.5, f, dtype=torch.float64)
+    x = (u * sigma) @ v.T  # [F, d]
+    weights = torch.stack([x.T if role == "down" else x] * experts).float()
+    probes = (v[:, -8:] @ torch.randn(8, experts, generator=g, dtype=torch.float64)).T + 0.3 * torch.randn(experts, d, generator=g, dtype=torch.float64)
+    ks = [1, 8, 32, 48, 64, d]
+    ref = _reference_energies(weights, probes.float(), role, ks)
+    for method in ("eigh", "svd"):
+        torch.testing.assert_close(_energies(weights, probes.float(), role, method, ks), ref, atol=1e-5, rtol=0)

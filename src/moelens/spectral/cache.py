@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "moelens-spectrum-1"
+FORMAT = "moelens-spectrum-2"
 
 
 def default_cache_dir() -> Path:

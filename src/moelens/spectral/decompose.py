@@ -17,10 +17,10 @@ basis of R^d (directions of zero σ span the null space of X and complete it), s
 k = d is 1 and nothing is dropped. When F < d only F directions exist, and one of zero σ is not
 determined by X (eigh cannot even form v_m = Xᵀu_m/σ_m): directions below the numerical-rank
 tolerance are dropped (coefficient 0, σ reported as 0), so energies stop growing at the rank.
-``svd`` drops σ_m ≤ σ_1 · max(F, d) · ε, ``eigh`` drops σ_m² ≤ σ_1² · max(F, d) · ε, ε being the
-machine epsilon of the compute dtype (the Gram squares the condition number, hence σ²). For
-F < d matrices with σ_min/σ_1 below √(max(F, d) ε) (≈ 3e-3 in float32 at d = 2048) the two
-methods differ by the energy of those directions; ``dtype="float64"`` makes that ≈ 1e-6.
+Both methods drop σ_m ≤ σ_1 · max(F, d) · ε, ε being the machine epsilon of the compute dtype.
+Because a Gram squares the condition number, the F×F Gram of an F < d matrix is accumulated and
+decomposed in float64 whatever the compute dtype (it is the small one: 2F²d flops), so weak but
+real directions (σ_m/σ_1 down to ~1e-4 in float32) are resolved as ``svd`` resolves them.
 """
 
 from __future__ import annotations
@@ -91,24 +91,33 @@ class SpectrumBatch:
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """The smaller Gram matrix of X [..., F, d]: XᵀX (d×d) when F ≥ d, else XXᵀ (F×F)."""
-    xt = x.transpose(-1, -2)
-    return xt @ x if x.shape[-2] >= x.shape[-1] else x @ xt
+    """The smaller Gram matrix of X [..., F, d]: XᵀX (d×d) when F ≥ d, else XXᵀ (F×F).
+
+    The F×F Gram of an F < d matrix is formed in float64 (see the module docstring): its small
+    eigenvalues decide which directions exist, and a float32 Gram loses those below
+    σ_1·√(d ε)."""
+    if x.shape[-2] >= x.shape[-1]:
+        return x.transpose(-1, -2) @ x
+    x64 = x.to(torch.float64)
+    return x64 @ x64.transpose(-1, -2)
 
 
-def eigh_spectra(grams: torch.Tensor, shape: tuple[int, int]) -> SpectrumBatch:
-    """Spectra from Gram matrices [c, n, n] of matrices X of ``shape`` = (F, d).
+def eigh_spectra(grams: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None) -> SpectrumBatch:
+    """Spectra from Gram matrices [c, n, n] of matrices X of ``shape`` = (F, d), returned in
+    ``dtype`` (default: the Grams' dtype), whose epsilon sets the rank tolerance.
 
     λ_m = σ_m² are the Gram's eigenvalues, re-ordered descending; the eigenvectors are v_m
     (F ≥ d) or u_m (F < d)."""
     n_rows, n_cols = shape
+    dtype = grams.dtype if dtype is None else dtype
     lam, vec = torch.linalg.eigh(grams)  # ascending
     lam = lam.flip(-1).clamp_min(0.0)
     vec = vec.flip(-1)
-    kept = _kept(lam, lam[:, :1] * (max(n_rows, n_cols) * torch.finfo(lam.dtype).eps), n_rows, n_cols)
-    sigma = torch.where(kept, lam.sqrt(), torch.zeros_like(lam))
+    s = lam.sqrt()
+    kept = _kept(s, s[:, :1] * (max(n_rows, n_cols) * torch.finfo(dtype).eps), n_rows, n_cols)
+    sigma = torch.where(kept, s, torch.zeros_like(s))
     side = OUTPUT_SIDE if n_rows < n_cols else INPUT_SIDE
-    return SpectrumBatch(sigma, vec, kept.sum(-1).to(torch.int64), side)
+    return SpectrumBatch(sigma.to(dtype), vec.to(dtype), kept.sum(-1).to(torch.int64), side)
 
 
 def _kept(values: torch.Tensor, tol: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
@@ -132,4 +141,4 @@ def spectrum_of(x: torch.Tensor, method: str) -> SpectrumBatch:
     check_method(method)
     if method == "svd":
         return svd_spectra(x)
-    return eigh_spectra(gram(x), (x.shape[-2], x.shape[-1]))
+    return eigh_spectra(gram(x), (x.shape[-2], x.shape[-1]), x.dtype)

@@ -64,9 +64,11 @@ def coefficients(spectra: SpectrumBatch, probes: torch.Tensor, probe_images: tor
     if spectra.side == OUTPUT_SIDE:
         if probe_images is None:
             raise ValueError("an output-side basis needs the probe images X_j R̂ᵀ")
-        c = (basis_t @ probe_images) / spectra.sigma.clamp_min(torch.finfo(spectra.sigma.dtype).tiny)[..., None]
-    else:
-        c = basis_t @ probes.transpose(0, 1)
+        # a dropped direction (σ = 0) must give 0, not inf·0 = NaN
+        valid = spectra.valid()[..., None]
+        sigma = torch.where(valid, spectra.sigma[..., None], torch.ones_like(spectra.sigma[..., None]))
+        return torch.where(valid, (basis_t @ probe_images) / sigma, torch.zeros((), dtype=sigma.dtype, device=sigma.device))
+    c = basis_t @ probes.transpose(0, 1)
     return c * spectra.valid()[..., None].to(c.dtype)
 
 
@@ -133,7 +135,7 @@ def _flush(pending: list[_Pending], shape: tuple[int, int], side: str, probes: t
         grams = torch.stack([p.gram for p in todo])
         for p in todo:
             p.gram = None
-        batch = eigh_spectra(grams, shape)
+        batch = eigh_spectra(grams, shape, probes.dtype)
         del grams
         for i, p in enumerate(todo):
             p.item = batch.item(i)
