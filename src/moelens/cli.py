@@ -50,7 +50,7 @@ def progress_bar(transient: bool = False) -> Iterator:
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[message]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=err_console, transient=transient, disable=not err_console.is_terminal and False,
+        console=err_console, transient=transient,
     )
     tasks: dict[str, int] = {}
 
@@ -127,19 +127,22 @@ def inspect(
 def tiny(
     family: str = typer.Argument(..., help="Family name, e.g. mixtral, qwen3_moe, gpt_oss (see `moelens families`)."),
     out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint into."),
-    layout: str = typer.Option("per_expert", help="On-disk layout: per_expert (Hub) or fused (transformers v5)."),
+    layout: Optional[str] = typer.Option(None, help="On-disk layout (default: the family's first): per_expert or hub (published), fused (transformers v5), fp8, mxfp4, multimodal — see `moelens families`."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     sharded: bool = typer.Option(False, help="Split into several safetensors shards."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
 ) -> None:
     """Write a tiny random checkpoint of a family (for trying moelens without downloads)."""
     from moelens.checkpoint.registry import families
-    from moelens.testing.tiny import TinySpec, build_tiny_checkpoint
+    from moelens.testing.tiny import DTYPES, TinySpec, build_tiny_checkpoint
 
     fams = families()
     if family not in fams:
         fail(f"unknown family {family!r}; known: {', '.join(fams)}")
     layouts = tuple(fams[family].tiny_layouts) + tuple(getattr(fams[family], "tiny_custom_layouts", ()))
+    layout = layout or layouts[0]
+    if dtype not in DTYPES:
+        fail(f"unknown dtype {dtype!r}; tiny checkpoints are written in {' or '.join(DTYPES)}")
     if layout not in layouts:
         fail(f"{family} has no tiny {layout!r} layout; it has {', '.join(dict.fromkeys(layouts))}")
     path = build_tiny_checkpoint(TinySpec(family, layout, dtype, sharded), out, seed=seed)
@@ -153,7 +156,8 @@ def list_families() -> None:
 
     table = Table("family", "architectures", "tiny layouts")
     for name, cls in families().items():
-        table.add_row(name, ", ".join(cls.architectures), ", ".join(cls.tiny_layouts))
+        layouts = dict.fromkeys(tuple(cls.tiny_layouts) + tuple(getattr(cls, "tiny_custom_layouts", ())))
+        table.add_row(name, ", ".join(cls.architectures), ", ".join(layouts))
     console.print(table)
 
 
@@ -179,8 +183,8 @@ def align(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     method: str = typer.Option("eigh", help="eigh (Gram eigendecomposition) or svd (slower, for checking)."),
     dtype: str = typer.Option("float32", help="Arithmetic: float32 or float64."),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse spectra cached on disk, keyed by tensor content."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Spectrum cache (default $MOELENS_CACHE/spectra or ~/.cache/moelens/spectra)."),
+    cache: Optional[bool] = typer.Option(None, "--cache/--no-cache", help="Keep spectra on disk, keyed by tensor content, and reuse them (a basis is d·min(F,d)·4 bytes per expert: 16 GiB per matrix for Mixtral-8x7B)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Spectrum cache directory; implies --cache (default $MOELENS_CACHE/spectra or ~/.cache/moelens/spectra)."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Print one summary table per layer instead of the mean over layers."),
     revision: Optional[str] = typer.Option(None, help="Revision (branch, tag or commit) of a cached repo."),
 ) -> None:
@@ -293,6 +297,10 @@ def main() -> None:
         app()
     except MoelensError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:  # an output directory that cannot be written, a full disk, ...
+        where = f" {exc.filename}" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] cannot use{escape(str(where))}: {escape(exc.strerror or str(exc))}; check the path and its permissions", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

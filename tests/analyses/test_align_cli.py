@@ -24,7 +24,7 @@ def test_align_writes_the_run_and_prints_the_summary(tiny_checkpoint, tmp_path, 
     monkeypatch.setenv("MOELENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     args = ["align", str(tiny_checkpoint("mixtral")), "--out", str(out), "--layers", "0-1", "--k", "1,2,4,32",
-            "--null", "shuffle", "--device", "cpu"]
+            "--null", "shuffle", "--device", "cpu", "--cache"]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     for header in ("align", "delta_vs_shuffle", "z_vs_shuffle", "effect_over_random", "cos_squared", "z_layer", "p_layer"):

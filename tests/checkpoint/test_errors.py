@@ -270,3 +270,32 @@ def test_python_dash_m_prints_one_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_router_wider_than_the_fused_experts_is_a_format_error(tiny_checkpoint, tmp_path):
+    """A fused expert tensor of 4 experts under a router that scores 6: named from headers
+    before any work, and a direct read of the missing expert is a format error too."""
+
+
+    path = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint("mixtral", "fused"), path)
+    tensors = load_file(path / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("layers.0.mlp.gate.weight"))
+    tensors[name] = torch.cat([tensors[name], tensors[name][:2]])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    model = ml.open_model(path)
+    with pytest.raises(CheckpointFormatError):
+        ml.router_alignment(model, layers=[0])
+    with pytest.raises(CheckpointFormatError, match="entries along its first axis"):
+        model.layer(0).expert_matrix(5, "gate")
+
+
+def test_numpy_integers_are_indices_and_bools_are_not(tiny_checkpoint):
+    import numpy as np
+
+    model = ml.open_model(tiny_checkpoint("mixtral"))
+    layer = model.layer(np.int64(1))
+    assert layer.index == 1 and type(layer.index) is int
+    torch.testing.assert_close(layer.expert(np.int32(3)).gate, layer.expert(3).gate)
+    with pytest.raises(IndexOutOfRangeError, match="bool"):
+        layer.expert(True)

@@ -36,7 +36,7 @@ def test_slices_read_only_what_is_asked(store_dir):
     torch.testing.assert_close(store.read("dense", index=2), full[2], rtol=0, atol=0)
     torch.testing.assert_close(store.read("dense", index=slice(1, 3)), full[1:3], rtol=0, atol=0)
     torch.testing.assert_close(store.read("flat", index=slice(4, 8)), torch.arange(8.0, 16.0).reshape(4, 2), rtol=0, atol=0)
-    with pytest.raises(IndexError):
+    with pytest.raises(CheckpointFormatError, match="entries along its first axis"):
         store.read("dense", index=4)
 
 

@@ -89,7 +89,7 @@ class RouterAlignmentConfig:
     shuffle (exact moments) or shuffle-sampled (GaleMoE's procedure with ``shuffles`` and
     ``seed``); ``method`` eigh or svd; ``dtype`` of the arithmetic, float32 or float64;
     ``p_draws`` Monte Carlo draws of the layer test when E > 8; ``cache``/``cache_dir`` the
-    on-disk spectrum cache; ``chunk_bytes`` bounds the spectra held at once (None: per device)."""
+    on-disk spectrum cache (off unless ``cache=True`` or a ``cache_dir`` is given); ``chunk_bytes`` bounds the spectra held at once (None: per device)."""
 
     layers: tuple[int, ...] | None = None
     matrix: str = "gate"
@@ -101,7 +101,7 @@ class RouterAlignmentConfig:
     device: str = "auto"
     dtype: str = "float32"
     p_draws: int = MIN_P_DRAWS
-    cache: bool = True
+    cache: bool | None = None
     cache_dir: str | None = None
     chunk_bytes: int | None = None
 
@@ -177,6 +177,7 @@ def resolve(config: RouterAlignmentConfig, model: MoEModel) -> AlignmentPlan:
         raise ConfigError(f"layers {layers} name a layer twice; list each layer once")
     for L in layers:
         layer = model.layer(L)  # out of range -> IndexOutOfRangeError, dense -> NotMoEError
+        layer.check()  # a partial or inconsistent layer fails here, from headers, before any work
         if layer.n_experts < 2:
             raise NotMoEError(f"layer {L} has {layer.n_experts} expert; alignment against other experts needs at least 2")
     d = model.hidden_size
@@ -313,7 +314,9 @@ def run_router_alignment(
     directory (resuming it if it holds an unfinished run of the same options)."""
     plan = resolve(config, model)
     manifest = _manifest(model, plan)
-    cache = SpectrumCache(config.cache_dir) if config.cache else None
+    # Off by default (a Mixtral basis is 16 GiB per matrix); on when asked, or when a directory is given.
+    use_cache = config.cache if config.cache is not None else config.cache_dir is not None
+    cache = SpectrumCache(config.cache_dir) if use_cache else None
     stream: LayerRunDirectory | None = None
     completed: set[int] = set()
     if out is not None:
@@ -375,7 +378,7 @@ def router_alignment(
     dtype: str = "float32",
     *,
     p_draws: int = MIN_P_DRAWS,
-    cache: bool = True,
+    cache: bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,

@@ -8,6 +8,7 @@ and :meth:`MoELayer.iter_experts` streams experts so peak memory stays near one 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -87,12 +88,18 @@ class MoELayer:
     def expert_ffn(self) -> int:
         return self._family.expert_ffn(self.index)
 
+    def check(self) -> None:
+        """Raise :class:`~moelens.errors.CheckpointFormatError` if this layer is incomplete or
+        inconsistent on disk (headers only)."""
+        self._family.check_layer(self.index)
+
     def router(self) -> RouterWeights:
         """The router, weight [E, d] (+ biases where present)."""
         return self._family.router(self.index)
 
     def _check_expert(self, e: int) -> int:
-        if not isinstance(e, int) or not 0 <= e < self.n_experts:
+        e = _as_index(e, "expert")
+        if not 0 <= e < self.n_experts:
             raise IndexOutOfRangeError(
                 f"expert {e} is out of range: layer {self.index} has experts 0..{self.n_experts - 1}"
             )
@@ -223,13 +230,14 @@ class MoEModel:
 
     # -- access --------------------------------------------------------------------------------
     def _check_layer(self, i: int) -> int:
-        if not isinstance(i, int) or not 0 <= i < self.n_layers:
+        i = _as_index(i, "layer")
+        if not 0 <= i < self.n_layers:
             raise IndexOutOfRangeError(f"layer {i} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
         return i
 
     def layer(self, i: int) -> MoELayer:
         """MoE layer ``i``. Raises :class:`NotMoEError` for a dense layer or a dense model."""
-        self._check_layer(i)
+        i = self._check_layer(i)
         if i not in set(self.moe_layers):
             if not self.is_moe:
                 raise NotMoEError(f"{self.name} is a dense {self.family} model with no MoE layers; this needs an MoE checkpoint")
@@ -296,6 +304,16 @@ class MoEModel:
             "size_on_disk_bytes": self.size_on_disk(),
             "expert_layout": self.family_adapter.layout_name() if self.is_moe else None,
         }
+
+
+def _as_index(value: Any, what: str) -> int:
+    """An integer index (Python or numpy int); bools and floats are refused."""
+    if isinstance(value, bool):
+        raise IndexOutOfRangeError(f"{what} index {value!r} is a bool; pass an integer")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise IndexOutOfRangeError(f"{what} index {value!r} is not an integer; pass an integer") from None
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -24,7 +24,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -237,12 +237,14 @@ class TensorStore:
             sl = h.get_slice(info.name)
             if isinstance(index, int):
                 if not 0 <= index < info.shape[0]:
-                    raise IndexError(index)
+                    # the caller checked the index against the router: the files disagree
+                    raise CheckpointFormatError(
+                        f"{info.name!r} in {info.file.name} holds {info.shape[0]} entries along its first axis, "
+                        f"but entry {index} was asked for; the checkpoint's tensors disagree with each other"
+                    )
                 return sl[index : index + 1][0]
             return sl[index]
         except CheckpointFormatError:
-            raise
-        except IndexError:
             raise
         except Exception as exc:
             raise CheckpointFormatError(f"cannot read {info.name!r} from {info.file}: {exc}; the file may be corrupt") from None
@@ -338,7 +340,3 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # low nibble first
     scales = (k + 127).to(torch.uint8)
     return blocks, scales
-
-
-def iter_names(store: TensorStore, prefix: str) -> Iterable[str]:
-    return (n for n in store.infos if n.startswith(prefix))

@@ -3,7 +3,7 @@
 The manifest records what is needed to trust and reproduce the numbers: the model (source,
 family, input file hashes), the analysis and its options, the seed, package versions and timings.
 Tables are written atomically (temporary file, then rename) so an interrupted run never leaves a
-half-written file behind, and ``append_table`` lets an analysis add one layer's rows at a time.
+half-written file behind.
 """
 
 from __future__ import annotations
