@@ -27,6 +27,7 @@ from moelens.spectral.decompose import (
     eigh_spectra,
     gram,
     input_side,
+    refine_thin,
     svd_spectra,
 )
 
@@ -50,6 +51,7 @@ class _Pending:
     item: tuple[torch.Tensor, torch.Tensor, int] | None = None
     gram: torch.Tensor | None = None
     probe_image: torch.Tensor | None = None  # X_j R̂ᵀ [F, P], output side only
+    x: torch.Tensor | None = None  # X_j, kept for an output-side eigh until its spectrum is checked
     fresh: bool = field(default=False)
 
 
@@ -115,6 +117,8 @@ def project_experts(
                 entry.fresh = True
                 if method == "eigh":
                     entry.gram = gram(x)
+                    if side == OUTPUT_SIDE:
+                        entry.x = x
                 else:
                     entry.item = svd_spectra(x[None]).item(0)
             del x
@@ -138,7 +142,8 @@ def _flush(pending: list[_Pending], shape: tuple[int, int], side: str, probes: t
         batch = eigh_spectra(grams, shape, probes.dtype)
         del grams
         for i, p in enumerate(todo):
-            p.item = batch.item(i)
+            p.item = batch.item(i) if p.x is None else refine_thin(p.x, batch.item(i))
+            p.x = None
     if cache is not None:
         for p in pending:
             if p.fresh and p.key is not None and p.item is not None:
