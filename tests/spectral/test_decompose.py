@@ -11,6 +11,7 @@ from moelens.spectral import (
     INPUT_SIDE,
     OUTPUT_SIDE,
     cumulative_energies,
+    gram,
     input_side,
     normalize_rows,
     project_experts,
@@ -174,3 +175,84 @@ def test_thin_side_keeps_weak_real_directions_in_float32(role):
     ref = _reference_energies(weights, probes.float(), role, ks)
     for method in ("eigh", "svd"):
         torch.testing.assert_close(_energies(weights, probes.float(), role, method, ks), ref, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Basis-free CPU path (tridiagonalisation, keep_basis=False) and the ?syrk Gram
+# ----------------------------------------------------------------------------------------------
+def _fast_energies(weights, probes, role, ks, dtype=torch.float32, chunk_bytes=1):
+    out = torch.empty(weights.shape[0], len(ks), probes.shape[0], dtype=torch.float64)
+    sigma = []
+    for chunk in project_experts(enumerate(weights), normalize_rows(probes.to(dtype)), role, dtype=dtype, chunk_bytes=chunk_bytes, keep_basis=False):
+        assert chunk.spectra.basis is None
+        out[chunk.experts] = cumulative_energies(chunk.coefficients, ks)
+        sigma.append(chunk.spectra.sigma)
+    return out, torch.cat(sigma)
+
+
+def _planted(singular_values: torch.Tensor, f: int, g: torch.Generator) -> torch.Tensor:
+    """X = U diag(σ) Wᵀ [F, d] in float64 with Haar-random orthonormal U [F, d], W [d, d]."""
+    d = singular_values.shape[0]
+    u, _ = torch.linalg.qr(torch.randn(f, d, generator=g, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (u * singular_values) @ w.T
+
+
+@pytest.mark.parametrize("role", ["gate", "down"])
+def test_basis_free_path_agrees_with_a_float64_svd(role):
+    """d = 96, F = 160: a generic matrix, one whose σ come in tied blocks (energies are only
+    defined at block ends, where they are compared) and one of rank 40 < d (its zero σ are one
+    block: A(40) and A(d) = 1)."""
+    g = torch.Generator().manual_seed(21)
+    f, d, p = 160, 96, 6
+    ties = torch.tensor([10.0] * 5 + [7.0] * 20 + [3.0] * 30 + [1.0] * 41, dtype=torch.float64)
+    generic = torch.randn(f, d, generator=g, dtype=torch.float64)
+    tied = _planted(ties, f, g)
+    deficient = torch.randn(f, 40, generator=g, dtype=torch.float64) @ torch.randn(40, d, generator=g, dtype=torch.float64)
+    probes = torch.randn(p, d, generator=g, dtype=torch.float64)
+    for x, ks in [(generic, [1, 2, 7, 50, 95, d]), (tied, [5, 25, 55, d]), (deficient, [1, 10, 40, d])]:
+        weights = torch.stack([x.T if role == "down" else x] * 2)
+        ref = _reference_energies(weights, probes, role, ks)
+        s_ref = torch.linalg.svdvals(x)
+        got64, s64 = _fast_energies(weights, probes, role, ks, torch.float64)
+        torch.testing.assert_close(got64, ref, atol=1e-10, rtol=0)
+        # σ² (what a Gram resolves): a zero σ comes back as √(ε‖XᵀX‖), not 0
+        lam_ref = s_ref.square().expand(2, -1)
+        torch.testing.assert_close(s64.square(), lam_ref, atol=1e-12 * float(lam_ref[0, 0]), rtol=0)
+        got32, s32 = _fast_energies(weights.float(), probes.float(), role, ks)
+        # float32 at d = 96 is good to ≈1e-6 whatever the route (the basis-keeping eigh path
+        # reaches 1.1e-6 on some seeds), so 2e-6 here; float64 above is the strict check
+        torch.testing.assert_close(got32, ref, atol=2e-6, rtol=0)
+        torch.testing.assert_close(s32.double().square(), lam_ref, atol=1e-5 * float(lam_ref[0, 0]), rtol=0)
+
+
+def test_basis_free_path_matches_the_basis_path_and_a_cache_keeps_the_basis(tmp_path):
+    from moelens.spectral import SpectrumCache
+
+    g = torch.Generator().manual_seed(22)
+    weights = torch.randn(5, 48, 32, generator=g)
+    probes = torch.randn(5, 32, generator=g)
+    ks = [1, 4, 16, 32]
+    fast, s_fast = _fast_energies(weights, probes, "gate", ks, chunk_bytes=1 << 30)
+    with_basis = _energies(weights, probes, "gate", "eigh", ks)
+    torch.testing.assert_close(fast, with_basis, atol=1e-6, rtol=0)
+    chunks = list(project_experts(enumerate(weights), normalize_rows(probes), "gate", cache=SpectrumCache(tmp_path), keep_basis=False))
+    assert all(c.spectra.basis is not None for c in chunks)
+    # F < d has no basis-free path: the output-side basis is kept
+    thin = list(project_experts(enumerate(weights.transpose(1, 2)), normalize_rows(torch.randn(5, 48, generator=g)), "gate", keep_basis=False))
+    assert all(c.spectra.basis is not None and c.spectra.side == OUTPUT_SIDE for c in thin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_syrk_gram_equals_the_plain_product(dtype):
+    """The CPU Gram (one triangle by ?syrk, mirrored) for C-ordered and transposed-view inputs,
+    both sides, batched."""
+    g = torch.Generator().manual_seed(23)
+    w = torch.randn(3, 40, 24, generator=g, dtype=dtype)
+    for x in (w, w.transpose(1, 2), w[0], w[0].T):
+        xt = x.transpose(-1, -2)
+        plain = xt @ x if x.shape[-2] >= x.shape[-1] else x @ xt
+        got = gram(x)
+        assert got.shape == plain.shape and got.dtype == dtype
+        torch.testing.assert_close(got, plain, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-4 if dtype == torch.float32 else 1e-12)
+        assert torch.equal(got, got.transpose(-1, -2))

@@ -9,6 +9,13 @@ input-side matrix X_j = Σ_m σ_m u_m v_mᵀ, the coefficients are
 and are 0 for directions beyond the numerical rank. Experts are read one at a time (their
 stored dtype), converted on the compute device, and decomposed in chunks whose bases stay under
 ``chunk_bytes``: memory is bounded by one chunk, not by the layer.
+
+With ``keep_basis=False``, on the CPU, for ``eigh`` with F ≥ d and no cache (a cache stores
+bases, so it needs V), the coefficients come from
+:func:`~moelens.spectral.decompose.tridiagonal_projection`, which never forms V; the chunk's
+``spectra.basis`` is then None. It is opt-in because its numbers differ from a basis-keeping run
+(and so from a cached one) by rounding: both are as close to a float64 reference (≈1e-4 in
+float32 energies at d = 4096, set by the float32 Gram), but not bitwise equal to each other.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import torch
 
 from moelens.spectral.cache import SpectrumCache, content_hash
 from moelens.spectral.decompose import (
+    INPUT_SIDE,
+    LAPACK_DTYPES,
     OUTPUT_SIDE,
     SpectrumBatch,
     basis_side,
@@ -29,6 +38,7 @@ from moelens.spectral.decompose import (
     input_side,
     refine_thin,
     svd_spectra,
+    tridiagonal_projection,
 )
 
 DEFAULT_CHUNK_BYTES = 512 * 2**20
@@ -48,10 +58,11 @@ class ProjectedChunk:
 class _Pending:
     expert: int
     key: str | None
-    item: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    item: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
     gram: torch.Tensor | None = None
     probe_image: torch.Tensor | None = None  # X_j R̂ᵀ [F, P], output side only
     x: torch.Tensor | None = None  # X_j, kept for an output-side eigh until its spectrum is checked
+    coefficients: torch.Tensor | None = None  # [r, P], when computed without a basis
     fresh: bool = field(default=False)
 
 
@@ -62,6 +73,8 @@ def normalize_rows(m: torch.Tensor) -> torch.Tensor:
 
 def coefficients(spectra: SpectrumBatch, probes: torch.Tensor, probe_images: torch.Tensor | None = None) -> torch.Tensor:
     """c [c, r, P] of probes [P, d] on a batch's directions (see the module docstring)."""
+    if spectra.basis is None:
+        raise ValueError("these spectra carry no basis; their coefficients were computed directly")
     basis_t = spectra.basis.transpose(-1, -2)  # [c, r, n]
     if spectra.side == OUTPUT_SIDE:
         if probe_images is None:
@@ -84,12 +97,16 @@ def project_experts(
     device: torch.device = CPU,
     cache: SpectrumCache | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    keep_basis: bool = True,
 ) -> Iterator[ProjectedChunk]:
     """Stream ``(e, weight)`` pairs (weight as stored, [out, in]) into :class:`ProjectedChunk` s.
 
     ``probes`` [P, d] should be unit rows. ``cache`` (optional) is consulted per expert by content
-    hash; hits skip the decomposition, misses are stored."""
+    hash; hits skip the decomposition, misses are stored. ``keep_basis=False`` allows the
+    basis-free CPU path (see the module docstring); a cache keeps the basis regardless."""
     check_method(method)
+    # the basis-free CPU path: only σ and the coefficients, never V (see the module docstring)
+    direct = not keep_basis and cache is None and method == "eigh" and device.type == "cpu" and dtype in LAPACK_DTYPES
     probes = probes.to(device=device, dtype=dtype)
     dtype_name = str(dtype).replace("torch.", "")
     pending: list[_Pending] = []
@@ -109,7 +126,12 @@ def project_experts(
             hit = cache.load(entry.key)
             if hit is not None and hit[3] == side and hit[0].dtype == dtype and hit[1].shape[-1] == min(shape):
                 entry.item = (hit[0].to(device), hit[1].to(device), hit[2])
-        if entry.item is None or side == OUTPUT_SIDE:
+        if direct and side == INPUT_SIDE:
+            x = x_stored.to(device).to(dtype)
+            sigma, entry.coefficients = tridiagonal_projection(x, probes)
+            entry.item = (sigma, None, n_cols)
+            del x
+        elif entry.item is None or side == OUTPUT_SIDE:
             x = x_stored.to(device).to(dtype)
             if side == OUTPUT_SIDE:
                 entry.probe_image = x @ probes.transpose(0, 1)
@@ -146,9 +168,11 @@ def _flush(pending: list[_Pending], shape: tuple[int, int], side: str, probes: t
             p.x = None
     if cache is not None:
         for p in pending:
-            if p.fresh and p.key is not None and p.item is not None:
+            if p.fresh and p.key is not None and p.item is not None and p.item[1] is not None:
                 cache.store(p.key, p.item[0], p.item[1], p.item[2], side)
     spectra = SpectrumBatch.stack([p.item for p in pending if p.item is not None], side)
+    if all(p.coefficients is not None for p in pending):
+        return ProjectedChunk([p.expert for p in pending], spectra, torch.stack([p.coefficients for p in pending]))  # type: ignore[misc]
     images = torch.stack([p.probe_image for p in pending]) if side == OUTPUT_SIDE else None  # type: ignore[misc]
     return ProjectedChunk([p.expert for p in pending], spectra, coefficients(spectra, probes, images))
 
