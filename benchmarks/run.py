@@ -174,7 +174,12 @@ def run_child(measure: str, ckpt: Path, work: Path, args: argparse.Namespace, **
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
     load = os.getloadavg()[0]
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if args.threads:
+        # SciPy's BLAS/LAPACK (the CPU Gram and tridiagonal path) has its own thread pool, which
+        # torch.set_num_threads does not bound; it reads this at load time.
+        env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(args.threads)
+    subprocess.run(cmd, check=True, env=env)
     result = json.loads(json_out.read_text())
     result["load_before"] = load
     result["load_after"] = os.getloadavg()[0]
@@ -254,7 +259,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="qwen3,mixtral", help="comma-separated: qwen3, mixtral")
     parser.add_argument("--ref-experts", type=int, default=None, help="experts the reference is measured on (default: all for qwen3, 2 for mixtral)")
     parser.add_argument("--quick", action="store_true", help="skip the cache runs; reference on a quarter of its default experts")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in each measurement (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=0, help="threads in each measurement, torch's and BLAS's (default: the libraries' choice)")
     parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write every number to this JSON file")
     # child-process options
