@@ -107,3 +107,17 @@ def test_file_hashes_follow_content(store_dir):
     save_file({"flat": torch.zeros(12, 2)}, store_dir / "b.safetensors")
     after = TensorStore(store_dir).file_hashes()
     assert after["a.safetensors"] == before["a.safetensors"] and after["b.safetensors"] != before["b.safetensors"]
+
+
+def test_read_part_reads_a_block_of_one_entry_or_of_all(tmp_path):
+    from safetensors.torch import save_file
+
+    full = torch.arange(2 * 6 * 4, dtype=torch.float32).reshape(2, 6, 4)
+    save_file({"gu": full, "gu_t": full.transpose(1, 2).contiguous()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{}")
+    store = TensorStore(tmp_path)
+    torch.testing.assert_close(store.read_part("gu", 1, 0, 3, 6), full[1, 3:6], rtol=0, atol=0)
+    torch.testing.assert_close(store.read_part("gu", None, 1, 0, 3), full[:, 0:3], rtol=0, atol=0)
+    torch.testing.assert_close(store.read_part("gu_t", 0, 1, 3, 6), full[0].T[:, 3:6], rtol=0, atol=0)
+    with pytest.raises(CheckpointFormatError, match="entries along its first axis"):
+        store.read_part("gu", 2, 0, 0, 3)

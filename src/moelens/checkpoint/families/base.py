@@ -187,11 +187,13 @@ class FusedGateUp(ExpertLayout):
             m = m if self.orientation == "out_in" else m.T
         else:
             name = self.gate_up.format(L=L)
-            gu = store.read(name, index=e)  # [2F, d] out_in, [d, 2F] in_out
-            if self.orientation == "out_in":
-                m = self._split(gu, role, 0)
+            axis = 0 if self.orientation == "out_in" else 1  # the 2F axis of [2F, d] or [d, 2F]
+            if self.split == "halves":
+                f = self.ffn(store, L)
+                m = store.read_part(name, e, axis, 0 if role == "gate" else f, f if role == "gate" else 2 * f)
             else:
-                m = self._split(gu, role, 1).T
+                m = self._split(store.read(name, index=e), role, axis)
+            m = m if self.orientation == "out_in" else m.T
         return check_finite(name, m.contiguous())
 
     def stack(self, store: TensorStore, L: int, role: str) -> torch.Tensor:
@@ -201,8 +203,13 @@ class FusedGateUp(ExpertLayout):
             m = m if self.orientation == "out_in" else m.transpose(1, 2)
         else:
             name = self.gate_up.format(L=L)
-            gu = store.read(name)
-            m = self._split(gu, role, 1) if self.orientation == "out_in" else self._split(gu, role, 2).transpose(1, 2)
+            axis = 1 if self.orientation == "out_in" else 2  # the 2F axis of [E, 2F, d] or [E, d, 2F]
+            if self.split == "halves":
+                f = self.ffn(store, L)
+                m = store.read_part(name, None, axis, 0 if role == "gate" else f, f if role == "gate" else 2 * f)
+            else:
+                m = self._split(store.read(name), role, axis)
+            m = m if self.orientation == "out_in" else m.transpose(1, 2)
         return check_finite(name, m.contiguous())
 
     def bias(self, store: TensorStore, L: int, e: int, role: str) -> Optional[torch.Tensor]:
