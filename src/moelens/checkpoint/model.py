@@ -8,6 +8,7 @@ and :meth:`MoELayer.iter_experts` streams experts so peak memory stays near one 
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +220,7 @@ class MoEModel:
             if name.endswith(("_scale_inv", "_scales")):
                 continue
             base = name[: -len("_blocks")] if name.endswith("_blocks") else name
-            total += _numel(self.store.shape(base))
+            total += math.prod(self.store.shape(base))
         experts = 0
         for L in self.moe_layers:
             experts += self.family_adapter.expert_parameter_count(L)
@@ -315,12 +316,6 @@ def _as_index(value: Any, what: str) -> int:
     except TypeError:
         raise IndexOutOfRangeError(f"{what} index {value!r} is not an integer; pass an integer") from None
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _ranges(values: list[int]) -> str:

@@ -15,6 +15,7 @@ A family lists its candidate layouts; the first whose tensors exist in the check
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -134,7 +135,7 @@ class PerExpert(ExpertLayout):
             for role in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
                 t = getattr(self, role)
                 if t is not None and t.format(L=L, e=e) in store:
-                    total += _numel(store.shape(t.format(L=L, e=e)))
+                    total += math.prod(store.shape(t.format(L=L, e=e)))
         return total
 
     def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
@@ -227,7 +228,7 @@ class FusedGateUp(ExpertLayout):
 
     def parameter_count(self, store: TensorStore, L: int) -> int:
         names = [self.gate_up, self.down, self.gate_up_bias, self.down_bias]
-        return sum(_numel(store.shape(n.format(L=L))) for n in names if n is not None and n.format(L=L) in store)
+        return sum(math.prod(store.shape(n.format(L=L))) for n in names if n is not None and n.format(L=L) in store)
 
     def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
         out = []
@@ -289,7 +290,7 @@ class FlatExperts(ExpertLayout):
         return store.dtype(self.up.format(L=L))
 
     def parameter_count(self, store: TensorStore, L: int) -> int:
-        return sum(_numel(store.shape(t.format(L=L))) for t in (self.gate, self.up, self.down))
+        return sum(math.prod(store.shape(t.format(L=L))) for t in (self.gate, self.up, self.down))
 
     def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
         out = []
@@ -301,12 +302,6 @@ class FlatExperts(ExpertLayout):
                 out.append(f"{name} has {store.shape(name)[0]} rows, not a multiple of the {n} experts")
         return out
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ----------------------------------------------------------------------------------------------
