@@ -5,7 +5,7 @@
 >>> model.layer(0).router().weight.shape
 """
 
-from moelens.analyses import RouterAlignmentConfig, router_alignment
+from moelens.analyses import ExpertDistanceConfig, RouterAlignmentConfig, expert_distance, router_alignment
 from moelens.checkpoint import ExpertWeights, MoELayer, MoEModel, RouterWeights, open_model
 from moelens.errors import MoelensError
 from moelens.report import build_report, report
@@ -27,6 +27,6 @@ def __getattr__(name: str):
 __all__ = [
     "ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model", "MoelensError",
     "Run", "load_run", "load_runs", "__version__",
-    "RouterAlignmentConfig", "router_alignment",
+    "RouterAlignmentConfig", "router_alignment", "ExpertDistanceConfig", "expert_distance",
     "build_report", "report",
 ]

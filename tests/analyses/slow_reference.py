@@ -1,6 +1,7 @@
 """A slow, plain reference of router–expert alignment, written apart from moelens' code path.
 
-It follows GaleMoE's published procedure: per expert a full float32 ``torch.linalg.svd``, then
+It follows GaleMoE's published procedure: per expert a full ``torch.linalg.svd`` (float64 for the
+reference tables, float32 where GaleMoE's own numbers are mimicked), then
 one matrix–vector product per (router, expert, k) in Python loops, and for the sampled null
 ``shuffles`` calls of ``torch.randperm`` per k, pooling the values. Exact nulls and the layer test
 are enumerated with plain loops. It reads weights with ``safetensors`` directly where asked.
@@ -18,16 +19,18 @@ import torch
 EPS = 1e-12
 
 
-def input_singular_vectors(weight: torch.Tensor, role: str) -> torch.Tensor:
+def input_singular_vectors(weight: torch.Tensor, role: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Input-side singular vectors as columns [d, r]: right singular vectors of gate/up [F, d],
-    left singular vectors of down [d, F] (its rows meet the hidden state)."""
-    w = weight.float()
+    left singular vectors of down [d, F] (its rows meet the hidden state). float64 by default:
+    a float32 SVD moves subspace energies of nearly degenerate σ by ~2e-5, more than moelens'
+    tolerance."""
+    w = weight.to(dtype)
     u, _, vh = torch.linalg.svd(w, full_matrices=False)
     return u if role == "down" else vh.transpose(0, 1)
 
 
-def normalized_routers(router: torch.Tensor) -> torch.Tensor:
-    r = router.float()
+def normalized_routers(router: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    r = router.to(dtype)
     return r / (r.norm(dim=1, keepdim=True) + EPS)
 
 
@@ -61,8 +64,8 @@ def galemoe_shuffle_stats(routers, bases, ks, shuffles: int, generator: torch.Ge
 
 def galemoe_layer(router: torch.Tensor, weights: Sequence[torch.Tensor], role: str, ks, shuffles, generator):
     """Per-expert results of one layer as GaleMoE computes them: rows (expert, k, align, mu, sd, z)."""
-    routers = normalized_routers(router)
-    bases = [input_singular_vectors(w, role) for w in weights]
+    routers = normalized_routers(router, torch.float32)  # GaleMoE computes in float32
+    bases = [input_singular_vectors(w, role, torch.float32) for w in weights]
     stats = galemoe_shuffle_stats(routers, bases, ks, shuffles, generator)
     rows = []
     for e in range(len(bases)):

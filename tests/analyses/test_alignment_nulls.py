@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moelens.analyses.alignment_nulls import (
+from moelens.analyses.router_alignment.nulls import (
     exact_null_moments,
     galemoe_permutations,
     hoeffding_variance,

@@ -54,7 +54,7 @@ def test_killed_after_layer_1_resumes_to_the_uninterrupted_tables(three_layers, 
     assert not resumed["alignment_pairs"].duplicated(["layer", "matrix", "router", "expert", "k"]).any()
     assert resumed.manifest["status"] == "complete"
     assert resumed.manifest["completed_layers"] == [0, 1, 2]
-    assert set(resumed.manifest["timings"]["per_layer_s"]) == {"0", "1", "2"}
+    assert set(resumed.manifest["timings"]["per_unit_s"]) == {"L00000", "L00001", "L00002"}
     assert resumed.manifest["created"] == manifest["created"]
     assert not (out / "parts").exists()
 

@@ -121,13 +121,13 @@ def test_shuffle_sampled_reproduces_galemoe_for_one_layer(tiny_checkpoint):
     np.testing.assert_allclose(mine["z_vs_shuffle"][informative], theirs["z_vs_shuffle"][informative], atol=1e-4, rtol=0)
 
 
-def test_shuffle_sampled_continues_one_stream_across_layers_like_galemoe(tiny_checkpoint):
+def test_shuffle_sampled_restarts_the_stream_in_every_layer_like_galemoe_runs(tiny_checkpoint):
     model = ml.open_model(tiny_checkpoint("mixtral"))
     ks = [1, 4, 16]
     run = ml.router_alignment(model, layers=[0, 1], k=ks, null="shuffle-sampled", shuffles=50, seed=3, cache=False)
-    gen = torch.Generator()
-    gen.manual_seed(3)
     for L in (0, 1):
+        gen = torch.Generator()
+        gen.manual_seed(3)  # GaleMoE's published runs: one layer per run, each from the seed
         layer = model.layer(L)
         rows = ref.galemoe_layer(layer.router().weight, [layer.expert_matrix(e, "gate") for e in range(4)], "gate", ks, 50, gen)
         theirs = pd.DataFrame(rows).set_index(["expert", "k"]).sort_index()

@@ -56,7 +56,7 @@ def test_manifest(run_dir):
     assert m["options"]["method"] == "eigh" and m["options"]["dtype"] == "float32" and m["options"]["device"] == "cpu"
     assert m["seed"] == 0
     assert {"torch", "numpy", "moelens"} <= set(m["versions"])
-    assert m["timings"]["total_s"] > 0 and set(m["timings"]["per_layer_s"]) == {"0", "1"}
+    assert m["timings"]["total_s"] > 0 and set(m["timings"]["per_unit_s"]) == {"L00000", "L00001"}
 
 
 def test_tables_have_exactly_the_contract_columns_and_types(run_dir):

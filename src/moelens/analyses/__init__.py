@@ -1,5 +1,28 @@
-"""One module per analysis: a frozen config dataclass in, tidy tables (a :class:`~moelens.results.Run`) out."""
+"""Analyses: each a sub-package with a frozen config in and tidy tables (a :class:`~moelens.results.Run`) out.
 
-from moelens.analyses.router_alignment import RouterAlignmentConfig, default_ks, router_alignment
+Every analysis has the shape of :class:`~moelens.analyses.base.Analysis` and runs through
+:func:`~moelens.analyses.runner.run_analysis`; :data:`ANALYSES` lists them by name.
+"""
 
-__all__ = ["RouterAlignmentConfig", "default_ks", "router_alignment"]
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, option
+from moelens.analyses.expert_distance import ExpertDistance, ExpertDistanceConfig, expert_distance
+from moelens.analyses.router_alignment import RouterAlignment, RouterAlignmentConfig, default_ks, router_alignment
+from moelens.analyses.runner import run_analysis
+
+#: Every analysis by its manifest name.
+ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance)}
+
+
+def get_analysis(name: str) -> Analysis:
+    """An analysis by name (``router_alignment``), or a ConfigError listing the known ones."""
+    from moelens.errors import ConfigError
+
+    if name not in ANALYSES:
+        raise ConfigError(f"no analysis named {name!r}; known: {', '.join(ANALYSES)}")
+    return ANALYSES[name]()
+
+
+__all__ = [
+    "ANALYSES", "Analysis", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "Plan", "RouterAlignment", "RouterAlignmentConfig", "Unit", "UnitContext",
+    "default_ks", "get_analysis", "option", "router_alignment", "run_analysis",
+]

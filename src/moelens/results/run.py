@@ -122,8 +122,32 @@ class Run:
         return path
 
 
+#: Tables of runs written before manifests declared their tables.
+LEGACY_TABLES = {"router_alignment": ("alignment", "alignment_layers", "alignment_pairs", "spectra")}
+
+
+def _read_table(path: Path, name: str) -> pd.DataFrame:
+    import pyarrow as pa
+
+    file = path / f"{name}.parquet"
+    if not file.is_file():
+        raise RunDirectoryError(f"{path} lacks its table {name}.parquet; the run is incomplete: run the analysis again on this directory to finish it")
+    try:
+        return pd.read_parquet(file)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunDirectoryError(
+            f"{file} cannot be read as Parquet ({reason}); the file is truncated or damaged: delete {path} and run the analysis again"
+        ) from None
+
+
 def load_run(path: str | os.PathLike[str]) -> Run:
-    """Read a run directory written by :meth:`Run.save` (or by an analysis that streams layers)."""
+    """Read a run directory written by :meth:`Run.save` or by the runner.
+
+    Every table the manifest declares must be present and readable and match its declared
+    columns; anything else is a :class:`~moelens.errors.RunDirectoryError` that names the file."""
+    from moelens.results.schema import schemas_from_json
+
     path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -132,9 +156,24 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         raise RunDirectoryError(f"{path} has no {MANIFEST}; it is not a moelens run directory (or the run never started)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunDirectoryError(f"{manifest_path} is not valid JSON ({exc}); re-run the analysis") from None
-    tables = {p.stem: pd.read_parquet(p) for p in sorted(path.glob("*.parquet"))}
+    if not isinstance(manifest, dict):
+        raise RunDirectoryError(f"{manifest_path} is not a run manifest (a JSON object); re-run the analysis")
+    if manifest.get("status") == "running":
+        done = len(manifest.get("completed_units") or manifest.get("completed_layers") or [])
+        raise RunDirectoryError(
+            f"{path} holds an unfinished {manifest.get('analysis', 'analysis')} run ({done} unit(s) done); "
+            "run the same command again to resume it, then use the run"
+        )
+    declared = manifest.get("tables")
+    if isinstance(declared, dict):
+        schemas = schemas_from_json(declared)
+        tables = {name: schema.check(_read_table(path, name), str(path)) for name, schema in schemas.items()}
+    else:
+        names = LEGACY_TABLES.get(str(manifest.get("analysis")), ())
+        present = {p.stem for p in path.glob("*.parquet")}
+        tables = {name: _read_table(path, name) for name in sorted(set(names) | present)}
     return Run(manifest=manifest, tables=tables, path=path)
 
 

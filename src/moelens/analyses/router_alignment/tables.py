@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.alignment_nulls import TIE_TOLERANCE
+from moelens.analyses.router_alignment.nulls import TIE_TOLERANCE
+from moelens.results.schema import TableSchema
 
 ALIGNMENT_COLUMNS = [
     "layer", "matrix", "expert", "k", "align", "random_expect_k_over_d", "effect_over_random",
@@ -29,6 +30,20 @@ LAYER_COLUMNS = [
 PAIR_COLUMNS = ["layer", "matrix", "router", "expert", "k", "energy"]
 SPECTRA_COLUMNS = ["layer", "matrix", "expert", "index", "sigma"]
 TABLES = ("alignment", "alignment_layers", "alignment_pairs", "spectra")
+_KINDS = {"layer": "int", "matrix": "str", "expert": "int", "k": "int", "router": "int", "index": "int",
+          "p_layer_method": "str", "n_experts": "int"}
+
+
+def _schema(name: str, columns: list[str]) -> TableSchema:
+    return TableSchema(name, tuple((c, _KINDS.get(c, "float")) for c in columns))
+
+
+SCHEMAS = (
+    _schema("alignment", ALIGNMENT_COLUMNS),
+    _schema("alignment_layers", LAYER_COLUMNS),
+    _schema("alignment_pairs", PAIR_COLUMNS),
+    _schema("spectra", SPECTRA_COLUMNS),
+)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,12 @@ c_{ij} = V_jᵀ r̂_i:
     margin_i(k) = A[i, i, k] − max_{j≠i} A[i, j, k],  argmax_accuracy(k) = mean_i 1[argmax_j A[i,j,k] = i]
 
 The null models and the layer-level permutation test are in
-:mod:`moelens.analyses.alignment_nulls`; the tables in :mod:`moelens.analyses.alignment_tables`.
+:mod:`moelens.analyses.router_alignment.nulls`; the tables in :mod:`moelens.analyses.router_alignment.tables`.
+
+The ``shuffle-sampled`` null draws its permutations from a generator seeded with the config's
+seed at the start of every (layer, matrix), as GaleMoE's published runs do (one layer per run,
+seed 42 in its ``main.py``), so every layer is an independent unit and reproduces GaleMoE's
+numbers on its own.
 
 Work per layer: read each expert once (stored dtype), decompose it on the chosen device (batched
 Gram eigh by default), project all E routers at once, cumulative-sum the squares. Memory is one
@@ -21,10 +26,8 @@ layer's energies plus one chunk of spectra; nothing scales with the number of la
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.alignment_nulls import (
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, check_seed, layer_unit_key, option
+from moelens.analyses.router_alignment.nulls import (
     MIN_P_DRAWS,
     check_null,
     exact_null_moments,
@@ -41,18 +45,18 @@ from moelens.analyses.alignment_nulls import (
     sampled_null_moments,
     z_scores,
 )
-from moelens.analyses.alignment_tables import (
-    TABLES,
+from moelens.analyses.router_alignment.tables import (
+    SCHEMAS,
     LayerStatistics,
     layer_tables,
     true_pair_energies,
 )
-from moelens.analyses.layer_runs import LayerRunDirectory
+from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import ROLES, MoELayer, MoEModel
 from moelens.errors import ConfigError, NotMoEError
 from moelens.progress import ProgressCallback, report
-from moelens.ranges import compact_ranges
-from moelens.results.run import Run, package_versions
+from moelens.ranges import compact_ranges, parse_ranges
+from moelens.results.run import Run
 from moelens.spectral import (
     METHODS,
     SpectrumCache,
@@ -84,47 +88,48 @@ def default_ks(d: int) -> list[int]:
 
 @dataclass(frozen=True)
 class RouterAlignmentConfig:
-    """Options of :func:`router_alignment`. ``layers``/``k`` None mean every MoE layer and
-    :func:`default_ks`; ``matrix`` is gate, up, down or all; ``null`` derangement (default),
-    shuffle (exact moments) or shuffle-sampled (GaleMoE's procedure with ``shuffles`` and
-    ``seed``); ``method`` eigh or svd; ``dtype`` of the arithmetic, float32 or float64;
-    ``p_draws`` Monte Carlo draws of the layer test when E > 8; ``cache``/``cache_dir`` the
-    on-disk spectrum cache (off unless ``cache=True`` or a ``cache_dir`` is given); ``chunk_bytes`` bounds the spectra held at once (None: per device)."""
+    """Options of :func:`router_alignment` (each field's help says what it does)."""
 
-    layers: tuple[int, ...] | None = None
-    matrix: str = "gate"
-    k: tuple[int, ...] | None = None
-    null: str = "derangement"
-    shuffles: int = 200
-    seed: int = 0
-    method: str = "eigh"
-    device: str = "auto"
-    dtype: str = "float32"
-    p_draws: int = MIN_P_DRAWS
-    cache: bool | None = None
-    cache_dir: str | None = None
-    chunk_bytes: int | None = None
+    layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer).", parse=parse_ranges, metavar="LIST")
+    matrix: str = option("gate", "Expert matrix: gate, up, down or all.")
+    k: tuple[int, ...] | None = option(None, "Subspace sizes, e.g. 1,2,4,8 (default: powers of two up to d, and d).", parse=parse_ranges, metavar="LIST")
+    null: str = option("derangement", "Null model: derangement, shuffle (exact) or shuffle-sampled (GaleMoE's).")
+    shuffles: int = option(200, "Permutations per k for --null shuffle-sampled.")
+    seed: int = option(0, "Seed of every random draw (≥ 0); shuffle-sampled restarts it in every layer, as GaleMoE's runs do.")
+    method: str = option("eigh", "eigh (Gram eigendecomposition) or svd (slower; reproduces GaleMoE's z to 3e-6).")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    dtype: str = option("float32", "Arithmetic: float32 or float64.")
+    p_draws: int = option(MIN_P_DRAWS, "Monte Carlo draws of the layer permutation test when E > 8.")
+    cache: bool | None = option(None, "Keep spectra on disk, keyed by tensor content, and reuse them (a basis is d·min(F,d)·4 bytes per expert: 16 GiB per matrix for Mixtral-8x7B).", kind=bool, resumable=True)
+    cache_dir: str | None = option(None, "Spectrum cache directory; implies --cache (default $MOELENS_CACHE/spectra or ~/.cache/moelens/spectra).", kind=Path, resumable=True)
+    chunk_bytes: int | None = option(None, "Bytes of spectra held at once (default: one expert on the CPU, 512 MiB on CUDA).", kind=int, resumable=True)
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(_as_int(v, "layer") for v in _as_sequence(self.layers)))
-        if self.k is not None:
-            object.__setattr__(self, "k", tuple(_as_int(v, "k") for v in _as_sequence(self.k)))
-            if not self.k:
-                raise ConfigError("the k list is empty; give at least one k, e.g. 1,8,64")
+        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        object.__setattr__(self, "k", as_index_tuple(self.k, "k"))
+        if self.k is not None and not self.k:
+            raise ConfigError("the k list is empty; give at least one k, e.g. 1,8,64")
         if self.matrix not in MATRICES:
             raise ConfigError(f"unknown matrix {self.matrix!r}; expected one of {', '.join(MATRICES)}")
         check_null(self.null)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         resolve_dtype(self.dtype)
+        for name in ("shuffles", "p_draws"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ConfigError(f"{name}={value!r} is not an integer")
         if int(self.shuffles) < 1:
             raise ConfigError(f"shuffles={self.shuffles}: need at least 1 shuffle")
         if int(self.p_draws) < MIN_P_DRAWS:
             raise ConfigError(f"p_draws={self.p_draws} is too few for a Monte Carlo p-value; use at least {MIN_P_DRAWS}")
+        if self.chunk_bytes is not None and (isinstance(self.chunk_bytes, bool) or int(self.chunk_bytes) < 1):
+            raise ConfigError(f"chunk_bytes={self.chunk_bytes!r}: give a positive number of bytes")
         object.__setattr__(self, "shuffles", int(self.shuffles))
-        object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "seed", check_seed(self.seed))
         object.__setattr__(self, "p_draws", int(self.p_draws))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", str(Path(self.cache_dir)))
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,8 @@ class AlignmentPlan:
     device: torch.device
     dtype: torch.dtype
     chunk_bytes: int
-    generators: dict[str, torch.Generator] = field(default_factory=dict)
+    model: MoEModel | None = None
+    cache: SpectrumCache | None = None
 
     def options(self) -> dict[str, Any]:
         c = self.config
@@ -149,21 +155,11 @@ class AlignmentPlan:
             "device": str(self.device), "dtype": c.dtype, "p_draws": c.p_draws,
         }
 
-
-def _as_sequence(v: Any) -> Sequence[Any]:
-    if isinstance(v, (int, np.integer)):
-        return [v]
-    if isinstance(v, str):
-        from moelens.ranges import parse_ranges
-
-        return parse_ranges(v)
-    return list(v)
-
-
-def _as_int(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ConfigError(f"{what} {v!r} is not an integer")
-    return int(v)
+    def generator(self) -> torch.Generator:
+        """The shuffle-sampled stream of one (layer, matrix): restarted at the seed, as in a GaleMoE run."""
+        g = torch.Generator()
+        g.manual_seed(self.config.seed)
+        return g
 
 
 def resolve(config: RouterAlignmentConfig, model: MoEModel) -> AlignmentPlan:
@@ -193,15 +189,10 @@ def resolve(config: RouterAlignmentConfig, model: MoEModel) -> AlignmentPlan:
             raise ConfigError(f"{model.name} ({model.family}) experts have no gate matrix; use --matrix up or down")
     device = resolve_device(config.device)
     chunk = config.chunk_bytes if config.chunk_bytes is not None else (CUDA_CHUNK_BYTES if device.type == "cuda" else 1)
-    generators: dict[str, torch.Generator] = {}
-    if config.null == "shuffle-sampled":
-        # One stream per matrix, seeded like a GaleMoE run of that matrix, continued across the
-        # layers in the order given (GaleMoE keeps one generator for all layers of a run).
-        for m in matrices:
-            g = torch.Generator()
-            g.manual_seed(config.seed)
-            generators[m] = g
-    return AlignmentPlan(config, layers, matrices, ks, d, device, resolve_dtype(config.dtype), int(chunk), generators)
+    # Off by default (a Mixtral basis is 16 GiB per matrix); on when asked, or when a directory is given.
+    use_cache = config.cache if config.cache is not None else config.cache_dir is not None
+    cache = SpectrumCache(config.cache_dir) if use_cache else None
+    return AlignmentPlan(config, layers, matrices, ks, d, device, resolve_dtype(config.dtype), int(chunk), model, cache)
 
 
 def _has_gate(layer: MoELayer) -> bool:
@@ -279,31 +270,64 @@ def layer_statistics(
     )
 
 
+def degenerate_warnings(layer: MoELayer, role: str, sigma: np.ndarray) -> list[str]:
+    """An all-zero router row or expert matrix has no direction: its align is 0 at every k < d
+    (and 1 at k = d by the cumulative sum's convention), which is no measurement. Say so."""
+    out = []
+    norms = layer.router().weight.float().norm(dim=-1)
+    zero_rows = [int(i) for i in torch.nonzero(norms == 0).flatten()]
+    if zero_rows:
+        out.append(f"layer {layer.index}: router rows {zero_rows} are all zero; their align is 0, not a measurement")
+    zero_experts = [int(e) for e in np.nonzero(~(sigma.max(axis=1) > 0))[0]]
+    if zero_experts:
+        out.append(f"layer {layer.index}: {role} matrices of experts {zero_experts} are all zero; their align is 0, not a measurement")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # The analysis
 # ----------------------------------------------------------------------------------------------
-def _manifest(model: MoEModel, plan: AlignmentPlan) -> dict[str, Any]:
-    return {
-        "analysis": ANALYSIS,
-        "label": f"{model.name} L{compact_ranges(plan.layers)}",
-        "status": "running",
-        "completed_layers": [],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "source": model.source, "name": model.name, "path": str(model.path), "family": model.family,
-            "n_layers": model.n_layers, "n_experts": model.n_experts, "top_k": model.top_k,
-            "hidden_size": model.hidden_size, "expert_ffn": model.expert_ffn, "files": model.file_hashes(),
-        },
-        "options": plan.options(),
-        "seed": plan.config.seed,
-        "versions": package_versions(),
-        "timings": {"total_s": 0.0, "per_layer_s": {}},
-    }
-
-
 def _concat(frames: Iterable[dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
     frames = list(frames)
-    return {name: pd.concat([f[name] for f in frames], ignore_index=True) for name in TABLES}
+    return {s.name: pd.concat([f[s.name] for f in frames], ignore_index=True) for s in SCHEMAS}
+
+
+class RouterAlignment(Analysis):
+    """SPEC §1: one unit per MoE layer, every matrix of the layer in it."""
+
+    name = ANALYSIS
+    title = "Router–expert alignment"
+    config_type = RouterAlignmentConfig
+    inputs = ("a",)
+    unit_tables = SCHEMAS
+
+    def plan(self, models: Mapping[str, Any], config: RouterAlignmentConfig) -> Plan:
+        model = models["a"]
+        resolved = resolve(config, model)
+        units = [Unit(key=layer_unit_key(L), seed=config.seed, layer=L) for L in resolved.layers]
+        return Plan(options=resolved.options(), units=units, label=f"{model.name} L{compact_ranges(resolved.layers)}", state=resolved)
+
+    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
+        state: AlignmentPlan = plan.state
+        assert state.model is not None and unit.layer is not None
+        layer = state.model.layer(unit.layer)
+        per_matrix = []
+        for role in state.matrices:
+            energies, sigma = layer_energies(layer, role, state, state.cache, context.progress)
+            permutations = None
+            if state.config.null == "shuffle-sampled":
+                permutations = galemoe_permutations(layer.n_experts, len(state.ks), state.config.shuffles, state.generator())
+            for message in degenerate_warnings(layer, role, sigma):
+                context.warn(message)
+            per_matrix.append(layer_tables(layer_statistics(unit.layer, role, energies, sigma, state, permutations)))
+        return _concat(per_matrix)
+
+    def manifest_extra(self, plan: Plan) -> dict[str, Any]:
+        cache = plan.state.cache
+        summary = {"enabled": False} if cache is None else {
+            "enabled": True, "directory": str(cache.directory), "hits": cache.hits, "misses": cache.misses,
+        }
+        return {"spectra_cache": summary}
 
 
 def run_router_alignment(
@@ -314,57 +338,7 @@ def run_router_alignment(
 ) -> Run:
     """Run the analysis of ``config`` on ``model``; with ``out``, stream layers into that run
     directory (resuming it if it holds an unfinished run of the same options)."""
-    plan = resolve(config, model)
-    manifest = _manifest(model, plan)
-    # Off by default (a Mixtral basis is 16 GiB per matrix); on when asked, or when a directory is given.
-    use_cache = config.cache if config.cache is not None else config.cache_dir is not None
-    cache = SpectrumCache(config.cache_dir) if use_cache else None
-    stream: LayerRunDirectory | None = None
-    completed: set[int] = set()
-    if out is not None:
-        stream = LayerRunDirectory(out, manifest, TABLES)
-        completed = set(stream.open())
-    started = time.perf_counter()
-    collected: list[dict[str, pd.DataFrame]] = []
-    total = len(plan.layers)
-    report(progress, "layers", len(completed), total, "")
-    for L in plan.layers:
-        layer = model.layer(L)
-        permutations = {
-            role: galemoe_permutations(layer.n_experts, len(plan.ks), config.shuffles, plan.generators[role])
-            for role in plan.matrices
-        } if config.null == "shuffle-sampled" else {}
-        if L in completed:
-            continue  # the draws above keep the random stream where an uninterrupted run has it
-        t0 = time.perf_counter()
-        per_matrix = []
-        for role in plan.matrices:
-            energies, sigma = layer_energies(layer, role, plan, cache, progress)
-            stats = layer_statistics(L, role, energies, sigma, plan, permutations.get(role))
-            per_matrix.append(layer_tables(stats))
-        tables = _concat(per_matrix)
-        seconds = time.perf_counter() - t0
-        if stream is not None:
-            stream.write_layer(L, tables, seconds)
-        else:
-            collected.append(tables)
-            manifest["timings"]["per_layer_s"][str(L)] = round(seconds, 6)
-        completed.add(L)
-        report(progress, "layers", len(completed), total, f"layer {L}")
-    extra = {"spectra_cache": _cache_summary(cache)}
-    if stream is not None:
-        return stream.finish(extra)
-    manifest.update(extra)
-    manifest["status"] = "complete"
-    manifest["completed_layers"] = list(plan.layers)
-    manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
-    return Run(manifest=manifest, tables=_concat(collected))
-
-
-def _cache_summary(cache: SpectrumCache | None) -> dict[str, Any]:
-    if cache is None:
-        return {"enabled": False}
-    return {"enabled": True, "directory": str(cache.directory), "hits": cache.hits, "misses": cache.misses}
+    return run_analysis(RouterAlignment(), {"a": model}, config, out=out, progress=progress)
 
 
 def router_alignment(
@@ -382,6 +356,7 @@ def router_alignment(
     p_draws: int = MIN_P_DRAWS,
     cache: bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    chunk_bytes: int | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: RouterAlignmentConfig | None = None,
@@ -396,21 +371,21 @@ def router_alignment(
     >>> run = router_alignment(model, layers=[0, 1], matrix="gate")
     >>> run["alignment_layers"][["layer", "k", "align", "z_vs_shuffle", "p_layer"]]
     """
+    if config is None:
+        # every option is checked before the model is opened or anything is written
+        config = RouterAlignmentConfig(
+            layers=layers, matrix=matrix, k=k, null=null, shuffles=shuffles, seed=seed, method=method, device=device,
+            dtype=dtype, p_draws=p_draws, cache=cache, cache_dir=None if cache_dir is None else str(cache_dir),
+            chunk_bytes=chunk_bytes,
+        )
     if not isinstance(model, MoEModel):
         from moelens.checkpoint import open_model
 
         model = open_model(model)
-    if config is None:
-        config = RouterAlignmentConfig(
-            layers=None if layers is None else tuple(_as_sequence(layers)),
-            matrix=matrix, k=None if k is None else tuple(_as_sequence(k)), null=null, shuffles=shuffles,
-            seed=seed, method=method, device=device, dtype=dtype, p_draws=p_draws, cache=cache,
-            cache_dir=None if cache_dir is None else str(Path(cache_dir)),
-        )
     return run_router_alignment(model, config, out=out, progress=progress)
 
 
 __all__ = [
-    "ANALYSIS", "AlignmentPlan", "RouterAlignmentConfig", "default_ks", "layer_energies", "layer_statistics",
-    "resolve", "router_alignment", "run_router_alignment",
+    "ANALYSIS", "AlignmentPlan", "RouterAlignment", "RouterAlignmentConfig", "default_ks", "layer_energies",
+    "layer_statistics", "resolve", "router_alignment", "run_router_alignment",
 ]

@@ -1,0 +1,226 @@
+"""The one shape every analysis has (like a scikit-learn estimator).
+
+- A frozen **config** dataclass, declared once. Its fields carry their help text, how the command
+  line spells and parses them, and whether a resumed run may change them
+  (:func:`option`); the API's keyword arguments, the manifest's options and the CLI's options all
+  derive from it.
+- :meth:`Analysis.plan` checks the config against the input models and returns a :class:`Plan`: the
+  resolved options and a list of independent :class:`Unit` s (a layer, a pair of layers, a batch of
+  prompts), each with its own seed, so no result depends on the executor or the order of work.
+  Every check of the user's input happens here, before anything is written.
+- :meth:`Analysis.compute` does one unit's pure work and returns tidy tables (no printing; progress
+  through one callback).
+- :meth:`Analysis.finish` derives tables that need every unit (a summary across layers).
+
+The runner (:mod:`moelens.analyses.runner`) does the rest for every analysis alike: manifest,
+one writer per run directory, resume at the next unfinished unit, timings, schemas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from moelens.errors import ConfigError
+from moelens.progress import ProgressCallback
+from moelens.results.schema import TableSchema
+
+#: The largest seed: numpy's SeedSequence and torch's generators both take it.
+MAX_SEED = 2**63 - 1
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    resumable: bool = False,
+    cli: bool = True,
+    kind: type | None = None,
+) -> Any:
+    """A config field with its documentation.
+
+    ``help`` is the CLI help; ``parse`` turns the CLI's text into the field's value (e.g.
+    ``"0,5,10-13"`` -> a tuple of layers), making the CLI option a string; ``resumable`` fields may
+    differ between a run and its resumption (they do not change the numbers beyond rounding:
+    device, batch sizes); ``cli=False`` keeps a field out of the command line (an object only
+    Python can pass); ``kind`` is the CLI value's type where the default does not tell it (a
+    default of None)."""
+    if kind is None and default is not None and parse is None:
+        kind = type(default)
+    return field(default=default, metadata={
+        "help": help, "parse": parse, "metavar": metavar, "resumable": resumable, "cli": cli, "kind": kind,
+    })
+
+
+def check_seed(seed: Any) -> int:
+    """A seed is an integer in 0..2⁶³−1 (numpy refuses negative seeds)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ConfigError(f"seed {seed!r} is not an integer; give a whole number ≥ 0")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError(f"seed={seed} is outside 0..{MAX_SEED}; give a whole number ≥ 0")
+    return int(seed)
+
+
+def unit_seed(seed: int, key: str) -> int:
+    """A unit's own seed, derived from the config's seed and the unit's key (never from its
+    position in the plan), so a unit draws the same numbers in any executor and any order."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(key.encode())]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of work. ``key`` names it in the run directory and the manifest
+    (``"L00005"``); ``layer`` is set when the unit is one layer; ``seed`` is its own seed;
+    ``data`` anything else the analysis planned for it."""
+
+    key: str
+    seed: int
+    layer: int | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """A config resolved against its input models.
+
+    ``options``: JSON values recorded in the manifest and compared on resume (concrete layers,
+    the device actually used, …); ``units`` in the order their tables are concatenated;
+    ``label`` a short human name of the run; ``state`` whatever the analysis needs in ``compute``
+    (devices, dtypes, opened models)."""
+
+    options: dict[str, Any]
+    units: list[Unit]
+    label: str
+    state: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UnitContext:
+    """What a unit's computation may say while it works: progress events and warnings. Warnings
+    are kept in the run's manifest (``warnings``: unit key -> messages) and shown in the report."""
+
+    progress: ProgressCallback | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def report(self, task: str, done: int, total: int, message: str = "") -> None:
+        from moelens.progress import report
+
+        report(self.progress, task, done, total, message)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+
+class Analysis:
+    """Base class of every analysis; subclasses set the class attributes and the three methods."""
+
+    #: Registry key, the manifest's ``analysis`` and the report section's id.
+    name: ClassVar[str]
+    #: Human title (report section, CLI help).
+    title: ClassVar[str]
+    #: The frozen config dataclass.
+    config_type: ClassVar[type]
+    #: Named inputs: the first is required, the others optional (``("a", "b")``).
+    inputs: ClassVar[tuple[str, ...]] = ("a",)
+    #: What a unit is, for progress bars ("layers", "prompt batches").
+    unit_noun: ClassVar[str] = "layers"
+    #: Tables every unit writes.
+    unit_tables: ClassVar[tuple[TableSchema, ...]]
+    #: Tables :meth:`finish` derives from all units.
+    derived_tables: ClassVar[tuple[TableSchema, ...]] = ()
+
+    @classmethod
+    def schemas(cls) -> dict[str, TableSchema]:
+        return {s.name: s for s in (*cls.unit_tables, *cls.derived_tables)}
+
+    def plan(self, models: Mapping[str, Any], config: Any) -> Plan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute(self, plan: Plan, unit: Unit, context: "UnitContext") -> dict[str, pd.DataFrame]:  # pragma: no cover
+        raise NotImplementedError
+
+    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """Tables that need every unit; none by default."""
+        return {}
+
+    def manifest_extra(self, plan: Plan) -> dict[str, Any]:
+        """Anything else the manifest should record once the run is complete."""
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+def config_fields(config_type: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(config_type))
+
+
+def resumable_fields(config_type: type) -> set[str]:
+    return {f.name for f in config_fields(config_type) if f.metadata.get("resumable")}
+
+
+def make_config(config_type: type, values: Mapping[str, Any]) -> Any:
+    """Build a config from keyword values, naming an unknown keyword instead of a TypeError."""
+    names = {f.name for f in config_fields(config_type)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; {config_type.__name__} takes {', '.join(sorted(names))}")
+    return config_type(**values)
+
+
+def jsonable(value: Any) -> Any:
+    """Tuples as lists, numpy scalars as Python numbers: what the manifest stores."""
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def config_options(config: Any) -> dict[str, Any]:
+    """Every field of a config as JSON values."""
+    return {f.name: jsonable(getattr(config, f.name)) for f in config_fields(type(config))}
+
+
+def as_index_tuple(value: Any, what: str) -> tuple[int, ...] | None:
+    """None, an int, ``"0,5,10-13"`` or any iterable of ints -> a tuple of ints (or None)."""
+    from moelens.ranges import parse_ranges
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: Sequence[Any] = parse_ranges(value)
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise ConfigError(f"{what} {value!r} is neither an index nor a list of indices") from None
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ConfigError(f"{what} {v!r} is not an integer")
+        out.append(int(v))
+    return tuple(out)
+
+
+def layer_unit_key(layer: int) -> str:
+    return f"L{int(layer):05d}"
+
+
+__all__ = [
+    "Analysis", "MAX_SEED", "Plan", "Unit", "UnitContext", "as_index_tuple", "check_seed", "config_fields", "config_options",
+    "jsonable", "layer_unit_key", "make_config", "option", "resumable_fields", "unit_seed",
+]

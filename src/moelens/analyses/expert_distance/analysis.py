@@ -1,0 +1,236 @@
+"""Expert distance per layer (SPEC.md §2 and §7; seeds 000/001, after REAP's Fig. 4d).
+
+For a pair of experts a, b with matrices of equal shape:
+
+    rel_l2(a, b)   = ‖A/‖A‖_F − B/‖B‖_F‖_F                       ∈ [0, 2], unrelated ≈ √2
+    sv_align(a, b) = ⟨U_nᴬ V_nᴬᵀ, U_nᴮ V_nᴮᵀ⟩_F / n,  n = min(n_A, n_B),  n_X = #{σ_i ≥ γσ_1}
+                                                                  (or a fixed top-n); identical = 1
+
+per matrix (gate, up, down) and for the whole expert (``matrix = "expert"``: rel_l2 of the
+concatenation; sv_align the mean of the matrices' R, or Ito's pooled ratio with ``pool="ito"``).
+
+Pairings: ``base-tuned`` (expert e of model A with expert e of model B) and ``within`` (every
+unordered pair i < j of one layer of model A). One unit per layer; within it one matrix role at a
+time, so memory holds one role of one layer of both models. Each expert is decomposed once per
+role (:mod:`moelens.metrics`) whatever the number of pairs it is in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, layer_unit_key, option
+from moelens.analyses.expert_distance.tables import LAYER_SCHEMA, PAIR_SCHEMA, layer_summary, pair_rows
+from moelens.analyses.runner import run_analysis
+from moelens.checkpoint.model import ROLES, MoELayer, MoEModel
+from moelens.errors import ConfigError, NotMoEError
+from moelens.metrics import POOLS, check_options, expert_distances, role_distances, same_index_pairs, within_pairs
+from moelens.progress import ProgressCallback
+from moelens.ranges import compact_ranges, parse_ranges
+from moelens.results.run import Run
+from moelens.spectral import resolve_device, resolve_dtype
+
+ANALYSIS = "expert_distance"
+PAIRINGS = ("base-tuned", "within")
+
+
+def _parse_roles(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class ExpertDistanceConfig:
+    """Options of :func:`expert_distance` (each field's help says what it does)."""
+
+    layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer).", parse=parse_ranges, metavar="LIST")
+    pairing: str | None = option(None, "base-tuned (expert e of A with e of B; the default with two models) or within (every pair i < j of a layer; the default with one).", kind=str)
+    matrices: tuple[str, ...] = option(("gate", "up", "down"), "Expert matrices to compare, e.g. gate,up,down; the 'expert' row pools them.", parse=_parse_roles, metavar="LIST")
+    gamma: float = option(0.3, "Keep singular values σ_i ≥ γ·σ_1 for sv_align, 0 < γ ≤ 1.")
+    top_sv: int | None = option(None, "Keep a fixed number of singular values instead of cutting at gamma.", kind=int)
+    pool: str = option("mean", "sv_align of the whole expert: mean of the matrices' R, or ito (Σ n_m R_m / Σ n_m).")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    dtype: str = option("float32", "Decompositions in float32 (redone in float64 where a spectrum needs it) or float64.")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        if self.pairing is not None and self.pairing not in PAIRINGS:
+            raise ConfigError(f"unknown pairing {self.pairing!r}; expected one of {', '.join(PAIRINGS)}")
+        matrices = (self.matrices,) if isinstance(self.matrices, str) else tuple(self.matrices)
+        if not matrices:
+            raise ConfigError("the matrix list is empty; give at least one of gate, up, down")
+        bad = [m for m in matrices if m not in ROLES]
+        if bad:
+            raise ConfigError(f"unknown matrix {bad[0]!r}; expected some of {', '.join(ROLES)}")
+        if len(set(matrices)) != len(matrices):
+            raise ConfigError(f"matrices {list(matrices)} name a matrix twice; list each once")
+        object.__setattr__(self, "matrices", matrices)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
+            raise ConfigError(f"gamma {self.gamma!r} is not a number; give 0 < gamma ≤ 1")
+        object.__setattr__(self, "gamma", float(self.gamma))
+        check_options(self.gamma, self.top_sv)
+        if self.top_sv is not None:
+            object.__setattr__(self, "top_sv", int(self.top_sv))
+        if self.pool not in POOLS:
+            raise ConfigError(f"unknown pool {self.pool!r}; expected one of {', '.join(POOLS)}")
+        resolve_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class DistanceState:
+    model_a: MoEModel
+    model_b: MoEModel | None
+    pairing: str
+    layers: list[int]
+    matrices: list[str]
+    config: ExpertDistanceConfig
+    device: Any
+
+
+def _has_role(layer: MoELayer, role: str) -> bool:
+    try:
+        layer.expert_matrix(0, role)
+    except ConfigError:
+        return False
+    return True
+
+
+def _check_same_shapes(a: MoEModel, b: MoEModel, layers: list[int]) -> None:
+    """Base and tuned must be the same architecture: family, layers, experts and shapes."""
+    if a.family != b.family:
+        raise ConfigError(f"{a.name} is a {a.family} model and {b.name} a {b.family} model; base-tuned pairs experts of one architecture")
+    if not b.is_moe:
+        raise NotMoEError(f"{b.name} is a dense {b.family} model with no MoE layers; expert distance needs two MoE checkpoints")
+    if list(a.moe_layers) != list(b.moe_layers):
+        raise ConfigError(f"{a.name} has MoE layers {compact_ranges(a.moe_layers)} and {b.name} {compact_ranges(b.moe_layers)}; base-tuned needs the same layers")
+    for L in layers:
+        la, lb = a.layer(L), b.layer(L)
+        lb.check()
+        for what in ("n_experts", "hidden_size", "expert_ffn"):
+            va, vb = getattr(la, what), getattr(lb, what)
+            if va != vb:
+                raise ConfigError(f"layer {L}: {a.name} has {what} = {va} and {b.name} {what} = {vb}; base-tuned needs experts of the same shapes")
+
+
+def resolve(models: Mapping[str, MoEModel | None], config: ExpertDistanceConfig) -> DistanceState:
+    """Check the config against the models and fix every choice (nothing is read but headers)."""
+    a, b = models["a"], models.get("b")
+    if not a.is_moe:
+        raise NotMoEError(f"{a.name} is a dense {a.family} model with no MoE layers; expert distance needs an MoE checkpoint")
+    pairing = config.pairing or ("base-tuned" if b is not None else "within")
+    if pairing == "within" and b is not None:
+        raise ConfigError("--pairing within compares the experts of one model; run each model alone (moelens distance A --pairing within)")
+    if pairing == "base-tuned" and b is None:
+        raise ConfigError("--pairing base-tuned needs two models: moelens distance BASE TUNED")
+    layers = list(config.layers) if config.layers is not None else list(a.moe_layers)
+    if not layers:
+        raise ConfigError("the layer list is empty; give at least one MoE layer, e.g. --layers 0")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"layers {layers} name a layer twice; list each layer once")
+    for L in layers:
+        layer = a.layer(L)  # out of range -> IndexOutOfRangeError, dense -> NotMoEError
+        layer.check()
+        if pairing == "within" and layer.n_experts < 2:
+            raise NotMoEError(f"layer {L} has {layer.n_experts} expert; within-layer pairs need at least 2")
+    if b is not None:
+        _check_same_shapes(a, b, layers)
+    first = a.layer(layers[0])
+    missing = [m for m in config.matrices if not _has_role(first, m)]
+    if missing:
+        raise ConfigError(f"{a.name} ({a.family}) experts have no {missing[0]} matrix; choose --matrices among the others")
+    if config.top_sv is not None:
+        for L in layers:
+            check_options(config.gamma, config.top_sv, (a.layer(L).expert_ffn, a.hidden_size))
+    return DistanceState(a, b, pairing, layers, list(config.matrices), config, resolve_device(config.device))
+
+
+class ExpertDistance(Analysis):
+    """SPEC §2: one unit per MoE layer; one table row per (pair, matrix)."""
+
+    name = ANALYSIS
+    title = "Expert distance"
+    config_type = ExpertDistanceConfig
+    inputs = ("a", "b")
+    unit_tables = (PAIR_SCHEMA,)
+    derived_tables = (LAYER_SCHEMA,)
+
+    def plan(self, models: Mapping[str, Any], config: ExpertDistanceConfig) -> Plan:
+        state = resolve(models, config)
+        c = config
+        options = {
+            "layers": list(state.layers), "pairing": state.pairing, "matrices": list(state.matrices), "gamma": c.gamma,
+            "top_sv": c.top_sv, "pool": c.pool, "device": str(state.device), "dtype": c.dtype,
+        }
+        names = state.model_a.name + (f" → {state.model_b.name}" if state.model_b is not None else "")
+        label = f"{names} · {state.pairing} · L{compact_ranges(state.layers)}"
+        units = [Unit(key=layer_unit_key(L), seed=0, layer=L) for L in state.layers]
+        return Plan(options=options, units=units, label=label, state=state)
+
+    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
+        s: DistanceState = plan.state
+        c = s.config
+        assert unit.layer is not None
+        la = s.model_a.layer(unit.layer)
+        lb = s.model_b.layer(unit.layer) if s.model_b is not None else None
+        pairs = same_index_pairs(la.n_experts) if s.pairing == "base-tuned" else within_pairs(la.n_experts)
+        per_role = {}
+        for i, role in enumerate(s.matrices):
+            stack_a = la.expert_stack(role)  # [E, out, in], one role of one layer of each model in memory
+            stack_b = lb.expert_stack(role) if lb is not None else None
+            per_role[role] = role_distances(stack_a, stack_b, pairs, c.gamma, c.top_sv, s.device, c.dtype)
+            del stack_a, stack_b
+            undefined = int(per_role[role].undefined.sum())
+            if undefined:
+                context.warn(f"layer {unit.layer}: {undefined} pair(s) of {role} matrices include an all-zero matrix; their sv_align is NaN")
+            context.report("matrices", i + 1, len(s.matrices), f"layer {unit.layer} {role}")
+        frames = [pair_rows(unit.layer, s.pairing, role, d) for role, d in per_role.items()]
+        frames.append(pair_rows(unit.layer, s.pairing, "expert", expert_distances(per_role, c.pool)))
+        return {"expert_distance": pd.concat(frames, ignore_index=True)}
+
+    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        return {"expert_distance_layers": layer_summary(tables["expert_distance"])}
+
+
+def expert_distance(
+    model_a: MoEModel | str | os.PathLike[str],
+    model_b: MoEModel | str | os.PathLike[str] | None = None,
+    layers: Iterable[int] | str | None = None,
+    pairing: str | None = None,
+    matrices: Iterable[str] = ("gate", "up", "down"),
+    gamma: float = 0.3,
+    top_sv: int | None = None,
+    pool: str = "mean",
+    device: str = "auto",
+    *,
+    dtype: str = "float32",
+    out: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+    config: ExpertDistanceConfig | None = None,
+) -> Run:
+    """Distances between experts per layer: base→tuned (two models) or within a layer (one).
+
+    Returns a :class:`~moelens.results.Run` with tables ``expert_distance`` (one row per layer,
+    pairing, expert_a, expert_b, matrix: rel_l2, sv_align, n_sv) and ``expert_distance_layers``
+    (their spread per layer). With ``out`` each layer is written when done and an interrupted run
+    resumes at the next unfinished layer.
+
+    >>> run = expert_distance("zoo/base", "zoo/tuned")                 # base-tuned
+    >>> run["expert_distance_layers"].query("matrix == 'expert'")
+    """
+    if config is None:
+        config = ExpertDistanceConfig(
+            layers=layers, pairing=pairing, matrices=tuple(matrices) if not isinstance(matrices, str) else matrices,
+            gamma=gamma, top_sv=top_sv, pool=pool, device=device, dtype=dtype,
+        )
+    from moelens.checkpoint import open_model
+
+    a = model_a if isinstance(model_a, MoEModel) else open_model(model_a)
+    b = model_b if (model_b is None or isinstance(model_b, MoEModel)) else open_model(model_b)
+    return run_analysis(ExpertDistance(), {"a": a, "b": b}, config, out=out, progress=progress)
+
+
+__all__ = ["ANALYSIS", "PAIRINGS", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "resolve"]

@@ -1,0 +1,361 @@
+"""One runner for every analysis: manifest, one writer per run directory, resume, timings, schemas.
+
+A run directory while an analysis runs::
+
+    DIR/manifest.json               status "running", completed_units, options, inputs, timings
+    DIR/parts/<unit>/<table>.parquet  each finished unit's tables, written atomically
+    DIR/.moelens.lock               held (flock) by the one process writing DIR
+
+A unit's part files are written first and only then is the unit added to ``completed_units``, so a
+run killed at any moment leaves whole units only. On resume, a completed unit is skipped and any
+other is computed again (its leftovers removed), so nothing is lost or counted twice. When every
+unit is done the parts are concatenated in plan order into ``DIR/<table>.parquet``, the derived
+tables are added, the manifest says ``"complete"`` and the parts are removed.
+
+Resuming checks that the directory holds the same analysis with the same options (fields marked
+``resumable``, like the device, aside) and the same input files. A directory that holds no
+finished unit is simply started afresh with the new options: there is nothing to protect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, resumable_fields
+from moelens.errors import RunDirectoryError
+from moelens.progress import ProgressCallback
+from moelens.results.run import MANIFEST, Run, load_run, package_versions, write_json, write_table
+from moelens.results.schema import TableSchema, schemas_to_json
+
+SCHEMA_VERSION = 1
+PARTS = "parts"
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """What the manifest records of an input model: enough to name it, find it and know its files."""
+    return {
+        "source": model.source, "name": model.name, "path": str(model.path), "family": model.family,
+        "n_layers": model.n_layers, "n_experts": model.n_experts, "top_k": model.top_k,
+        "hidden_size": model.hidden_size, "expert_ffn": model.expert_ffn, "files": model.file_hashes(),
+    }
+
+
+def new_manifest(analysis: Analysis, models: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
+    inputs = {name: model_info(m) for name, m in models.items() if m is not None}
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "analysis": analysis.name,
+        "label": plan.label,
+        "status": "running",
+        "completed_units": [],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": inputs,
+        # the first input again under its historical name: most readers want just "the model"
+        "model": inputs[analysis.inputs[0]],
+        "options": plan.options,
+        "seed": plan.options.get("seed"),
+        "versions": package_versions(),
+        "timings": {"total_s": 0.0, "per_unit_s": {}},
+        "tables": schemas_to_json(analysis.schemas()),
+        "units": [u.key for u in plan.units],
+        "warnings": {},
+    }
+    if plan.notes:
+        manifest["notes"] = list(plan.notes)
+    if all(u.layer is not None for u in plan.units):
+        manifest["completed_layers"] = []
+    return manifest
+
+
+def _describe(options: Mapping[str, Any], keys: Iterable[str]) -> str:
+    return ", ".join(f"{k}={options.get(k)!r}" for k in keys)
+
+
+def _clean_temporaries(directory: Path) -> None:
+    """Remove what an interrupted atomic write leaves (``.NAME.*.tmp``)."""
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+class RunDirectory:
+    """One analysis streaming its units into ``path``, the only writer while it is open."""
+
+    def __init__(self, path: str | os.PathLike[str], analysis: Analysis, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.analysis = analysis
+        self.manifest = dict(manifest)
+        self.schemas: dict[str, TableSchema] = analysis.schemas()
+        self.completed: list[str] = []
+        self._lock = None
+        self._started = time.perf_counter()
+        self._previous_total = 0.0
+
+    # -- opening -----------------------------------------------------------------------------
+    def __enter__(self) -> "RunDirectory":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> list[str]:
+        """Take the directory (create it, or lock and validate an existing one); return the keys of
+        the units already done."""
+        from moelens.locks import LOCK_NAME, DirectoryLock
+
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirectoryError(f"{self.path} is a file, not a directory; choose a new --out directory")
+        if self.path.is_dir() and not (self.path / MANIFEST).is_file():
+            content = [p for p in self.path.iterdir() if p.name != LOCK_NAME and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+            if content:
+                raise RunDirectoryError(
+                    f"{self.path} exists and is not a moelens run directory (no {MANIFEST}); choose an empty or new --out directory"
+                )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = DirectoryLock(self.path)
+        self._lock.acquire()
+        try:
+            self._adopt_existing()
+        except BaseException:
+            self.close()
+            raise
+        return list(self.completed)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _adopt_existing(self) -> None:
+        manifest_path = self.path / MANIFEST
+        _clean_temporaries(self.path)
+        if not manifest_path.is_file():
+            self._start_fresh()
+            return
+        try:
+            old = json.loads(manifest_path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RunDirectoryError(f"{manifest_path} is not a valid run manifest ({exc}); delete {self.path} and run again") from None
+        if old.get("analysis") != self.analysis.name:
+            raise RunDirectoryError(
+                f"{self.path} holds a {old.get('analysis')!r} run, not {self.analysis.name!r}; choose another --out directory"
+            )
+        done = self._completed_keys(old)
+        finished = old.get("status") == "complete"
+        mismatch = self._mismatch(old)
+        if mismatch and not finished and not done:
+            self._start_fresh()  # nothing finished there: the corrected command simply takes the directory
+            return
+        if mismatch:
+            raise RunDirectoryError(mismatch)
+        self.manifest["created"] = old.get("created", self.manifest.get("created"))
+        timings = old.get("timings") or {}
+        self._previous_total = float(timings.get("total_s", 0.0) or 0.0)
+        per_unit = timings.get("per_unit_s") or timings.get("per_layer_s") or {}
+        self.manifest["timings"] = {"total_s": self._previous_total, "per_unit_s": {str(k): v for k, v in per_unit.items()}}
+        self.manifest["warnings"] = dict(old.get("warnings") or {})
+        wanted = {u for u in self.manifest["units"]}
+        if finished and all((self.path / f"{t}.parquet").is_file() for t in self.schemas):
+            self.completed = [k for k in done if k in wanted]
+            self.manifest.update({k: old[k] for k in ("status", "completed_units", "completed_layers", "timings") if k in old})
+            shutil.rmtree(self.path / PARTS, ignore_errors=True)
+            return
+        self.completed = [
+            k for k in done
+            if k in wanted and all((self._part(k) / f"{t}.parquet").is_file() for t in self._unit_table_names())
+        ]
+        self._remove_unfinished_parts()
+        self._mark_running()
+
+    def _completed_keys(self, old: Mapping[str, Any]) -> list[str]:
+        from moelens.analyses.base import layer_unit_key
+
+        if "completed_units" in old:
+            return [str(k) for k in old.get("completed_units") or []]
+        # manifests written before units had keys listed layers
+        return [layer_unit_key(int(L)) for L in old.get("completed_layers") or []]
+
+    def _mismatch(self, old: Mapping[str, Any]) -> str:
+        """Why ``old`` cannot be resumed by this run ("" when it can)."""
+        mine, theirs = self.manifest.get("options", {}), old.get("options", {}) or {}
+        skip = resumable_fields(self.analysis.config_type) | {"device"}
+        keys = sorted((set(mine) | set(theirs)) - skip)
+        differ = [k for k in keys if mine.get(k) != theirs.get(k)]
+        if differ:
+            return (f"{self.path} was written with {_describe(theirs, differ)} but this run asks for "
+                    f"{_describe(mine, differ)}; resume with the same options, or choose another --out directory")
+        old_inputs = old.get("inputs") or ({"a": old["model"]} if isinstance(old.get("model"), dict) else {})
+        for name, info in self.manifest.get("inputs", {}).items():
+            theirs_files = (old_inputs.get(name) or {}).get("files")
+            if theirs_files is not None and theirs_files != info.get("files"):
+                return (f"{self.path} was written from other weight files than {info.get('path')}; "
+                        "choose another --out directory for this checkpoint")
+        return ""
+
+    def _start_fresh(self) -> None:
+        shutil.rmtree(self.path / PARTS, ignore_errors=True)
+        for name in self.schemas:
+            (self.path / f"{name}.parquet").unlink(missing_ok=True)
+        self.completed = []
+        self._mark_running()
+
+    def _remove_unfinished_parts(self) -> None:
+        parts = self.path / PARTS
+        if not parts.is_dir():
+            return
+        keep = set(self.completed)
+        for child in parts.iterdir():
+            if child.name not in keep:
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            else:
+                _clean_temporaries(child)
+
+    def _mark_running(self) -> None:
+        self.manifest["status"] = "running"
+        self._set_completed()
+        self._write_manifest()
+
+    # -- writing -----------------------------------------------------------------------------
+    def _part(self, key: str) -> Path:
+        return self.path / PARTS / key
+
+    def _unit_table_names(self) -> list[str]:
+        return [s.name for s in self.analysis.unit_tables]
+
+    def _set_completed(self) -> None:
+        order = {k: i for i, k in enumerate(self.manifest["units"])}
+        self.completed.sort(key=lambda k: order.get(k, len(order)))
+        self.manifest["completed_units"] = list(self.completed)
+        if "completed_layers" in self.manifest:
+            layers = {u: int(u[1:]) for u in self.manifest["units"]}
+            self.manifest["completed_layers"] = [layers[k] for k in self.completed if k in layers]
+
+    def write_unit(self, unit: Unit, tables: Mapping[str, pd.DataFrame], seconds: float, warnings: list[str]) -> None:
+        """Persist one finished unit: part files first, then the manifest entry."""
+        part = self._part(unit.key)
+        for name in self._unit_table_names():
+            write_table(part / f"{name}.parquet", tables[name])
+        if unit.key not in self.completed:
+            self.completed.append(unit.key)
+        self._set_completed()
+        self.manifest["timings"].setdefault("per_unit_s", {})[unit.key] = round(float(seconds), 6)
+        if warnings:
+            self.manifest.setdefault("warnings", {})[unit.key] = list(warnings)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        timings = self.manifest.setdefault("timings", {})
+        timings.setdefault("per_unit_s", {})
+        timings["total_s"] = round(self._previous_total + time.perf_counter() - self._started, 6)
+        write_json(self.path / MANIFEST, self.manifest)
+
+    def read_units(self, units: list[Unit]) -> dict[str, pd.DataFrame]:
+        return {
+            name: pd.concat([pd.read_parquet(self._part(u.key) / f"{name}.parquet") for u in units], ignore_index=True)
+            for name in self._unit_table_names()
+        }
+
+    def finish(self, plan: Plan, extra: Mapping[str, Any]) -> Run:
+        """Concatenate the parts, derive the run-wide tables, mark the run complete, return it."""
+        if self.manifest.get("status") == "complete":
+            return load_run(self.path)
+        not_done = [u.key for u in plan.units if u.key not in set(self.completed)]
+        if not_done:
+            raise RunDirectoryError(f"{self.path}: units {not_done} are not finished; run the analysis again to resume")
+        tables = self.read_units(plan.units)
+        tables.update(_checked(self.analysis, self.analysis.finish(plan, tables), derived=True, where=str(self.path)))
+        for name in self.schemas:
+            write_table(self.path / f"{name}.parquet", tables[name])
+        self.manifest.update(extra)
+        self.manifest["status"] = "complete"
+        self._write_manifest()
+        shutil.rmtree(self.path / PARTS, ignore_errors=True)
+        return load_run(self.path)
+
+
+def _checked(analysis: Analysis, tables: Mapping[str, pd.DataFrame], derived: bool, where: str) -> dict[str, pd.DataFrame]:
+    """Tables in schema order; a missing or malformed table is a bug of the analysis."""
+    schemas = analysis.derived_tables if derived else analysis.unit_tables
+    out = {}
+    for schema in schemas:
+        if schema.name not in tables:
+            raise RunDirectoryError(f"{where}: the {analysis.name} analysis returned no {schema.name!r} table")
+        out[schema.name] = schema.check(tables[schema.name], where).reset_index(drop=True)
+    return out
+
+
+def _unit_name(unit: Unit) -> str:
+    return f"layer {unit.layer}" if unit.layer is not None else unit.key
+
+
+def run_analysis(
+    analysis: Analysis,
+    models: Mapping[str, Any],
+    config: Any,
+    out: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+) -> Run:
+    """Plan ``analysis`` on ``models`` with ``config`` and compute every unit; with ``out``, stream
+    each unit into that run directory (resuming it if it holds an unfinished run of the same
+    options; refusing it while another process writes it)."""
+    plan = analysis.plan(models, config)  # every check of the user's input: nothing is written before
+    manifest = new_manifest(analysis, models, plan)
+    total = len(plan.units)
+    noun = analysis.unit_noun
+
+    def compute(unit: Unit) -> tuple[dict[str, pd.DataFrame], float, list[str]]:
+        context = UnitContext(progress)
+        t0 = time.perf_counter()
+        tables = _checked(analysis, analysis.compute(plan, unit, context), derived=False, where=f"unit {unit.key}")
+        return tables, time.perf_counter() - t0, context.warnings
+
+    if out is None:
+        started = time.perf_counter()
+        collected: dict[str, list[pd.DataFrame]] = {s.name: [] for s in analysis.unit_tables}
+        UnitContext(progress).report(noun, 0, total)
+        for i, unit in enumerate(plan.units, start=1):
+            tables, seconds, warnings = compute(unit)
+            for name, table in tables.items():
+                collected[name].append(table)
+            manifest["timings"]["per_unit_s"][unit.key] = round(seconds, 6)
+            if warnings:
+                manifest["warnings"][unit.key] = warnings
+            manifest["completed_units"].append(unit.key)
+            UnitContext(progress).report(noun, i, total, _unit_name(unit))
+        merged = {name: pd.concat(frames, ignore_index=True) for name, frames in collected.items()}
+        merged.update(_checked(analysis, analysis.finish(plan, merged), derived=True, where="run"))
+        manifest.update(analysis.manifest_extra(plan))
+        manifest["status"] = "complete"
+        if "completed_layers" in manifest:
+            manifest["completed_layers"] = [u.layer for u in plan.units]
+        manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
+        return Run(manifest=manifest, tables=merged)
+
+    with RunDirectory(out, analysis, manifest) as directory:
+        done = set(directory.completed)
+        UnitContext(progress).report(noun, len(done), total)
+        for unit in plan.units:
+            if unit.key in done:
+                continue
+            tables, seconds, warnings = compute(unit)
+            directory.write_unit(unit, tables, seconds, warnings)
+            done.add(unit.key)
+            UnitContext(progress).report(noun, len(done), total, _unit_name(unit))
+        return directory.finish(plan, analysis.manifest_extra(plan))
+
+
+__all__ = ["PARTS", "SCHEMA_VERSION", "RunDirectory", "model_info", "new_manifest", "run_analysis"]

@@ -1,0 +1,147 @@
+"""Analysis commands, their options derived from each analysis's config."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from moelens.cli.app import app, console, progress_bar
+from moelens.cli.options import command_from_parameters, config_from_cli, config_parameters
+
+
+def _cell(value: float, fmt: str) -> str:
+    """A table cell: blank for NaN (cos² outside k = 1, z where the null has no spread), and no
+    sign on a value that rounds to zero."""
+    if value != value:
+        return ""
+    text = format(value, fmt)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _open(source: str, revision: Optional[str]):
+    from moelens.checkpoint import open_model
+
+    return open_model(source, revision)
+
+
+SOURCE = inspect.Parameter(
+    "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+    default=typer.Argument(..., help="Checkpoint directory, or a repo id in the local Hugging Face cache."),
+)
+OUT = inspect.Parameter(
+    "out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+    default=typer.Option(..., "--out", help="Run directory to write; an unfinished run there is resumed."),
+)
+REVISION = inspect.Parameter(
+    "revision", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+    default=typer.Option(None, help="Revision (branch, tag or commit) of a cached repo."),
+)
+
+
+def _align(values: dict) -> None:
+    from moelens.analyses import RouterAlignmentConfig, router_alignment
+    from moelens.analyses.router_alignment.tables import TABLES, summary_by_k
+    from moelens.ranges import compact_ranges
+
+    config = config_from_cli(RouterAlignmentConfig, values)  # every option checked before anything is opened
+    model = _open(values["source"], values["revision"])
+    out = values["out"]
+    with progress_bar() as callback:
+        run = router_alignment(model, config=config, out=out, progress=callback)
+    opts = run.manifest["options"]
+    rows = run["alignment_layers"]
+    per_layer = values["per_layer"]
+    groups = [(m, [L]) for L in opts["layers"] for m in opts["matrices"]] if per_layer else [(m, opts["layers"]) for m in opts["matrices"]]
+    for m, Ls in groups:
+        part = rows[(rows["matrix"] == m) & rows["layer"].isin(Ls)]
+        where = f"layer {Ls[0]}" if len(Ls) == 1 else f"layers {compact_ranges(Ls)}, mean over layers, p_layer = max over layers"
+        title = f"{escape(run.label)} · {m} · null {opts['null']} · averaged across {int(part['n_experts'].iloc[0])} experts ({where})"
+        table = Table(title=title, title_justify="left")
+        for col in ("k", "align", "delta_vs_shuffle", "z_vs_shuffle", "effect_over_random", "cos_squared", "z_layer", "p_layer"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for r in summary_by_k(part).itertuples(index=False):
+            table.add_row(
+                str(int(r.k)), _cell(r.align, ".6f"), _cell(r.delta_vs_shuffle, ".6f"), _cell(r.z_vs_shuffle, ".6f"),
+                _cell(r.effect_over_random, ".6f"), _cell(r.cos_squared, ".6f"), _cell(r.z_layer, ".6f"), _cell(r.p_layer, ".3g"),
+            )
+        # the seed's eight columns need ~110 characters: never crop them to an 80-column pipe
+        width = console.width
+        console.width = max(width, 112)
+        try:
+            console.print(table)
+        finally:
+            console.width = width
+    print_warnings(run)
+    console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, " + ", ".join(f"{t}.parquet" for t in TABLES), highlight=False)
+
+
+def print_warnings(run) -> None:
+    """The run's warnings (degenerate inputs), one line each, on stderr."""
+    from moelens.cli.app import err_console
+
+    for _unit, messages in sorted((run.manifest.get("warnings") or {}).items()):
+        for message in messages:
+            err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _register_align() -> None:
+    from moelens.analyses import RouterAlignmentConfig
+
+    per_layer = inspect.Parameter(
+        "per_layer", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--per-layer", help="Print one summary table per layer instead of the mean over layers."),
+    )
+    params = [SOURCE, OUT, *config_parameters(RouterAlignmentConfig), per_layer, REVISION]
+    doc = "Router–expert alignment: energy of each router vector in the top-k input subspace of its expert, against null models."
+    app.command("align")(command_from_parameters(params, _align, doc, "align"))
+
+
+_register_align()
+
+
+def _distance(values: dict) -> None:
+    from moelens.analyses.expert_distance import ExpertDistanceConfig, expert_distance
+
+    config = config_from_cli(ExpertDistanceConfig, values)  # every option checked before anything is opened
+    a = _open(values["source"], values["revision"])
+    b = _open(values["tuned"], values["revision"]) if values.get("tuned") else None
+    out = values["out"]
+    with progress_bar() as callback:
+        run = expert_distance(a, b, config=config, out=out, progress=callback)
+    layers = run["expert_distance_layers"]
+    rows = layers[layers["matrix"] == "expert"]
+    title = f"{run.label} · whole experts (pool {run.manifest['options']['pool']}) · mean [q25–q75] over pairs"
+    table = Table(title=escape(title), title_justify="left")
+    for col in ("layer", "pairs", "rel_l2 ↓", "sv_align ↑"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for L, group in rows.groupby("layer", sort=True):
+        by = {r.measure: r for r in group.itertuples(index=False)}
+        cells = [f"{by[m].mean:.4f} [{by[m].q25:.4f}–{by[m].q75:.4f}]" if by[m].n else "" for m in ("rel_l2", "sv_align")]
+        table.add_row(str(int(L)), str(int(by["rel_l2"].n)), *cells)
+    console.print(table)
+    print_warnings(run)
+    console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, expert_distance.parquet, expert_distance_layers.parquet", highlight=False)
+
+
+def _register_distance() -> None:
+    from moelens.analyses.expert_distance import ExpertDistanceConfig
+
+    source = inspect.Parameter(
+        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+        default=typer.Argument(..., help="Model A (the base): checkpoint directory or cached repo id."),
+    )
+    tuned = inspect.Parameter(
+        "tuned", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+        default=typer.Argument(None, help="Model B (the fine-tune), for base-tuned pairs; leave out for pairs within each layer of A."),
+    )
+    params = [source, tuned, OUT, *config_parameters(ExpertDistanceConfig), REVISION]
+    doc = "Expert distance per layer: relative L2 and singular-vector alignment of base→tuned or within-layer pairs of experts."
+    app.command("distance")(command_from_parameters(params, _distance, doc, "distance"))
+
+
+_register_distance()

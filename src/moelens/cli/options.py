@@ -1,0 +1,68 @@
+"""Command-line options derived from an analysis's config dataclass, so that a field declared once
+(its default, help text and parser; see :func:`moelens.analyses.base.option`) is the API's keyword,
+the manifest's option and the CLI's option alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import typer
+
+from moelens.analyses.base import make_config
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def config_parameters(config_type: type, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One keyword-only parameter (a ``typer.Option``) per CLI field of ``config_type``."""
+    params = []
+    for f in dataclasses.fields(config_type):
+        meta = f.metadata
+        if not meta.get("cli", True) or f.name in exclude:
+            continue
+        kind = str if meta.get("parse") else (meta.get("kind") or str)
+        annotation = Optional[kind] if f.default is None else kind
+        name = option_name(f.name)
+        decls = (f"{name}/--no-{name[2:]}",) if kind is bool else (name,)
+        default = f.default
+        if meta.get("parse") and isinstance(default, (tuple, list)):
+            default = ",".join(str(v) for v in default)  # the text the parser turns back into the value
+        opt = typer.Option(default, *decls, help=meta.get("help", ""), metavar=meta.get("metavar"), show_default=f.default is not None)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
+    return params
+
+
+def config_from_cli(config_type: type, values: Mapping[str, Any]) -> Any:
+    """The config of the CLI's parsed ``values`` (fields it lacks keep their defaults)."""
+    kwargs = {}
+    for f in dataclasses.fields(config_type):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        parse = f.metadata.get("parse")
+        if parse is not None and value is not None:
+            value = parse(value)
+        if isinstance(value, Path):
+            value = str(value)
+        kwargs[f.name] = value
+    return make_config(config_type, kwargs)
+
+
+def command_from_parameters(
+    params: list[inspect.Parameter], body: Callable[[dict[str, Any]], None], doc: str, name: str
+) -> Callable[..., None]:
+    """A function Typer can register whose signature is ``params`` and which calls ``body(kwargs)``."""
+
+    def command(**kwargs: Any) -> None:
+        body(kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = doc
+    command.__name__ = name.replace("-", "_")
+    return command

@@ -1,0 +1,44 @@
+"""``report`` and ``figure``: runs in, HTML and figure files out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from moelens.cli.app import app, console, human_bytes
+
+
+@app.command("report")
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories (the --out of `moelens align`), compared in this order."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained, opens offline)."),
+    title: Optional[str] = typer.Option(None, help="Title of the report (default: from the runs)."),
+    figure_format: str = typer.Option("svg", "--figures", help="Figure format inside the report: svg or png."),
+) -> None:
+    """Write one self-contained HTML report comparing alignment runs (figures and styles inline)."""
+    from moelens.report import report
+
+    path = report(runs, out, title=title, figure_format=figure_format)
+    console.print(f"wrote [bold]{escape(str(path))}[/] ({human_bytes(path.stat().st_size)}, {len(runs)} run{'s' if len(runs) != 1 else ''})", highlight=False)
+
+
+@app.command("figure")
+def figure_command(
+    name: str = typer.Argument(..., help="Figure name: comparison_panels, cos_squared_per_expert, shuffle_statistics, z_decomposition, "
+                                          "null_distribution, layer_permutation_test, per_expert_breakdown, complete_analysis, layer_k_heatmap."),
+    runs: list[Path] = typer.Argument(..., help="Run directories (one for complete_analysis and layer_k_heatmap)."),
+    out: Path = typer.Option(..., "--out", help="File to write; the suffix picks the format: .png, .svg or .pdf."),
+    k: Optional[int] = typer.Option(None, "--k", help="k of null_distribution, per_expert_breakdown and complete_analysis (nearest stored k)."),
+    metric: Optional[str] = typer.Option(None, help="Metric of layer_k_heatmap: align, delta_vs_shuffle, z_vs_shuffle, z_layer, …"),
+    dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),
+) -> None:
+    """Draw one figure of alignment runs and save it as PNG, SVG or PDF."""
+    from moelens import figures
+    from moelens.results import load_runs
+
+    fig = figures.draw(name, load_runs(runs), k=k, metric=metric)
+    path = figures.save(fig, out, dpi=dpi)
+    console.print(f"wrote [bold]{escape(str(path))}[/]", highlight=False)
