@@ -38,3 +38,9 @@ class ConfigError(MoelensError, ValueError):
 
 class RunDirectoryError(MoelensError):
     """A run directory that is missing, incomplete, or written by other options."""
+
+
+class OutputExistsError(ConfigError):
+    """An output directory that already holds something a command would overwrite (files of
+    another kind, or a build of another recipe): choose another directory, or force where the
+    command offers it."""

@@ -243,6 +243,100 @@ def test_nan_weights_in_an_expert(mixtral):
     layer.expert_matrix(1, "up")
 
 
+# -- tensors of the wrong shape -------------------------------------------------------------------------
+# Tiny configs: d = 32 (GPT-OSS 64), E = 4; expert width F = 48 (Qwen2-MoE, DeepSeek-V2: 24;
+# GPT-OSS: 32); shared width Fs = 40 (Qwen2-MoE, Granite), 2 x 24 (DeepSeek-V2), 48 (Llama4).
+MALFORMED = [
+    # (family, layout, tensor, shape written, expected shape as the message spells it)
+    ("mixtral", "per_expert", "model.layers.0.block_sparse_moe.experts.3.w1.weight", (48, 31), "[F, d] = [48, 32]"),
+    ("mixtral", "per_expert", "model.layers.1.block_sparse_moe.experts.1.w2.weight", (48, 32), "[d, F] = [32, 48]"),  # transposed
+    ("mixtral", "per_expert", "model.layers.1.block_sparse_moe.gate.weight", (4, 31), "[E, d] = [4, 32]"),
+    ("mixtral", "per_expert", "model.layers.0.block_sparse_moe.gate.weight", (5, 32), "[E, d] = [4, 32]"),
+    ("mixtral", "fused", "model.layers.1.mlp.experts.gate_up_proj", (4, 96, 31), "[E, 2F, d] = [4, 96, 32]"),
+    ("mixtral", "fused", "model.layers.0.mlp.experts.down_proj", (4, 32, 47), "[E, d, F] = [4, 32, 48]"),
+    ("gpt_oss", "fused", "model.layers.1.mlp.experts.gate_up_proj", (4, 64, 62), "[E, d, 2F] = [4, 64, 64]"),
+    ("gpt_oss", "fused", "model.layers.0.mlp.experts.gate_up_proj_bias", (4, 62), "[E, 2F] = [4, 64]"),
+    ("llama4", "fused", "model.layers.1.feed_forward.experts.down_proj", (4, 48, 31), "[E, F, d] = [4, 48, 32]"),
+    ("dbrx", "fused", "transformer.blocks.1.ffn.experts.mlp.w2", (192, 31), "[E·F, d] = [192, 32]"),
+    ("qwen2_moe", "per_expert", "model.layers.3.mlp.experts.2.up_proj.weight", (23, 32), "[F, d] = [24, 32]"),
+    ("qwen2_moe", "per_expert", "model.layers.1.mlp.shared_expert.up_proj.weight", (40, 31), "[Fs, d] = [40, 32]"),
+    ("qwen2_moe", "per_expert", "model.layers.0.mlp.shared_expert_gate.weight", (1, 31), "[1, d] = [1, 32]"),
+    ("deepseek_v2", "per_expert", "model.layers.1.mlp.shared_experts.down_proj.weight", (32, 24), "[d, Fs] = [32, 48]"),
+    ("granitemoeshared", "hub", "model.layers.1.shared_mlp.output_linear.weight", (32, 39), "[d, Fs] = [32, 40]"),
+    ("minimax_m2", "per_expert", "model.layers.1.block_sparse_moe.e_score_correction_bias", (5,), "E = 4 values are expected"),
+]
+
+
+def replace_tensor(directory: Path, name: str, shape: tuple[int, ...]) -> None:
+    """Rewrite tensor ``name`` of a single-file checkpoint with random values of ``shape``."""
+
+    def change(tensors):
+        assert name in tensors, sorted(tensors)
+        tensors[name] = torch.randn(shape, dtype=tensors[name].dtype)
+
+    rewrite(directory / "model.safetensors", change)
+
+
+@pytest.mark.parametrize("family, layout, name, shape, expected", MALFORMED, ids=[f"{m[0]}-{m[2].rsplit('.', 2)[-2]}" for m in MALFORMED])
+def test_a_tensor_of_the_wrong_shape_is_named_from_headers(family, layout, name, shape, expected, tiny_checkpoint, tmp_path):
+    path = tmp_path / family
+    shutil.copytree(tiny_checkpoint(family, layout), path)
+    replace_tensor(path, name, shape)
+    model = ml.open_model(path)
+    layer = int(name.split(".")[2])
+    for check in (model.check, model.layer(layer).check, model.summary):
+        with pytest.raises(CheckpointFormatError) as info:
+            check()
+        message = str(info.value)
+        assert f"layer {layer} of {path} is malformed" in message
+        assert f"tensor {name!r} has shape [{', '.join(map(str, shape))}] where {expected}" in message
+        assert "(and" not in message  # only the damaged tensor is named
+    for other in model.moe_layers:
+        if other != layer:
+            model.layer(other).check()  # the other layers are fine
+
+
+def test_malformed_expert_stops_inspect_and_align_with_one_line(mixtral, capsys, monkeypatch):
+    """Expert 3's gate saved as [48, 31] in a model whose experts are [48, 32]: ``inspect`` names
+    it instead of summarising, and alignment stops before any work with the same error (it
+    raised a ValueError from inside the decomposition)."""
+    name = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    replace_tensor(mixtral, name, (48, 31))
+    line = assert_cli_fails(capsys, monkeypatch, mixtral, name, "[48, 31]", "[48, 32]", "malformed")
+    assert str(mixtral) in line
+    with pytest.raises(CheckpointFormatError, match=r"experts\.3\.w1\.weight' has shape \[48, 31\]"):
+        ml.router_alignment(ml.open_model(mixtral), layers=[0])
+
+
+def test_config_that_disagrees_with_every_expert(mixtral):
+    """The expected shapes come from config.json: an expert width it states wrongly makes
+    every expert tensor misshapen, and the message says where F came from."""
+    config = json.loads((mixtral / "config.json").read_text())
+    config["intermediate_size"] = 64
+    (mixtral / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match=r"where \[F, d\] = \[64, 32\] is expected \(and 11 more\) \(E = 4, F = 64 and d = 32 from config\.json\)"):
+        ml.open_model(mixtral).check()
+
+
+def test_without_a_width_in_the_config_the_first_expert_sets_it(mixtral):
+    config = json.loads((mixtral / "config.json").read_text())
+    del config["intermediate_size"]
+    (mixtral / "config.json").write_text(json.dumps(config))
+    ml.open_model(mixtral).check()
+    replace_tensor(mixtral, "model.layers.1.block_sparse_moe.experts.2.w3.weight", (47, 32))
+    with pytest.raises(CheckpointFormatError, match=r"experts\.2\.w3\.weight' has shape \[47, 32\] where \[F, d\] = \[48, 32\] is expected \(E = 4 and d = 32 from config\.json, F = 48 from the layer's first expert\)"):
+        ml.open_model(mixtral).check()
+
+
+def test_a_missing_shared_expert_matrix_is_incomplete(tiny_checkpoint, tmp_path):
+    path = tmp_path / "qwen2_moe"
+    shutil.copytree(tiny_checkpoint("qwen2_moe"), path)
+    name = "model.layers.3.mlp.shared_expert.gate_proj.weight"
+    rewrite(path / "model.safetensors", lambda t: t.pop(name))
+    with pytest.raises(CheckpointFormatError, match=f"layer 3 of .* is incomplete: {name.replace('.', chr(92) + '.')} is missing"):
+        ml.open_model(path).check()
+
+
 # -- what is asked of it ------------------------------------------------------------------------------
 def test_layer_and_expert_out_of_range(tiny_checkpoint):
     model = ml.open_model(tiny_checkpoint("mixtral", "per_expert"))

@@ -90,8 +90,9 @@ class MoELayer:
         return self._family.expert_ffn(self.index)
 
     def check(self) -> None:
-        """Raise :class:`~moelens.errors.CheckpointFormatError` if this layer is incomplete or
-        inconsistent on disk (headers only)."""
+        """Raise :class:`~moelens.errors.CheckpointFormatError` if this layer is incomplete on
+        disk or a tensor's shape is not what ``config.json`` implies (headers only; see
+        :meth:`MoEModel.check`)."""
         self._family.check_layer(self.index)
 
     def router(self) -> RouterWeights:
@@ -275,7 +276,9 @@ class MoEModel:
 
     def check(self) -> None:
         """Raise :class:`~moelens.errors.CheckpointFormatError` naming a missing or misshapen
-        tensor if an MoE layer is incomplete on disk (a partial download). Reads headers only, so
+        tensor if an MoE layer is incomplete on disk (a partial download) or holds a tensor whose
+        shape is not what ``config.json`` implies (router [E, d], each expert's gate/up [F, d]
+        and down [d, F], fused expert tensors as a whole, shared experts). Reads headers only, so
         it is cheap at any scale; NaN weights are found when a tensor is read."""
         for i in self.moe_layers:
             self.family_adapter.check_layer(i)

@@ -16,7 +16,7 @@ app.add_typer(zoo_app, name="zoo")
 
 @zoo_app.command("build")
 def zoo_build(
-    out: Optional[Path] = typer.Option(None, "--out", help="Zoo directory (default: $MOELENS_CACHE/zoo/<family>-<seed>[-small], else ~/.cache/moelens/zoo/…)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Zoo directory (default: $MOELENS_CACHE/zoo/<family>-<seed>[-small][-bfloat16], else ~/.cache/moelens/zoo/…)."),
     seed: int = typer.Option(0, help="Seed of the world, the initialisation and the data order."),
     family: str = typer.Option("mixtral", help="Model family: mixtral, qwen3_moe or olmoe."),
     small: bool = typer.Option(False, "--small", help="The small recipe (2 layers, under 200 facts, seconds to build; for tests)."),

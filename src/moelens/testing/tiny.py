@@ -69,15 +69,34 @@ def build_tiny_model(family: str, seed: int = 0) -> Any:
     return model.eval()
 
 
+def check_output_directory(out: Path) -> None:
+    """Refuse an ``out`` that exists and holds anything (a lock file aside): writing a checkpoint
+    there would mix its files with another checkpoint's, or overwrite someone's files."""
+    from moelens.errors import OutputExistsError
+    from moelens.locks import LOCK_NAME
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory; choose an empty or new --out directory")
+    if any(entry.name != LOCK_NAME for entry in out.iterdir()):
+        raise OutputExistsError(f"{out} exists and is not empty; choose an empty or new --out directory")
+
+
 def build_tiny_checkpoint(spec: TinySpec, out: Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint of ``spec`` into ``out`` (created) and return ``out``."""
+    """Write the tiny checkpoint of ``spec`` into ``out`` (created if missing) and return ``out``.
+
+    Raises :class:`~moelens.errors.OutputExistsError`, before anything is written, if ``out``
+    exists and is not an empty directory."""
+    out = Path(out)
+    check_output_directory(out)
+
     import torch
     from transformers.utils import logging as hf_logging
 
     from moelens.checkpoint.registry import families
 
     hf_logging.disable_progress_bar()  # a tiny write needs no "Writing model shards" bar
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cls = families()[spec.family]
     model = build_tiny_model(spec.family, seed)

@@ -12,6 +12,13 @@ A build writes into a hidden sibling directory and renames it into place at the 
 interrupted build never looks complete; ``zoo.json`` with the recipe's hash and every listed
 file present is what makes a directory a finished zoo that the next build returns at once.
 
+One process builds a given zoo directory at a time: a build holds an exclusive lock (a
+:class:`~moelens.locks.DirectoryLock` on ``.<name>.lock`` beside the directory, since the
+directory itself is replaced by a rename), and a second build of the same directory waits for
+the first and then finds its zoo. Hidden ``.<name>.partial-PID`` and ``.<name>.old-PID``
+directories left by a build that was killed (SIGKILL, power loss) are removed by the next build
+once their process is gone.
+
 Fact recall (the share of facts whose target is the greedy next token, see
 :mod:`moelens.runtime.recall`) is measured on the models as saved (after any dtype cast):
 ``zoo.json["base"]["recall"]`` on the plain ``prompt``; ``zoo.json["tuned"]["recall"]`` on the
@@ -33,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moelens.errors import ConfigError, SourceNotFoundError
+from moelens.errors import ConfigError, OutputExistsError, SourceNotFoundError
+from moelens.locks import LOCK_NAME, DirectoryLock, pid_alive
 from moelens.progress import ProgressCallback, report
 from moelens.zoo.corpus import World, build_world, calibration_text
 from moelens.zoo.recipe import Recipe, recipe_for
@@ -90,9 +98,22 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "moelens"
 
 
-def default_zoo_dir(family: str = "mixtral", seed: int = 0, small: bool = False) -> Path:
-    """``<cache>/zoo/<family>-<seed>[-small]``."""
-    return cache_root() / "zoo" / f"{family}-{seed}{'-small' if small else ''}"
+DEFAULT_DTYPE = "float32"
+
+
+def default_zoo_dir(family: str = "mixtral", seed: int = 0, small: bool = False, dtype: str = DEFAULT_DTYPE) -> Path:
+    """``<cache>/zoo/<family>-<seed>[-small][-<dtype>]``: the dtype is named unless it is the
+    default float32, so that a bfloat16 build never replaces (or is mistaken for) the float32
+    zoo of the same family and seed."""
+    suffix = ("-small" if small else "") + ("" if dtype == DEFAULT_DTYPE else f"-{dtype}")
+    return cache_root() / "zoo" / f"{family}-{seed}{suffix}"
+
+
+def zoo_lock(out: Path, blocking: bool = True) -> DirectoryLock:
+    """The lock a build of the zoo directory ``out`` holds: ``.<name>.lock`` beside ``out``
+    (inside, it would be renamed away with the directory it guards)."""
+    out = Path(out)
+    return DirectoryLock(out, blocking=blocking, lock_file=out.parent / f".{out.name}.lock")
 
 
 def _listed_files(root: Path) -> list[str]:
@@ -253,16 +274,63 @@ def _build_into(tmp: Path, recipe: Recipe, seed: int, progress: ProgressCallback
     }
 
 
-def _remove_stale_partials(out: Path) -> None:
-    """Hidden build directories of earlier builds whose process is gone."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove the hidden ``.<name>.partial-PID`` (a build in progress) and ``.<name>.old-PID``
+    (a zoo being replaced) directories of ``out`` whose process is gone: what a killed build
+    leaves behind. Call it holding :func:`zoo_lock`; this process's own pid counts as gone, since
+    it has no build in progress yet. Returns what was removed."""
+    removed = []
+    for kind in ("partial", "old"):
+        for p in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+            suffix = p.name.rsplit("-", 1)[1]
+            if not suffix.isdigit():
+                continue  # not a name a build writes: leave it alone
+            pid = int(suffix)
+            if pid == os.getpid() or not pid_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _recipe_difference(info: dict[str, Any], recipe: Recipe, seed: int) -> tuple[str, str]:
+    """What the zoo in ``info`` was built with and what this build asks for, naming only the
+    settings that differ (``dtype 'bfloat16'`` / ``dtype 'float32'``)."""
+    old = {**(info.get("recipe") or {}), "seed": info.get("seed")}
+    new = {**json.loads(json.dumps(recipe.as_dict())), "seed": seed}  # lists where the file has lists
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not keys:
+        return "another recipe", "this one"
+
+    def describe(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {values.get(k)!r}" if not isinstance(values.get(k), dict) else f"its own {k} settings" for k in keys)
+
+    return describe(old), describe(new)
+
+
+def _existing(out: Path, recipe: Recipe, seed: int, force: bool, explicit: bool) -> Zoo | None:
+    """The finished zoo of this recipe at ``out`` (None when it must be built), or an error if
+    ``out`` holds something a build must not replace."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ConfigError(f"{out} is a file; pass a directory for the zoo")
+    info = _complete_info(out)
+    if info is None:
+        # an unfinished or damaged zoo is rebuilt; anything else is somebody's files
+        if not (out / ZOO_JSON).exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+            raise OutputExistsError(f"{out} is a non-empty directory that is not a zoo; pass an empty or new directory to --out")
+        return None
+    if info.get("recipe_hash") == recipe.hash(seed):
+        return None if force else Zoo(root=out, info=info, cached=True)
+    if explicit and not force:
+        # the default cache entry is moelens' own and is simply rebuilt; a directory the caller
+        # named holds a zoo someone may still want
+        was, wanted = _recipe_difference(info, recipe, seed)
+        raise OutputExistsError(
+            f"{out} holds a zoo built with {was}, but this build asks for {wanted}; "
+            "pass --force to replace it, or choose another --out directory"
+        )
+    return None
 
 
 def build(
@@ -274,39 +342,45 @@ def build(
     return it at once if ``out`` already holds it (``force=True`` rebuilds).
 
     ``recipe`` overrides the standard one made from ``family``, ``small``, ``dtype`` and
-    ``threads``. ``out`` may be missing, empty, or an earlier zoo (which is replaced); any other
-    non-empty directory is refused rather than overwritten.
+    ``threads``. ``out`` may be missing, empty, or an unfinished zoo (which is replaced). A
+    finished zoo of another recipe or seed is replaced in the default cache directory, but
+    refused in an ``out`` the caller named unless ``force=True``
+    (:class:`~moelens.errors.OutputExistsError`, as is any other non-empty directory).
+
+    While another process builds the same directory, this call waits for it (Ctrl-C
+    interrupts the wait) and then returns the zoo it built.
 
     >>> zoo = build(small=True)
     >>> zoo.base, zoo.tuned, zoo.info["base"]["recall"]
     """
     recipe = recipe or recipe_for(family, small, dtype, threads)
-    out = Path(out).expanduser() if out is not None else default_zoo_dir(recipe.family, seed, recipe.small)
-    digest = recipe.hash(seed)
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"{out} is a file; pass a directory for the zoo")
-        info = _complete_info(out)
-        if info is not None and info.get("recipe_hash") == digest and not force:
-            return Zoo(root=out, info=info, cached=True)
-        if info is None and not (out / ZOO_JSON).exists() and any(out.iterdir()):
-            raise ConfigError(f"{out} is a non-empty directory that is not a zoo; pass an empty or new directory to --out")
+    explicit = out is not None
+    out = Path(out).expanduser() if out is not None else default_zoo_dir(recipe.family, seed, recipe.small, recipe.dtype)
+    # A finished zoo is returned without taking the lock, so that a read-only cache serves.
+    found = _existing(out, recipe, seed, force, explicit)
+    if found is not None:
+        return found
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        with _torch_threads(recipe.threads), _quiet_transformers():
-            info = _build_into(tmp, recipe, seed, progress)
-        info["files"] = {rel: (tmp / rel).stat().st_size for rel in _listed_files(tmp)}
-        from moelens.results.run import write_json
+    with zoo_lock(out, blocking=True):
+        # another process may have built this zoo (or put something else there) while this one
+        # waited for the lock
+        found = _existing(out, recipe, seed, force, explicit)
+        if found is not None:
+            return found
+        remove_leftovers(out)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            with _torch_threads(recipe.threads), _quiet_transformers():
+                info = _build_into(tmp, recipe, seed, progress)
+            info["files"] = {rel: (tmp / rel).stat().st_size for rel in _listed_files(tmp)}
+            from moelens.results.run import write_json
 
-        write_json(tmp / ZOO_JSON, info)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json(tmp / ZOO_JSON, info)
+            _move_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return Zoo(root=out, info=info, cached=False)
 
 

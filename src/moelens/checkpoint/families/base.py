@@ -42,6 +42,20 @@ def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def format_shape(shape: Sequence[int]) -> str:
+    """``[48, 32]``: shapes in messages are written as lists, as in safetensors headers."""
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def shape_problem(store: TensorStore, name: str, expected: Sequence[int], axes: str) -> list[str]:
+    """[] if tensor ``name`` has the ``expected`` shape, else one line naming the tensor, its
+    shape, and the expected shape with its axes spelled out (``axes`` like ``"[F, d]"``)."""
+    shape = store.shape(name)
+    if tuple(shape) == tuple(int(s) for s in expected):
+        return []
+    return [f"tensor {name!r} has shape {format_shape(shape)} where {axes} = {format_shape(expected)} is expected"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Expert layouts
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +94,13 @@ class ExpertLayout:
         tensors, wrong expert counts), from headers only; [] when complete."""
         stored = self.n_experts(store, L)
         return [] if stored == n else [f"{stored} experts are stored where the router scores {n}"]
+
+    def shape_problems(self, store: TensorStore, L: int, n: int, d: int, f: int, f_name: str = "F") -> list[str]:
+        """Every stored tensor of layer ``L``'s ``n`` experts whose shape is not what hidden size
+        ``d`` and expert width ``f`` imply, from headers only; [] when all agree. Called once
+        :meth:`problems` found the layer complete. ``f_name`` is how messages spell the width
+        (``"Fs"`` for a shared expert)."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -139,10 +160,24 @@ class PerExpert(ExpertLayout):
         return total
 
     def problems(self, store: TensorStore, L: int, n: int) -> list[str]:
-        if "{e}" not in self.up:
-            return [] if self.present(store, L) else [f"{self.up.format(L=L, e=0)} is missing"]
+        if "{e}" not in self.up:  # one MLP (a shared expert): all of its matrices
+            n = 1
         names = (t.format(L=L, e=e) for e in range(n) for t in (self.gate, self.up, self.down) if t is not None)
         return [f"{name} is missing" for name in names if name not in store]
+
+    def shape_problems(self, store: TensorStore, L: int, n: int, d: int, f: int, f_name: str = "F") -> list[str]:
+        F = f_name
+        expected = (
+            ("gate", (f, d), f"[{F}, d]"), ("up", (f, d), f"[{F}, d]"), ("down", (d, f), f"[d, {F}]"),
+            ("gate_bias", (f,), f"[{F}]"), ("up_bias", (f,), f"[{F}]"), ("down_bias", (d,), "[d]"),
+        )
+        out: list[str] = []
+        for e in range(n if "{e}" in self.up else 1):
+            for attr, shape, axes in expected:
+                template = getattr(self, attr)
+                if template is not None and template.format(L=L, e=e) in store:  # biases are optional
+                    out += shape_problem(store, template.format(L=L, e=e), shape, axes)
+        return out
 
 
 @dataclass(frozen=True)
@@ -240,6 +275,20 @@ class FusedGateUp(ExpertLayout):
                 out.append(f"{name} holds {store.shape(name)[0]} experts where the router scores {n}")
         return out
 
+    def shape_problems(self, store: TensorStore, L: int, n: int, d: int, f: int, f_name: str = "F") -> list[str]:
+        F = f_name
+        if self.orientation == "out_in":
+            gate_up, down = ((n, 2 * f, d), f"[E, 2{F}, d]"), ((n, d, f), f"[E, d, {F}]")
+        else:
+            gate_up, down = ((n, d, 2 * f), f"[E, d, 2{F}]"), ((n, f, d), f"[E, {F}, d]")
+        expected = [(self.gate_up, *gate_up), (self.down, *down)]
+        expected += [(self.gate_up_bias, (n, 2 * f), f"[E, 2{F}]"), (self.down_bias, (n, d), "[E, d]")]
+        out: list[str] = []
+        for template, shape, axes in expected:
+            if template is not None and template.format(L=L) in store:  # biases are optional
+                out += shape_problem(store, template.format(L=L), shape, axes)
+        return out
+
 
 @dataclass(frozen=True)
 class FlatExperts(ExpertLayout):
@@ -302,6 +351,16 @@ class FlatExperts(ExpertLayout):
                 out.append(f"{name} has {store.shape(name)[0]} rows, not a multiple of the {n} experts")
         return out
 
+    def shape_problems(self, store: TensorStore, L: int, n: int, d: int, f: int, f_name: str = "F") -> list[str]:
+        F = f_name
+        rows = ((n * f, d), f"[E·{F}, d]")
+        # each expert's down rows are [in, out] = [F, d] when transposed, else [d, F]
+        down = rows if self.down_transposed else ((n * d, f), f"[E·d, {F}]")
+        out: list[str] = []
+        for template, (shape, axes) in ((self.gate, rows), (self.up, rows), (self.down, down)):
+            out += shape_problem(store, template.format(L=L), shape, axes)
+        return out
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +404,19 @@ class Family:
 
     def n_shared_experts(self) -> int:
         return 0
+
+    # Config keys of the routed experts' width F, in order of preference: families with both a
+    # dense MLP and experts spell the experts' width moe_intermediate_size.
+    expert_ffn_keys: ClassVar[tuple[str, ...]] = ("moe_intermediate_size", "intermediate_size")
+
+    def config_expert_ffn(self) -> Optional[int]:
+        """The routed experts' width F as ``config.json`` states it; None where it does not
+        (then the checkpoint's first expert says)."""
+        return positive_int(first_key(self.config, self.expert_ffn_keys))
+
+    def config_shared_expert_ffn(self) -> Optional[int]:
+        """The shared expert's width as ``config.json`` states it; None where it does not."""
+        return None
 
     def expert_dtype(self) -> str:
         raise NotImplementedError
@@ -481,25 +553,96 @@ class StandardFamily(Family):
         return self._layout(L).parameter_count(self.store, L)
 
     def check_layer(self, L: int) -> None:
-        n = self.n_experts(L)
-        problems = self._layout(L).problems(self.store, L, n)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        """Raise :class:`CheckpointFormatError` if MoE layer ``L`` is incomplete (a missing
+        tensor) or malformed (a tensor whose shape is not what ``config.json`` implies: router
+        [E, d], every expert's matrices, fused tensors as a whole, shared experts). Headers only."""
+        d = self.hidden_size()
+        router = self._router_name(L)
+        # E as the config states it, so that a router with extra or missing rows is named as
+        # the malformed tensor rather than every expert being counted against it
+        n = self.config_n_experts()
+        sources = {"E": "config.json", "d": "config.json"}
+        if n <= 0:
+            n, sources["E"] = self.store.shape(router)[0], "the router"
+        malformed = shape_problem(self.store, router, (n, d), "[E, d]")
+        for template in (self.router_bias, self.score_correction_bias):
+            name = self._first_present(template, L)
+            if name is not None and math.prod(self.store.shape(name)) != n:
+                malformed.append(
+                    f"tensor {name!r} has shape {format_shape(self.store.shape(name))} where E = {n} values are expected"
+                )
+        layout = self._layout(L)
+        missing = layout.problems(self.store, L, n) + self.shared_expert_problems(L)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointFormatError(
-                f"layer {L} of {self.store.directory} is incomplete: {problems[0]}{more}; "
+                f"layer {L} of {self.store.directory} is incomplete: {missing[0]}{more}; "
                 "the checkpoint is partly downloaded or damaged, re-download it"
             )
+        f = self.config_expert_ffn()
+        sources["F"] = "config.json"
+        if f is None:
+            f, sources["F"] = layout.ffn(self.store, L), "the layer's first expert"
+        malformed += layout.shape_problems(self.store, L, n, d, f)
+        malformed += self.shared_expert_shape_problems(L, d)
+        if malformed:
+            more = f" (and {len(malformed) - 1} more)" if len(malformed) > 1 else ""
+            sizes = {"E": n, "F": f, "d": d}
+            by_source: dict[str, list[str]] = {}
+            for axis in ("E", "F", "d"):
+                by_source.setdefault(sources[axis], []).append(f"{axis} = {sizes[axis]}")
+            where = ", ".join(f"{_and(axes)} from {source}" for source, axes in by_source.items())
+            raise CheckpointFormatError(
+                f"layer {L} of {self.store.directory} is malformed: {malformed[0]}{more} ({where}); "
+                "the checkpoint is damaged or does not match its config.json, re-download it"
+            )
+
+    def _shared_layout(self, L: int) -> Optional[ExpertLayout]:
+        """The first of the family's shared-expert layouts present in layer ``L``, if any."""
+        for candidate in self.shared_expert_layouts:
+            bound = _bind(candidate, self.layer_prefix)
+            if bound.present(self.store, L):
+                return bound
+        return None
+
+    def shared_expert_problems(self, L: int) -> list[str]:
+        """Missing shared-expert tensors of MoE layer ``L``: part of a shared expert, or all of
+        it where the config declares one; [] when complete."""
+        lay = self._shared_layout(L)
+        if lay is not None:
+            return lay.problems(self.store, L, 1)
+        if self.shared_expert_layouts and self.n_shared_experts() > 0:
+            example = _example(self.shared_expert_layouts[0], self.layer_prefix, L)
+            return [f"{example} is missing (config.json declares a shared expert)"]
+        return []
+
+    def shared_expert_shape_problems(self, L: int, d: int) -> list[str]:
+        """Shared-expert tensors (and the shared expert's gate) of layer ``L`` whose shapes are
+        not [Fs, d] / [d, Fs] / [1, d], Fs from the config or else from the stored up matrix."""
+        out: list[str] = []
+        lay = self._shared_layout(L)
+        if lay is not None:
+            fs = self.config_shared_expert_ffn() or lay.ffn(self.store, L)
+            out += lay.shape_problems(self.store, L, 1, d, fs, f_name="Fs")
+        if self.shared_gate_weight is not None and self._full(self.shared_gate_weight, L) in self.store:
+            out += shape_problem(self.store, self._full(self.shared_gate_weight, L), (1, d), "[1, d]")
+        return out
 
     # tensors -----------------------------------------------------------------------------------
-    def _read_opt(self, template: str | tuple[str, ...] | None, L: int) -> torch.Tensor | None:
-        """The first present of one or several candidate tensors, flattened; None if none is."""
+    def _first_present(self, template: str | tuple[str, ...] | None, L: int) -> Optional[str]:
+        """The full name of the first present of one or several candidate tensors; None if none is."""
         if template is None:
             return None
         for candidate in (template,) if isinstance(template, str) else template:
             name = self._full(candidate, L)
             if name in self.store:
-                return self.store.read(name).reshape(-1)
+                return name
         return None
+
+    def _read_opt(self, template: str | tuple[str, ...] | None, L: int) -> torch.Tensor | None:
+        """The first present of one or several candidate tensors, flattened; None if none is."""
+        name = self._first_present(template, L)
+        return None if name is None else self.store.read(name).reshape(-1)
 
     def router(self, L: int) -> RouterWeights:
         name = self._router_name(L)
@@ -531,19 +674,17 @@ class StandardFamily(Family):
         return self._layout(L).stack(self.store, L, role)
 
     def shared_experts(self, L: int) -> list[ExpertWeights]:
-        for candidate in self.shared_expert_layouts:
-            bound = _bind(candidate, self.layer_prefix)
-            if bound.present(self.store, L):
-                n = bound.n_experts(self.store, L)
-                return [
-                    ExpertWeights(
-                        gate=bound.matrix(self.store, L, e, "gate"),
-                        up=bound.matrix(self.store, L, e, "up"),
-                        down=bound.matrix(self.store, L, e, "down"),
-                    )
-                    for e in range(n)
-                ]
-        return []
+        bound = self._shared_layout(L)
+        if bound is None:
+            return []
+        return [
+            ExpertWeights(
+                gate=bound.matrix(self.store, L, e, "gate"),
+                up=bound.matrix(self.store, L, e, "up"),
+                down=bound.matrix(self.store, L, e, "down"),
+            )
+            for e in range(bound.n_experts(self.store, L))
+        ]
 
     def shared_expert_gate(self, L: int) -> Optional[torch.Tensor]:
         if self.shared_gate_weight is None:
@@ -565,6 +706,19 @@ class StandardFamily(Family):
             name = self._full(template, L)
             out[key] = check_finite(name, self.store.read(name))
         return out
+
+
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def positive_int(value: Any) -> Optional[int]:
+    """``value`` if it is a positive integer, else None (config values may be missing, null or
+    lists)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
 
 
 def _bind(layout: ExpertLayout, prefix: str) -> ExpertLayout:

@@ -13,11 +13,11 @@ The config spells things its own way: ``d_model``, ``n_layers``, ``n_heads``, an
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 
-from moelens.checkpoint.families.base import FlatExperts, StandardFamily, check_finite
+from moelens.checkpoint.families.base import FlatExperts, StandardFamily, check_finite, positive_int
 from moelens.checkpoint.registry import register
 from moelens.errors import CheckpointFormatError
 
@@ -56,6 +56,9 @@ class Dbrx(StandardFamily):
 
     def top_k(self) -> int:
         return int(self._sub("ffn_config").get("moe_top_k") or 0)
+
+    def config_expert_ffn(self) -> Optional[int]:
+        return positive_int(self._sub("ffn_config").get("ffn_hidden_size"))
 
     def attention(self, L: int) -> dict[str, torch.Tensor]:
         """``q``, ``k``, ``v`` split out of ``Wqkv``, and ``o``, all [out, in]."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -70,6 +70,11 @@ class DenseFirstFamily(StandardFamily):
 
     def n_shared_experts(self) -> int:
         return int(self.config.get("n_shared_experts") or 0)
+
+    def config_shared_expert_ffn(self) -> Optional[int]:
+        # one MLP standing for n_shared_experts experts side by side
+        f = self.config_expert_ffn()
+        return f * self.n_shared_experts() if f and self.n_shared_experts() else None
 
 
 class DeepSeek(DenseFirstFamily):

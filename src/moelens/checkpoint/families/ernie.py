@@ -10,6 +10,8 @@ A layer ``i`` is MoE when ``(i + 1) % moe_layer_interval == 0`` and
 
 from __future__ import annotations
 
+from typing import Optional
+
 from moelens.checkpoint.families.base import StandardFamily
 from moelens.checkpoint.families.deepseek import SHARED_EXPERTS
 from moelens.checkpoint.families.qwen import QWEN_EXPERT_LAYOUTS
@@ -39,6 +41,11 @@ class Ernie45Moe(StandardFamily):
 
     def n_shared_experts(self) -> int:
         return int(self.config.get("moe_num_shared_experts") or 0)
+
+    def config_shared_expert_ffn(self) -> Optional[int]:
+        # one MLP standing for moe_num_shared_experts experts side by side
+        f = self.config_expert_ffn()
+        return f * self.n_shared_experts() if f and self.n_shared_experts() else None
 
     @classmethod
     def tiny_config(cls):

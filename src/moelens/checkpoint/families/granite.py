@@ -12,9 +12,11 @@ Under ``model.layers.{L}.``, as published: ``block_sparse_moe.router.layer.weigh
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from moelens.checkpoint.families.base import FusedGateUp, StandardFamily, check_finite
+from moelens.checkpoint.families.base import FusedGateUp, StandardFamily, check_finite, positive_int, shape_problem
 from moelens.checkpoint.model import ExpertWeights
 from moelens.checkpoint.registry import register
 
@@ -47,6 +49,22 @@ class GraniteMoe(StandardFamily):
     def shared_experts(self, L: int) -> list[ExpertWeights]:
         shared = self._shared(L)
         return [] if shared is None else [shared]
+
+    def config_shared_expert_ffn(self) -> Optional[int]:
+        return positive_int(self.config.get("shared_intermediate_size"))
+
+    def shared_expert_problems(self, L: int) -> list[str]:
+        names = (self._full(SHARED_GATE_UP, L), self._full(SHARED_DOWN, L))
+        if not any(name in self.store for name in names):
+            return []  # Granite-MoE without the shared MLP
+        return [f"{name} is missing" for name in names if name not in self.store]
+
+    def shared_expert_shape_problems(self, L: int, d: int) -> list[str]:
+        gate_up, down = self._full(SHARED_GATE_UP, L), self._full(SHARED_DOWN, L)
+        if gate_up not in self.store:
+            return []
+        fs = self.config_shared_expert_ffn() or self.store.shape(gate_up)[0] // 2
+        return shape_problem(self.store, gate_up, (2 * fs, d), "[2Fs, d]") + shape_problem(self.store, down, (d, fs), "[d, Fs]")
 
     def n_shared_experts(self) -> int:
         moe = self.moe_layer_indices()

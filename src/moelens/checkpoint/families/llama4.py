@@ -15,7 +15,7 @@ adapter reads both that form and the text-only ``Llama4ForCausalLM``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 from moelens.checkpoint.families.base import FusedGateUp, PerExpert, StandardFamily
 from moelens.checkpoint.registry import register
@@ -71,6 +71,9 @@ class Llama4(StandardFamily):
 
     def n_shared_experts(self) -> int:
         return 1
+
+    def config_shared_expert_ffn(self) -> Optional[int]:
+        return self.config_expert_ffn()  # the shared expert is as wide as a routed one
 
     @classmethod
     def tiny_config(cls):

@@ -9,6 +9,8 @@ A layer is MoE when it is not listed in ``mlp_only_layers`` and ``(i + 1) % deco
 
 from __future__ import annotations
 
+from typing import Optional
+
 from moelens.checkpoint.families.base import FusedGateUp, PerExpert, StandardFamily
 from moelens.checkpoint.registry import register
 
@@ -53,6 +55,10 @@ class Qwen2Moe(QwenMoeRule):
 
     def n_shared_experts(self) -> int:
         return 1 if int(self.config.get("shared_expert_intermediate_size") or 0) > 0 else 0
+
+    def config_shared_expert_ffn(self) -> Optional[int]:
+        f = int(self.config.get("shared_expert_intermediate_size") or 0)
+        return f if f > 0 else None
 
     @classmethod
     def tiny_config(cls):
