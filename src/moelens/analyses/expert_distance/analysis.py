@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, layer_unit_key, option
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, layer_unit_key, option, unit_seed
 from moelens.analyses.expert_distance.tables import LAYER_SCHEMA, PAIR_SCHEMA, layer_summary, pair_rows
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import ROLES, MoELayer, MoEModel
@@ -167,7 +167,7 @@ class ExpertDistance(Analysis):
         }
         names = state.model_a.name + (f" → {state.model_b.name}" if state.model_b is not None else "")
         label = f"{names} · {state.pairing} · L{compact_ranges(state.layers)}"
-        units = [Unit(key=layer_unit_key(L), seed=0, layer=L) for L in state.layers]
+        units = [Unit(key=layer_unit_key(L), seed=unit_seed(0, layer_unit_key(L)), layer=L) for L in state.layers]  # nothing random
         return Plan(options=options, units=units, label=label, state=state)
 
     def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:

@@ -35,7 +35,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, check_seed, layer_unit_key, option
+from moelens.analyses.base import (
+    Analysis,
+    Plan,
+    Unit,
+    UnitContext,
+    as_index_tuple,
+    check_seed,
+    layer_unit_key,
+    option,
+    unit_seed,
+)
 from moelens.analyses.router_alignment.nulls import (
     MIN_P_DRAWS,
     check_null,
@@ -304,7 +314,7 @@ class RouterAlignment(Analysis):
     def plan(self, models: Mapping[str, Any], config: RouterAlignmentConfig) -> Plan:
         model = models["a"]
         resolved = resolve(config, model)
-        units = [Unit(key=layer_unit_key(L), seed=config.seed, layer=L) for L in resolved.layers]
+        units = [Unit(key=layer_unit_key(L), seed=unit_seed(config.seed, layer_unit_key(L)), layer=L) for L in resolved.layers]
         return Plan(options=resolved.options(), units=units, label=f"{model.name} L{compact_ranges(resolved.layers)}", state=resolved)
 
     def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:

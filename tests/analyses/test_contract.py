@@ -1,0 +1,130 @@
+"""The contract every registered analysis keeps (like scikit-learn's ``parametrize_with_checks``):
+determinism under a seed, declared schemas, save/load, resume after a kill, one writer per run
+directory, nothing printed, progress events, unit seeds that depend on the unit's key only."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+import moelens as ml
+from moelens.analyses import ANALYSES, get_analysis, run_analysis
+from moelens.analyses.base import unit_seed
+from moelens.errors import RunDirectoryError
+from moelens.locks import DirectoryLock
+
+
+def _alignment(tiny):
+    model = ml.open_model(tiny("mixtral"))
+    return {"a": model}, ml.RouterAlignmentConfig(matrix="all", null="shuffle-sampled", shuffles=20, seed=7, cache=False)
+
+
+def _distance(tiny):
+    return {"a": ml.open_model(tiny("mixtral")), "b": ml.open_model(tiny("mixtral", "fused"))}, ml.ExpertDistanceConfig()
+
+
+#: How to make a small example of each analysis: a new analysis is not done until it has one.
+CASES = {"router_alignment": _alignment, "expert_distance": _distance}
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after_first_unit(noun):
+    def callback(event):
+        if event.task == noun and event.done == 1:
+            raise Killed
+
+    return callback
+
+
+def _assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        pd.testing.assert_frame_equal(a[name].reset_index(drop=True), b[name].reset_index(drop=True), check_exact=True, obj=name)
+
+
+def test_every_registered_analysis_has_a_contract_case():
+    assert set(CASES) == set(ANALYSES)
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request, tiny_checkpoint):
+    analysis = get_analysis(request.param)
+    models, config = CASES[request.param](tiny_checkpoint)
+    return analysis, models, config
+
+
+def test_deterministic_tables_match_the_declared_schemas(case, capfd):
+    analysis, models, config = case
+    first = run_analysis(analysis, models, config)
+    second = run_analysis(analysis, models, config)
+    assert capfd.readouterr() == ("", "")  # an analysis never prints
+    _assert_same(first.tables, second.tables)
+    schemas = analysis.schemas()
+    assert list(first.tables) == list(schemas)
+    for name, schema in schemas.items():
+        assert schema.problems(first[name]) == [], name
+        assert list(first[name].columns) == schema.column_names
+        assert len(first[name]) > 0, name
+    m = first.manifest
+    assert m["analysis"] == analysis.name and m["status"] == "complete" and m["schema_version"] == 1
+    assert set(m["inputs"]) == {k for k, v in models.items() if v is not None}
+    assert m["completed_units"] == m["units"]
+
+
+def test_save_and_load_round_trip(case, tmp_path):
+    analysis, models, config = case
+    run = run_analysis(analysis, models, config)
+    run.save(tmp_path / "saved")
+    loaded = ml.load_run(tmp_path / "saved")
+    _assert_same(run.tables, loaded.tables)
+    assert loaded.manifest == json.loads(json.dumps(run.manifest, default=str))
+
+
+def test_streamed_run_equals_the_in_memory_run_and_resumes_after_a_kill(case, tmp_path):
+    analysis, models, config = case
+    whole = run_analysis(analysis, models, config)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run_analysis(analysis, models, config, out=out, progress=_kill_after_first_unit(analysis.unit_noun))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["completed_units"] == manifest["units"][:1]
+    with pytest.raises(RunDirectoryError, match="unfinished"):
+        ml.load_run(out)  # a half-done run is named as such, not read as if complete
+    resumed = run_analysis(analysis, models, config, out=out)
+    _assert_same(whole.tables, resumed.tables)
+    assert resumed.manifest["status"] == "complete"
+    assert not (out / "parts").exists()
+    again = run_analysis(analysis, models, config, out=out)  # a finished run is read back, not recomputed
+    _assert_same(whole.tables, again.tables)
+
+
+def test_progress_reaches_every_unit(case):
+    analysis, models, config = case
+    events = []
+    run = run_analysis(analysis, models, config, progress=events.append)
+    units = [e for e in events if e.task == analysis.unit_noun]
+    assert [e.done for e in units] == list(range(len(run.manifest["units"]) + 1))
+    assert all(e.total == len(run.manifest["units"]) for e in units)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_directory(case, tmp_path):
+    analysis, models, config = case
+    out = tmp_path / "busy"
+    with DirectoryLock(out):
+        with pytest.raises(RunDirectoryError, match=r"in use by another moelens process \(pid \d+\)"):
+            run_analysis(analysis, models, config, out=out)
+    assert not (out / "manifest.json").exists()
+    run_analysis(analysis, models, config, out=out)  # free again once the holder is gone
+
+
+def test_unit_seeds_depend_on_the_unit_key_only(case):
+    analysis, models, config = case
+    plan = analysis.plan(models, config)
+    seed = getattr(config, "seed", 0)
+    assert [u.seed for u in plan.units] == [unit_seed(seed, u.key) for u in plan.units]
+    assert len({u.seed for u in plan.units}) == len(plan.units)
