@@ -275,7 +275,9 @@ def main() -> None:
         return
     import torch
 
-    print(f"moelens router-alignment benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    # the measurements run in child processes with --threads; the parent's own pool says nothing
+    threads = f"{args.threads} thread{'s' if args.threads != 1 else ''} per measurement" if args.threads else f"{torch.get_num_threads()} threads (the libraries' choice)"
+    print(f"moelens router-alignment benchmark: torch {torch.__version__}, {threads}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moelens-bench-"))
     base.mkdir(parents=True, exist_ok=True)

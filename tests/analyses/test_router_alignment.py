@@ -232,3 +232,32 @@ def test_cuda_run_equals_cpu_run(tiny_checkpoint):
     for name in ("alignment", "alignment_pairs", "spectra"):
         num = [c for c in cpu[name].select_dtypes("number").columns if c != "z_vs_shuffle"]
         np.testing.assert_allclose(gpu[name][num].to_numpy(float), cpu[name][num].to_numpy(float), atol=TOL, rtol=1e-4)
+
+
+def test_an_all_zero_router_row_or_expert_is_warned_about_not_silently_scored(tmp_path):
+    routers, experts = random_layers(2, 4, 16, 24, seed=5)
+    routers[0][2] = 0.0
+    experts[1]["gate"][3] = 0.0
+    path = write_from_tensors(tmp_path / "zeros", "mixtral", routers, experts)
+    run = ml.router_alignment(path, k=[1, 4, 16], out=tmp_path / "run", cache=False)
+    warnings = run.manifest["warnings"]
+    assert any("router rows [2]" in w for w in warnings["L00000"])
+    assert any("experts [3]" in w for w in warnings["L00001"])
+    a = run["alignment"]
+    assert (a[(a.layer == 0) & (a.expert == 2) & (a.k < 16)]["align"] == 0).all()  # what the warning is about
+    from typer.testing import CliRunner
+
+    from moelens import cli
+
+    result = CliRunner().invoke(cli.app, ["align", str(path), "--out", str(tmp_path / "run2"), "--k", "1,4,16"])
+    assert result.exit_code == 0
+    assert "warning: layer 0: router rows [2] are all zero" in result.output.replace("\n", " ")
+
+
+def test_the_report_shows_a_runs_warnings(tmp_path):
+    routers, experts = random_layers(1, 4, 16, 24, seed=6)
+    routers[0][1] = 0.0
+    path = write_from_tensors(tmp_path / "zeros", "mixtral", routers, experts)
+    run = ml.router_alignment(path, k=[1, 16], cache=False)
+    html = ml.build_report([run])
+    assert "Warnings recorded by this run" in html and "router rows [1] are all zero" in html

@@ -25,20 +25,33 @@ def report_command(
     console.print(f"wrote [bold]{escape(str(path))}[/] ({human_bytes(path.stat().st_size)}, {len(runs)} run{'s' if len(runs) != 1 else ''})", highlight=False)
 
 
+def _figure_help() -> str:
+    from moelens.figures.catalog import FIGURES
+
+    by_analysis: dict[str, list[str]] = {}
+    for name, entry in FIGURES.items():
+        by_analysis.setdefault(entry.analysis, []).append(name + (" (one run)" if entry.one_run else ""))
+    return "Figure name. " + "; ".join(f"{analysis} runs: {', '.join(names)}" for analysis, names in by_analysis.items()) + "."
+
+
 @app.command("figure")
 def figure_command(
-    name: str = typer.Argument(..., help="Figure name: comparison_panels, cos_squared_per_expert, shuffle_statistics, z_decomposition, "
-                                          "null_distribution, layer_permutation_test, per_expert_breakdown, complete_analysis, layer_k_heatmap."),
-    runs: list[Path] = typer.Argument(..., help="Run directories (one for complete_analysis and layer_k_heatmap)."),
+    name: str = typer.Argument(..., help=_figure_help()),
+    runs: list[Path] = typer.Argument(..., help="Run directories (one for the figures marked 'one run')."),
     out: Path = typer.Option(..., "--out", help="File to write; the suffix picks the format: .png, .svg or .pdf."),
     k: Optional[int] = typer.Option(None, "--k", help="k of null_distribution, per_expert_breakdown and complete_analysis (nearest stored k)."),
     metric: Optional[str] = typer.Option(None, help="Metric of layer_k_heatmap: align, delta_vs_shuffle, z_vs_shuffle, z_layer, …"),
+    matrix: Optional[str] = typer.Option(None, help="Matrix of the expert_distance figures: expert (default), gate, up or down."),
+    measure: Optional[str] = typer.Option(None, help="Measure of expert_distance_heatmap: sv_align (default) or rel_l2."),
+    layers: Optional[str] = typer.Option(None, help="Layers of expert_distance_heatmap, e.g. 0,12,23 (default: first, middle, last)."),
     dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),
 ) -> None:
-    """Draw one figure of alignment runs and save it as PNG, SVG or PDF."""
+    """Draw one figure of one or more runs and save it as PNG, SVG or PDF."""
     from moelens import figures
+    from moelens.ranges import parse_ranges
     from moelens.results import load_runs
 
-    fig = figures.draw(name, load_runs(runs), k=k, metric=metric)
+    options = {"matrix": matrix, "measure": measure, "layers": parse_ranges(layers) if layers else None}
+    fig = figures.draw(name, load_runs(runs), k=k, metric=metric, **options)
     path = figures.save(fig, out, dpi=dpi)
     console.print(f"wrote [bold]{escape(str(path))}[/]", highlight=False)

@@ -1,25 +1,30 @@
-"""Figures by name, for the command line and for reports: ``draw("null_distribution", runs, k=128)``."""
+"""Every figure by name, for the command line and for reports: ``draw("null_distribution", runs, k=128)``.
+
+An entry names the analysis whose runs it draws, whether it draws one run or many, and the
+options it takes; :func:`draw` checks all three before drawing, so a wrong run or option is one
+clear line, not a traceback from deep inside matplotlib.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from matplotlib.figure import Figure
 
 from moelens.errors import ConfigError
-from moelens.figures import alignment
+from moelens.figures import alignment, distance
 from moelens.results import Run
 
 
 @dataclass(frozen=True)
 class FigureEntry:
-    """A figure function, whether it draws one run or many, and which options it takes."""
+    """A figure function, the analysis it draws, whether it draws one run or many, its options."""
 
     function: Callable[..., Figure]
+    analysis: str = "router_alignment"
     one_run: bool = False
-    takes_k: bool = False
-    takes_metric: bool = False
+    options: tuple[str, ...] = ()
 
     @property
     def summary(self) -> str:
@@ -31,30 +36,46 @@ FIGURES: dict[str, FigureEntry] = {
     "cos_squared_per_expert": FigureEntry(alignment.cos_squared_per_expert),
     "shuffle_statistics": FigureEntry(alignment.shuffle_statistics),
     "z_decomposition": FigureEntry(alignment.z_decomposition),
-    "null_distribution": FigureEntry(alignment.null_distribution, takes_k=True),
+    "null_distribution": FigureEntry(alignment.null_distribution, options=("k",)),
     "layer_permutation_test": FigureEntry(alignment.layer_permutation_test),
-    "per_expert_breakdown": FigureEntry(alignment.per_expert_breakdown, takes_k=True),
-    "complete_analysis": FigureEntry(alignment.complete_analysis, one_run=True, takes_k=True),
-    "layer_k_heatmap": FigureEntry(alignment.layer_k_heatmap, one_run=True, takes_metric=True),
+    "per_expert_breakdown": FigureEntry(alignment.per_expert_breakdown, options=("k",)),
+    "complete_analysis": FigureEntry(alignment.complete_analysis, one_run=True, options=("k",)),
+    "layer_k_heatmap": FigureEntry(alignment.layer_k_heatmap, one_run=True, options=("metric",)),
+    "expert_distance": FigureEntry(distance.expert_distance, "expert_distance", options=("matrix",)),
+    "expert_distance_heatmap": FigureEntry(distance.expert_distance_heatmap, "expert_distance", one_run=True,
+                                           options=("layers", "measure", "matrix")),
 }
 
 
-def draw(name: str, runs: Sequence[Run], k: Optional[int] = None, metric: Optional[str] = None) -> Figure:
-    """Draw the figure called ``name`` (``-`` or ``_`` alike) for ``runs``."""
+def figures_of(analysis: str) -> list[str]:
+    """The names of the figures that draw runs of ``analysis``."""
+    return [name for name, entry in FIGURES.items() if entry.analysis == analysis]
+
+
+def draw(name: str, runs: Sequence[Run], k: Optional[int] = None, metric: Optional[str] = None, **options: Any) -> Figure:
+    """Draw the figure called ``name`` (``-`` or ``_`` alike) for ``runs``; ``options`` are the
+    figure's own (``k``, ``metric``, ``matrix``, ``measure``, ``layers``), None meaning its default."""
     key = name.replace("-", "_")
     if key not in FIGURES:
         raise ConfigError(f"no figure named {name!r}; choose one of {', '.join(FIGURES)}")
     entry = FIGURES[key]
+    runs = list(runs)
+    if not runs:
+        raise ConfigError(f"{key} needs at least one run")
+    for run in runs:
+        analysis = run.manifest.get("analysis")
+        if analysis != entry.analysis:
+            where = f" {run.path}" if run.path else ""
+            raise ConfigError(
+                f"{key} draws {entry.analysis} runs, but run{where} is a {analysis} run; its figures are {', '.join(figures_of(str(analysis))) or 'none'}"
+            )
     if entry.one_run and len(runs) != 1:
         raise ConfigError(f"{key} draws one run; got {len(runs)} (draw it once per run)")
-    if k is not None and not entry.takes_k:
-        raise ConfigError(f"{key} takes no k; only {', '.join(n for n, e in FIGURES.items() if e.takes_k)} do")
-    if metric is not None and not entry.takes_metric:
-        raise ConfigError(f"{key} takes no metric; only layer_k_heatmap does")
-    target = runs[0] if entry.one_run else list(runs)
-    kwargs = {}
-    if k is not None:
-        kwargs["k"] = k
-    if metric is not None:
-        kwargs["metric"] = metric
-    return entry.function(target, **kwargs)
+    given = {"k": k, "metric": metric, **options}
+    given = {opt: value for opt, value in given.items() if value is not None}
+    for opt in given:
+        if opt not in entry.options:
+            takers = [n for n, e in FIGURES.items() if opt in e.options]
+            raise ConfigError(f"{key} takes no {opt}; only {', '.join(takers) or 'no figure'} do{'es' if len(takers) == 1 else ''}")
+    target = runs[0] if entry.one_run else runs
+    return entry.function(target, **given)

@@ -11,6 +11,7 @@ wait until a report is built.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -30,35 +31,92 @@ def _as_runs(runs: Union[RunLike, Iterable[RunLike]]) -> list[Run]:
     return [item if isinstance(item, Run) else load_run(item) for item in items]
 
 
-def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] = None, figure_format: str = "svg") -> str:
-    """The HTML text of the router-alignment report of ``runs`` (Run objects or run directories).
+def _group_by_analysis(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by analysis, in the order each analysis first appears."""
+    from moelens.errors import ConfigError
+    from moelens.report.sections import SECTION_BUILDERS
 
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        name = str(run.manifest.get("analysis", ""))
+        if name not in SECTION_BUILDERS:
+            where = f" ({run.path})" if run.path else ""
+            raise ConfigError(f"the report has no section for a {name!r} run{where}; it reports {', '.join(SECTION_BUILDERS)}")
+        groups.setdefault(name, []).append(run)
+    return groups
+
+
+def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] = None, figure_format: str = "svg") -> str:
+    """The HTML text of the report of ``runs`` (Run objects or run directories of any analysis).
+
+    Runs of router alignment alone give the seed report; runs of several analyses give one
+    section per analysis (in the order each first appears), with one table of contents.
     ``figure_format``: ``"svg"`` (sharp at any zoom, the default) or ``"png"``.
     """
     from moelens.errors import ConfigError
-    from moelens.figures.alignment_data import alignment_views
-    from moelens.report.alignment_report import report_context
     from moelens.report.render import render
 
     if figure_format not in FIGURE_FORMATS:
         raise ConfigError(f"report figures are {' or '.join(FIGURE_FORMATS)}, not {figure_format!r}")
-    views = alignment_views(_as_runs(runs))
-    return render("alignment_report.html", **report_context(views, title, figure_format))
+    groups = _group_by_analysis(_as_runs(runs))
+    if list(groups) == ["router_alignment"]:
+        from moelens.figures.alignment_data import alignment_views
+        from moelens.report.alignment_report import report_context
+
+        return render("alignment_report.html", **report_context(alignment_views(groups["router_alignment"]), title, figure_format))
+    return render("report.html", **report_context_of_sections(groups, title, figure_format))
+
+
+def report_context_of_sections(groups: dict[str, list[Run]], title: Optional[str], fmt: str) -> dict:
+    from datetime import datetime, timezone
+
+    from moelens import __version__
+    from moelens.report.sections import SECTION_BUILDERS
+
+    sections = [SECTION_BUILDERS[name](group, fmt) for name, group in groups.items()]
+    n_runs = sum(len(g) for g in groups.values())
+    return {
+        "title": title or ("moelens report: " + ", ".join(s.title.lower() for s in sections)),
+        "sections": sections,
+        "n_runs": n_runs,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "version": __version__,
+    }
 
 
 def write_report(html: str, out: Union[str, "os.PathLike[str]"]) -> Path:
     """Write ``html`` to ``out`` (parent folders created; replaced in one step, never half-written)."""
+    from moelens.errors import ConfigError
+
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory; give the report a file name, e.g. --out {out / 'report.html'}")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"{out}: a report is an HTML file; give a name ending in .html")
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(html, encoding="utf-8")
-    os.replace(partial, out)
+    fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(html)
+        os.chmod(partial, 0o644)
+        os.replace(partial, out)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
     return out
 
 
 def report(runs: Union[RunLike, Iterable[RunLike]], out: Union[str, "os.PathLike[str]"], title: Optional[str] = None,
            figure_format: str = "svg") -> Path:
-    """Build the report of ``runs`` and write it to ``out``; returns the path."""
+    """Build the report of ``runs`` and write it to ``out``; returns the path. ``out`` is checked
+    before any work: a directory or a name not ending in .html is refused."""
+    from moelens.errors import ConfigError
+
+    target = Path(out)
+    if target.is_dir():
+        raise ConfigError(f"{target} is a directory; give the report a file name, e.g. --out {target / 'report.html'}")
+    if target.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"{target}: a report is an HTML file; give a name ending in .html")
     return write_report(build_report(runs, title, figure_format), out)
 
 

@@ -50,6 +50,7 @@ class RunSection:
     n_experts: int = 0
     null: str = ""
     null_pools: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,7 +118,14 @@ def run_section(view: AlignmentView, number: int, fmt: str) -> RunSection:
         permutation_by_layer=permutation_table(view, by_layer=True) if view.multi_layer else None,
         details=detail_by_k(view), complete=complete, layer_figures=layer_figures,
         z_cap=view.z_cap, n_experts=view.n_experts, null=view.null, null_pools=view.null_pools_true_pairs,
+        warnings=run_warnings(view.manifest),
     )
+
+
+def run_warnings(manifest: dict) -> list[str]:
+    """The warnings a run recorded (degenerate inputs), in unit order."""
+    found = manifest.get("warnings") or {}
+    return [message for key in sorted(found) for message in found[key]]
 
 
 def default_title(views: Sequence[AlignmentView]) -> str:

@@ -17,6 +17,8 @@ EXPLANATION_TITLES = {
     "per_expert_breakdown": "Per-expert breakdown",
     "complete_analysis": "Complete analysis",
     "layer_k_heatmap": "Layers × k heat maps",
+    "expert_distance": "Expert distance per layer",
+    "expert_distance_heatmap": "Experts × experts heat maps",
 }
 
 
