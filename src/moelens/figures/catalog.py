@@ -7,24 +7,32 @@ clear line, not a traceback from deep inside matplotlib.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from moelens.errors import ConfigError
-from moelens.figures import alignment, distance
 from moelens.results import Run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
 class FigureEntry:
-    """A figure function, the analysis it draws, whether it draws one run or many, its options."""
+    """A figure function (``"module:function"`` under moelens.figures, imported when first drawn,
+    so listing the figures needs no matplotlib), the analysis it draws, whether it draws one run
+    or many, and its options."""
 
-    function: Callable[..., Figure]
+    target: str
     analysis: str = "router_alignment"
     one_run: bool = False
     options: tuple[str, ...] = ()
+
+    @property
+    def function(self) -> Callable[..., "Figure"]:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(f"moelens.figures.{module}"), name)
 
     @property
     def summary(self) -> str:
@@ -32,17 +40,17 @@ class FigureEntry:
 
 
 FIGURES: dict[str, FigureEntry] = {
-    "comparison_panels": FigureEntry(alignment.comparison_panels),
-    "cos_squared_per_expert": FigureEntry(alignment.cos_squared_per_expert),
-    "shuffle_statistics": FigureEntry(alignment.shuffle_statistics),
-    "z_decomposition": FigureEntry(alignment.z_decomposition),
-    "null_distribution": FigureEntry(alignment.null_distribution, options=("k",)),
-    "layer_permutation_test": FigureEntry(alignment.layer_permutation_test),
-    "per_expert_breakdown": FigureEntry(alignment.per_expert_breakdown, options=("k",)),
-    "complete_analysis": FigureEntry(alignment.complete_analysis, one_run=True, options=("k",)),
-    "layer_k_heatmap": FigureEntry(alignment.layer_k_heatmap, one_run=True, options=("metric",)),
-    "expert_distance": FigureEntry(distance.expert_distance, "expert_distance", options=("matrix",)),
-    "expert_distance_heatmap": FigureEntry(distance.expert_distance_heatmap, "expert_distance", one_run=True,
+    "comparison_panels": FigureEntry("alignment:comparison_panels"),
+    "cos_squared_per_expert": FigureEntry("alignment:cos_squared_per_expert"),
+    "shuffle_statistics": FigureEntry("alignment:shuffle_statistics"),
+    "z_decomposition": FigureEntry("alignment:z_decomposition"),
+    "null_distribution": FigureEntry("alignment:null_distribution", options=("k",)),
+    "layer_permutation_test": FigureEntry("alignment:layer_permutation_test"),
+    "per_expert_breakdown": FigureEntry("alignment:per_expert_breakdown", options=("k",)),
+    "complete_analysis": FigureEntry("alignment:complete_analysis", one_run=True, options=("k",)),
+    "layer_k_heatmap": FigureEntry("alignment:layer_k_heatmap", one_run=True, options=("metric",)),
+    "expert_distance": FigureEntry("distance:expert_distance", "expert_distance", options=("matrix",)),
+    "expert_distance_heatmap": FigureEntry("distance:expert_distance_heatmap", "expert_distance", one_run=True,
                                            options=("layers", "measure", "matrix")),
 }
 
@@ -52,7 +60,7 @@ def figures_of(analysis: str) -> list[str]:
     return [name for name, entry in FIGURES.items() if entry.analysis == analysis]
 
 
-def draw(name: str, runs: Sequence[Run], k: Optional[int] = None, metric: Optional[str] = None, **options: Any) -> Figure:
+def draw(name: str, runs: Sequence[Run], k: Optional[int] = None, metric: Optional[str] = None, **options: Any) -> "Figure":
     """Draw the figure called ``name`` (``-`` or ``_`` alike) for ``runs``; ``options`` are the
     figure's own (``k``, ``metric``, ``matrix``, ``measure``, ``layers``), None meaning its default."""
     key = name.replace("-", "_")
