@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.moelens-installed
 DEMO   ?= .demo
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-align bench-distance lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,14 +18,18 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job end to end: train the tiny zoo (cached), align routers and experts in every
-# layer of the base and the tuned model, and compare them in one HTML report.
+# layer of the base and the tuned model, measure how far the experts moved (base → tuned) against
+# how far apart they are within a layer, and put it all in one HTML report.
 demo: install
 	$(VENV)/bin/moelens zoo build --out $(DEMO)/zoo
 	$(VENV)/bin/moelens inspect $(DEMO)/zoo/base
 	$(VENV)/bin/moelens align $(DEMO)/zoo/base --out $(DEMO)/runs/base
 	$(VENV)/bin/moelens align $(DEMO)/zoo/tuned --out $(DEMO)/runs/tuned
-	$(VENV)/bin/moelens report $(DEMO)/runs/base $(DEMO)/runs/tuned --out $(DEMO)/report.html \
-		--title "moelens demo: router–expert alignment, zoo base vs tuned"
+	$(VENV)/bin/moelens distance $(DEMO)/zoo/base $(DEMO)/zoo/tuned --out $(DEMO)/runs/distance-base-tuned
+	$(VENV)/bin/moelens distance $(DEMO)/zoo/base --out $(DEMO)/runs/distance-within
+	$(VENV)/bin/moelens report $(DEMO)/runs/base $(DEMO)/runs/tuned $(DEMO)/runs/distance-base-tuned \
+		$(DEMO)/runs/distance-within --out $(DEMO)/report.html \
+		--title "moelens demo: zoo base vs tuned"
 	@echo "report: $(abspath $(DEMO))/report.html"
 
 test: install
@@ -35,9 +39,15 @@ test: install
 		echo "chromium not installed: the browser test will be skipped"; }
 	$(PY) -m pytest -q
 
-# e.g. make bench BENCH_ARGS="--shapes qwen3 --quick --threads 1"
-bench: install
+# Every benchmark, each against a plain reference at real shapes (hours on 2 cores in full; --quick
+# for minutes), e.g. make bench BENCH_ARGS="--shapes qwen3 --quick --threads 1"
+bench: bench-align bench-distance
+
+bench-align: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+bench-distance: install
+	$(PY) benchmarks/distance.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

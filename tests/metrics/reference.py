@@ -20,7 +20,7 @@ def kept(w: torch.Tensor, gamma: float = 0.3, top_sv: int | None = None) -> tupl
     s1 = float(s[0])
     if s1 == 0.0:
         return u, vh.T, 0
-    rank = int((s > max(w.shape) * torch.finfo(torch.float64).eps * s1).sum())
+    rank = int((s > max(w.shape) * torch.finfo(torch.float32).eps * s1).sum())  # float32 ε, as moelens
     if top_sv is not None:
         n = min(top_sv, rank)
     else:
@@ -41,10 +41,12 @@ def overlap(a: torch.Tensor, b: torch.Tensor, gamma: float = 0.3, top_sv: int | 
     ua, va, na = kept(a, gamma, top_sv)
     ub, vb, nb = kept(b, gamma, top_sv)
     n = min(na, nb)
+    uu = (ua[:, :n].T @ ub[:, :n]).tolist()  # uu[i][j] = u_iᴬ·u_jᴮ
+    vv = (va[:, :n].T @ vb[:, :n]).tolist()  # vv[i][j] = v_iᴬ·v_jᴮ
     total = 0.0
     for i in range(n):
         for j in range(n):
-            total += float(torch.dot(ua[:, i], ub[:, j])) * float(torch.dot(va[:, i], vb[:, j]))
+            total += uu[i][j] * vv[i][j]
     return total, n
 
 

@@ -58,8 +58,9 @@ def test_scaling_changes_nothing(c):
 def test_neuron_permuted_copy_looks_unrelated():
     """Rows of gate/up and columns of down permuted: the same function, but a different matrix.
 
-    Observed (F = 512, d = 128, decaying spectra): sv_align ≈ 0.00 ± 0.01 per matrix (the
-    permuted left singular vectors u_i ↦ Π u_i are nearly orthogonal to u_j), rel_l2 ≈ √2 ± 0.01."""
+    Observed (F = 512, d = 128, decaying spectra, n = 8 per matrix): sv_align −0.003, −0.002,
+    −0.010 for gate, up, down (the permuted singular vectors Π u_i are nearly orthogonal to
+    every u_j), rel_l2 1.407, 1.417, 1.418 (√2 = 1.414): a permuted copy looks unrelated."""
     d, f = 128, 512
     gate, up, down = decaying(1, (f, d), 5)[0], decaying(1, (f, d), 6)[0], decaying(1, (d, f), 7)[0]
     perm = torch.randperm(f, generator=torch.Generator().manual_seed(8))
@@ -114,3 +115,15 @@ def test_rotation_inside_a_degenerate_top_subspace():
         ub, vb = u[:, :k] @ q, v[:, :k] @ q  # another SVD of B's top block
         total = sum(float(ua[:, i] @ ub[:, j]) * float(va[:, i] @ vb[:, j]) for i in range(k) for j in range(k))
         assert abs(got.sv_align[0] - total / k) <= TOL
+
+
+def test_top_sv_beyond_the_rank_keeps_the_rank():
+    """A rank-3 matrix has no 4th singular direction: top_sv = 12 keeps 3 (SPEC: n_X is capped
+    at the numerical rank, so the undetermined directions of σ = 0 never enter R)."""
+    g = torch.Generator().manual_seed(13)
+    a = (torch.randn(2, 20, 3, generator=g, dtype=torch.float64) @ torch.randn(2, 3, 12, generator=g, dtype=torch.float64)).float()
+    got = role_distances(a, a.clone(), same_index_pairs(2), top_sv=12, device="cpu")
+    assert got.n_sv.tolist() == [3, 3]
+    np.testing.assert_allclose(got.sv_align, 1.0, atol=TOL)
+    cross = role_distances(a, None, [[0, 1]], top_sv=12, device="cpu")
+    assert cross.n_sv[0] == 3 and abs(cross.sv_align[0] - ref.sv_align(a[0], a[1], top_sv=12)) <= TOL

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moelens.metrics import expert_distances, role_distances, same_index_pairs, within_pairs
-from moelens.metrics import singular
+from moelens.metrics import expert_distances, role_distances, same_index_pairs, singular, within_pairs
 from tests.metrics import reference as ref
 from tests.metrics.helpers import TOL, assert_matches, decaying, gaussian, perturbed
 
@@ -165,3 +164,13 @@ def test_ito_weights_roles_by_n():
     np.testing.assert_allclose(ito, (n * s).sum(0) / n.sum(0), rtol=1e-12)
     np.testing.assert_allclose(mean, s.mean(0), rtol=1e-12)
     assert not np.allclose(ito, mean)  # the roles' n differ, so the two pools do
+
+
+@pytest.mark.parametrize("top_sv", [None, 5])
+def test_many_base_tuned_pairs_match_reference(top_sv):
+    # 20 pairs at one level (top_sv) are too sparse for the block layout: the projector
+    # overlaps go through gathered rows
+    a = decaying(20, (24, 12), seed=60)
+    b = perturbed(a, 0.05, seed=61)
+    pairs = same_index_pairs(20)
+    assert_matches(role_distances(a, b, pairs, top_sv=top_sv, device="cpu"), ref.pair_table(a, b, pairs, top_sv=top_sv))

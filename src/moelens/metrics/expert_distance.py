@@ -22,6 +22,7 @@ expert is decomposed once per role, whatever the number of pairs it is in:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,11 +73,11 @@ class RoleDistances:
 
 def check_options(gamma: float, top_sv: int | None, shape: Sequence[int] | None = None) -> None:
     """Raise :class:`ConfigError` unless 0 < γ ≤ 1 and 1 ≤ top_sv ≤ min(out, in)."""
-    if not (isinstance(gamma, (int, float)) and 0.0 < float(gamma) <= 1.0):
+    if isinstance(gamma, bool) or not (isinstance(gamma, numbers.Real) and 0.0 < float(gamma) <= 1.0):
         raise ConfigError(f"gamma must lie in (0, 1], got {gamma!r}; the default 0.3 keeps σ_i ≥ 0.3·σ_1")
     if top_sv is None:
         return
-    if isinstance(top_sv, bool) or not isinstance(top_sv, (int, np.integer)) or top_sv < 1:
+    if isinstance(top_sv, bool) or not isinstance(top_sv, numbers.Integral) or top_sv < 1:
         raise ConfigError(f"top_sv must be an integer ≥ 1, got {top_sv!r}; or leave it unset to cut at gamma")
     if shape is not None and int(top_sv) > min(int(shape[0]), int(shape[1])):
         raise ConfigError(
@@ -117,7 +118,13 @@ def role_distances(
     (bf16 is fine; each matrix is converted on ``device`` when used); ``pairs`` [P, 2] index a and
     b (or a). Decompositions run in ``dtype`` ("float32" or "float64"; see
     :mod:`moelens.metrics.singular` for when float32 is redone in float64), every inner product
-    is accumulated in float64. A zero matrix gives NaN, never an exception."""
+    is accumulated in float64. A zero matrix gives NaN, never an exception.
+
+    Memory above the inputs, in ``dtype`` on ``device``: the factors V [c, c] of every matrix in
+    a pair (c = min(out, in)), and a projector and its U [max(out, in), ≤ c] for each matrix
+    whose pairs are not all done (:mod:`moelens.metrics.sv_align`): two for base→tuned pairs,
+    E for within pairs, i.e. at most one role of one layer of two models in float32; plus
+    ``chunk_bytes`` for the float64 inner products."""
     check_options(gamma, top_sv, None)
     if a.ndim != 3 or (b is not None and b.ndim != 3):
         raise ConfigError(f"expert stacks must be [E, out, in]; got {tuple(a.shape)} and {None if b is None else tuple(b.shape)}")
@@ -149,8 +156,7 @@ def role_distances(
     n_np = n_sv.numpy()
     return RoleDistances(
         pairs=p.numpy(), dot=dot_np, norm_a2=na_np, norm_b2=nb_np,
-        n_a=factors.n[lnode].numpy() if len(p) else np.zeros(0, np.int64),
-        n_b=factors.n[rnode].numpy() if len(p) else np.zeros(0, np.int64),
+        n_a=factors.n[lnode].numpy(), n_b=factors.n[rnode].numpy(),
         n_sv=n_np, overlap=ov, rel_l2=rel_l2_from(dot_np, na_np, nb_np), sv_align=sv_align_from(ov, n_np),
     )
 

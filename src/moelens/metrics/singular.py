@@ -12,8 +12,11 @@ How many directions a matrix keeps (SPEC §2, §7):
     n_X = #{i : σ_i ≥ (γ − 1e-6) σ₁}          (γ cut; a σ within 1e-6·σ₁ of γσ₁ is kept)
     n_X = top_sv                                (fixed top-n)
 
-both capped at the numerical rank #{σ_i > max(R, c)·ε·σ₁}: a direction of σ = 0 is not
-determined by the matrix, and a zero matrix keeps none (n_X = 0, no sv_align).
+both capped at the numerical rank #{σ_i > max(R, c)·ε₃₂·σ₁}: a direction of σ = 0 is not
+determined by the matrix, and a zero matrix keeps none (n_X = 0, no sv_align). ε₃₂ is float32's
+machine epsilon whatever the compute dtype: expert weights are stored in float32 or coarser, so
+σ below that bound are the rounding noise of storage, whose directions mean nothing (and which a
+float64 Gram cannot resolve either: its floor is √(c·ε₆₄)·σ₁ ≈ 1e-6·σ₁ at c = 4096).
 
 Precision. A float32 Gram squares the condition number: the σ it resolves reach down to about
 √(c·ε)·σ₁ ≈ 1e-3·σ₁, and U = XV/σ amplifies errors by σ₁/σ. With the default γ = 0.3 the kept
@@ -32,6 +35,7 @@ import torch
 from moelens.spectral import gram
 
 CUT_TOLERANCE = 1e-6
+RANK_EPS = torch.finfo(torch.float32).eps
 FLOAT64_BELOW = 0.05
 DEFAULT_GRAM_BYTES = 256 * 2**20
 
@@ -58,7 +62,7 @@ class Factors:
 def kept_count(sigma: torch.Tensor, shape: tuple[int, int], gamma: float, top_sv: int | None) -> torch.Tensor:
     """n_X [K] for spectra ``sigma`` [K, c] (descending) of matrices of ``shape``."""
     s1 = sigma[:, :1]
-    tol = s1 * (max(shape) * torch.finfo(sigma.dtype).eps)
+    tol = s1 * (max(shape) * RANK_EPS)
     rank = ((sigma > tol) & (s1 > 0)).sum(-1)
     if top_sv is not None:
         return torch.clamp(rank, max=int(top_sv)).to(torch.int64)
