@@ -13,12 +13,12 @@ from moelens.cli.app import app, console, human_bytes
 
 @app.command("report")
 def report_command(
-    runs: list[Path] = typer.Argument(..., help="Run directories (the --out of `moelens align`), compared in this order."),
+    runs: list[Path] = typer.Argument(..., help="Run directories (the --out of `moelens align`, `distance`, …), in this order; one section per analysis."),
     out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained, opens offline)."),
     title: Optional[str] = typer.Option(None, help="Title of the report (default: from the runs)."),
     figure_format: str = typer.Option("svg", "--figures", help="Figure format inside the report: svg or png."),
 ) -> None:
-    """Write one self-contained HTML report comparing alignment runs (figures and styles inline)."""
+    """Write one self-contained HTML report of runs of any analysis (one section each; figures and styles inline)."""
     from moelens.report import report
 
     path = report(runs, out, title=title, figure_format=figure_format)
