@@ -1,4 +1,4 @@
-"""Synthetic alignment runs shared by the figure tests (built once per module run)."""
+"""Synthetic alignment runs shared by the figure tests (built once per test session)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,9 @@ def six_runs() -> list[Run]:
 def layered_run() -> Run:
     """A zoo-sized run: five layers, d = 64, E = 8, every k from 1 to d."""
     return synthetic_alignment_run(model_name="zoo-base", layers=range(5), hidden_size=64, ks=range(1, 65), seed=7)
+
+
+@pytest.fixture(scope="session")
+def d48_run() -> Run:
+    """d = 48, no power of two (as d = 2880 or 5120 of real models): k = 1, 2, …, 32 and 48."""
+    return synthetic_alignment_run(model_name="odd-d", hidden_size=48, n_experts=4, seed=2)

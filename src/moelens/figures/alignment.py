@@ -36,6 +36,8 @@ from moelens.figures.style import (
     NULL_GREY,
     REFERENCE_GREY,
     SEQUENTIAL_CMAP,
+    axes_width_inches,
+    fit_legend,
     k_column_ticks,
     layer_block_ticks,
     log2_k_axis,
@@ -52,7 +54,8 @@ DETAIL_K = 128
 
 
 def figure_legend(fig: Figure, axes: Iterable[Axes], max_columns: int = 3) -> None:
-    """One legend under the figure with every distinct label of ``axes`` (it never covers data)."""
+    """One legend under the figure with every distinct label of ``axes`` (it never covers data),
+    in at most ``max_columns`` columns and never wider than the figure."""
     handles, labels = [], []
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -60,7 +63,8 @@ def figure_legend(fig: Figure, axes: Iterable[Axes], max_columns: int = 3) -> No
                 handles.append(handle)
                 labels.append(label)
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(max_columns, len(labels)))
+        columns = min(max_columns, len(labels))
+        fit_legend(fig, lambda n: fig.legend(handles, labels, loc="outside lower center", ncols=n), columns)
 
 
 def null_note(views: Sequence[AlignmentView]) -> str:
@@ -192,7 +196,7 @@ def null_distribution(runs: Runs, k: int = DETAIL_K) -> Figure:
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(f"Null distribution against the true pairs, k = {k} ({null_note(views)})")
-    _neutral_legend(fig, columns=3 if columns == 1 else 5)
+    _neutral_legend(fig, columns=5)
     return fig
 
 
@@ -207,7 +211,7 @@ def _neutral_legend(fig: Figure, columns: int) -> None:
                Line2D([], [], color="#777777", linewidth=2.0, label="mean align of the true pairs"),
                Line2D([], [], color=REFERENCE_GREY, linestyle="--", linewidth=1.0, label="null mean μ"),
                Patch(color=REFERENCE_GREY, alpha=0.15, label="μ ± σ")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=columns)
+    fit_legend(fig, lambda n: fig.legend(handles=handles, loc="outside lower center", ncols=n), columns)
 
 
 @styled
@@ -276,10 +280,12 @@ def per_expert_breakdown(runs: Runs, k: Optional[int] = None) -> Figure:
         chosen = _detail_k(view, k)
         style = run_style(index)
         _draw_expert_scatter(row[2], view, chosen, style["color"], style["marker"])
-        row[0].set_title(f"{view.label}: align")
-        row[1].set_title(f"{view.label}: Δ vs the null")
+        # The run's name once per row, centred over the middle panel, above the three panel
+        # names: repeated in each panel's title, a long name would run into the next panel.
+        row[0].set_title("align")
+        row[1].set_title(f"{view.label}\nΔ vs the null")
         asked = k if k is not None else DETAIL_K
-        row[2].set_title(f"{view.label}: align at k = {chosen}{_nearest_note(chosen, asked)}")
+        row[2].set_title(f"align at k = {chosen}{_nearest_note(chosen, asked)}")
     # Under their columns: beside the heat maps the colour-bar labels would crowd the next panel.
     for column, image, metric in ((0, image_align, "align"), (1, image_delta, "delta_vs_shuffle")):
         fig.colorbar(image, ax=list(axes[:, column]), location="bottom", label=METRICS[metric].axis, shrink=0.85, aspect=25)
@@ -296,7 +302,7 @@ def _scatter_legend(fig: Figure) -> None:
                Line2D([], [], color=REFERENCE_GREY, linestyle="--", linewidth=1.0, label="null mean μ of the layer"),
                Patch(color=REFERENCE_GREY, alpha=0.15, label="μ ± σ"),
                Line2D([], [], color=REFERENCE_GREY, linestyle=":", linewidth=1.2, label="random expectation k/d")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4)
+    fit_legend(fig, lambda n: fig.legend(handles=handles, loc="outside lower center", ncols=n), 4)
 
 
 @styled
@@ -405,7 +411,7 @@ def layer_k_heatmap(run: Union[Run, AlignmentView], metric: str = "align") -> Fi
     cmap = DIVERGING_CMAP if diverging else SEQUENTIAL_CMAP
     image = ax.imshow(values, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.grid(False)
-    ax.set_xticks(*k_column_ticks(view.ks, max_labels=16))
+    ax.set_xticks(*k_column_ticks(view.ks, axes_width_inches(ax), max_labels=16))
     step_y = max(1, math.ceil(n_layers / 24))
     ax.set_yticks(range(0, n_layers, step_y), [str(layer) for layer in table.index[::step_y]])
     ax.set_xlabel("k (leading singular directions of the expert)")

@@ -23,6 +23,7 @@ from moelens.figures.style import (
     NULL_GREY,
     REFERENCE_GREY,
     SEQUENTIAL_CMAP,
+    axes_width_inches,
     k_column_ticks,
     layer_block_ticks,
     log2_k_axis,
@@ -105,7 +106,7 @@ def draw_expert_heatmap(ax: Axes, view: AlignmentView, metric: str, norm: Option
     norm = norm or metric_norm([values], diverging)
     image = ax.imshow(values, aspect="auto", cmap=DIVERGING_CMAP if diverging else SEQUENTIAL_CMAP, norm=norm, interpolation="nearest")
     ax.grid(False)
-    ax.set_xticks(*k_column_ticks(view.ks, max_labels=7))
+    ax.set_xticks(*k_column_ticks(view.ks, axes_width_inches(ax), max_labels=7))
     ax.set_xlabel("k (leading singular directions)")
     if view.multi_layer:
         starts, centres, names = layer_block_ticks(row_layers)

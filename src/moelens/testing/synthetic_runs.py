@@ -139,12 +139,13 @@ def synthetic_alignment_run(
     """
     ks = list(ks) if ks is not None else powers_of_two_up_to(hidden_size)
     rng = np.random.default_rng(seed)
-    frames: dict[str, list[pd.DataFrame]] = {"alignment": [], "alignment_layers": [], "alignment_pairs": []}
+    frames: dict[str, list[pd.DataFrame]] = {"alignment": [], "alignment_layers": [], "alignment_pairs": [], "spectra": []}
     for layer in layers:
         for matrix in matrices:
             tables = layer_tables(int(layer), matrix, synthetic_energies(n_experts, hidden_size, rng, strength), ks, null, rng)
             for name, table in tables.items():
                 frames[name].append(table)
+            frames["spectra"].append(synthetic_spectra(int(layer), matrix, n_experts, hidden_size, rng))
     layer_list = [int(x) for x in layers]
     manifest = {
         "analysis": "router_alignment",
@@ -165,6 +166,18 @@ def synthetic_alignment_run(
         "timings": {},
     }
     return Run(manifest=manifest, tables={name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()})
+
+
+def synthetic_spectra(layer: int, matrix: str, n_experts: int, hidden_size: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Descending singular values (a Marchenko–Pastur-like bulk) of every expert: the run's ``spectra`` table."""
+    sigma = np.sort(rng.uniform(0.2, 1.0, size=(n_experts, hidden_size)) ** 0.5, axis=1)[:, ::-1] * 3.0
+    return pd.DataFrame({
+        "layer": np.full(sigma.size, layer, dtype=np.int64),
+        "matrix": [matrix] * sigma.size,
+        "expert": np.repeat(np.arange(n_experts, dtype=np.int64), hidden_size),
+        "index": np.tile(np.arange(hidden_size, dtype=np.int64), n_experts),
+        "sigma": sigma.ravel(),
+    })
 
 
 def write_synthetic_runs(root: str | Path, n_runs: int = 6, layers: Sequence[int] = (5,), hidden_size: int = 4096,
