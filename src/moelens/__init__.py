@@ -5,7 +5,14 @@
 >>> model.layer(0).router().weight.shape
 """
 
-from moelens.analyses import ExpertDistanceConfig, RouterAlignmentConfig, expert_distance, router_alignment
+from moelens.analyses import (
+    ExpertDistanceConfig,
+    ModuleMetricsConfig,
+    RouterAlignmentConfig,
+    expert_distance,
+    module_metrics,
+    router_alignment,
+)
 from moelens.checkpoint import ExpertWeights, MoELayer, MoEModel, RouterWeights, open_model
 from moelens.errors import MoelensError
 from moelens.report import build_report, report
@@ -27,6 +34,6 @@ def __getattr__(name: str):
 __all__ = [
     "ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model", "MoelensError",
     "Run", "load_run", "load_runs", "__version__",
-    "RouterAlignmentConfig", "router_alignment", "ExpertDistanceConfig", "expert_distance",
+    "RouterAlignmentConfig", "router_alignment", "ExpertDistanceConfig", "expert_distance", "ModuleMetricsConfig", "module_metrics",
     "build_report", "report",
 ]

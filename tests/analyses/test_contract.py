@@ -25,8 +25,14 @@ def _distance(tiny):
     return {"a": ml.open_model(tiny("mixtral")), "b": ml.open_model(tiny("mixtral", "fused"))}, ml.ExpertDistanceConfig()
 
 
+def _modules(tiny):
+    a = ml.open_model(tiny("qwen2_moe"))  # dense and MoE layers, shared experts, a router
+    b = ml.open_model(tiny("qwen2_moe", "fused"))
+    return {"a": a, "b": b, "base": None}, ml.ModuleMetricsConfig()
+
+
 #: How to make a small example of each analysis: a new analysis is not done until it has one.
-CASES = {"router_alignment": _alignment, "expert_distance": _distance}
+CASES = {"router_alignment": _alignment, "expert_distance": _distance, "module_metrics": _modules}
 
 
 class Killed(Exception):

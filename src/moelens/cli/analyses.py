@@ -145,3 +145,60 @@ def _register_distance() -> None:
 
 
 _register_distance()
+
+
+def _modules(values: dict) -> None:
+    from moelens.analyses.module_metrics import ModuleMetricsConfig, module_metrics
+
+    config = config_from_cli(ModuleMetricsConfig, values)  # every option checked before anything is opened
+    a = _open(values["source"], values["revision"])
+    b = _open(values["model_b"], values["revision"]) if values.get("model_b") else None
+    base = _open(values["base"], values["revision"]) if values.get("base") else None
+    out = values["out"]
+    with progress_bar() as callback:
+        run = module_metrics(a, b, base, config=config, out=out, progress=callback)
+    table = run["module_metrics"]
+    pair = table[table["model"] == "pair"]
+    shown, model = (pair, "pair") if len(pair) else (table[table["model"] == "a"], "a")
+    metrics = list(dict.fromkeys(shown["metric"]))
+    grid = shown.pivot_table(index="module", columns="metric", values="value", aggfunc="mean")
+    from moelens.module_names import module_rank
+
+    title = f"{run.label} · mean over layers ({'A vs B' if model == 'pair' else 'model A'})"
+    out_table = Table(title=escape(title), title_justify="left")
+    out_table.add_column("module", no_wrap=True)
+    for metric in metrics:
+        out_table.add_column(metric, justify="right", no_wrap=True)
+    for module in sorted(grid.index, key=module_rank):
+        out_table.add_row(module, *[_cell(float(grid.loc[module, m]), ".4f") for m in metrics])
+    width = console.width
+    console.width = max(width, 16 + 16 * len(metrics))  # never crop the numbers to an 80-column pipe
+    try:
+        console.print(out_table)
+    finally:
+        console.width = width
+    print_warnings(run)
+    console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, module_metrics.parquet, module_metrics_experts.parquet", highlight=False)
+
+
+def _register_modules() -> None:
+    from moelens.analyses.module_metrics import ModuleMetricsConfig
+
+    source = inspect.Parameter(
+        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+        default=typer.Argument(..., help="Model A: checkpoint directory or cached repo id (dense or MoE)."),
+    )
+    model_b = inspect.Parameter(
+        "model_b", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+        default=typer.Argument(None, help="Model B, of the same architecture, for pair metrics."),
+    )
+    base = inspect.Parameter(
+        "base", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+        default=typer.Option(None, "--base", help="Their base model: pair metrics of the deltas A − base and B − base (with B), or A against its base (without B)."),
+    )
+    params = [source, model_b, OUT, base, *config_parameters(ModuleMetricsConfig), REVISION]
+    doc = "Per-module metrics of every layer: norms, ranks and α of each matrix; correlation, cosine, rel_l2, CKA and changed share between two models."
+    app.command("modules")(command_from_parameters(params, _modules, doc, "modules"))
+
+
+_register_modules()

@@ -40,7 +40,8 @@ def figure_command(
     runs: list[Path] = typer.Argument(..., help="Run directories (one for the figures marked 'one run')."),
     out: Path = typer.Option(..., "--out", help="File to write; the suffix picks the format: .png, .svg or .pdf."),
     k: Optional[int] = typer.Option(None, "--k", help="k of null_distribution, per_expert_breakdown and complete_analysis (nearest stored k)."),
-    metric: Optional[str] = typer.Option(None, help="Metric of layer_k_heatmap: align, delta_vs_shuffle, z_vs_shuffle, z_layer, …"),
+    metric: Optional[str] = typer.Option(None, help="Metric of layer_k_heatmap (align, delta_vs_shuffle, z_vs_shuffle, z_layer, …) or of module_heatmap / module_lines (corr, cos, rel_l2, cka, changed_frac, fro_norm, spectral_norm, stable_rank, effective_rank, alpha)."),
+    model: Optional[str] = typer.Option(None, help="Rows of module_heatmap / module_lines: pair, pair_delta, a or b (default: pair for a pair metric, a otherwise)."),
     matrix: Optional[str] = typer.Option(None, help="Matrix of the expert_distance figures: expert (default), gate, up or down."),
     measure: Optional[str] = typer.Option(None, help="Measure of expert_distance_heatmap: sv_align (default) or rel_l2."),
     layers: Optional[str] = typer.Option(None, help="Layers of expert_distance_heatmap, e.g. 0,12,23 (default: first, middle, last)."),
@@ -51,7 +52,7 @@ def figure_command(
     from moelens.ranges import parse_ranges
     from moelens.results import load_runs
 
-    options = {"matrix": matrix, "measure": measure, "layers": parse_ranges(layers) if layers else None}
+    options = {"matrix": matrix, "measure": measure, "layers": parse_ranges(layers) if layers else None, "model": model}
     fig = figures.draw(name, load_runs(runs), k=k, metric=metric, **options)
     path = figures.save(fig, out, dpi=dpi)
     console.print(f"wrote [bold]{escape(str(path))}[/]", highlight=False)

@@ -23,6 +23,8 @@ _WHERE = {
     )},
     "expert_distance": "moelens.figures.distance",
     "expert_distance_heatmap": "moelens.figures.distance",
+    "module_heatmap": "moelens.figures.modules",
+    "module_lines": "moelens.figures.modules",
     "FIGURES": "moelens.figures.catalog",
     "draw": "moelens.figures.catalog",
     "figures_of": "moelens.figures.catalog",

@@ -52,6 +52,8 @@ FIGURES: dict[str, FigureEntry] = {
     "expert_distance": FigureEntry("distance:expert_distance", "expert_distance", options=("matrix",)),
     "expert_distance_heatmap": FigureEntry("distance:expert_distance_heatmap", "expert_distance", one_run=True,
                                            options=("layers", "measure", "matrix")),
+    "module_heatmap": FigureEntry("modules:module_heatmap", "module_metrics", one_run=True, options=("metric", "model")),
+    "module_lines": FigureEntry("modules:module_lines", "module_metrics", one_run=True, options=("metric", "model")),
 }
 
 

@@ -19,6 +19,8 @@ EXPLANATION_TITLES = {
     "layer_k_heatmap": "Layers × k heat maps",
     "expert_distance": "Expert distance per layer",
     "expert_distance_heatmap": "Experts × experts heat maps",
+    "module_heatmap": "Layer × module heat maps",
+    "module_lines": "Module lines",
 }
 
 

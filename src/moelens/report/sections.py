@@ -49,7 +49,14 @@ def _expert_distance_section(runs: Sequence[Run], fmt: str) -> Section:
     return distance_section(runs, fmt)
 
 
+def _module_metrics_section(runs: Sequence[Run], fmt: str) -> Section:
+    from moelens.report.modules_report import modules_section
+
+    return modules_section(runs, fmt)
+
+
 SECTION_BUILDERS: dict[str, SectionBuilder] = {
     "router_alignment": alignment_section,
     "expert_distance": _expert_distance_section,
+    "module_metrics": _module_metrics_section,
 }

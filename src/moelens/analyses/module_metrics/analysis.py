@@ -1,0 +1,289 @@
+"""Per-module metrics of every layer (SPEC.md §5 and §7; the heat map of seed 002).
+
+Single-model metrics of each matrix of model A (and B): Frobenius norm, spectral norm σ₁, stable
+rank ‖W‖_F²/‖W‖₂², effective rank exp(H(σ/Σσ)) and the power-law exponent α of the eigenvalues
+of WᵀW (as WeightWatcher fits it). Pair metrics between A and B (same architecture): Pearson
+correlation and cosine of the flattened weights, rel_l2 = ‖A/‖A‖ − B/‖B‖‖_F, linear CKA with
+the inputs as samples, and changed_frac = share of entries with |A − B| > tol·std(A); with a base
+model, the same between the deltas A − base and B − base (``model = "pair_delta"``).
+
+Modules and their names per family: :mod:`moelens.module_names`. In an MoE
+layer ``mlp.*`` is the mean over the routed experts; each expert's own value is in the table
+``module_metrics_experts``. One unit per layer; a layer's experts are read a few at a time, each
+matrix once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, layer_unit_key, option, unit_seed
+from moelens.analyses.runner import run_analysis
+from moelens.checkpoint.model import MoEModel
+from moelens.errors import CheckpointFormatError, ConfigError, IndexOutOfRangeError
+from moelens.metrics.module import PAIR_METRICS, SINGLE_METRICS, check_metric_names, pair_metrics, single_metrics
+from moelens.module_names import ATTENTION, ROLES, mlp_module, module_rank, shared_module
+from moelens.progress import ProgressCallback
+from moelens.ranges import compact_ranges, parse_ranges
+from moelens.results.run import Run
+from moelens.results.schema import TableSchema
+from moelens.spectral import resolve_device
+
+ANALYSIS = "module_metrics"
+MODULE_SCHEMA = TableSchema("module_metrics", (
+    ("layer", "int"), ("module", "str"), ("metric", "str"), ("model", "str"), ("value", "float"),
+))
+EXPERT_SCHEMA = TableSchema("module_metrics_experts", (
+    ("layer", "int"), ("module", "str"), ("expert", "int"), ("metric", "str"), ("model", "str"), ("value", "float"),
+))
+#: Experts are read and measured this many bytes (float32) at a time.
+CHUNK_BYTES = 512 * 2**20
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class ModuleMetricsConfig:
+    """Options of :func:`module_metrics` (each field's help says what it does)."""
+
+    layers: tuple[int, ...] | None = option(None, "Layers, e.g. 0,5,10-13 (default: every layer).", parse=parse_ranges, metavar="LIST")
+    metrics: tuple[str, ...] | None = option(None, f"Pair metrics: {','.join(PAIR_METRICS)} (default: all, when a second model or a base is given).", parse=_names, metavar="LIST")
+    single: tuple[str, ...] | None = option(None, f"Single-model metrics: {','.join(SINGLE_METRICS)} (default: all).", parse=_names, metavar="LIST")
+    tol: float = option(1e-3, "changed_frac counts entries with |A − B| > tol·std(A).")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        if self.metrics is not None:
+            object.__setattr__(self, "metrics", check_metric_names(_as_tuple(self.metrics), "pair"))
+        if self.single is not None:
+            object.__setattr__(self, "single", check_metric_names(_as_tuple(self.single), "single"))
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not float(self.tol) > 0:
+            raise ConfigError(f"tol={self.tol!r}: give a positive number, e.g. 1e-3")
+        object.__setattr__(self, "tol", float(self.tol))
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@dataclass(frozen=True)
+class ModuleState:
+    models: dict[str, MoEModel]  # "a", and "b" / "base" when given
+    layers: list[int]
+    pair: tuple[str, ...]
+    single: tuple[str, ...]
+    config: ModuleMetricsConfig
+    device: torch.device
+
+
+def _same_architecture(a: MoEModel, b: MoEModel, what: str) -> None:
+    """Pair metrics need matrices of equal shapes: the same family, layers, experts and sizes."""
+    checks = [("family", a.family, b.family), ("number of layers", a.n_layers, b.n_layers),
+              ("MoE layers", compact_ranges(a.moe_layers), compact_ranges(b.moe_layers)),
+              ("hidden size", a.hidden_size, b.hidden_size), ("experts", a.n_experts, b.n_experts),
+              ("expert FFN", a.expert_ffn, b.expert_ffn)]
+    for name, va, vb in checks:
+        if va != vb:
+            raise ConfigError(f"{a.name} and {what} {b.name} differ in {name} ({va} vs {vb}); pair metrics need two models of one architecture")
+
+
+def resolve(models: Mapping[str, MoEModel | None], config: ModuleMetricsConfig) -> ModuleState:
+    a, b, base = models["a"], models.get("b"), models.get("base")
+    given = {"a": a, **({"b": b} if b is not None else {}), **({"base": base} if base is not None else {})}
+    for name, other in given.items():
+        if name != "a":
+            _same_architecture(a, other, "the base" if name == "base" else "model B")
+    if config.metrics is not None and b is None and base is None:
+        raise ConfigError("pair metrics compare two models: give model B (moelens modules A B) or --base BASE")
+    pair = tuple(config.metrics) if config.metrics is not None else (PAIR_METRICS if (b is not None or base is not None) else ())
+    single = tuple(config.single) if config.single is not None else SINGLE_METRICS
+    if not pair and not single:
+        raise ConfigError("nothing to compute: give at least one pair metric (with two models) or one single-model metric")
+    layers = list(config.layers) if config.layers is not None else list(range(a.n_layers))
+    if not layers:
+        raise ConfigError("the layer list is empty; give at least one layer, e.g. --layers 0")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"layers {layers} name a layer twice; list each layer once")
+    bad = [L for L in layers if not 0 <= L < a.n_layers]
+    if bad:
+        raise IndexOutOfRangeError(f"layer {bad[0]} is out of range: {a.name} has layers 0..{a.n_layers - 1}")
+    a.check()
+    for other in given.values():
+        other.check()
+    return ModuleState(given, layers, pair, single, config, resolve_device(config.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# The matrices of one layer, as groups of equal-shaped stacks
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Group:
+    """One module of one layer: stacks [B, out, in] of each model (B = 1, or a chunk of experts)."""
+
+    module: str
+    stacks: dict[str, torch.Tensor]
+    experts: list[int] | None = None  # routed experts in this chunk, None for a plain module
+
+
+def _attention_groups(models: Mapping[str, MoEModel], L: int) -> Iterator[Group]:
+    parts = {name: m.attention(L) for name, m in models.items()}
+    for key, matrix in parts["a"].items():
+        if matrix.ndim != 2 or key not in ATTENTION:
+            continue  # attention sinks and other vectors are not matrices
+        yield Group(ATTENTION[key], {name: _matrix(p, key, name, L)[None] for name, p in parts.items()})
+
+
+def _matrix(parts: Mapping[str, torch.Tensor], key: str, model: str, L: int) -> torch.Tensor:
+    if key not in parts:
+        raise CheckpointFormatError(f"layer {L}: model {model} has no attention matrix {key!r} where model a has one")
+    return parts[key]
+
+
+def _mlp_groups(models: Mapping[str, MoEModel], L: int) -> Iterator[Group]:
+    a = models["a"]
+    if L not in set(a.moe_layers):
+        parts = {name: m.dense_mlp(L) for name, m in models.items()}
+        for role in ROLES:
+            if role in parts["a"]:
+                yield Group(mlp_module(role), {name: p[role][None] for name, p in parts.items()})
+        return
+    layers = {name: m.layer(L) for name, m in models.items()}
+    first = layers["a"]
+    for role in ROLES:
+        try:
+            shape = tuple(first.expert_matrix(0, role).shape)
+        except ConfigError:
+            continue  # a family whose experts have no such matrix
+        chunk = max(1, CHUNK_BYTES // (4 * shape[0] * shape[1]))
+        for start in range(0, first.n_experts, chunk):
+            experts = list(range(start, min(start + chunk, first.n_experts)))
+            stacks = {name: torch.stack([layer.expert_matrix(e, role) for e in experts]) for name, layer in layers.items()}
+            yield Group(mlp_module(role), stacks, experts)
+    shared = {name: layer.shared_experts() for name, layer in layers.items()}
+    for i, expert in enumerate(shared["a"]):
+        for role in ROLES:
+            if getattr(expert, role, None) is not None:
+                yield Group(shared_module(i, role), {name: getattr(s[i], role)[None] for name, s in shared.items()})
+    yield Group("router", {name: layer.router().weight[None] for name, layer in layers.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# The analysis
+# ----------------------------------------------------------------------------------------------
+def _rows(layer: int, module: str, values: Mapping[str, np.ndarray], model: str, experts: list[int] | None) -> list[tuple]:
+    out = []
+    for metric, v in values.items():
+        for i, value in enumerate(np.asarray(v, dtype=np.float64)):
+            out.append((layer, module, -1 if experts is None else experts[i], metric, model, float(value)))
+    return out
+
+
+class ModuleMetrics(Analysis):
+    """SPEC §5: one unit per layer, one row per (module, metric, model)."""
+
+    name = ANALYSIS
+    title = "Module metrics"
+    config_type = ModuleMetricsConfig
+    inputs = ("a", "b", "base")
+    unit_tables = (MODULE_SCHEMA, EXPERT_SCHEMA)
+
+    def plan(self, models: Mapping[str, Any], config: ModuleMetricsConfig) -> Plan:
+        s = resolve(models, config)
+        options = {"layers": list(s.layers), "metrics": list(s.pair), "single": list(s.single), "tol": config.tol,
+                   "device": str(s.device), "models": sorted(s.models)}
+        m = s.models
+        if "b" in m:
+            names = f"{m['a'].name} vs {m['b'].name}" + (f" (deltas from {m['base'].name})" if "base" in m else "")
+        elif "base" in m:
+            names = f"{m['a'].name} vs its base {m['base'].name}"
+        else:
+            names = m["a"].name
+        units = [Unit(key=layer_unit_key(L), seed=unit_seed(0, layer_unit_key(L)), layer=L) for L in s.layers]  # nothing random
+        return Plan(options=options, units=units, label=f"{names} · L{compact_ranges(s.layers)}", state=s)
+
+    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
+        s: ModuleState = plan.state
+        L = unit.layer
+        assert L is not None
+        rows: list[tuple] = []
+        has_b, has_base = "b" in s.models, "base" in s.models
+        groups = [*_attention_groups(s.models, L), *_mlp_groups(s.models, L)]
+        for group in groups:
+            st = group.stacks
+            shapes = {name: tuple(t.shape) for name, t in st.items()}
+            if len(set(shapes.values())) != 1:
+                raise CheckpointFormatError(f"layer {L} {group.module}: shapes differ between models ({shapes}); pair metrics need equal shapes")
+            if s.single:
+                rows += _rows(L, group.module, single_metrics(st["a"], s.single, s.device), "a", group.experts)
+                if has_b:
+                    rows += _rows(L, group.module, single_metrics(st["b"], s.single, s.device), "b", group.experts)
+            if s.pair:
+                other = st["b"] if has_b else st["base"]
+                rows += _rows(L, group.module, pair_metrics(st["a"], other, s.pair, s.config.tol, s.device), "pair", group.experts)
+                if has_b and has_base:
+                    base = st["base"].float()
+                    deltas = pair_metrics(st["a"].float() - base, st["b"].float() - base, s.pair, s.config.tol, s.device)
+                    rows += _rows(L, group.module, deltas, "pair_delta", group.experts)
+        table = pd.DataFrame(rows, columns=["layer", "module", "expert", "metric", "model", "value"])
+        for module, nan in table[table["value"].isna()].groupby("module", sort=False):
+            names = sorted(set(nan["metric"]))
+            why = "a zero matrix or delta" + (", or too few eigenvalues to fit α" if "alpha" in names else "")
+            context.warn(f"layer {L} {module}: {', '.join(names)} undefined (NaN): {why}")
+        experts = table[table["expert"] >= 0]
+        plain = table[table["expert"] < 0].drop(columns="expert")
+        means = (experts.groupby(["layer", "module", "metric", "model"], sort=False)["value"].mean().reset_index())
+        modules = pd.concat([plain, means], ignore_index=True)
+        order = modules["module"].map(module_rank)
+        modules = modules.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o")
+        return {
+            "module_metrics": modules.astype({"layer": np.int64}).reset_index(drop=True),
+            "module_metrics_experts": experts[EXPERT_SCHEMA.column_names].astype({"layer": np.int64, "expert": np.int64}).reset_index(drop=True),
+        }
+
+
+def module_metrics(
+    model_a: MoEModel | str | os.PathLike[str],
+    model_b: MoEModel | str | os.PathLike[str] | None = None,
+    base: MoEModel | str | os.PathLike[str] | None = None,
+    layers: Iterable[int] | str | None = None,
+    metrics: Iterable[str] | str | None = None,
+    device: str = "auto",
+    *,
+    single: Iterable[str] | str | None = None,
+    tol: float = 1e-3,
+    out: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+    config: ModuleMetricsConfig | None = None,
+) -> Run:
+    """Metrics of every attention and MLP matrix of every layer: single-model metrics of A (and
+    B), pair metrics A vs B (or A vs ``base``), and with both B and ``base`` the pair metrics of
+    the deltas A − base vs B − base. Dense and MoE models alike.
+
+    Returns a :class:`~moelens.results.Run` with tables ``module_metrics`` (layer, module, metric,
+    model, value) and ``module_metrics_experts`` (the same per routed expert).
+
+    >>> run = module_metrics("zoo/base", "zoo/tuned")
+    >>> run["module_metrics"].query("model == 'pair' and metric == 'corr'")
+    """
+    if config is None:
+        config = ModuleMetricsConfig(layers=layers, metrics=None if metrics is None else _as_tuple(metrics),
+                                     single=None if single is None else _as_tuple(single), tol=tol, device=device)
+    from moelens.checkpoint import open_model
+
+    def opened(m):
+        return m if (m is None or isinstance(m, MoEModel)) else open_model(m)
+
+    return run_analysis(ModuleMetrics(), {"a": opened(model_a), "b": opened(model_b), "base": opened(base)}, config, out=out, progress=progress)
+
+
+__all__ = ["ANALYSIS", "ModuleMetrics", "ModuleMetricsConfig", "module_metrics"]
