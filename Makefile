@@ -19,7 +19,8 @@ install: $(STAMP)
 
 # The main job end to end: train the tiny zoo (cached), align routers and experts in every
 # layer of the base and the tuned model, measure how far the experts moved (base → tuned) against
-# how far apart they are within a layer, and put it all in one HTML report.
+# how far apart they are within a layer, which modules of which layers changed, and put it all in
+# one HTML report.
 demo: install
 	$(VENV)/bin/moelens zoo build --out $(DEMO)/zoo
 	$(VENV)/bin/moelens inspect $(DEMO)/zoo/base
@@ -27,8 +28,9 @@ demo: install
 	$(VENV)/bin/moelens align $(DEMO)/zoo/tuned --out $(DEMO)/runs/tuned
 	$(VENV)/bin/moelens distance $(DEMO)/zoo/base $(DEMO)/zoo/tuned --out $(DEMO)/runs/distance-base-tuned
 	$(VENV)/bin/moelens distance $(DEMO)/zoo/base --out $(DEMO)/runs/distance-within
+	$(VENV)/bin/moelens modules $(DEMO)/zoo/base $(DEMO)/zoo/tuned --out $(DEMO)/runs/modules
 	$(VENV)/bin/moelens report $(DEMO)/runs/base $(DEMO)/runs/tuned $(DEMO)/runs/distance-base-tuned \
-		$(DEMO)/runs/distance-within --out $(DEMO)/report.html \
+		$(DEMO)/runs/distance-within $(DEMO)/runs/modules --out $(DEMO)/report.html \
 		--title "moelens demo: zoo base vs tuned"
 	@echo "report: $(abspath $(DEMO))/report.html"
 
