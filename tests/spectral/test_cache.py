@@ -115,3 +115,18 @@ def test_cached_and_uncached_paths_agree_within_the_stated_tolerance(tiny_checkp
     dz = np.abs(b["z_vs_shuffle"].to_numpy() - a["z_vs_shuffle"].to_numpy())[informative]
     assert np.all(dz <= 5e-6 / sigma[informative] + 1e-9)
     np.testing.assert_array_equal(hit["alignment"]["align"], cached["alignment"]["align"])  # a hit is bit-identical to its fill
+
+
+def test_temporaries_left_by_a_killed_writer_are_removed_but_live_ones_kept(tmp_path):
+    import os
+    import time
+
+    shard = tmp_path / "ab"
+    shard.mkdir()
+    stale, live = shard / ".abcd.safetensors.x1.tmp", shard / ".abcd.safetensors.x2.tmp"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    old = time.time() - 2 * SpectrumCache.STALE_TEMPORARY_S
+    os.utime(stale, (old, old))
+    SpectrumCache(tmp_path)
+    assert not stale.exists() and live.exists()

@@ -46,10 +46,33 @@ def content_hash(tensor: torch.Tensor) -> str:
 class SpectrumCache:
     """Spectra on disk under ``directory`` (default :func:`default_cache_dir`)."""
 
+    #: A temporary entry older than this was left by a writer that died (a live one finishes in
+    #: seconds): the next cache opened on the directory removes it.
+    STALE_TEMPORARY_S = 3600.0
+
     def __init__(self, directory: str | os.PathLike[str] | None = None):
         self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
         self.hits = 0
         self.misses = 0
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete ``.<entry>.*.tmp`` files that a killed writer left (older than
+        :attr:`STALE_TEMPORARY_S`); return how many."""
+        import time
+
+        removed = 0
+        if not self.directory.is_dir():
+            return 0
+        cutoff = time.time() - self.STALE_TEMPORARY_S
+        for tmp in self.directory.glob("*/.*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except OSError:
+                pass  # another process removed or finished it
+        return removed
 
     def __repr__(self) -> str:
         return f"SpectrumCache({str(self.directory)!r})"
