@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.moelens-installed
 DEMO   ?= .demo
 
-.PHONY: install demo test bench bench-align bench-distance lint clean
+.PHONY: install demo test bench bench-align bench-distance bench-modules lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,13 +43,16 @@ test: install
 
 # Every benchmark, each against a plain reference at real shapes (hours on 2 cores in full; --quick
 # for minutes), e.g. make bench BENCH_ARGS="--shapes qwen3 --quick --threads 1"
-bench: bench-align bench-distance
+bench: bench-align bench-distance bench-modules
 
 bench-align: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 bench-distance: install
 	$(PY) benchmarks/distance.py $(BENCH_ARGS)
+
+bench-modules: install
+	$(PY) benchmarks/modules.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -20,9 +20,24 @@ from moelens.metrics.expert_distance import (
     role_distances,
     sv_align_from,
 )
+from moelens.metrics.module import (
+    PAIR_METRICS,
+    SINGLE_METRICS,
+    PairAndSingleMetrics,
+    Spectra,
+    check_metric_names,
+    metrics_from_spectra,
+    pair_and_single_metrics,
+    pair_metrics,
+    single_metrics,
+    spectra,
+)
 from moelens.metrics.pairs import check_pairs, same_index_pairs, within_pairs
+from moelens.metrics.power_law import PowerLawFit, power_law_alpha, power_law_fit
 
 __all__ = [
+    "PAIR_METRICS", "SINGLE_METRICS", "PairAndSingleMetrics", "Spectra", "check_metric_names", "metrics_from_spectra",
+    "pair_and_single_metrics", "pair_metrics", "single_metrics", "spectra", "PowerLawFit", "power_law_alpha", "power_law_fit",
     "POOLS", "RoleDistances", "check_options", "check_pairs", "expert_distances", "rel_l2_from",
     "role_distances", "same_index_pairs", "sv_align_from", "within_pairs",
 ]

@@ -4,27 +4,35 @@ One matrix role at a time: a batch [B, out, in] is a layer's B experts of one ro
 for one attention matrix. Every sum is accumulated in float64; the matrices are streamed to the
 compute device in chunks of rows of their tall orientation T (T = W when out ≥ in, else Wᵀ;
 T is [R, c], R ≥ c), each chunk converted to float64 there, so that memory above the inputs is
-a few chunks plus, for CKA and the spectra, c×c float64 Gram matrices.
+a few chunks plus c×c float64 Gram matrices (128 MiB each at c = 4096).
+
+>>> pm = pair_metrics(a, b)                 # a, b [E, out, in]: {"corr": [E], ...}
+>>> sm = single_metrics(a)                  # {"fro_norm": [E], ..., "alpha": [E]}
+>>> both = pair_and_single_metrics(a, b)    # both at once, each Gram formed once
+>>> both.pair["cka"], both.a["alpha"], both.b["stable_rank"]
 
 Pair metrics of A, B [out, in] (n = out·in entries, means ā, b̄ over all entries):
 
     corr          Σ(a − ā)(b − b̄) / √(Σ(a − ā)² Σ(b − b̄)²)          Pearson, flattened weights
     cos           ⟨A, B⟩_F / (‖A‖_F ‖B‖_F)
     rel_l2        ‖A/‖A‖_F − B/‖B‖_F‖_F                              ∈ [0, 2]
-    cka           ⟨K_A, K_B⟩_F / (‖K_A‖_F ‖K_B‖_F)                   linear CKA, ∈ [0, 1]
+    cka           ‖YᵀX‖_F² / (‖XᵀX‖_F ‖YᵀY‖_F)                      linear CKA, ∈ [0, 1]
     changed_frac  #{|a − b| > tol·std(A)} / n                          std with ddof 0
 
 CKA takes the input dimensions as samples: X = Aᵀ, Y = Bᵀ [in, out] (rows = inputs), each
-column (output neuron) centred over the rows, i.e. A_c = A − (row means of A). Then
-
-    CKA = ‖YᵀX‖_F² / (‖XᵀX‖_F ‖YᵀY‖_F) = ⟨XXᵀ, YYᵀ⟩_F / (‖XXᵀ‖_F ‖YYᵀ‖_F)
-
-(‖YᵀX‖² = tr(XᵀYYᵀX) = ⟨XXᵀ, YYᵀ⟩ and ‖XᵀX‖ = ‖XXᵀ‖). The work takes the smaller side:
+column (output neuron) centred over the rows: X = A_cᵀ with A_c = A − (row means of A) 1ᵀ.
+Since ‖YᵀX‖² = tr(XᵀYYᵀX) = ⟨XXᵀ, YYᵀ⟩ and ‖XᵀX‖ = ‖XXᵀ‖, the work takes the smaller side:
 
 - in ≤ out (Mixtral's gate/up: in = 4096, out = 14336): the in×in Grams K_A = XXᵀ = A_cᵀA_c and
-  K_B, numerator ⟨K_A, K_B⟩_F — two symmetric rank-k updates, in²·out flops each;
-- out < in (down): the out×out products YᵀX = B_cA_cᵀ, XᵀX = A_cA_cᵀ and YᵀY, numerator
-  ‖YᵀX‖_F² — never an in×in matrix.
+  K_B, numerator ⟨K_A, K_B⟩_F;
+- out < in (down): the out×out matrices K_A = XᵀX = A_cA_cᵀ, K_B and the cross product
+  YᵀX = B_cA_cᵀ, numerator ‖YᵀX‖_F² — never an in×in matrix.
+
+The centred K come from the uncentred Grams G = TᵀT, which the spectra need too, by a rank-one
+or rank-two correction: with m the row means of A (in ≤ out, T = A) or μ the column means of
+T = Aᵀ (out < in),
+
+    A_cᵀA_c = G − u1ᵀ − 1uᵀ + ‖m‖² 11ᵀ,  u = Aᵀm;        A_cA_cᵀ = G − in·μμᵀ,  B_cA_cᵀ = T_BᵀT_A − in·μ_B μ_Aᵀ.
 
 CKA is invariant to any rotation or permutation of the output neurons of either matrix and to
 scaling either; it does not see a change of the row means (they are centred out).
@@ -33,8 +41,10 @@ Deltas (SPEC ``pair_delta``): pass A − base and B − base as ``a`` and ``b``;
 
 Undefined values are NaN, never an exception: corr where A or B is constant (a zero matrix or
 delta included), cos and rel_l2 where a matrix is zero, cka where a centred matrix is zero
-(zero, or every row constant), changed_frac where std(A) = 0 (no scale for "changed").
-corr and cos are clipped to [−1, 1], cka to [0, 1] (rounding can step past by 1e-16).
+(zero, or every row constant), changed_frac where std(A) = 0 (no scale for "changed"). "Zero"
+allows for rounding: a spread below 1e-10 of the root mean square (Σ(a − ā)² ≤ 1e-20 Σa²), a
+centred Gram below 2c·ε₆₄ of its uncentred one. corr and cos are clipped to [−1, 1], cka to
+[0, 1] (rounding can step past by 1e-16).
 
 Single-matrix metrics of W [out, in], σ₁ ≥ σ₂ ≥ … its singular values, λ_i = σ_i²:
 
@@ -51,14 +61,16 @@ bfloat16's own ε would cut at 32·σ₁ for d = 4096 and keep nothing). A zero 
 fro_norm = spectral_norm = 0 and NaN for the rest; alpha is NaN where min(out, in) < 8
 (WeightWatcher skips such matrices) or no fit exists.
 
-The spectrum, ``dtype="float64"`` (default): the eigenvalues of the float64 Gram TᵀT [c, c]
-(``torch.linalg.eigvalsh``), accumulated chunk by chunk. Products of bfloat16 or float32 values
-are exact in float64, and the eigenvalues carry an absolute error of about c·ε₆₄·λ₁, i.e.
-σ_i to relative 1e-7 down to σ_i ≈ 1e-4·σ₁, far below the rank cut (1.7e-3·σ₁ at 14336 rows) —
-as accurate as an SVD for every metric here, and 2–3× cheaper than a float64 SVD on the CPU.
-``dtype="float32"``: ``torch.linalg.svdvals`` in float32 (λ = σ² in float64; ‖W‖_F² still the
-exact float64 sum): faster on some GPUs, about 1e-6 relative in σ₁, stable_rank and
-effective_rank; α can move more where two candidate x_min have nearly equal KS distances.
+The spectrum, ``dtype="float64"`` (default): the eigenvalues of the float64 Gram G = TᵀT [c, c]
+(``torch.linalg.eigvalsh``), accumulated chunk by chunk (BLAS ``dsyrk`` on the CPU: one
+triangle, half the flops of a product). Products of bfloat16 or float32 values are exact in
+float64, and the eigenvalues carry an absolute error of about c·ε₆₄·λ₁, i.e. σ_i to relative
+1e-7 down to σ_i ≈ 1e-4·σ₁, far below the rank cut (1.7e-3·σ₁ at 14336 rows): as accurate as an
+SVD for every metric here (α agrees with WeightWatcher's float64 SVD to 1e-13), and 2–3× cheaper
+than a float64 SVD on the CPU. ``dtype="float32"`` (:func:`single_metrics` only):
+``torch.linalg.svdvals`` in float32, batched on CUDA (‖W‖_F² stays the exact float64 sum):
+about 1e-6 relative in σ₁ and stable_rank, 1e-7 in effective_rank, 1e-5 in α (α can jump where
+two candidate x_min have nearly equal KS distances).
 """
 
 from __future__ import annotations
@@ -82,9 +94,10 @@ SINGLE_METRICS = ("fro_norm", "spectral_norm", "stable_rank", "effective_rank", 
 METRIC_KINDS = {"pair": PAIR_METRICS, "single": SINGLE_METRICS}
 SPECTRUM_DTYPES = ("float64", "float32")
 RANK_EPS = float(torch.finfo(torch.float32).eps)
+EPS64 = float(torch.finfo(torch.float64).eps)
 DEFAULT_TOL = 1e-3
-# CUDA: Grams [c, c] of one batch decomposed together up to this size (the CPU takes one at a time)
-DEFAULT_GRAM_BYTES = 1 << 30
+ZERO_SPREAD = 1e-20          # Σ(a − ā)² ≤ this · Σa²: a constant matrix, up to rounding
+DEFAULT_SVD_BYTES = 1 << 30  # dtype="float32" on CUDA: matrices per svdvals batch, in float32 bytes
 
 
 def check_metric_names(names: str | Iterable[str], kind: str) -> tuple[str, ...]:
@@ -94,9 +107,7 @@ def check_metric_names(names: str | Iterable[str], kind: str) -> tuple[str, ...]
     if kind not in METRIC_KINDS:
         raise ConfigError(f"unknown metric kind {kind!r}; expected one of {', '.join(METRIC_KINDS)}")
     known = METRIC_KINDS[kind]
-    if isinstance(names, str):
-        names = [n for n in names.split(",")]
-    asked = [str(n).strip() for n in names]
+    asked = [str(n).strip() for n in (names.split(",") if isinstance(names, str) else names)]
     asked = [n for n in asked if n]
     for n in asked:
         if n not in known:
@@ -106,6 +117,12 @@ def check_metric_names(names: str | Iterable[str], kind: str) -> tuple[str, ...]
     if not asked:
         raise ConfigError(f"no {kind} metric asked for; choose some of {', '.join(known)}")
     return tuple(n for n in known if n in asked)
+
+
+def _check_tol(tol: float) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(float(tol)) or float(tol) < 0:
+        raise ConfigError(f"tol must be a finite number ≥ 0, got {tol!r}; the default 1e-3 counts |A − B| > 1e-3·std(A)")
+    return float(tol)
 
 
 def _as_stack(w: torch.Tensor, name: str) -> torch.Tensor:
@@ -122,193 +139,227 @@ def _as_stack(w: torch.Tensor, name: str) -> torch.Tensor:
     return w
 
 
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
+    if tuple(a.shape) != tuple(b.shape):
+        raise ConfigError(f"a and b must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}: "
+                          "compare the same module of two models of one architecture")
+
+
 def _tall(w: torch.Tensor) -> torch.Tensor:
     """W [out, in] as T [R, c], R ≥ c: W, or its transpose (a view)."""
     return w if w.shape[-2] >= w.shape[-1] else w.transpose(-1, -2)
 
 
 def _chunks(t: torch.Tensor, device: torch.device, chunk_bytes: int) -> Iterator[torch.Tensor]:
-    """Row blocks of T [R, c] as contiguous float64 tensors on ``device``."""
-    rows, cols = int(t.shape[0]), int(t.shape[1])
-    step = max(1, int(chunk_bytes) // max(1, cols * 8))
-    for r0 in range(0, rows, step):
-        yield t[r0:r0 + step].to(device=device, dtype=torch.float64).contiguous()  # [r, c]
+    """Row blocks of T [R, c] as C-ordered float64 tensors on ``device``."""
+    step = max(1, int(chunk_bytes) // max(1, int(t.shape[1]) * 8))
+    for r0 in range(0, int(t.shape[0]), step):
+        x = t[r0:r0 + step].to(device=device, dtype=torch.float64, memory_format=torch.contiguous_format)
+        yield x.contiguous()  # [r, c]; a no-op unless .to() had nothing to convert
 
 
 class _Gram:
-    """K = Σ_chunks xᵀx [c, c] in float64: BLAS ``dsyrk`` on the CPU (the lower triangle only,
-    half the flops; the upper one stays 0), ``addmm`` on CUDA (both triangles)."""
+    """G = Σ_chunks xᵀx [c, c] in float64: BLAS ``dsyrk`` on the CPU (the lower triangle only),
+    ``addmm`` on CUDA."""
 
     def __init__(self, c: int, device: torch.device):
         self.cpu = device.type == "cpu"
         if self.cpu:
-            self.k = np.zeros((c, c), dtype=np.float64, order="F")
+            self.k: np.ndarray | torch.Tensor = np.zeros((c, c), dtype=np.float64, order="F")
         else:
             self.k = torch.zeros(c, c, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor) -> None:
-        """K += xᵀx for a C-ordered chunk x [r, c]."""
+        """G += xᵀx for a C-ordered chunk x [r, c]."""
         if self.cpu:
             # xᵀ is a Fortran [c, r] array a, and a·aᵀ = xᵀx
             self.k = blas.dsyrk(1.0, x.numpy().T, beta=1.0, c=self.k, trans=0, lower=1, overwrite_c=1)
         else:
-            self.k.addmm_(x.T, x)
+            self.k.addmm_(x.T, x)  # type: ignore[union-attr]
 
-    def lower(self) -> torch.Tensor:
-        """K [c, c] on the device; only its lower triangle is to be read."""
-        return torch.from_numpy(self.k) if self.cpu else self.k
-
-    def diagonal(self) -> torch.Tensor:
-        return torch.diagonal(self.lower())
-
-    def inner(self, other: _Gram) -> float:
-        """⟨K, K'⟩_F (from the lower triangles on the CPU: twice their sum less the diagonal's)."""
-        if self.cpu:
-            both = float(np.einsum("ij,ij->", self.k, other.k))
-            return 2.0 * both - float(np.dot(np.diagonal(self.k), np.diagonal(other.k)))
-        return float(torch.sum(self.k * other.k))
+    def full(self) -> torch.Tensor:
+        """The symmetric G [c, c] on the device (the CPU's lower triangle mirrored, its buffer freed)."""
+        if not self.cpu:
+            return self.k  # type: ignore[return-value]
+        low = torch.from_numpy(self.k)  # type: ignore[arg-type]
+        out = low.tril()
+        out += low.tril(-1).T
+        self.k = np.empty((0, 0))
+        return out
 
 
-def _check_tol(tol: float) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(float(tol)) or float(tol) < 0:
-        raise ConfigError(f"tol must be a finite number ≥ 0, got {tol!r}; the default 1e-3 counts |A − B| > 1e-3·std(A)")
-    return float(tol)
+def _eigenvalues(g: torch.Tensor) -> np.ndarray:
+    """λ [c] of a symmetric G, descending, clamped at 0."""
+    return torch.linalg.eigvalsh(g).flip(-1).clamp_min(0.0).cpu().numpy()
+
+
+def _fro2(g: torch.Tensor) -> float:
+    return float(torch.dot(g.reshape(-1), g.reshape(-1)))
+
+
+def _centred_norm2(k: torch.Tensor, g_fro2: float) -> tuple[float, bool]:
+    """(‖K‖_F², whether K is zero up to the rounding of the centring: ‖K‖ ≤ 2c·ε₆₄·‖G‖)."""
+    k2 = _fro2(k)
+    c = int(k.shape[0])
+    return k2, k2 <= (2 * c * EPS64) ** 2 * g_fro2
+
+
+@dataclass
+class _Sums:
+    """What one pass over A (and B) leaves: float64 totals and, if asked, the Grams."""
+
+    count: int = 0
+    mean_a: float = 0.0
+    mean_b: float = 0.0
+    m2_a: float = 0.0
+    m2_b: float = 0.0
+    c_ab: float = 0.0
+    dot: float = 0.0
+    sq_a: float = 0.0
+    sq_b: float = 0.0
+
+    def merge(self, va: torch.Tensor, vb: torch.Tensor | None) -> None:
+        """Add a chunk's entries (flat float64), merging centred moments (Chan et al.)."""
+        m = int(va.numel())
+        total = self.count + m
+        w = self.count * m / total
+        ma = float(va.mean())
+        da = va - ma
+        self.sq_a += float(torch.dot(va, va))
+        cm2a = float(torch.dot(da, da))
+        dma = ma - self.mean_a
+        self.m2_a += cm2a + dma * dma * w
+        self.mean_a += dma * m / total
+        if vb is not None:
+            mb = float(vb.mean())
+            db = vb - mb
+            self.sq_b += float(torch.dot(vb, vb))
+            self.dot += float(torch.dot(va, vb))
+            cm2b, ccab = float(torch.dot(db, db)), float(torch.dot(da, db))
+            dmb = mb - self.mean_b
+            self.m2_b += cm2b + dmb * dmb * w
+            self.c_ab += ccab + dma * dmb * w
+            self.mean_b += dmb * m / total
+        self.count = total
 
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.nan
 
 
-def _pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, ...], tol: float, device: torch.device,
-          chunk_bytes: int) -> dict[str, float]:
-    """The pair metrics of one A, B [out, in]."""
+def _one(
+    a: torch.Tensor,
+    b: torch.Tensor | None,
+    pair: tuple[str, ...],
+    single_a: bool,
+    single_b: bool,
+    tol: float,
+    device: torch.device,
+    chunk_bytes: int,
+) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None, float, float]:
+    """Pair metrics of A, B [out, in] (``pair``; b may be None when it is empty) and the
+    eigenvalues of AᵀA, BᵀB when asked: (pair values, λ_A or None, λ_B or None, ‖A‖², ‖B‖²)."""
     out_dim, in_dim = int(a.shape[0]), int(a.shape[1])
-    transposed = out_dim < in_dim          # T = Aᵀ: output neurons are T's columns
-    ta, tb = _tall(a), _tall(b)            # [R, c]
-    c = int(ta.shape[1])
-    want_cka = "cka" in names
-    gram_a = _Gram(c, device) if want_cka else None
-    gram_b = _Gram(c, device) if want_cka else None
-    half = max(1, chunk_bytes // 2)
+    wide = out_dim < in_dim                      # T = Aᵀ: output neurons are T's columns
+    ta = _tall(a)
+    tb = None if b is None else _tall(b)
+    rows, c = int(ta.shape[0]), int(ta.shape[1])
+    want_cka = "cka" in pair
+    gram_a = _Gram(c, device) if (want_cka or single_a) else None
+    gram_b = _Gram(c, device) if (want_cka or single_b) and tb is not None else None
+    per = max(1, chunk_bytes // (2 if tb is not None else 1))
+    vec = lambda: torch.zeros(c, dtype=torch.float64, device=device)  # noqa: E731
+    # in ≤ out: u = Tᵀm and ‖m‖² (m = row means); out < in: T's column sums and B_c A_cᵀ
+    u_a, u_b = (vec(), vec()) if want_cka else (None, None)
+    mm = [0.0, 0.0]
+    cross = torch.zeros(c, c, dtype=torch.float64, device=device) if want_cka and wide else None
 
-    # pass 1: moments (merged chunk by chunk, Chan et al.), ⟨A, B⟩, ‖A‖², ‖B‖²; CKA's Grams when
-    # each chunk row is an output neuron (centred on its own), else T's column sums
-    count = 0
-    mean_a = mean_b = 0.0
-    m2_a = m2_b = c_ab = 0.0
-    dot = sq_a = sq_b = 0.0
-    col_a = torch.zeros(c, dtype=torch.float64, device=device) if want_cka and transposed else None
-    col_b = torch.zeros(c, dtype=torch.float64, device=device) if want_cka and transposed else None
-    # out < in: YᵀX = B_c A_cᵀ [out, out], summed over chunks of inputs (rows of T)
-    cross = torch.zeros(c, c, dtype=torch.float64, device=device) if want_cka and transposed else None
-    for xa, xb in zip(_chunks(ta, device, half), _chunks(tb, device, half)):
-        m = xa.numel()
-        va, vb = xa.view(-1), xb.view(-1)
-        dot += float(torch.dot(va, vb))
-        sq_a += float(torch.dot(va, va))
-        sq_b += float(torch.dot(vb, vb))
-        ma, mb = float(va.mean()), float(vb.mean())
-        da, db = va - ma, vb - mb
-        cm2a, cm2b, ccab = float(torch.dot(da, da)), float(torch.dot(db, db)), float(torch.dot(da, db))
-        del da, db
-        total = count + m
-        dma, dmb = ma - mean_a, mb - mean_b
-        w = count * m / total
-        m2_a += cm2a + dma * dma * w
-        m2_b += cm2b + dmb * dmb * w
-        c_ab += ccab + dma * dmb * w
-        mean_a += dma * m / total
-        mean_b += dmb * m / total
-        count = total
-        if want_cka:
-            if transposed:
-                col_a += xa.sum(0)
-                col_b += xb.sum(0)
-            else:
-                gram_a.add(xa - xa.mean(1, keepdim=True))  # type: ignore[union-attr]
-                gram_b.add(xb - xb.mean(1, keepdim=True))  # type: ignore[union-attr]
+    sums = _Sums()
+    chunks_b = _chunks(tb, device, per) if tb is not None else None
+    for xa in _chunks(ta, device, per):
+        xb = next(chunks_b) if chunks_b is not None else None
+        sums.merge(xa.view(-1), None if xb is None else xb.view(-1))
+        for x, g, u, i in ((xa, gram_a, u_a, 0), (xb, gram_b, u_b, 1)):
+            if x is None:
+                continue
+            if g is not None:
+                g.add(x)
+            if want_cka:
+                if wide:
+                    u += x.sum(0)  # type: ignore[operator]
+                else:
+                    m = x.mean(1)  # [r] row means
+                    u.addmv_(x.T, m)  # type: ignore[union-attr]
+                    mm[i] += float(torch.dot(m, m))
+        if cross is not None:
+            cross.addmm_(xb.T, xa)  # type: ignore[union-attr]
 
     res: dict[str, float] = {}
-    if "corr" in names:
-        res["corr"] = float(np.clip(_ratio(c_ab, math.sqrt(m2_a * m2_b)), -1.0, 1.0))
-    if "cos" in names:
-        res["cos"] = float(np.clip(_ratio(dot, math.sqrt(sq_a * sq_b)), -1.0, 1.0))
-    std_a = math.sqrt(m2_a / count)
-    thr = tol * std_a
-    norm_a, norm_b = math.sqrt(sq_a), math.sqrt(sq_b)
-    want_changed = "changed_frac" in names and std_a > 0
-    want_rel = "rel_l2" in names and norm_a > 0 and norm_b > 0
-
-    # pass 2: what needs pass 1's totals
-    if want_changed or want_rel or (want_cka and transposed):
-        changed = 0
-        rel2 = 0.0
-        mean_col_a = None if col_a is None else col_a / tb.shape[0]
-        mean_col_b = None if col_b is None else col_b / tb.shape[0]
-        for xa, xb in zip(_chunks(ta, device, half), _chunks(tb, device, half)):
+    spread_a = sums.m2_a > ZERO_SPREAD * sums.sq_a
+    spread_b = sums.m2_b > ZERO_SPREAD * sums.sq_b
+    if "corr" in pair:
+        res["corr"] = float(np.clip(_ratio(sums.c_ab, math.sqrt(sums.m2_a * sums.m2_b)), -1, 1)) if spread_a and spread_b else math.nan
+    if "cos" in pair:
+        res["cos"] = float(np.clip(_ratio(sums.dot, math.sqrt(sums.sq_a * sums.sq_b)), -1, 1))
+    std_a = math.sqrt(sums.m2_a / sums.count) if spread_a else 0.0
+    norm_a, norm_b = math.sqrt(sums.sq_a), math.sqrt(sums.sq_b)
+    want_changed = "changed_frac" in pair and std_a > 0
+    want_rel = "rel_l2" in pair and norm_a > 0 and norm_b > 0
+    if want_changed or want_rel:
+        # pass 2: what needs pass 1's totals
+        thr = tol * std_a
+        changed, rel2 = 0, 0.0
+        for xa, xb in zip(_chunks(ta, device, per), _chunks(tb, device, per)):  # type: ignore[arg-type]
             if want_changed:
                 changed += int(((xa - xb).abs_() > thr).sum())
             if want_rel:
                 d = (xa / norm_a).sub_(xb, alpha=1.0 / norm_b).view(-1)
                 rel2 += float(torch.dot(d, d))
-                del d
-            if want_cka and transposed:
-                ca, cb = xa - mean_col_a, xb - mean_col_b  # type: ignore[operator]
-                gram_a.add(ca)  # type: ignore[union-attr]
-                gram_b.add(cb)  # type: ignore[union-attr]
-                cross.addmm_(cb.T, ca)  # type: ignore[union-attr]
-                del ca, cb
         if want_changed:
-            res["changed_frac"] = changed / count
+            res["changed_frac"] = changed / sums.count
         if want_rel:
             res["rel_l2"] = min(2.0, math.sqrt(rel2))
-    if "changed_frac" in names and not want_changed:
+    if "changed_frac" in pair and not want_changed:
         res["changed_frac"] = math.nan
-    if "rel_l2" in names and not want_rel:
+    if "rel_l2" in pair and not want_rel:
         res["rel_l2"] = math.nan
+
+    lam_a = lam_b = None
+    ga = gram_a.full() if gram_a is not None else None
+    gb = gram_b.full() if gram_b is not None else None
+    if single_a:
+        lam_a = _eigenvalues(ga)  # type: ignore[arg-type]
+    if single_b:
+        lam_b = _eigenvalues(gb)  # type: ignore[arg-type]
     if want_cka:
-        if cross is None:
-            num = gram_a.inner(gram_b)  # type: ignore[union-attr,arg-type]
+        # centre the Grams in place (λ are taken): K = G − u1ᵀ − 1uᵀ + ‖m‖²11ᵀ, or G − R·μμᵀ
+        zero = False
+        norms = []
+        for g, u, i in ((ga, u_a, 0), (gb, u_b, 1)):
+            g2 = _fro2(g)  # type: ignore[arg-type]
+            if wide:
+                mu = u / rows  # type: ignore[operator]
+                g.addr_(mu, mu, alpha=-float(rows))  # type: ignore[union-attr]
+            else:
+                g.sub_(u[:, None]).sub_(u[None, :]).add_(mm[i])  # type: ignore[union-attr,index]
+            k2, is_zero = _centred_norm2(g, g2)  # type: ignore[arg-type]
+            zero = zero or is_zero
+            norms.append(math.sqrt(k2))
+        if zero:
+            res["cka"] = math.nan
         else:
-            flat = cross.view(-1)
-            num = float(torch.dot(flat, flat))
-        den = math.sqrt(max(gram_a.inner(gram_a), 0.0)) * math.sqrt(max(gram_b.inner(gram_b), 0.0))  # type: ignore[union-attr,arg-type]
-        res["cka"] = float(np.clip(_ratio(num, den), 0.0, 1.0))
-    return res
+            if wide:
+                cross.addr_(u_b / rows, u_a / rows, alpha=-float(rows))  # type: ignore[union-attr,operator]
+                num = _fro2(cross)  # type: ignore[arg-type]
+            else:
+                num = float(torch.dot(ga.reshape(-1), gb.reshape(-1)))  # type: ignore[union-attr]
+            res["cka"] = float(np.clip(_ratio(num, norms[0] * norms[1]), 0.0, 1.0))
+    return res, lam_a, lam_b, sums.sq_a, sums.sq_b
 
 
-def pair_metrics(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    metrics: str | Iterable[str] = PAIR_METRICS,
-    tol: float = DEFAULT_TOL,
-    device: str | torch.device = "auto",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> dict[str, np.ndarray]:
-    """Pair metrics of A[k] vs B[k] for each k of two stacks [B, out, in] (or two matrices [out, in]).
-
-    ``a`` and ``b`` as stored (bfloat16, float32, ...; any device); each matrix is streamed to
-    ``device`` in float64 chunks of about ``chunk_bytes`` (a few are alive at once), plus two
-    c×c float64 Grams for ``cka`` (c = min(out, in): 128 MiB each at c = 4096). Each pair is read
-    twice when ``changed_frac``/``rel_l2`` or a wide matrix's ``cka`` is asked for (their
-    thresholds and centring need the first pass's totals), else once.
-
-    Returns {name: float64 array [B]} for the names of ``metrics`` (see the module docstring for
-    the formulas; NaN where a metric is undefined). For deltas pass A − base and B − base."""
-    names = check_metric_names(metrics, "pair")
-    tol = _check_tol(tol)
-    sa, sb = _as_stack(a, "a"), _as_stack(b, "b")
-    if tuple(sa.shape) != tuple(sb.shape):
-        raise ConfigError(f"a and b must have the same shape; got {tuple(sa.shape)} and {tuple(sb.shape)}: "
-                          "compare the same module of two models of one architecture")
-    dev = resolve_device(device)
-    rows = []
-    with torch.no_grad(), full_precision():
-        for k in range(int(sa.shape[0])):
-            rows.append(_pair(sa[k], sb[k], names, tol, dev, int(chunk_bytes)))
-    return {n: np.array([r[n] for r in rows], dtype=np.float64) for n in names}
-
-
+# ----------------------------------------------------------------------------------------------
+# Single-matrix metrics from spectra
+# ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Spectra:
     """Eigenvalues of WᵀW for a stack of B matrices of one ``shape`` (out, in).
@@ -327,63 +378,6 @@ class Spectra:
         return np.sqrt(self.eigenvalues)
 
 
-def _eigvalsh_desc(grams: torch.Tensor) -> np.ndarray:
-    """Eigenvalues [g, c], descending and ≥ 0, of symmetric [g, c, c] given by their lower triangles."""
-    lam = torch.linalg.eigvalsh(grams, UPLO="L")  # [g, c] ascending
-    return lam.flip(-1).clamp_min(0.0).cpu().numpy()
-
-
-def spectra(
-    w: torch.Tensor,
-    device: str | torch.device = "auto",
-    dtype: str = "float64",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    gram_bytes: int = DEFAULT_GRAM_BYTES,
-) -> Spectra:
-    """The eigenvalues of WᵀW of every matrix of ``w`` [B, out, in] (or one [out, in]).
-
-    ``dtype="float64"``: eigenvalues of the float64 Gram TᵀT [c, c], streamed in chunks (memory:
-    one Gram, or on CUDA a batch of them up to ``gram_bytes``). ``dtype="float32"``:
-    ``torch.linalg.svdvals`` of each matrix in float32 (a float32 copy of one matrix at a time on
-    the CPU, batches up to ``gram_bytes`` on CUDA)."""
-    if dtype not in SPECTRUM_DTYPES:
-        raise ConfigError(f"unknown spectrum dtype {dtype!r}; expected {' or '.join(SPECTRUM_DTYPES)}")
-    s = _as_stack(w, "w")
-    dev = resolve_device(device)
-    n_mat = int(s.shape[0])
-    shape = (int(s.shape[1]), int(s.shape[2]))
-    c = min(shape)
-    lam = np.zeros((n_mat, c), dtype=np.float64)
-    fro2 = np.zeros(n_mat, dtype=np.float64)
-    with torch.no_grad(), full_precision():
-        if dtype == "float64":
-            per = 1 if dev.type == "cpu" else max(1, int(gram_bytes) // (c * c * 8 * 2))
-            for g0 in range(0, n_mat, per):
-                grams = []
-                for k in range(g0, min(n_mat, g0 + per)):
-                    g = _Gram(c, dev)
-                    for x in _chunks(_tall(s[k]), dev, chunk_bytes):
-                        g.add(x)
-                    fro2[k] = float(g.diagonal().sum())
-                    grams.append(g.lower())
-                    del g
-                batch = grams[0].unsqueeze(0) if len(grams) == 1 else torch.stack(grams)  # [g, c, c]
-                lam[g0:g0 + len(grams)] = _eigvalsh_desc(batch)
-                del grams, batch
-        else:
-            per = 1 if dev.type == "cpu" else max(1, int(gram_bytes) // (shape[0] * shape[1] * 4 * 3))
-            for k in range(n_mat):
-                for x in _chunks(_tall(s[k]), dev, chunk_bytes):
-                    v = x.view(-1)
-                    fro2[k] += float(torch.dot(v, v))
-            for g0 in range(0, n_mat, per):
-                block = s[g0:g0 + per].to(device=dev, dtype=torch.float32)  # [g, out, in]
-                sig = torch.linalg.svdvals(block).double().cpu().numpy()      # [g, c] descending
-                lam[g0:g0 + sig.shape[0]] = sig * sig
-                del block
-    return Spectra(eigenvalues=lam, fro2=fro2, shape=shape, dtype=dtype)
-
-
 def _effective_rank(sigma: np.ndarray, shape: tuple[int, int]) -> float:
     s1 = float(sigma[0])
     if not s1 > 0:
@@ -395,18 +389,16 @@ def _effective_rank(sigma: np.ndarray, shape: tuple[int, int]) -> float:
 
 def metrics_from_spectra(sp: Spectra, metrics: str | Iterable[str] = SINGLE_METRICS,
                          floor: float = EVALS_FLOOR) -> dict[str, np.ndarray]:
-    """The single-matrix metrics from precomputed :class:`Spectra`: {name: float64 [B]}."""
+    """The single-matrix metrics from :class:`Spectra`: {name: float64 array [B]}. ``floor`` is
+    α's eigenvalue floor (WeightWatcher's 1e-5, see :mod:`moelens.metrics.power_law`)."""
     names = check_metric_names(metrics, "single")
     lam = sp.eigenvalues
-    lam1 = lam[:, 0] if lam.shape[1] else np.zeros(lam.shape[0])
+    lam1 = lam[:, 0]
     out: dict[str, np.ndarray] = {}
+    out["fro_norm"] = np.sqrt(sp.fro2)
+    out["spectral_norm"] = np.sqrt(lam1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        if "fro_norm" in names:
-            out["fro_norm"] = np.sqrt(sp.fro2)
-        if "spectral_norm" in names:
-            out["spectral_norm"] = np.sqrt(lam1)
-        if "stable_rank" in names:
-            out["stable_rank"] = np.where(lam1 > 0, sp.fro2 / lam1, np.nan)
+        out["stable_rank"] = np.where(lam1 > 0, sp.fro2 / lam1, np.nan)
     if "effective_rank" in names:
         out["effective_rank"] = np.array([_effective_rank(np.sqrt(row), sp.shape) for row in lam], dtype=np.float64)
     if "alpha" in names:
@@ -415,6 +407,68 @@ def metrics_from_spectra(sp: Spectra, metrics: str | Iterable[str] = SINGLE_METR
         else:
             out["alpha"] = np.array([power_law_alpha(row, floor) for row in lam], dtype=np.float64)
     return {n: out[n] for n in names}
+
+
+def spectra(
+    w: torch.Tensor,
+    device: str | torch.device = "auto",
+    dtype: str = "float64",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    svd_bytes: int = DEFAULT_SVD_BYTES,
+) -> Spectra:
+    """The eigenvalues of WᵀW of every matrix of ``w`` [B, out, in] (or one [out, in]).
+
+    ``dtype="float64"``: eigenvalues of the float64 Gram TᵀT [c, c], streamed in chunks (memory:
+    one Gram, twice while it is mirrored). ``dtype="float32"``: ``torch.linalg.svdvals`` in
+    float32, one matrix at a time on the CPU, batches of up to ``svd_bytes`` on CUDA."""
+    if dtype not in SPECTRUM_DTYPES:
+        raise ConfigError(f"unknown spectrum dtype {dtype!r}; expected {' or '.join(SPECTRUM_DTYPES)}")
+    s = _as_stack(w, "w")
+    dev = resolve_device(device)
+    n_mat = int(s.shape[0])
+    shape = (int(s.shape[1]), int(s.shape[2]))
+    lam = np.zeros((n_mat, min(shape)), dtype=np.float64)
+    fro2 = np.zeros(n_mat, dtype=np.float64)
+    with torch.no_grad(), full_precision():
+        if dtype == "float64":
+            for k in range(n_mat):
+                _, lam_k, _, fro2[k], _ = _one(s[k], None, (), True, False, 0.0, dev, int(chunk_bytes))
+                lam[k] = lam_k  # type: ignore[assignment]
+        else:
+            for k in range(n_mat):
+                for x in _chunks(_tall(s[k]), dev, chunk_bytes):
+                    fro2[k] += float(torch.dot(x.view(-1), x.view(-1)))
+            per = 1 if dev.type == "cpu" else max(1, int(svd_bytes) // (shape[0] * shape[1] * 4))
+            for g0 in range(0, n_mat, per):
+                block = s[g0:g0 + per].to(device=dev, dtype=torch.float32)  # [g, out, in]
+                sig = torch.linalg.svdvals(block).double().cpu().numpy()      # [g, c] descending
+                lam[g0:g0 + sig.shape[0]] = sig * sig
+                del block
+    return Spectra(eigenvalues=lam, fro2=fro2, shape=shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The API
+# ----------------------------------------------------------------------------------------------
+def pair_metrics(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    metrics: str | Iterable[str] = PAIR_METRICS,
+    tol: float = DEFAULT_TOL,
+    device: str | torch.device = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, np.ndarray]:
+    """Pair metrics of A[k] vs B[k] for each k of two stacks [B, out, in] (or two matrices [out, in]).
+
+    ``a`` and ``b`` as stored (bfloat16, float32, ...; any device); each matrix is streamed to
+    ``device`` in float64 chunks of about ``chunk_bytes`` for the pair (a few are alive at once),
+    plus for ``cka`` two c×c float64 Grams (three when out < in). Each pair is read once, twice
+    when ``changed_frac`` or ``rel_l2`` is asked for (their threshold and norms need the first
+    pass's totals).
+
+    Returns {name: float64 array [B]} for the names of ``metrics`` (see the module docstring for
+    the formulas; NaN where a metric is undefined). For deltas pass A − base and B − base."""
+    return pair_and_single_metrics(a, b, metrics, (), tol, device, chunk_bytes).pair
 
 
 def single_metrics(
@@ -427,8 +481,8 @@ def single_metrics(
     """Single-matrix metrics of every matrix of ``w`` [B, out, in] (or one [out, in]):
     {name: float64 array [B]}.
 
-    Only ``fro_norm`` needs no spectrum (one float64 pass over each matrix); the others come
-    from :func:`spectra` with ``dtype`` (see the module docstring for precision and cost)."""
+    ``fro_norm`` alone is one float64 pass over each matrix; the others come from
+    :func:`spectra` with ``dtype`` (see the module docstring for precision and cost)."""
     names = check_metric_names(metrics, "single")
     if names == ("fro_norm",):
         s = _as_stack(w, "w")
@@ -437,7 +491,59 @@ def single_metrics(
         with torch.no_grad():
             for k in range(int(s.shape[0])):
                 for x in _chunks(_tall(s[k]), dev, chunk_bytes):
-                    v = x.view(-1)
-                    fro2[k] += float(torch.dot(v, v))
+                    fro2[k] += float(torch.dot(x.view(-1), x.view(-1)))
         return {"fro_norm": np.sqrt(fro2)}
     return metrics_from_spectra(spectra(w, device=device, dtype=dtype, chunk_bytes=chunk_bytes), names)
+
+
+@dataclass(frozen=True)
+class PairAndSingleMetrics:
+    """:func:`pair_and_single_metrics`' result: ``pair`` (A vs B), ``a`` and ``b`` (single-matrix),
+    each {name: float64 array [B]} (empty dicts for what was not asked)."""
+
+    pair: dict[str, np.ndarray]
+    a: dict[str, np.ndarray]
+    b: dict[str, np.ndarray]
+
+
+def pair_and_single_metrics(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    pair: str | Iterable[str] = PAIR_METRICS,
+    single: str | Iterable[str] = SINGLE_METRICS,
+    tol: float = DEFAULT_TOL,
+    device: str | torch.device = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> PairAndSingleMetrics:
+    """Pair metrics of A vs B and single metrics of A and of B for two stacks [B, out, in], in one
+    streaming pass (two with ``changed_frac``/``rel_l2``): each matrix's Gram is formed once
+    and serves both its spectrum (float64) and CKA. Same values as :func:`pair_metrics` and
+    :func:`single_metrics` (to rounding), about 1.5–2× less work than calling both. ``pair`` or
+    ``single`` may be empty (``()``)."""
+    pair = pair if isinstance(pair, str) else tuple(pair)
+    single = single if isinstance(single, str) else tuple(single)
+    pair_names = check_metric_names(pair, "pair") if pair else ()
+    single_names = check_metric_names(single, "single") if single else ()
+    tol = _check_tol(tol)
+    sa, sb = _as_stack(a, "a"), _as_stack(b, "b")
+    _same_shape(sa, sb)
+    dev = resolve_device(device)
+    n_mat = int(sa.shape[0])
+    shape = (int(sa.shape[1]), int(sa.shape[2]))
+    want_spectra = bool(single_names)
+    rows: list[dict[str, float]] = []
+    lam = np.zeros((2, n_mat, min(shape)), dtype=np.float64)
+    fro2 = np.zeros((2, n_mat), dtype=np.float64)
+    with torch.no_grad(), full_precision():
+        for k in range(n_mat):
+            res, la, lb, fro2[0, k], fro2[1, k] = _one(sa[k], sb[k], pair_names, want_spectra, want_spectra,
+                                                      tol, dev, int(chunk_bytes))
+            rows.append(res)
+            if want_spectra:
+                lam[0, k], lam[1, k] = la, lb  # type: ignore[assignment]
+    pair_out = {n: np.array([r[n] for r in rows], dtype=np.float64) for n in pair_names}
+    singles = [
+        metrics_from_spectra(Spectra(lam[i], fro2[i], shape, "float64"), single_names) if single_names else {}
+        for i in (0, 1)
+    ]
+    return PairAndSingleMetrics(pair=pair_out, a=singles[0], b=singles[1])

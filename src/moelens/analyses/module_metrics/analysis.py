@@ -28,7 +28,14 @@ from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tu
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import CheckpointFormatError, ConfigError, IndexOutOfRangeError
-from moelens.metrics.module import PAIR_METRICS, SINGLE_METRICS, check_metric_names, pair_metrics, single_metrics
+from moelens.metrics.module import (
+    PAIR_METRICS,
+    SINGLE_METRICS,
+    check_metric_names,
+    pair_and_single_metrics,
+    pair_metrics,
+    single_metrics,
+)
 from moelens.module_names import ATTENTION, ROLES, mlp_module, module_rank, shared_module
 from moelens.progress import ProgressCallback
 from moelens.ranges import compact_ranges, parse_ranges
@@ -63,10 +70,12 @@ class ModuleMetricsConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
-        if self.metrics is not None:
-            object.__setattr__(self, "metrics", check_metric_names(_as_tuple(self.metrics), "pair"))
-        if self.single is not None:
-            object.__setattr__(self, "single", check_metric_names(_as_tuple(self.single), "single"))
+        # None: every metric that applies; an empty list: none of that kind
+        for name, kind in (("metrics", "pair"), ("single", "single")):
+            value = getattr(self, name)
+            if value is not None:
+                names = _as_tuple(value)
+                object.__setattr__(self, name, check_metric_names(names, kind) if names else ())
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not float(self.tol) > 0:
             raise ConfigError(f"tol={self.tol!r}: give a positive number, e.g. 1e-3")
         object.__setattr__(self, "tol", float(self.tol))
@@ -103,7 +112,7 @@ def resolve(models: Mapping[str, MoEModel | None], config: ModuleMetricsConfig) 
     for name, other in given.items():
         if name != "a":
             _same_architecture(a, other, "the base" if name == "base" else "model B")
-    if config.metrics is not None and b is None and base is None:
+    if config.metrics and b is None and base is None:
         raise ConfigError("pair metrics compare two models: give model B (moelens modules A B) or --base BASE")
     pair = tuple(config.metrics) if config.metrics is not None else (PAIR_METRICS if (b is not None or base is not None) else ())
     single = tuple(config.single) if config.single is not None else SINGLE_METRICS
@@ -223,17 +232,23 @@ class ModuleMetrics(Analysis):
             shapes = {name: tuple(t.shape) for name, t in st.items()}
             if len(set(shapes.values())) != 1:
                 raise CheckpointFormatError(f"layer {L} {group.module}: shapes differ between models ({shapes}); pair metrics need equal shapes")
-            if s.single:
-                rows += _rows(L, group.module, single_metrics(st["a"], s.single, s.device), "a", group.experts)
-                if has_b:
-                    rows += _rows(L, group.module, single_metrics(st["b"], s.single, s.device), "b", group.experts)
             if s.pair:
+                # one Gram per matrix serves both its spectrum and CKA
                 other = st["b"] if has_b else st["base"]
-                rows += _rows(L, group.module, pair_metrics(st["a"], other, s.pair, s.config.tol, s.device), "pair", group.experts)
+                both = pair_and_single_metrics(st["a"], other, s.pair, s.single, s.config.tol, s.device)
+                rows += _rows(L, group.module, both.pair, "pair", group.experts)
+                if s.single:
+                    rows += _rows(L, group.module, both.a, "a", group.experts)
+                    if has_b:
+                        rows += _rows(L, group.module, both.b, "b", group.experts)
                 if has_b and has_base:
-                    base = st["base"].float()
-                    deltas = pair_metrics(st["a"].float() - base, st["b"].float() - base, s.pair, s.config.tol, s.device)
-                    rows += _rows(L, group.module, deltas, "pair_delta", group.experts)
+                    for i in range(st["a"].shape[0]):  # one matrix's deltas at a time, not whole stacks
+                        base = st["base"][i].float()
+                        deltas = pair_metrics(st["a"][i].float() - base, st["b"][i].float() - base, s.pair, s.config.tol, s.device)
+                        experts = None if group.experts is None else [group.experts[i]]
+                        rows += _rows(L, group.module, deltas, "pair_delta", experts)
+            elif s.single:
+                rows += _rows(L, group.module, single_metrics(st["a"], s.single, s.device), "a", group.experts)
         table = pd.DataFrame(rows, columns=["layer", "module", "expert", "metric", "model", "value"])
         for module, nan in table[table["value"].isna()].groupby("module", sort=False):
             names = sorted(set(nan["metric"]))
