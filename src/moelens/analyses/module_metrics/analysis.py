@@ -10,7 +10,8 @@ model, the same between the deltas A − base and B − base (``model = "pair_de
 Modules and their names per family: :mod:`moelens.module_names`. In an MoE
 layer ``mlp.*`` is the mean over the routed experts; each expert's own value is in the table
 ``module_metrics_experts``. One unit per layer; a layer's experts are read a few at a time, each
-matrix once.
+matrix once. An ``mlp.*`` row is the mean over the experts whose value is defined (a zero expert's
+NaN is left out; the run's warnings name it).
 """
 
 from __future__ import annotations
@@ -76,13 +77,14 @@ class ModuleMetricsConfig:
             if value is not None:
                 names = _as_tuple(value)
                 object.__setattr__(self, name, check_metric_names(names, kind) if names else ())
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not float(self.tol) > 0:
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < float(self.tol) < float("inf"):
             raise ConfigError(f"tol={self.tol!r}: give a positive number, e.g. 1e-3")
         object.__setattr__(self, "tol", float(self.tol))
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
+    """A metric list: ``"corr,cka"``, ``"cka"`` or any iterable of names."""
+    return _names(value) if isinstance(value, str) else tuple(value)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,33 @@ class ModuleState:
     device: torch.device
 
 
+#: Config keys that set a matrix's shape (each family uses some of them).
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim",
+              "qk_nope_head_dim", "v_head_dim", "n_shared_experts", "ffn_hidden_size", "d_model", "n_heads")
+
+
+def _text_config(model: MoEModel) -> dict[str, Any]:
+    config = dict(model.config)
+    for nested in ("text_config", "ffn_config", "attn_config"):
+        if isinstance(config.get(nested), dict):
+            config.update(config[nested])
+    return config
+
+
+def _same_shapes(a: MoEModel, b: MoEModel, what: str) -> None:
+    """Every size that sets a matrix's shape agrees (config), and so does every tensor both
+    checkpoints name (headers): found before anything is written."""
+    ca, cb = _text_config(a), _text_config(b)
+    for key in SHAPE_KEYS:
+        if ca.get(key) != cb.get(key):
+            raise ConfigError(f"{a.name} and {what} {b.name} differ in {key} ({ca.get(key)} vs {cb.get(key)}); pair metrics need two models of one architecture")
+    names_b = set(b.store.names())
+    for name in a.store.names():
+        if name in names_b and a.store.shape(name) != b.store.shape(name):
+            raise ConfigError(f"{a.name} and {what} {b.name} store {name} as {list(a.store.shape(name))} and {list(b.store.shape(name))}; pair metrics need two models of one architecture")
+
+
 def _same_architecture(a: MoEModel, b: MoEModel, what: str) -> None:
     """Pair metrics need matrices of equal shapes: the same family, layers, experts and sizes."""
     checks = [("family", a.family, b.family), ("number of layers", a.n_layers, b.n_layers),
@@ -104,6 +133,7 @@ def _same_architecture(a: MoEModel, b: MoEModel, what: str) -> None:
     for name, va, vb in checks:
         if va != vb:
             raise ConfigError(f"{a.name} and {what} {b.name} differ in {name} ({va} vs {vb}); pair metrics need two models of one architecture")
+    _same_shapes(a, b, what)
 
 
 def resolve(models: Mapping[str, MoEModel | None], config: ModuleMetricsConfig) -> ModuleState:
@@ -243,12 +273,14 @@ class ModuleMetrics(Analysis):
                         rows += _rows(L, group.module, both.b, "b", group.experts)
                 if has_b and has_base:
                     for i in range(st["a"].shape[0]):  # one matrix's deltas at a time, not whole stacks
-                        base = st["base"][i].float()
-                        deltas = pair_metrics(st["a"][i].float() - base, st["b"][i].float() - base, s.pair, s.config.tol, s.device)
+                        base = st["base"][i].double()  # float64: a small delta of bf16 weights loses nothing
+                        deltas = pair_metrics(st["a"][i].double() - base, st["b"][i].double() - base, s.pair, s.config.tol, s.device)
                         experts = None if group.experts is None else [group.experts[i]]
                         rows += _rows(L, group.module, deltas, "pair_delta", experts)
             elif s.single:
                 rows += _rows(L, group.module, single_metrics(st["a"], s.single, s.device), "a", group.experts)
+                if has_b:
+                    rows += _rows(L, group.module, single_metrics(st["b"], s.single, s.device), "b", group.experts)
         table = pd.DataFrame(rows, columns=["layer", "module", "expert", "metric", "model", "value"])
         for module, nan in table[table["value"].isna()].groupby("module", sort=False):
             names = sorted(set(nan["metric"]))
