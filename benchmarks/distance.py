@@ -37,12 +37,14 @@ import argparse
 import json
 import math
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import finish_measurement, run_measurement  # noqa: E402
+from measure import line as measure_line  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("gate", "up", "down")
@@ -202,37 +204,19 @@ def child_main(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     shape = (QUICK if args.quick else SHAPES)[args.shape]
     result = MEASURES[args.measure](shape, args)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.json_out).write_text(json.dumps(result))
+    finish_measurement(result, args.json_out)
 
 
 def run_child(measure: str, name: str, pairing: str, ref_pairs: int, work: Path, args: argparse.Namespace) -> dict:
-    json_out = work / f"{measure}-{name}-{pairing}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, __file__, "--measure", measure, "--shape", name, "--pairing", pairing,
-           "--ref-pairs", str(ref_pairs), "--json-out", str(json_out)]
-    if args.quick:
-        cmd.append("--quick")
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    load = os.getloadavg()[0]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    if args.threads:
-        # SciPy's BLAS/LAPACK (the CPU Gram) has its own thread pool, which torch.set_num_threads
-        # does not bound; it reads this at load time.
-        env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(args.threads)
-    subprocess.run(cmd, check=True, env=env)
-    result = json.loads(json_out.read_text())
-    result["load_before"] = load
-    result["load_after"] = os.getloadavg()[0]
-    return result
+    extra = ["--shape", name, "--pairing", pairing, "--ref-pairs", str(ref_pairs), *(["--quick"] if args.quick else [])]
+    return run_measurement(__file__, measure, work, args.threads, *extra)
 
 
 # ----------------------------------------------------------------------------------------------
 # The benchmark
 # ----------------------------------------------------------------------------------------------
 def line(label: str, r: dict, note: str = "") -> str:
-    return (f"  {label:<40} {r['wall_s']:9.2f} s   peak RSS {r['peak_rss_mib']:8.0f} MiB"
-            f"   load {r['load_before']:.1f}->{r['load_after']:.1f}{'   ' + note if note else ''}")
+    return measure_line(label, r, note, width=40)
 
 
 def agreement(mine: dict, theirs: dict) -> dict[str, dict[str, float]]:
