@@ -91,3 +91,17 @@ def test_the_mixed_report_opens_in_headless_chromium(mixed_html, tmp_path):
     assert not [line for line in done.stderr.splitlines() if "CONSOLE" in line]
     pixels = mpimg.imread(shot)[..., :3].mean(axis=-1)
     assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005
+
+
+def test_a_module_metrics_section_has_a_heat_map_and_lines_per_metric(tiny_checkpoint, tmp_path):
+    a = tiny_checkpoint("qwen2_moe")
+    b = build_tiny_checkpoint(TinySpec("qwen2_moe", "per_expert", "float32", False), tmp_path / "b", seed=1)
+    run = ml.module_metrics(a, b, metrics="corr,cka", single="stable_rank")
+    html = ml.build_report([run])
+    doc = outline(html)
+    assert 'id="module-metrics"' in html and "modules-run-1" in doc.sections
+    figures = doc.sections["modules-run-1"].figures
+    # pair: corr and cka; model a and b: stable_rank — one heat map and one line plot each
+    assert figures.count("module_heatmap") == 4 and figures.count("module_lines") == 4
+    assert "explain-module_heatmap" in doc.sections
+    assert "corr A vs B from" in html  # the first screen's one line of numbers
