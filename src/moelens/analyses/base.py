@@ -216,11 +216,21 @@ def as_index_tuple(value: Any, what: str) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def chosen_layers(requested: tuple[int, ...] | None, default: Sequence[int], what: str = "MoE layer") -> list[int]:
+    """The layers a config asks for (``default`` when None), refusing an empty list or a layer named twice."""
+    layers = list(requested) if requested is not None else list(default)
+    if not layers:
+        raise ConfigError(f"the layer list is empty; give at least one {what}, e.g. --layers 0")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"layers {layers} name a layer twice; list each layer once")
+    return layers
+
+
 def layer_unit_key(layer: int) -> str:
     return f"L{int(layer):05d}"
 
 
 __all__ = [
-    "Analysis", "MAX_SEED", "Plan", "Unit", "UnitContext", "as_index_tuple", "check_seed", "config_fields", "config_options",
+    "Analysis", "MAX_SEED", "Plan", "Unit", "UnitContext", "as_index_tuple", "check_seed", "chosen_layers", "config_fields", "config_options",
     "jsonable", "layer_unit_key", "make_config", "option", "resumable_fields", "unit_seed",
 ]

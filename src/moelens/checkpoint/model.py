@@ -116,6 +116,15 @@ class MoELayer:
         check_role(role)
         return self._family.expert_matrix(self.index, self._check_expert(e), role)
 
+    def has_role(self, role: str) -> bool:
+        """Whether this layer's experts have a ``role`` matrix (every family has up and down;
+        a gate is read to find out)."""
+        try:
+            self.expert_matrix(0, role)
+        except ConfigError:
+            return False
+        return True
+
     def expert_stack(self, role: str) -> torch.Tensor:
         """All experts' ``role`` matrices as [E, out, in] in the stored dtype (one role of one
         layer in memory)."""

@@ -69,15 +69,19 @@ def _align(values: dict) -> None:
                 str(int(r.k)), _cell(r.align, ".6f"), _cell(r.delta_vs_shuffle, ".6f"), _cell(r.z_vs_shuffle, ".6f"),
                 _cell(r.effect_over_random, ".6f"), _cell(r.cos_squared, ".6f"), _cell(r.z_layer, ".6f"), _cell(r.p_layer, ".3g"),
             )
-        # the seed's eight columns need ~110 characters: never crop them to an 80-column pipe
-        width = console.width
-        console.width = max(width, 112)
-        try:
-            console.print(table)
-        finally:
-            console.width = width
+        print_wide(table, 112)  # the seed's eight columns need ~110 characters
     print_warnings(run)
     console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, " + ", ".join(f"{t}.parquet" for t in TABLES), highlight=False)
+
+
+def print_wide(table: Table, columns: int) -> None:
+    """Print ``table`` at least ``columns`` wide: never crop numbers to an 80-column pipe."""
+    width = console.width
+    console.width = max(width, columns)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def print_warnings(run) -> None:
@@ -171,12 +175,7 @@ def _modules(values: dict) -> None:
         out_table.add_column(metric, justify="right", no_wrap=True)
     for module in sorted(grid.index, key=module_rank):
         out_table.add_row(module, *[_cell(float(grid.loc[module, m]), ".4f") for m in metrics])
-    width = console.width
-    console.width = max(width, 16 + 16 * len(metrics))  # never crop the numbers to an 80-column pipe
-    try:
-        console.print(out_table)
-    finally:
-        console.width = width
+    print_wide(out_table, 16 + 16 * len(metrics))
     print_warnings(run)
     console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, module_metrics.parquet, module_metrics_experts.parquet", highlight=False)
 

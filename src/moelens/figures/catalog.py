@@ -77,7 +77,7 @@ def draw(name: str, runs: Sequence[Run], k: Optional[int] = None, metric: Option
         if analysis != entry.analysis:
             where = f" {run.path}" if run.path else ""
             raise ConfigError(
-                f"{key} draws {entry.analysis} runs, but run{where} is a {analysis} run; its figures are {', '.join(figures_of(str(analysis))) or 'none'}"
+                f"{key} draws {entry.analysis} runs, but run{where} is a run of {analysis}; its figures are {', '.join(figures_of(str(analysis))) or 'none'}"
             )
     if entry.one_run and len(runs) != 1:
         raise ConfigError(f"{key} draws one run; got {len(runs)} (draw it once per run)")

@@ -24,10 +24,20 @@ from typing import Any
 
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, layer_unit_key, option, unit_seed
+from moelens.analyses.base import (
+    Analysis,
+    Plan,
+    Unit,
+    UnitContext,
+    as_index_tuple,
+    chosen_layers,
+    layer_unit_key,
+    option,
+    unit_seed,
+)
 from moelens.analyses.expert_distance.tables import LAYER_SCHEMA, PAIR_SCHEMA, layer_summary, pair_rows
 from moelens.analyses.runner import run_analysis
-from moelens.checkpoint.model import ROLES, MoELayer, MoEModel
+from moelens.checkpoint.model import ROLES, MoEModel
 from moelens.errors import ConfigError, NotMoEError
 from moelens.metrics import POOLS, check_options, expert_distances, role_distances, same_index_pairs, within_pairs
 from moelens.progress import ProgressCallback
@@ -91,14 +101,6 @@ class DistanceState:
     device: Any
 
 
-def _has_role(layer: MoELayer, role: str) -> bool:
-    try:
-        layer.expert_matrix(0, role)
-    except ConfigError:
-        return False
-    return True
-
-
 def _check_same_shapes(a: MoEModel, b: MoEModel, layers: list[int]) -> None:
     """Base and tuned must be the same architecture: family, layers, experts and shapes."""
     if a.family != b.family:
@@ -126,11 +128,7 @@ def resolve(models: Mapping[str, MoEModel | None], config: ExpertDistanceConfig)
         raise ConfigError("--pairing within compares the experts of one model; run each model alone (moelens distance A --pairing within)")
     if pairing == "base-tuned" and b is None:
         raise ConfigError("--pairing base-tuned needs two models: moelens distance BASE TUNED")
-    layers = list(config.layers) if config.layers is not None else list(a.moe_layers)
-    if not layers:
-        raise ConfigError("the layer list is empty; give at least one MoE layer, e.g. --layers 0")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"layers {layers} name a layer twice; list each layer once")
+    layers = chosen_layers(config.layers, a.moe_layers)
     for L in layers:
         layer = a.layer(L)  # out of range -> IndexOutOfRangeError, dense -> NotMoEError
         layer.check()
@@ -139,7 +137,7 @@ def resolve(models: Mapping[str, MoEModel | None], config: ExpertDistanceConfig)
     if b is not None:
         _check_same_shapes(a, b, layers)
     first = a.layer(layers[0])
-    missing = [m for m in config.matrices if not _has_role(first, m)]
+    missing = [m for m in config.matrices if not first.has_role(m)]
     if missing:
         raise ConfigError(f"{a.name} ({a.family}) experts have no {missing[0]} matrix; choose --matrices among the others")
     if config.top_sv is not None:

@@ -25,7 +25,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, layer_unit_key, option, unit_seed
+from moelens.analyses.base import (
+    Analysis,
+    Plan,
+    Unit,
+    UnitContext,
+    as_index_tuple,
+    chosen_layers,
+    layer_unit_key,
+    option,
+    unit_seed,
+)
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import CheckpointFormatError, ConfigError, IndexOutOfRangeError
@@ -148,17 +158,12 @@ def resolve(models: Mapping[str, MoEModel | None], config: ModuleMetricsConfig) 
     single = tuple(config.single) if config.single is not None else SINGLE_METRICS
     if not pair and not single:
         raise ConfigError("nothing to compute: give at least one pair metric (with two models) or one single-model metric")
-    layers = list(config.layers) if config.layers is not None else list(range(a.n_layers))
-    if not layers:
-        raise ConfigError("the layer list is empty; give at least one layer, e.g. --layers 0")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"layers {layers} name a layer twice; list each layer once")
+    layers = chosen_layers(config.layers, range(a.n_layers), "layer")
     bad = [L for L in layers if not 0 <= L < a.n_layers]
     if bad:
         raise IndexOutOfRangeError(f"layer {bad[0]} is out of range: {a.name} has layers 0..{a.n_layers - 1}")
-    a.check()
-    for other in given.values():
-        other.check()
+    for model in given.values():  # "a" included
+        model.check()
     return ModuleState(given, layers, pair, single, config, resolve_device(config.device))
 
 
@@ -199,10 +204,9 @@ def _mlp_groups(models: Mapping[str, MoEModel], L: int) -> Iterator[Group]:
     layers = {name: m.layer(L) for name, m in models.items()}
     first = layers["a"]
     for role in ROLES:
-        try:
-            shape = tuple(first.expert_matrix(0, role).shape)
-        except ConfigError:
+        if not first.has_role(role):
             continue  # a family whose experts have no such matrix
+        shape = tuple(first.expert_matrix(0, role).shape)
         chunk = max(1, CHUNK_BYTES // (4 * shape[0] * shape[1]))
         for start in range(0, first.n_experts, chunk):
             experts = list(range(start, min(start + chunk, first.n_experts)))

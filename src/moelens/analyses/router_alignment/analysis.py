@@ -42,6 +42,7 @@ from moelens.analyses.base import (
     UnitContext,
     as_index_tuple,
     check_seed,
+    chosen_layers,
     layer_unit_key,
     option,
     unit_seed,
@@ -176,11 +177,7 @@ def resolve(config: RouterAlignmentConfig, model: MoEModel) -> AlignmentPlan:
     """Check the config against the model (layers, k ≤ d, matrices present) and fix every choice."""
     if not model.is_moe:
         raise NotMoEError(f"{model.name} is a dense {model.family} model with no MoE layers; router alignment needs an MoE checkpoint")
-    layers = list(config.layers) if config.layers is not None else list(model.moe_layers)
-    if not layers:
-        raise ConfigError("the layer list is empty; give at least one MoE layer, e.g. --layers 0")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"layers {layers} name a layer twice; list each layer once")
+    layers = chosen_layers(config.layers, model.moe_layers)
     for L in layers:
         layer = model.layer(L)  # out of range -> IndexOutOfRangeError, dense -> NotMoEError
         layer.check()  # a partial or inconsistent layer fails here, from headers, before any work
@@ -192,10 +189,10 @@ def resolve(config: RouterAlignmentConfig, model: MoEModel) -> AlignmentPlan:
     if bad:
         raise ConfigError(f"k={bad[0]} is outside 1..d: {model.name} has hidden size d={d}; pick every k in 1..{d}")
     if config.matrix == "all":
-        matrices = [m for m in ROLES if m != "gate" or _has_gate(model.layer(layers[0]))]
+        matrices = [m for m in ROLES if m != "gate" or model.layer(layers[0]).has_role("gate")]
     else:
         matrices = [config.matrix]
-        if config.matrix == "gate" and not _has_gate(model.layer(layers[0])):
+        if config.matrix == "gate" and not model.layer(layers[0]).has_role("gate"):
             raise ConfigError(f"{model.name} ({model.family}) experts have no gate matrix; use --matrix up or down")
     device = resolve_device(config.device)
     chunk = config.chunk_bytes if config.chunk_bytes is not None else (CUDA_CHUNK_BYTES if device.type == "cuda" else 1)
@@ -203,14 +200,6 @@ def resolve(config: RouterAlignmentConfig, model: MoEModel) -> AlignmentPlan:
     use_cache = config.cache if config.cache is not None else config.cache_dir is not None
     cache = SpectrumCache(config.cache_dir) if use_cache else None
     return AlignmentPlan(config, layers, matrices, ks, d, device, resolve_dtype(config.dtype), int(chunk), model, cache)
-
-
-def _has_gate(layer: MoELayer) -> bool:
-    try:
-        layer.expert_matrix(0, "gate")
-    except ConfigError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------
