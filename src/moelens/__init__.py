@@ -7,11 +7,13 @@
 
 from moelens.analyses import (
     ExpertDistanceConfig,
+    InterventionsConfig,
     ModuleMetricsConfig,
     RouterAlignmentConfig,
     expert_distance,
     module_metrics,
     router_alignment,
+    trace,
 )
 from moelens.checkpoint import ExpertWeights, MoELayer, MoEModel, RouterWeights, open_model
 from moelens.errors import MoelensError
@@ -35,5 +37,6 @@ __all__ = [
     "ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model", "MoelensError",
     "Run", "load_run", "load_runs", "__version__",
     "RouterAlignmentConfig", "router_alignment", "ExpertDistanceConfig", "expert_distance", "ModuleMetricsConfig", "module_metrics",
+    "InterventionsConfig", "trace",
     "build_report", "report",
 ]

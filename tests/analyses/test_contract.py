@@ -31,8 +31,28 @@ def _modules(tiny):
     return {"a": a, "b": b, "base": None}, ml.ModuleMetricsConfig()
 
 
+_TRACE: dict[str, str] = {}
+
+
+def _interventions(tiny):
+    # A Mixtral-layout model with a tokenizer (the tiny checkpoints have none); 40 prompts make two
+    # units, so a kill after the first leaves something to resume.
+    if not _TRACE:
+        import tempfile
+        from pathlib import Path
+
+        from tests.analyses import interventions_fixtures as fx
+
+        root = Path(tempfile.mkdtemp(prefix="moelens-contract-trace-"))
+        tok = fx.tokenizer()
+        _TRACE["model"] = str(fx.save_model(fx.mixtral_config(tok), tok, root / "mixtral"))
+        _TRACE["prompts"] = str(fx.write_prompts(root / "prompts.jsonl", fx.PROMPTS * 10))
+    config = ml.InterventionsConfig(prompts=_TRACE["prompts"], sites=("subj", "last", "router"), layers=(0, 2), device="cpu")
+    return {"a": ml.open_model(_TRACE["model"])}, config
+
+
 #: How to make a small example of each analysis: a new analysis is not done until it has one.
-CASES = {"router_alignment": _alignment, "expert_distance": _distance, "module_metrics": _modules}
+CASES = {"router_alignment": _alignment, "expert_distance": _distance, "module_metrics": _modules, "interventions": _interventions}
 
 
 class Killed(Exception):

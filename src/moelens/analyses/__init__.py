@@ -6,12 +6,13 @@ Every analysis has the shape of :class:`~moelens.analyses.base.Analysis` and run
 
 from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, option
 from moelens.analyses.expert_distance import ExpertDistance, ExpertDistanceConfig, expert_distance
+from moelens.analyses.interventions import Interventions, InterventionsConfig, trace
 from moelens.analyses.module_metrics import ModuleMetrics, ModuleMetricsConfig, module_metrics
 from moelens.analyses.router_alignment import RouterAlignment, RouterAlignmentConfig, default_ks, router_alignment
 from moelens.analyses.runner import run_analysis
 
 #: Every analysis by its manifest name.
-ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance, ModuleMetrics)}
+ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance, ModuleMetrics, Interventions)}
 
 
 def get_analysis(name: str) -> Analysis:
@@ -24,6 +25,6 @@ def get_analysis(name: str) -> Analysis:
 
 
 __all__ = [
-    "ANALYSES", "Analysis", "ModuleMetrics", "ModuleMetricsConfig", "module_metrics", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "Plan", "RouterAlignment", "RouterAlignmentConfig", "Unit", "UnitContext",
+    "ANALYSES", "Analysis", "Interventions", "InterventionsConfig", "trace", "ModuleMetrics", "ModuleMetricsConfig", "module_metrics", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "Plan", "RouterAlignment", "RouterAlignmentConfig", "Unit", "UnitContext",
     "default_ks", "get_analysis", "option", "router_alignment", "run_analysis",
 ]

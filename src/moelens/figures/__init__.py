@@ -25,6 +25,8 @@ _WHERE = {
     "expert_distance_heatmap": "moelens.figures.distance",
     "module_heatmap": "moelens.figures.modules",
     "module_lines": "moelens.figures.modules",
+    "trace_heatmap": "moelens.figures.trace",
+    "trace_indirect_effect": "moelens.figures.trace",
     "FIGURES": "moelens.figures.catalog",
     "draw": "moelens.figures.catalog",
     "figures_of": "moelens.figures.catalog",

@@ -54,6 +54,8 @@ FIGURES: dict[str, FigureEntry] = {
                                            options=("layers", "measure", "matrix")),
     "module_heatmap": FigureEntry("modules:module_heatmap", "module_metrics", one_run=True, options=("metric", "model")),
     "module_lines": FigureEntry("modules:module_lines", "module_metrics", one_run=True, options=("metric", "model")),
+    "trace_heatmap": FigureEntry("trace:trace_heatmap", "interventions", one_run=True, options=("mode", "measure", "token_kind")),
+    "trace_indirect_effect": FigureEntry("trace:trace_indirect_effect", "interventions", one_run=True),
 }
 
 

@@ -20,6 +20,7 @@ from moelens.metrics.expert_distance import (
     role_distances,
     sv_align_from,
 )
+from moelens.metrics.jsd import js_divergence
 from moelens.metrics.module import (
     PAIR_METRICS,
     SINGLE_METRICS,
@@ -39,5 +40,5 @@ __all__ = [
     "PAIR_METRICS", "SINGLE_METRICS", "PairAndSingleMetrics", "Spectra", "check_metric_names", "metrics_from_spectra",
     "pair_and_single_metrics", "pair_metrics", "single_metrics", "spectra", "PowerLawFit", "power_law_alpha", "power_law_fit",
     "POOLS", "RoleDistances", "check_options", "check_pairs", "expert_distances", "rel_l2_from",
-    "role_distances", "same_index_pairs", "sv_align_from", "within_pairs",
+    "role_distances", "same_index_pairs", "sv_align_from", "within_pairs", "js_divergence",
 ]

@@ -21,6 +21,8 @@ EXPLANATION_TITLES = {
     "expert_distance_heatmap": "Experts × experts heat maps",
     "module_heatmap": "Layer × module heat maps",
     "module_lines": "Module lines",
+    "trace_heatmap": "Intervention heat maps",
+    "trace_indirect_effect": "Indirect effect (causal tracing)",
 }
 
 

@@ -55,8 +55,15 @@ def _module_metrics_section(runs: Sequence[Run], fmt: str) -> Section:
     return modules_section(runs, fmt)
 
 
+def _interventions_section(runs: Sequence[Run], fmt: str) -> Section:
+    from moelens.report.trace_report import trace_section
+
+    return trace_section(runs, fmt)
+
+
 SECTION_BUILDERS: dict[str, SectionBuilder] = {
     "router_alignment": alignment_section,
     "expert_distance": _expert_distance_section,
     "module_metrics": _module_metrics_section,
+    "interventions": _interventions_section,
 }

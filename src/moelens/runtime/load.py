@@ -46,7 +46,16 @@ def load_causal_lm(
     directory = resolve_source(path, revision)
     torch_dtype = resolve_dtype(dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype if torch_dtype is not None else "auto"}
-    model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    from transformers.utils import logging as hf_logging
+
+    # Loading is quiet: moelens reports its own progress, and an analysis never prints.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 

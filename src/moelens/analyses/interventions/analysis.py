@@ -1,0 +1,315 @@
+"""Layer-wise interventions with JS divergence (SPEC.md §4, seed 003): which layers and token
+sites carry a prediction.
+
+For every prompt (JSONL: ``prompt``, ``subject``, optional ``target``), every chosen layer and every
+site, one cell: the site is knocked out (zero or the prompt set's mean), restored into a corrupted
+run (ROME's causal tracing), or the last position's attention to it is blocked (Geva et al.), and
+the cell's value is JSD(p_clean, p_intervened) at the last position, in bits. A unit is a group of
+prompts; within it, many cells share each forward pass (:mod:`moelens.runtime.trace`).
+
+Tables:
+- ``interventions``: one row per prompt × cell: ``prompt_id`` (0-based line of the prompts file),
+  ``layer``, ``site``, ``mode``, ``position`` (restore: the restored token; −1 otherwise),
+  ``token_kind`` (restore: ROME's token group; "" otherwise), ``jsd`` (bits), ``target_id`` (the
+  target's first token, or the clean top-1 without a target), ``p_target_clean``, ``p_target``
+  (after the intervention), ``p_target_corrupt`` and ``indirect_effect`` = p_target −
+  p_target_corrupt (restore; NaN otherwise);
+- ``interventions_summary``: per (layer, site, mode, token_kind, measure ∈ jsd | p_target |
+  indirect_effect): mean, std (ddof 0) and n over prompts (and positions of one token group).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from moelens.analyses.base import (
+    Analysis,
+    Plan,
+    Unit,
+    UnitContext,
+    as_index_tuple,
+    check_seed,
+    chosen_layers,
+    option,
+    unit_seed,
+)
+from moelens.analyses.runner import run_analysis
+from moelens.checkpoint.model import MoEModel
+from moelens.errors import ConfigError, IndexOutOfRangeError
+from moelens.progress import ProgressCallback
+from moelens.ranges import compact_ranges, parse_ranges
+from moelens.results.run import Run
+from moelens.results.schema import TableSchema
+from moelens.runtime.prompts import PromptRecord, TokenisedPrompt, as_records, tokenise_all
+from moelens.runtime.trace import (
+    ABLATIONS,
+    DEFAULT_SITES,
+    DEFAULT_WINDOW,
+    MODES,
+    NOISE_SAMPLES,
+    SITE_MODULE,
+    SITES,
+    Tracer,
+    TraceSettings,
+    site_available,
+)
+
+ANALYSIS = "interventions"
+TABLE_SCHEMA = TableSchema(ANALYSIS, (
+    ("prompt_id", "int"), ("layer", "int"), ("site", "str"), ("mode", "str"), ("position", "int"), ("token_kind", "str"),
+    ("jsd", "float"), ("target_id", "int"), ("p_target_clean", "float"), ("p_target", "float"),
+    ("p_target_corrupt", "float"), ("indirect_effect", "float"),
+))
+SUMMARY_SCHEMA = TableSchema("interventions_summary", (
+    ("layer", "int"), ("site", "str"), ("mode", "str"), ("token_kind", "str"), ("measure", "str"),
+    ("mean", "float"), ("std", "float"), ("n", "int"),
+))
+#: Prompts per unit: a unit's clean states (restore) are held for all its prompts at once.
+PROMPTS_PER_UNIT = {"knockout": 32, "restore": 8, "block": 32}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _positive(value: Any, name: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ConfigError(f"{name}={value!r}: give a whole number ≥ 1")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class InterventionsConfig:
+    """Options of :func:`trace` (each field's help says what it does)."""
+
+    prompts: Any = option(None, "JSONL file, one object per line with prompt, subject and optionally target.", kind=str, metavar="FACTS.jsonl")
+    mode: str = option("knockout", f"{' | '.join(MODES)}: knock a site out, restore it into a corrupted run (causal tracing), or block attention to it.")
+    sites: tuple[str, ...] | None = option(None, "Sites, comma-separated: knockout subj,attn,last,router,moe; restore restore_hidden,restore_mlp,restore_attn; block block_subj,block_nonsubj,block_last (default: subj,attn,last or all three of the mode).", parse=_names, metavar="LIST")
+    ablation: str = option("mean", "knockout: replace a site by zero or by its mean over the prompt set (mean|zero).")
+    layers: tuple[int, ...] | None = option(None, "Layers, e.g. 0,5,10-13 (default: every layer).", parse=parse_ranges, metavar="LIST")
+    window: int | None = option(None, "restore/block: layers restored or blocked around each layer (default 10 for restore, 9 for block).", kind=int)
+    noise_samples: int = option(NOISE_SAMPLES, "restore: noise samples per prompt.")
+    seed: int = option(0, "restore: the noise of prompt i is drawn with seed + i.")
+    batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.ablation not in ABLATIONS:
+            raise ConfigError(f"ablation {self.ablation!r}: choose mean or zero")
+        sites = self.sites
+        if sites is not None:
+            sites = _names(sites) if isinstance(sites, str) else tuple(sites)
+            valid = SITES[self.mode]
+            bad = [s for s in sites if s not in valid]
+            if bad:
+                raise ConfigError(f"site {bad[0]!r} is not a {self.mode} site; choose from {', '.join(valid)}")
+            if not sites:
+                raise ConfigError("no sites given; name at least one")
+            object.__setattr__(self, "sites", tuple(dict.fromkeys(sites)))
+        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        object.__setattr__(self, "window", _positive(self.window, "window", allow_none=True))
+        object.__setattr__(self, "noise_samples", _positive(self.noise_samples, "noise_samples"))
+        object.__setattr__(self, "batch_size", _positive(self.batch_size, "batch_size", allow_none=True))
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.prompts is None:
+            raise ConfigError("no prompts: give a JSONL file (--prompts FACTS.jsonl) with prompt and subject on every line")
+        if isinstance(self.prompts, os.PathLike):
+            object.__setattr__(self, "prompts", os.fspath(self.prompts))
+        elif not isinstance(self.prompts, str):
+            object.__setattr__(self, "prompts", tuple(dict(p) if isinstance(p, Mapping) else p for p in self.prompts))
+
+    @property
+    def chosen_sites(self) -> tuple[str, ...]:
+        return self.sites if self.sites is not None else DEFAULT_SITES[self.mode]
+
+    @property
+    def chosen_window(self) -> int:
+        return self.window if self.window is not None else DEFAULT_WINDOW[self.mode]
+
+
+@dataclass
+class InterventionsState:
+    model_path: str
+    records: list[PromptRecord]
+    prompts: list[TokenisedPrompt]
+    tracer: Tracer
+    settings: TraceSettings
+    means: dict | None = None
+
+
+def _prompts_digest(records: Sequence[PromptRecord]) -> str:
+    text = json.dumps([[r.prompt_id, r.prompt, r.subject, r.target] for r in records], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _dtype(choice: str, device: torch.device) -> str | None:
+    if choice == "auto":
+        return "float32" if device.type == "cpu" else None
+    return choice
+
+
+def _max_positions(model: Any) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+class Interventions(Analysis):
+    """SPEC §4: one unit per group of prompts, one row per prompt × (layer, site[, position])."""
+
+    name = ANALYSIS
+    title = "Layer-wise interventions"
+    config_type = InterventionsConfig
+    inputs = ("a",)
+    unit_noun = "prompt groups"
+    unit_tables = (TABLE_SCHEMA,)
+    derived_tables = (SUMMARY_SCHEMA,)
+
+    def plan(self, models: Mapping[str, Any], config: InterventionsConfig) -> Plan:
+        from moelens.runtime import load_causal_lm, load_tokenizer
+        from moelens.runtime.architecture import describe
+        from moelens.spectral import resolve_device
+
+        model: MoEModel = models["a"]
+        records, path = as_records(config.prompts)
+        source = path or "prompts"
+        device = resolve_device(config.device)
+        tokenizer = load_tokenizer(model.path)  # no tokenizer: one clear error, before the weights load
+        n_layers = model.n_layers
+        layers = chosen_layers(config.layers, range(n_layers), "layer")
+        bad = [L for L in layers if not 0 <= L < n_layers]
+        if bad:
+            raise IndexOutOfRangeError(f"layer {bad[0]} is out of range: {model.name} has layers 0..{n_layers - 1}")
+        sites = config.chosen_sites
+        if not model.moe_layers:
+            moe_only = [s for s in sites if s in ("router", "moe")]
+            if "router" in moe_only:
+                raise ConfigError(f"site router: {model.name} is a dense model and has no router; choose from subj, attn, last")
+        prompts = tokenise_all(tokenizer, records, source)
+        lm = load_causal_lm(model.path, device=device, dtype=_dtype(config.dtype, device))
+        arch = describe(lm)
+        max_pos = _max_positions(lm)
+        if max_pos is not None:
+            long = [p for p in prompts if p.length > max_pos]
+            if long:
+                raise ConfigError(f"{source} line {long[0].prompt_id + 1}: the prompt has {long[0].length} tokens, more than the model's {max_pos} positions")
+        missing = [s for s in sites if not any(site_available(arch, L, s) for L in layers)]
+        if missing:
+            what = {"router": "a router", "mlp": "an MLP or MoE block", "attention": "self-attention", "layer": "decoder layers"}[SITE_MODULE[missing[0]]]
+            raise ConfigError(f"site {missing[0]}: no chosen layer of {model.name} has {what}; choose other sites or layers")
+        skipped = sorted({f"{s}@{L}" for L in layers for s in sites if not site_available(arch, L, s)})
+        settings = TraceSettings(mode=config.mode, sites=sites, ablation=config.ablation, layers=tuple(layers),
+                                 window=config.chosen_window, noise_samples=config.noise_samples, seed=config.seed,
+                                 rows_per_batch=config.batch_size)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        tracer = Tracer(lm, arch, settings, pad_id=int(pad_id))
+        if "router" in sites:
+            with tracer.hooks.installed():
+                tracer._ensure_routers(prompts[0])  # a router whose logits cannot be replaced: an error now
+        if config.mode == "block":
+            tracer.check_block(prompts[0])  # attention that cannot be blocked: an error now
+        size = PROMPTS_PER_UNIT[config.mode]
+        units = [Unit(key=f"P{start:06d}", seed=unit_seed(config.seed, f"P{start:06d}"), data={"prompts": list(range(start, min(start + size, len(prompts))))})
+                 for start in range(0, len(prompts), size)]
+        options = {
+            "prompts": path if path is not None else f"<{len(records)} prompts given in Python>",
+            "prompts_sha256": _prompts_digest(records), "n_prompts": len(records), "mode": config.mode, "sites": list(sites),
+            "ablation": config.ablation if config.mode == "knockout" else None, "layers": list(layers),
+            "window": config.chosen_window if config.mode != "knockout" else None,
+            "noise_samples": config.noise_samples if config.mode == "restore" else None, "seed": config.seed,
+            "device": str(device), "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
+        }
+        notes = [f"{len(skipped)} (site, layer) cells skipped: the layer lacks the module ({', '.join(skipped[:12])}{' …' if len(skipped) > 12 else ''})"] if skipped else []
+        state = InterventionsState(str(model.path), records, prompts, tracer, settings)
+        label = f"{model.name} · {config.mode} · L{compact_ranges(layers)}"
+        return Plan(options=options, units=units, label=label, state=state, notes=notes)
+
+    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
+        s: InterventionsState = plan.state
+        if s.settings.mode == "knockout" and s.settings.ablation == "mean" and s.means is None:
+            s.means = s.tracer.means(s.prompts, context.progress)
+        prompts = [s.prompts[i] for i in unit.data["prompts"]]
+        results = s.tracer.run(prompts, s.means, context.progress, noun=f"cells of prompts {prompts[0].prompt_id}…{prompts[-1].prompt_id}")
+        table = pd.DataFrame(results.columns())
+        table.insert(3, "mode", s.settings.mode)
+        return {ANALYSIS: table[TABLE_SCHEMA.column_names]}
+
+    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        return {SUMMARY_SCHEMA.name: summarise(tables[ANALYSIS])}
+
+    def manifest_extra(self, plan: Plan) -> dict[str, Any]:
+        s: InterventionsState = plan.state
+        extra: dict[str, Any] = {"architecture": s.tracer.arch.model_type, "n_layers": s.tracer.arch.n_layers}
+        if s.settings.mode == "restore":
+            weight = s.tracer.arch.embedding.weight.detach().float()
+            extra["noise_std"] = 3.0 * float(weight.std(correction=0))
+        return extra
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std (ddof 0) and n of each measure per (layer, site, mode, token_kind)."""
+    measures = ["jsd", "p_target"] + (["indirect_effect"] if (table["mode"] == "restore").any() else [])
+    long = table.melt(id_vars=["layer", "site", "mode", "token_kind"], value_vars=measures, var_name="measure", value_name="value")
+    grouped = long.groupby(["layer", "site", "mode", "token_kind", "measure"], sort=True)["value"]
+    out = grouped.agg(mean="mean", std=lambda v: float(np.std(v.to_numpy(), ddof=0)), n="count").reset_index()
+    out["n"] = out["n"].astype("int64")
+    return out[SUMMARY_SCHEMA.column_names]
+
+
+def trace(
+    model: MoEModel | str | os.PathLike[str],
+    prompts: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
+    mode: str = "knockout",
+    sites: Sequence[str] | str | None = None,
+    ablation: str = "mean",
+    layers: Sequence[int] | str | None = None,
+    window: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    *,
+    noise_samples: int = NOISE_SAMPLES,
+    dtype: str = "auto",
+    out: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+    config: InterventionsConfig | None = None,
+) -> Run:
+    """Which layers and sites carry a prediction: knock out, restore or block one site at one
+    layer and measure how the next-token distribution changes (JSD in bits).
+
+    Returns a :class:`~moelens.results.Run` with tables ``interventions`` (one row per prompt and
+    cell) and ``interventions_summary`` (mean, std, n per layer and site).
+
+    >>> run = trace("zoo/base", "zoo/facts.jsonl")                     # seed 003: subj/attn/last
+    >>> run["interventions_summary"].query("measure == 'jsd'")
+    """
+    if config is None:
+        config = InterventionsConfig(
+            prompts=prompts, mode=mode, sites=sites, ablation=ablation,
+            layers=parse_ranges(layers) if isinstance(layers, str) else layers, window=window,
+            noise_samples=noise_samples, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+        )
+    from moelens.checkpoint import open_model
+
+    m = model if isinstance(model, MoEModel) else open_model(model)
+    return run_analysis(Interventions(), {"a": m}, config, out=out, progress=progress)
+
+
+__all__ = ["ANALYSIS", "Interventions", "InterventionsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise", "trace"]

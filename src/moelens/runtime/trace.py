@@ -1,0 +1,460 @@
+"""Layer-wise interventions on a set of prompts: knockout, restore (causal tracing) and attention
+blocking, many cells per forward pass (SPEC.md §4 and §7).
+
+A cell is (prompt, layer, site[, position]). Its value is JSD(p_clean, p_intervened) at the
+prompt's last position, in bits on the full vocabulary, and the target token's probability before
+and after. Cells are laid out as rows of batches (restore: one row per noise sample), every row
+right-padded to the unit's longest prompt; :func:`edits_for` turns a batch's row arrays into
+masked edits with tensor operations only (a loop over layers and sites, never over cells).
+
+Sites (SPEC §4):
+- knockout: ``subj`` and ``last`` (the decoder layer's output at the subject tokens / the last
+  token), ``attn`` (the self-attention output at the last token), ``moe`` (the MLP/MoE block
+  output at the last token), ``router`` (the router logits at the last token, routing recomputed),
+  replaced by zero or by their mean over the prompt set;
+- restore: subject embeddings + N(0, (3σ)²) noise (σ = std of the embedding matrix's entries,
+  ddof 0; ``noise_samples`` draws per prompt from a generator seeded with seed + prompt_id, drawn
+  as ``randn(samples, n_subject_tokens, d)``), then one clean state restored: ``restore_hidden``
+  (layer ℓ's output at token t), ``restore_mlp`` / ``restore_attn`` (the MLP / attention output at
+  token t in every layer of the window centred on ℓ); p_restored is the mean of the samples'
+  next-token distributions, the indirect effect p_restored(target) − p_corrupted(target);
+- block: in every layer of the window centred on ℓ, the last position may not attend to the
+  subject positions (``block_subj``), to the other non-subject positions (``block_nonsubj``) or
+  to itself (``block_last``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from moelens.metrics.jsd import js_divergence
+from moelens.progress import ProgressCallback, report
+from moelens.runtime.architecture import Architecture
+from moelens.runtime.interventions import Batch, Edit, InterventionHooks, last_logits, lower_index_ties
+from moelens.runtime.prompts import TokenisedPrompt
+
+MODES = ("knockout", "restore", "block")
+KNOCKOUT_SITES = ("subj", "attn", "last", "router", "moe")
+RESTORE_SITES = ("restore_hidden", "restore_mlp", "restore_attn")
+BLOCK_SITES = ("block_subj", "block_nonsubj", "block_last")
+SITES = {"knockout": KNOCKOUT_SITES, "restore": RESTORE_SITES, "block": BLOCK_SITES}
+DEFAULT_SITES = {"knockout": ("subj", "attn", "last"), "restore": RESTORE_SITES, "block": BLOCK_SITES}
+DEFAULT_WINDOW = {"knockout": 1, "restore": 10, "block": 9}
+ABLATIONS = ("mean", "zero")
+NOISE_SAMPLES = 10
+NOISE_SCALE = 3.0
+# The module each site needs in a layer.
+SITE_MODULE = {
+    "subj": "layer", "last": "layer", "attn": "attention", "moe": "mlp", "router": "router",
+    "restore_hidden": "layer", "restore_mlp": "mlp", "restore_attn": "attention",
+    "block_subj": "attention", "block_nonsubj": "attention", "block_last": "attention",
+}
+# The hook point whose output each site edits (block sites edit the attention mask).
+SITE_POINT = {"subj": "layer", "last": "layer", "attn": "attn", "moe": "mlp", "router": "router",
+              "restore_hidden": "layer", "restore_mlp": "mlp", "restore_attn": "attn"}
+CORRUPT = "corrupt"  # restore's baseline cell: noise, nothing restored
+
+
+def window(layer: int, width: int, n_layers: int) -> tuple[int, int]:
+    """[ℓ − ⌊w/2⌋, ℓ − ⌊w/2⌋ + w − 1] clipped to the model (inclusive bounds)."""
+    lo = layer - width // 2
+    return max(lo, 0), min(lo + width - 1, n_layers - 1)
+
+
+def site_available(arch: Architecture, layer: int, site: str) -> bool:
+    return getattr(arch.layers[layer], SITE_MODULE[site]) is not None
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """What to intervene on and how (validated by the analysis before any forward pass)."""
+
+    mode: str = "knockout"
+    sites: tuple[str, ...] = ("subj", "attn", "last")
+    ablation: str = "mean"
+    layers: tuple[int, ...] = ()
+    window: int = 1
+    noise_samples: int = NOISE_SAMPLES
+    seed: int = 0
+    rows_per_batch: int | None = None
+
+
+@dataclass
+class CellResults:
+    """One entry per cell: the columns of the interventions table (without mode)."""
+
+    prompt_id: list[int] = field(default_factory=list)
+    layer: list[int] = field(default_factory=list)
+    site: list[str] = field(default_factory=list)
+    position: list[int] = field(default_factory=list)
+    token_kind: list[str] = field(default_factory=list)
+    jsd: list[float] = field(default_factory=list)
+    target_id: list[int] = field(default_factory=list)
+    p_target_clean: list[float] = field(default_factory=list)
+    p_target: list[float] = field(default_factory=list)
+    p_target_corrupt: list[float] = field(default_factory=list)
+    indirect_effect: list[float] = field(default_factory=list)
+
+    def columns(self) -> dict[str, list[Any]]:
+        return dict(self.__dict__)
+
+
+def _config_size(config: Any, *names: str, default: int = 0) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for n in names:
+        v = getattr(text, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def row_bytes(model: Any, width: int, restore: bool) -> int:
+    """A generous estimate of the peak bytes one batch row needs in a forward pass without grad:
+    a layer's activations (attention scores, the experts' intermediate states for the top-k),
+    the last-position logits and, for restore, its noise and the gathered clean states."""
+    c = model.config
+    d = _config_size(c, "hidden_size", "d_model", default=4096)
+    heads = _config_size(c, "num_attention_heads", "n_heads", default=32)
+    ffn = _config_size(c, "moe_intermediate_size", "intermediate_size", "ffn_hidden_size", default=4 * d)
+    top_k = _config_size(c, "num_experts_per_tok", "moe_top_k", "top_k", default=1)
+    vocab = _config_size(c, "vocab_size", default=32000)
+    elem = next(model.parameters()).element_size()
+    activations = width * (16 * d + 4 * top_k * ffn) * elem + 2 * heads * width * width * 4
+    extra = (3 * width * d * 4) if restore else 0
+    return int(activations + 4 * vocab * 4 + extra)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a batch may use: half the free GPU memory, or on the CPU a quarter of the available
+    memory capped at 4 GiB (an out-of-memory there kills the process, so it is not probed)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 8 << 30
+    return int(min(available // 4, 4 << 30))
+
+
+class Tracer:
+    """Runs one mode's cells for groups of prompts on a loaded model."""
+
+    def __init__(self, model: Any, arch: Architecture, settings: TraceSettings, pad_id: int = 0):
+        self.model = model
+        self.arch = arch
+        self.s = settings
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.hooks = InterventionHooks(model, arch)
+        self._routers_ready = False
+
+    # -- forward passes ------------------------------------------------------------------------
+    def _forward(self, rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+        """Logits [R, V] at each row's last position, every row padded to ``width``."""
+        batch = Batch.of(rows, self.pad_id, self.device, width)
+        lengths = [len(r) for r in rows]
+        self.hooks.attention_mask = batch.attention_mask
+        self.hooks.last = batch.last
+        # Recomputed routing breaks ties toward the lower expert (SPEC §7); only router edits
+        # create ties, so other runs keep the family's own top-k untouched.
+        ties = lower_index_ties() if any(key[1] == "router" for key in self.hooks.edits) else contextlib.nullcontext()
+        with torch.no_grad(), ties:
+            return last_logits(self.model, batch, lengths).float()
+
+    def _ensure_routers(self, prompt: TokenisedPrompt) -> None:
+        if not self._routers_ready:
+            ids = torch.tensor([prompt.input_ids], device=self.device)
+            self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            self._routers_ready = True
+
+    def check_block(self, prompt: TokenisedPrompt) -> None:
+        """One forward pass that bars nothing in every layer that blocking may touch: a layer whose
+        attention cannot take a blocked mask is found before any run is written."""
+        empty = torch.zeros(1, prompt.length, dtype=torch.bool, device=self.device)
+        with self.hooks.installed():
+            self.hooks.edits = {(p.index, "block"): [Edit(empty)] for p in self.arch.layers if p.attention is not None}
+            try:
+                self._forward([prompt.input_ids], prompt.length)
+            finally:
+                self.hooks.edits = {}
+
+    def rows_per_batch(self, width: int) -> int:
+        if self.s.rows_per_batch is not None:
+            return self.s.rows_per_batch
+        per_row = row_bytes(self.model, width, self.s.mode == "restore")
+        return int(max(1, min(2048, memory_budget(self.device) // max(per_row, 1))))
+
+    def clean(self, prompts: Sequence[TokenisedPrompt], capture: set[tuple[int, str]] | None = None) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
+        """Clean next-token distributions [P, V] (float32) and, for ``capture`` keys, the outputs
+        [P, T, ·] of those hook points, every prompt padded to the longest."""
+        width = max(p.length for p in prompts)
+        step = self.rows_per_batch(width)
+        probs, captured = [], {}
+        self.hooks.edits = {}
+        self.hooks.capture = set(capture or ())
+        parts: dict[tuple[int, str], list[torch.Tensor]] = {k: [] for k in self.hooks.capture}
+        try:
+            for start in range(0, len(prompts), step):
+                chunk = prompts[start:start + step]
+                self.hooks.captured = {}
+                probs.append(torch.softmax(self._forward([p.input_ids for p in chunk], width), -1))
+                for k in parts:
+                    parts[k].append(self.hooks.captured[k])
+        finally:
+            self.hooks.capture = set()
+            self.hooks.captured = {}
+        for k, ts in parts.items():
+            captured[k] = torch.cat(ts)
+        return torch.cat(probs), captured
+
+    # -- the prompt set's means (knockout, ablation mean) -----------------------------------------
+    def means(self, prompts: Sequence[TokenisedPrompt], progress: ProgressCallback | None = None) -> dict[tuple[int, str], torch.Tensor]:
+        """Per (layer, site): the clean site's mean over the prompt set (SPEC §4): ``subj`` over
+        every subject token of every prompt, the others over every prompt's last token."""
+        keys = {(layer, SITE_POINT[site]) for layer in self.s.layers for site in self.s.sites
+                if site_available(self.arch, layer, site)}
+        sums: dict[tuple[int, str], torch.Tensor] = {}
+        counts = {"subj": 0, "last": 0}
+        order = sorted(prompts, key=lambda p: p.length)
+        step = max(1, min(256, self.rows_per_batch(max(p.length for p in prompts))))
+        with self.hooks.installed():
+            self._ensure_routers(order[0])
+            for start in range(0, len(order), step):
+                chunk = order[start:start + step]
+                _, cap = self.clean(chunk, keys)
+                width = max(p.length for p in chunk)
+                subj = torch.zeros(len(chunk), width, dtype=torch.bool, device=self.device)
+                for i, p in enumerate(chunk):
+                    subj[i, list(p.subject_positions)] = True
+                last = torch.tensor([p.last for p in chunk], device=self.device)
+                rows = torch.arange(len(chunk), device=self.device)
+                for layer in self.s.layers:
+                    for site in self.s.sites:
+                        key = (layer, SITE_POINT[site])
+                        if key not in cap:
+                            continue
+                        t = cap[key].double()  # [P, T, ·]
+                        v = t[subj].sum(0) if site == "subj" else t[rows, last].sum(0)
+                        sums[(layer, site)] = sums.get((layer, site), 0) + v
+                counts["subj"] += int(sum(len(p.subject_positions) for p in chunk))
+                counts["last"] += len(chunk)
+                report(progress, "mean of each site over the prompts", min(start + step, len(order)), len(order))
+        return {k: (v / counts["subj" if k[1] == "subj" else "last"]) for k, v in sums.items()}
+
+    # -- cells ----------------------------------------------------------------------------------
+    def cells(self, prompts: Sequence[TokenisedPrompt]) -> list[tuple[int, int, str, int]]:
+        """(prompt index, layer, site, position) of every cell, prompt-major; restore adds one
+        baseline cell per prompt (site ``corrupt``) and one cell per token position."""
+        out = []
+        for i, p in enumerate(prompts):
+            if self.s.mode == "restore":
+                out.append((i, -1, CORRUPT, -1))
+            for layer in self.s.layers:
+                for site in self.s.sites:
+                    if not site_available(self.arch, layer, site):
+                        continue
+                    if self.s.mode == "restore":
+                        out.extend((i, layer, site, t) for t in range(p.length))
+                    else:
+                        out.append((i, layer, site, -1))
+        return out
+
+    def run(self, prompts: Sequence[TokenisedPrompt], means: dict[tuple[int, str], torch.Tensor] | None = None,
+            progress: ProgressCallback | None = None, noun: str = "cells") -> CellResults:
+        """Every cell of ``prompts``: their JSDs and target probabilities."""
+        s = self.s
+        n_layers = self.arch.n_layers
+        width = max(p.length for p in prompts)
+        with self.hooks.installed():
+            self._ensure_routers(prompts[0])
+            capture = None
+            if s.mode == "restore":
+                capture = {(L, pt) for L in range(n_layers) for pt, mod in (("layer", "layer"), ("attn", "attention"), ("mlp", "mlp"))
+                           if getattr(self.arch.layers[L], mod) is not None}
+            p_clean, clean_states = self.clean(prompts, capture)
+            ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means)
+            cells = self.cells(prompts)
+            samples = s.noise_samples if s.mode == "restore" else 1
+            per_batch = max(1, self.rows_per_batch(width) // samples)
+            probs_target = np.zeros(len(cells))
+            jsd = np.zeros(len(cells))
+            start = 0
+            while start < len(cells):
+                chunk = cells[start:start + per_batch]
+                try:
+                    j, pt = self._run_batch(ctx, chunk, samples, width)
+                except torch.cuda.OutOfMemoryError:
+                    if per_batch == 1:
+                        raise
+                    per_batch = max(1, per_batch // 2)  # halve and retry the same cells
+                    torch.cuda.empty_cache()
+                    continue
+                jsd[start:start + len(chunk)] = j
+                probs_target[start:start + len(chunk)] = pt
+                start += len(chunk)
+                report(progress, noun, start, len(cells))
+            self.hooks.edits = {}
+        return _collect(prompts, cells, jsd, probs_target, ctx, s.mode)
+
+    def _run_batch(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        dev = self.device
+        n = len(cells)
+        prompt = torch.tensor([c[0] for c in cells], device=dev).repeat_interleave(samples)
+        layer = np.repeat([c[1] for c in cells], samples)
+        site = np.repeat([c[2] for c in cells], samples)
+        position = torch.tensor([c[3] for c in cells], device=dev).repeat_interleave(samples)
+        sample = torch.arange(samples, device=dev).repeat(n)
+        self.hooks.edits = edits_for(self, ctx, prompt, layer, site, position, sample, width)
+        rows = [ctx.prompts[c[0]].input_ids for c in cells for _ in range(samples)]
+        probs = torch.softmax(self._forward(rows, width), -1)  # [R, V]
+        probs = probs.view(n, samples, -1).mean(1)  # restore: the mean over noise samples
+        cell_prompt = prompt.view(n, samples)[:, 0]
+        j = js_divergence(ctx.p_clean[cell_prompt], probs)
+        pt = probs[torch.arange(n, device=dev), ctx.target[cell_prompt]]
+        return j.cpu().numpy(), pt.double().cpu().numpy()
+
+
+@dataclass
+class _UnitContext:
+    """Device tensors of one group of prompts that every batch's edits index."""
+
+    prompts: Sequence[TokenisedPrompt]
+    p_clean: torch.Tensor  # [P, V]
+    target: torch.Tensor  # [P]
+    subject: torch.Tensor  # [P, T] bool
+    last: torch.Tensor  # [P]
+    real: torch.Tensor  # [P, T] bool: not padding
+    clean_states: dict[tuple[int, str], torch.Tensor]  # (layer, point) -> [P, T, d]
+    means: dict[tuple[int, str], torch.Tensor] | None
+    noise: torch.Tensor | None  # [P, S, T, d]
+
+    @staticmethod
+    def build(tracer: Tracer, prompts: Sequence[TokenisedPrompt], width: int, p_clean: torch.Tensor,
+              clean_states: dict[tuple[int, str], torch.Tensor], means: dict[tuple[int, str], torch.Tensor] | None) -> "_UnitContext":
+        dev = tracer.device
+        P = len(prompts)
+        subject = torch.zeros(P, width, dtype=torch.bool)
+        real = torch.zeros(P, width, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            subject[i, list(p.subject_positions)] = True
+            real[i, :p.length] = True
+        argmax = p_clean.argmax(-1).cpu()
+        target = torch.tensor([p.target_id if p.target_id is not None else int(argmax[i]) for i, p in enumerate(prompts)])
+        noise = None
+        if tracer.s.mode == "restore":
+            weight = tracer.arch.embedding.weight.detach().float()
+            sigma = NOISE_SCALE * float(weight.std(correction=0))
+            d = weight.shape[1]
+            noise = torch.zeros(P, tracer.s.noise_samples, width, d)
+            for i, p in enumerate(prompts):
+                g = torch.Generator().manual_seed(tracer.s.seed + p.prompt_id)
+                draw = torch.randn(tracer.s.noise_samples, len(p.subject_positions), d, generator=g) * sigma
+                noise[i][:, list(p.subject_positions)] = draw
+            noise = noise.to(dev)
+        return _UnitContext(prompts, p_clean, target.to(dev), subject.to(dev),
+                            torch.tensor([p.last for p in prompts], device=dev), real.to(dev), clean_states, means, noise)
+
+
+def edits_for(tracer: Tracer, ctx: _UnitContext, prompt: torch.Tensor, layer: np.ndarray, site: np.ndarray,
+              position: torch.Tensor, sample: torch.Tensor, width: int) -> dict[tuple[int, str], list[Edit]]:
+    """The edits of one batch whose row r carries (prompt[r], layer[r], site[r], position[r],
+    sample[r]); built with tensor operations, looping over layers and sites only."""
+    s = tracer.s
+    dev = tracer.device
+    n_layers = tracer.arch.n_layers
+    edits: dict[tuple[int, str], list[Edit]] = {}
+    arange = torch.arange(width, device=dev)
+    subject = ctx.subject[prompt]  # [R, T]
+    last = (arange[None, :] == ctx.last[prompt][:, None])  # [R, T]
+
+    def rows_of(name: str, at: int) -> torch.Tensor | None:
+        hit = (layer == at) & (site == name)
+        if not hit.any():  # host arrays: no device sync
+            return None
+        return torch.as_tensor(hit, device=dev)
+
+    if s.mode == "knockout":
+        for L in s.layers:
+            for name in s.sites:
+                rows = rows_of(name, L)
+                if rows is None:
+                    continue
+                where = subject if name == "subj" else last
+                value = None if s.ablation == "zero" else ctx.means[(L, name)]
+                edits.setdefault((L, SITE_POINT[name]), []).append(Edit(rows[:, None] & where, value))
+        return edits
+
+    lo_h = np.maximum(layer - s.window // 2, 0)
+    hi_h = np.minimum(layer - s.window // 2 + s.window - 1, n_layers - 1)
+
+    if s.mode == "restore":
+        noise = ctx.noise
+        edits[(-1, "embed")] = [Edit(subject, lambda: noise[prompt, sample], add=True)]
+        at_position = arange[None, :] == position[:, None]  # [R, T]
+        for L in range(n_layers):
+            hidden = rows_of("restore_hidden", L)
+            if hidden is not None:
+                states = ctx.clean_states[(L, "layer")]
+                edits.setdefault((L, "layer"), []).append(Edit(hidden[:, None] & at_position, lambda st=states: st[prompt]))
+            for name, point in (("restore_mlp", "mlp"), ("restore_attn", "attn")):
+                hit = (site == name) & (lo_h <= L) & (L <= hi_h)
+                if not hit.any() or (L, point) not in ctx.clean_states:
+                    continue
+                rows = torch.as_tensor(hit, device=dev)
+                states = ctx.clean_states[(L, point)]
+                edits.setdefault((L, point), []).append(Edit(rows[:, None] & at_position, lambda st=states: st[prompt]))
+        return edits
+
+    # block: the keys each row's last position may not attend to
+    real = ctx.real[prompt]
+    keys_of = {"block_subj": subject, "block_nonsubj": real & ~subject & ~last, "block_last": last}
+    for L in range(n_layers):
+        if tracer.arch.layers[L].attention is None:
+            continue
+        for name in s.sites:
+            hit = (site == name) & (lo_h <= L) & (L <= hi_h)
+            if not hit.any():
+                continue
+            rows = torch.as_tensor(hit, device=dev)
+            edits.setdefault((L, "block"), []).append(Edit(rows[:, None] & keys_of[name]))
+    return edits
+
+
+def _collect(prompts: Sequence[TokenisedPrompt], cells: Sequence[tuple[int, int, str, int]], jsd: np.ndarray,
+             p_target: np.ndarray, ctx: _UnitContext, mode: str) -> CellResults:
+    out = CellResults()
+    p_clean_t = ctx.p_clean[torch.arange(len(prompts), device=ctx.p_clean.device), ctx.target].double().cpu().numpy()
+    target = ctx.target.cpu().numpy()
+    corrupt = {c[0]: p_target[k] for k, c in enumerate(cells) if c[2] == CORRUPT}
+    for k, (i, layer, site, position) in enumerate(cells):
+        if site == CORRUPT:
+            continue
+        p = prompts[i]
+        out.prompt_id.append(p.prompt_id)
+        out.layer.append(layer)
+        out.site.append(site)
+        out.position.append(position)
+        out.token_kind.append(p.token_kind(position) if mode == "restore" else "")
+        out.jsd.append(float(jsd[k]))
+        out.target_id.append(int(target[i]))
+        out.p_target_clean.append(float(p_clean_t[i]))
+        out.p_target.append(float(p_target[k]))
+        pc = corrupt.get(i, math.nan)
+        out.p_target_corrupt.append(float(pc))
+        out.indirect_effect.append(float(p_target[k] - pc) if mode == "restore" else math.nan)
+    return out
+
+
+__all__ = [
+    "ABLATIONS", "BLOCK_SITES", "CellResults", "DEFAULT_SITES", "DEFAULT_WINDOW", "KNOCKOUT_SITES", "MODES",
+    "RESTORE_SITES", "SITES", "SITE_MODULE", "TraceSettings", "Tracer", "edits_for", "row_bytes", "site_available", "window",
+]
