@@ -95,6 +95,7 @@ class InterventionsConfig:
     """Options of :func:`trace` (each field's help says what it does)."""
 
     prompts: Any = option(None, "JSONL file, one object per line with prompt, subject and optionally target.", kind=str, metavar="FACTS.jsonl")
+    limit: int | None = option(None, "Use only the first N prompts of the file.", kind=int, metavar="N")
     mode: str = option("knockout", f"{' | '.join(MODES)}: knock a site out, restore it into a corrupted run (causal tracing), or block attention to it.")
     sites: tuple[str, ...] | None = option(None, "Sites, comma-separated: knockout subj,attn,last,router,moe; restore restore_hidden,restore_mlp,restore_attn; block block_subj,block_nonsubj,block_last (default: subj,attn,last or all three of the mode).", parse=_names, metavar="LIST")
     ablation: str = option("mean", "knockout: replace a site by zero or by its mean over the prompt set (mean|zero).")
@@ -123,6 +124,7 @@ class InterventionsConfig:
             object.__setattr__(self, "sites", tuple(dict.fromkeys(sites)))
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
         object.__setattr__(self, "window", _positive(self.window, "window", allow_none=True))
+        object.__setattr__(self, "limit", _positive(self.limit, "limit", allow_none=True))
         object.__setattr__(self, "noise_samples", _positive(self.noise_samples, "noise_samples"))
         object.__setattr__(self, "batch_size", _positive(self.batch_size, "batch_size", allow_none=True))
         object.__setattr__(self, "seed", check_seed(self.seed))
@@ -189,6 +191,8 @@ class Interventions(Analysis):
 
         model: MoEModel = models["a"]
         records, path = as_records(config.prompts)
+        if config.limit is not None:
+            records = records[:config.limit]
         source = path or "prompts"
         device = resolve_device(config.device)
         tokenizer = load_tokenizer(model.path)  # no tokenizer: one clear error, before the weights load
@@ -230,7 +234,7 @@ class Interventions(Analysis):
                  for start in range(0, len(prompts), size)]
         options = {
             "prompts": path if path is not None else f"<{len(records)} prompts given in Python>",
-            "prompts_sha256": _prompts_digest(records), "n_prompts": len(records), "mode": config.mode, "sites": list(sites),
+            "prompts_sha256": _prompts_digest(records), "n_prompts": len(records), "limit": config.limit, "mode": config.mode, "sites": list(sites),
             "ablation": config.ablation if config.mode == "knockout" else None, "layers": list(layers),
             "window": config.chosen_window if config.mode != "knockout" else None,
             "noise_samples": config.noise_samples if config.mode == "restore" else None, "seed": config.seed,
@@ -285,6 +289,7 @@ def trace(
     device: str = "auto",
     seed: int = 0,
     *,
+    limit: int | None = None,
     noise_samples: int = NOISE_SAMPLES,
     dtype: str = "auto",
     out: str | os.PathLike[str] | None = None,
@@ -302,7 +307,7 @@ def trace(
     """
     if config is None:
         config = InterventionsConfig(
-            prompts=prompts, mode=mode, sites=sites, ablation=ablation,
+            prompts=prompts, limit=limit, mode=mode, sites=sites, ablation=ablation,
             layers=parse_ranges(layers) if isinstance(layers, str) else layers, window=window,
             noise_samples=noise_samples, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
         )
