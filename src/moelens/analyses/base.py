@@ -100,6 +100,9 @@ class Plan:
     label: str
     state: Any = None
     notes: list[str] = field(default_factory=list)
+    #: Totals of the units' :meth:`UnitContext.count` s, added up by the runner as units finish
+    #: (wherever they ran), for :meth:`Analysis.manifest_extra`.
+    counters: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class UnitContext:
 
     progress: ProgressCallback | None = None
     warnings: list[str] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)
 
     def report(self, task: str, done: int, total: int, message: str = "") -> None:
         from moelens.progress import report
@@ -118,6 +122,11 @@ class UnitContext:
     def warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
+
+    def count(self, name: str, n: float = 1) -> None:
+        """Add ``n`` to a counter of this unit (cache hits, …); the runner sums them over units
+        into :attr:`Plan.counters`, so a count is right whichever process computed the unit."""
+        self.counters[name] = self.counters.get(name, 0) + n
 
 
 class Analysis:

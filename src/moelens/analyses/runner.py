@@ -15,6 +15,11 @@ tables are added, the manifest says ``"complete"`` and the parts are removed.
 Resuming checks that the directory holds the same analysis with the same options (fields marked
 ``resumable``, like the device, aside) and the same input files. A directory that holds no
 finished unit is simply started afresh with the new options: there is nothing to protect.
+
+Where units are computed is the executor's business (:mod:`moelens.analyses.executors`): in this
+process, or as Ray tasks that return each unit's tables as they finish. This process remains the
+one writer either way, so all of the above holds for both, and the executor is recorded in the
+manifest (``"executor"``) as information only: a run begun on one may be resumed on the other.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
+from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import pandas as pd
 
@@ -35,6 +41,9 @@ from moelens.errors import RunDirectoryError
 from moelens.progress import ProgressCallback
 from moelens.results.run import MANIFEST, Run, load_run, package_versions, write_json, write_table
 from moelens.results.schema import TableSchema, schemas_to_json
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 SCHEMA_VERSION = 1
 PARTS = "parts"
@@ -302,60 +311,83 @@ def _unit_name(unit: Unit) -> str:
     return f"layer {unit.layer}" if unit.layer is not None else unit.key
 
 
+def _add_counters(plan: Plan, counters: Mapping[str, float]) -> None:
+    for name, n in counters.items():
+        plan.counters[name] = plan.counters.get(name, 0) + n
+
+
 def run_analysis(
     analysis: Analysis,
     models: Mapping[str, Any],
     config: Any,
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Run:
     """Plan ``analysis`` on ``models`` with ``config`` and compute every unit; with ``out``, stream
     each unit into that run directory (resuming it if it holds an unfinished run of the same
-    options; refusing it while another process writes it)."""
-    plan = analysis.plan(models, config)  # every check of the user's input: nothing is written before
+    options; refusing it while another process writes it).
+
+    ``executor`` says where units run: ``None``/``"local"`` in this process, ``"ray"`` or a
+    :class:`~moelens.analyses.executors.RayExecutor` as Ray tasks. The tables are the same
+    either way, and a run begun on one executor may be finished on the other."""
+    from moelens.analyses.executors import Job, resolve_executor
+
+    executor = resolve_executor(executor)
+    plan = executor.plan(analysis, models, config)  # every check of the user's input: nothing is written before
     manifest = new_manifest(analysis, models, plan)
     total = len(plan.units)
     noun = analysis.unit_noun
+    job = Job(analysis, models, config, plan, progress)
 
-    def compute(unit: Unit) -> tuple[dict[str, pd.DataFrame], float, list[str]]:
-        context = UnitContext(progress)
-        t0 = time.perf_counter()
-        tables = _checked(analysis, analysis.compute(plan, unit, context), derived=False, where=f"unit {unit.key}")
-        return tables, time.perf_counter() - t0, context.warnings
+    def report(done: int, unit: Unit | None = None) -> None:
+        UnitContext(progress).report(noun, done, total, "" if unit is None else _unit_name(unit))
 
-    if out is None:
-        started = time.perf_counter()
-        collected: dict[str, list[pd.DataFrame]] = {s.name: [] for s in analysis.unit_tables}
-        UnitContext(progress).report(noun, 0, total)
-        for i, unit in enumerate(plan.units, start=1):
-            tables, seconds, warnings = compute(unit)
-            for name, table in tables.items():
-                collected[name].append(table)
-            manifest["timings"]["per_unit_s"][unit.key] = round(seconds, 6)
-            if warnings:
-                manifest["warnings"][unit.key] = warnings
-            manifest["completed_units"].append(unit.key)
-            UnitContext(progress).report(noun, i, total, _unit_name(unit))
-        merged = {name: pd.concat(frames, ignore_index=True) for name, frames in collected.items()}
-        merged.update(_checked(analysis, analysis.finish(plan, merged), derived=True, where="run"))
-        manifest.update(analysis.manifest_extra(plan))
-        manifest["status"] = "complete"
-        if "completed_layers" in manifest:
-            manifest["completed_layers"] = [u.layer for u in plan.units]
-        manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
-        return Run(manifest=manifest, tables=merged)
+    # the executor connects (a Ray cluster, its resources checked) before the directory is touched
+    with executor.session(job) as session:
+        manifest["executor"] = session.info()
+        by_key = {u.key: u for u in plan.units}
+        if out is None:
+            started = time.perf_counter()
+            collected: dict[str, dict[str, pd.DataFrame]] = {}
+            report(0)
+            with closing(session.run(plan.units)) as results:
+                for result in results:
+                    unit = by_key[result.key]
+                    collected[unit.key] = _checked(analysis, result.tables, derived=False, where=f"unit {unit.key}")
+                    manifest["timings"]["per_unit_s"][unit.key] = round(result.seconds, 6)
+                    if result.warnings:
+                        manifest["warnings"][unit.key] = list(result.warnings)
+                    _add_counters(plan, result.counters)
+                    report(len(collected), unit)
+            manifest["completed_units"] = [u.key for u in plan.units]
+            merged = {
+                s.name: pd.concat([collected[u.key][s.name] for u in plan.units], ignore_index=True) for s in analysis.unit_tables
+            }
+            merged.update(_checked(analysis, analysis.finish(plan, merged), derived=True, where="run"))
+            manifest.update(analysis.manifest_extra(plan))
+            manifest["executor"] = session.info()
+            manifest["status"] = "complete"
+            if "completed_layers" in manifest:
+                manifest["completed_layers"] = [u.layer for u in plan.units]
+            manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
+            return Run(manifest=manifest, tables=merged)
 
-    with RunDirectory(out, analysis, manifest) as directory:
-        done = set(directory.completed)
-        UnitContext(progress).report(noun, len(done), total)
-        for unit in plan.units:
-            if unit.key in done:
-                continue
-            tables, seconds, warnings = compute(unit)
-            directory.write_unit(unit, tables, seconds, warnings)
-            done.add(unit.key)
-            UnitContext(progress).report(noun, len(done), total, _unit_name(unit))
-        return directory.finish(plan, analysis.manifest_extra(plan))
+        with RunDirectory(out, analysis, manifest) as directory:
+            done = set(directory.completed)
+            report(len(done))
+            todo = [u for u in plan.units if u.key not in done]
+            with closing(session.run(todo)) as results:
+                for result in results:
+                    unit = by_key[result.key]
+                    tables = _checked(analysis, result.tables, derived=False, where=f"unit {unit.key}")
+                    _add_counters(plan, result.counters)
+                    directory.manifest["executor"] = session.info()
+                    directory.write_unit(unit, tables, result.seconds, result.warnings)
+                    done.add(unit.key)
+                    report(len(done), unit)
+            directory.manifest["executor"] = session.info()
+            return directory.finish(plan, analysis.manifest_extra(plan))
 
 
 __all__ = ["PARTS", "SCHEMA_VERSION", "RunDirectory", "model_info", "new_manifest", "run_analysis"]

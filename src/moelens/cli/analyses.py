@@ -11,7 +11,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from moelens.cli.app import app, console, progress_bar
-from moelens.cli.options import command_from_parameters, config_from_cli, config_parameters
+from moelens.cli.options import (
+    command_from_parameters,
+    config_from_cli,
+    config_parameters,
+    executor_from_cli,
+    executor_parameters,
+)
 
 
 def _cell(value: float, fmt: str) -> str:
@@ -49,10 +55,11 @@ def _align(values: dict) -> None:
     from moelens.ranges import compact_ranges
 
     config = config_from_cli(RouterAlignmentConfig, values)  # every option checked before anything is opened
+    executor = executor_from_cli(values)
     model = _open(values["source"], values["revision"])
     out = values["out"]
     with progress_bar() as callback:
-        run = router_alignment(model, config=config, out=out, progress=callback)
+        run = router_alignment(model, config=config, out=out, progress=callback, executor=executor)
     opts = run.manifest["options"]
     rows = run["alignment_layers"]
     per_layer = values["per_layer"]
@@ -100,7 +107,7 @@ def _register_align() -> None:
         "per_layer", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
         default=typer.Option(False, "--per-layer", help="Print one summary table per layer instead of the mean over layers."),
     )
-    params = [SOURCE, OUT, *config_parameters(RouterAlignmentConfig), per_layer, REVISION]
+    params = [SOURCE, OUT, *config_parameters(RouterAlignmentConfig), per_layer, REVISION, *executor_parameters()]
     doc = "Router–expert alignment: energy of each router vector in the top-k input subspace of its expert, against null models."
     app.command("align")(command_from_parameters(params, _align, doc, "align"))
 
@@ -112,11 +119,12 @@ def _distance(values: dict) -> None:
     from moelens.analyses.expert_distance import ExpertDistanceConfig, expert_distance
 
     config = config_from_cli(ExpertDistanceConfig, values)  # every option checked before anything is opened
+    executor = executor_from_cli(values)
     a = _open(values["source"], values["revision"])
     b = _open(values["tuned"], values["revision"]) if values.get("tuned") else None
     out = values["out"]
     with progress_bar() as callback:
-        run = expert_distance(a, b, config=config, out=out, progress=callback)
+        run = expert_distance(a, b, config=config, out=out, progress=callback, executor=executor)
     layers = run["expert_distance_layers"]
     rows = layers[layers["matrix"] == "expert"]
     title = f"{run.label} · whole experts (pool {run.manifest['options']['pool']}) · mean [q25–q75] over pairs"
@@ -143,7 +151,7 @@ def _register_distance() -> None:
         "tuned", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
         default=typer.Argument(None, help="Model B (the fine-tune), for base-tuned pairs; leave out for pairs within each layer of A."),
     )
-    params = [source, tuned, OUT, *config_parameters(ExpertDistanceConfig), REVISION]
+    params = [source, tuned, OUT, *config_parameters(ExpertDistanceConfig), REVISION, *executor_parameters()]
     doc = "Expert distance per layer: relative L2 and singular-vector alignment of base→tuned or within-layer pairs of experts."
     app.command("distance")(command_from_parameters(params, _distance, doc, "distance"))
 
@@ -155,12 +163,13 @@ def _modules(values: dict) -> None:
     from moelens.analyses.module_metrics import ModuleMetricsConfig, module_metrics
 
     config = config_from_cli(ModuleMetricsConfig, values)  # every option checked before anything is opened
+    executor = executor_from_cli(values)
     a = _open(values["source"], values["revision"])
     b = _open(values["model_b"], values["revision"]) if values.get("model_b") else None
     base = _open(values["base"], values["revision"]) if values.get("base") else None
     out = values["out"]
     with progress_bar() as callback:
-        run = module_metrics(a, b, base, config=config, out=out, progress=callback)
+        run = module_metrics(a, b, base, config=config, out=out, progress=callback, executor=executor)
     table = run["module_metrics"]
     pair = table[table["model"] == "pair"]
     shown, model = (pair, "pair") if len(pair) else (table[table["model"] == "a"], "a")
@@ -195,9 +204,52 @@ def _register_modules() -> None:
         "base", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
         default=typer.Option(None, "--base", help="Their base model: pair metrics of the deltas A − base and B − base (with B), or A against its base (without B)."),
     )
-    params = [source, model_b, OUT, base, *config_parameters(ModuleMetricsConfig), REVISION]
+    params = [source, model_b, OUT, base, *config_parameters(ModuleMetricsConfig), REVISION, *executor_parameters()]
     doc = "Per-module metrics of every layer: norms, ranks and α of each matrix; correlation, cosine, rel_l2, CKA and changed share between two models."
     app.command("modules")(command_from_parameters(params, _modules, doc, "modules"))
 
 
 _register_modules()
+
+
+def _trace(values: dict) -> None:
+    from moelens.analyses.interventions import InterventionsConfig, trace
+
+    config = config_from_cli(InterventionsConfig, values)  # every option checked before anything is opened
+    model = _open(values["source"], values["revision"])
+    out = values["out"]
+    with progress_bar() as callback:
+        run = trace(model, config.prompts, config=config, out=out, progress=callback)
+    summary = run["interventions_summary"]
+    measure = "indirect_effect" if config.mode == "restore" else "jsd"
+    shown = summary[summary["measure"] == measure]
+    if config.mode == "restore":
+        shown = shown.groupby(["site", "layer"], as_index=False)["mean"].max()
+    grid = shown.pivot_table(index="site", columns="layer", values="mean", aggfunc="mean")
+    sites = [s for s in run.manifest["options"]["sites"] if s in grid.index]
+    what = "max over token groups of the mean indirect effect" if config.mode == "restore" else "mean JSD (bits)"
+    out_table = Table(title=escape(f"{run.label} · {what} over {run.manifest['options']['n_prompts']} prompts"), title_justify="left")
+    out_table.add_column("site", no_wrap=True)
+    for layer in grid.columns:
+        out_table.add_column(f"L{layer}", justify="right", no_wrap=True)
+    for site in sites:
+        out_table.add_row(site, *[_cell(float(grid.loc[site, L]), ".3f") for L in grid.columns])
+    print_wide(out_table, 16 + 8 * len(grid.columns))
+    print_warnings(run)
+    console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, interventions.parquet, interventions_summary.parquet", highlight=False)
+
+
+def _register_trace() -> None:
+    from moelens.analyses.interventions import InterventionsConfig
+
+    source = inspect.Parameter(
+        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+        default=typer.Argument(..., help="Causal LM: checkpoint directory (with its tokenizer) or cached repo id, MoE or dense."),
+    )
+    params = [source, OUT, *config_parameters(InterventionsConfig), REVISION]
+    doc = ("Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "
+           "and measure how the next-token distribution changes (JS divergence, bits).")
+    app.command("trace")(command_from_parameters(params, _trace, doc, "trace"))
+
+
+_register_trace()

@@ -53,6 +53,33 @@ def config_from_cli(config_type: type, values: Mapping[str, Any]) -> Any:
     return make_config(config_type, kwargs)
 
 
+def executor_parameters() -> list[inspect.Parameter]:
+    """The options that say where units run (``--executor`` and Ray's own), one set for every
+    command whose analysis is split into units that can run anywhere."""
+
+    def opt(name: str, annotation: Any, default: Any, flag: str, help: str, metavar: str | None = None) -> inspect.Parameter:
+        option = typer.Option(default, flag, help=help, metavar=metavar, show_default=default is not None)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+    return [
+        opt("executor", str, "local", "--executor", "Where layers run: local (this process) or ray (Ray tasks: a local cluster, or the one at --ray-address)."),
+        opt("ray_address", Optional[str], None, "--ray-address", "Join the Ray cluster at auto or HOST:PORT (its head node) instead of starting a local one.", "ADDR"),
+        opt("workers", Optional[int], None, "--workers", "Ray tasks at once (default: the cluster's CPUs, or its GPUs ÷ --gpus-per-worker).", "N"),
+        opt("gpus_per_worker", Optional[float], None, "--gpus-per-worker", "GPUs each Ray task asks for (e.g. 1, or 0.5 to share one); with --device auto or cuda.", "X"),
+        opt("max_retries", Optional[int], None, "--max-retries", "Times a Ray task that failed (its worker died) is run again (default 3).", "N"),
+    ]
+
+
+def executor_from_cli(values: Mapping[str, Any]) -> Any:
+    """The executor of the CLI's parsed ``values`` (checked: Ray importable, options that fit)."""
+    from moelens.analyses.executors import executor_from_options
+
+    return executor_from_options(
+        values.get("executor"), address=values.get("ray_address"), workers=values.get("workers"),
+        gpus_per_worker=values.get("gpus_per_worker"), max_retries=values.get("max_retries"),
+    )
+
+
 def command_from_parameters(
     params: list[inspect.Parameter], body: Callable[[dict[str, Any]], None], doc: str, name: str
 ) -> Callable[..., None]:

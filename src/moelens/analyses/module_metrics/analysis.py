@@ -36,6 +36,7 @@ from moelens.analyses.base import (
     option,
     unit_seed,
 )
+from moelens.analyses.executors import Executor
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import CheckpointFormatError, ConfigError, IndexOutOfRangeError
@@ -315,13 +316,15 @@ def module_metrics(
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: ModuleMetricsConfig | None = None,
+    executor: str | Executor | None = None,
 ) -> Run:
     """Metrics of every attention and MLP matrix of every layer: single-model metrics of A (and
     B), pair metrics A vs B (or A vs ``base``), and with both B and ``base`` the pair metrics of
     the deltas A − base vs B − base. Dense and MoE models alike.
 
     Returns a :class:`~moelens.results.Run` with tables ``module_metrics`` (layer, module, metric,
-    model, value) and ``module_metrics_experts`` (the same per routed expert).
+    model, value) and ``module_metrics_experts`` (the same per routed expert). ``executor``:
+    ``"local"`` (default), ``"ray"`` or a :class:`~moelens.analyses.executors.RayExecutor`.
 
     >>> run = module_metrics("zoo/base", "zoo/tuned")
     >>> run["module_metrics"].query("model == 'pair' and metric == 'corr'")
@@ -334,7 +337,7 @@ def module_metrics(
     def opened(m):
         return m if (m is None or isinstance(m, MoEModel)) else open_model(m)
 
-    return run_analysis(ModuleMetrics(), {"a": opened(model_a), "b": opened(model_b), "base": opened(base)}, config, out=out, progress=progress)
+    return run_analysis(ModuleMetrics(), {"a": opened(model_a), "b": opened(model_b), "base": opened(base)}, config, out=out, progress=progress, executor=executor)
 
 
 __all__ = ["ANALYSIS", "ModuleMetrics", "ModuleMetricsConfig", "module_metrics"]

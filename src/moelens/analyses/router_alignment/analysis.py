@@ -47,6 +47,7 @@ from moelens.analyses.base import (
     option,
     unit_seed,
 )
+from moelens.analyses.executors import Executor
 from moelens.analyses.router_alignment.nulls import (
     MIN_P_DRAWS,
     check_null,
@@ -311,20 +312,27 @@ class RouterAlignment(Analysis):
         assert state.model is not None and unit.layer is not None
         layer = state.model.layer(unit.layer)
         per_matrix = []
+        cache = state.cache
+        before = (cache.hits, cache.misses) if cache is not None else (0, 0)
         for role in state.matrices:
-            energies, sigma = layer_energies(layer, role, state, state.cache, context.progress)
+            energies, sigma = layer_energies(layer, role, state, cache, context.progress)
             permutations = None
             if state.config.null == "shuffle-sampled":
                 permutations = galemoe_permutations(layer.n_experts, len(state.ks), state.config.shuffles, state.generator())
             for message in degenerate_warnings(layer, role, sigma):
                 context.warn(message)
             per_matrix.append(layer_tables(layer_statistics(unit.layer, role, energies, sigma, state, permutations)))
+        if cache is not None:
+            # counted per unit, so the run's totals are right whichever process held the cache
+            context.count("spectra_cache_hits", cache.hits - before[0])
+            context.count("spectra_cache_misses", cache.misses - before[1])
         return _concat(per_matrix)
 
     def manifest_extra(self, plan: Plan) -> dict[str, Any]:
         cache = plan.state.cache
         summary = {"enabled": False} if cache is None else {
-            "enabled": True, "directory": str(cache.directory), "hits": cache.hits, "misses": cache.misses,
+            "enabled": True, "directory": str(cache.directory),
+            "hits": int(plan.counters.get("spectra_cache_hits", 0)), "misses": int(plan.counters.get("spectra_cache_misses", 0)),
         }
         return {"spectra_cache": summary}
 
@@ -334,10 +342,12 @@ def run_router_alignment(
     config: RouterAlignmentConfig,
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
+    executor: str | Executor | None = None,
 ) -> Run:
     """Run the analysis of ``config`` on ``model``; with ``out``, stream layers into that run
-    directory (resuming it if it holds an unfinished run of the same options)."""
-    return run_analysis(RouterAlignment(), {"a": model}, config, out=out, progress=progress)
+    directory (resuming it if it holds an unfinished run of the same options); ``executor``
+    says where layers are computed (``"local"``, ``"ray"`` or an executor object)."""
+    return run_analysis(RouterAlignment(), {"a": model}, config, out=out, progress=progress, executor=executor)
 
 
 def router_alignment(
@@ -359,13 +369,16 @@ def router_alignment(
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: RouterAlignmentConfig | None = None,
+    executor: str | Executor | None = None,
 ) -> Run:
     """Router–expert alignment of ``model`` (an opened model or a checkpoint path).
 
     Returns a :class:`~moelens.results.Run` with tables ``alignment``, ``alignment_layers``,
     ``alignment_pairs`` and ``spectra``. With ``out``, each layer is written as soon as it is
     done and an interrupted run resumes at the next unfinished layer. ``config`` (a
-    :class:`RouterAlignmentConfig`) replaces the keyword options when given.
+    :class:`RouterAlignmentConfig`) replaces the keyword options when given. ``executor``:
+    ``"local"`` (default, this process), ``"ray"`` (a local Ray cluster) or a
+    :class:`~moelens.analyses.executors.RayExecutor` (an existing cluster, workers, GPUs).
 
     >>> run = router_alignment(model, layers=[0, 1], matrix="gate")
     >>> run["alignment_layers"][["layer", "k", "align", "z_vs_shuffle", "p_layer"]]
@@ -381,7 +394,7 @@ def router_alignment(
         from moelens.checkpoint import open_model
 
         model = open_model(model)
-    return run_router_alignment(model, config, out=out, progress=progress)
+    return run_router_alignment(model, config, out=out, progress=progress, executor=executor)
 
 
 __all__ = [

@@ -1,0 +1,205 @@
+"""The Ray executor on a local cluster of 2 CPUs: the same tables as the local executor (every
+alignment null, expert distance, module metrics), a worker killed mid-run is retried, a run
+interrupted on the driver resumes (on either executor), and a cluster without GPUs refuses
+``--gpus-per-worker`` before anything is written.
+
+One cluster for the module (started once, about 10 s) and tiny checkpoints; each worker runs one
+thread, and so does the local reference, as SPEC §7 asks for the two to agree within 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import moelens as ml
+from moelens.analyses import RouterAlignment, run_analysis
+from moelens.analyses.executors import RayExecutor
+
+from .synthetic import random_layers, write_from_tensors
+
+ray = pytest.importorskip("ray", reason="the Ray executor needs ray (make install installs it)")
+
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    """A local Ray cluster of 2 CPUs for the module; one torch thread here, as in each worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    # classes defined here travel to the workers by value (the workers need not import tests/)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two 3-layer Mixtral-layout checkpoints of one shape (5 experts, d = 16, F = 24)."""
+    root = tmp_path_factory.mktemp("executor")
+    a = write_from_tensors(root / "a", "mixtral", *random_layers(3, 5, 16, 24, seed=5))
+    b = write_from_tensors(root / "b", "mixtral", *random_layers(3, 5, 16, 24, seed=6))
+    return a, b
+
+
+def two_workers(**kwargs) -> RayExecutor:
+    return RayExecutor(workers=2, **kwargs)
+
+
+def assert_same_tables(local: ml.Run, remote: ml.Run) -> None:
+    assert list(local.tables) == list(remote.tables)
+    for name in local.tables:
+        pd.testing.assert_frame_equal(
+            local[name].reset_index(drop=True), remote[name].reset_index(drop=True), check_exact=False, rtol=TOL, atol=TOL, obj=name,
+        )
+
+
+def assert_ran_on_ray(run: ml.Run, workers: int = 2) -> dict:
+    info = run.manifest["executor"]
+    assert info["name"] == "ray" and info["workers"] == workers and info["threads"] == 1
+    assert info["devices"] == ["cpu"] and info["cluster"]["CPU"] == 2
+    # the units really ran in other processes, each of which reports its memory
+    assert info["peak_rss_mib"] and all(not w.endswith(f":{os.getpid()}") for w in info["peak_rss_mib"])
+    return info
+
+
+@pytest.mark.parametrize("null", ["derangement", "shuffle", "shuffle-sampled"])
+def test_alignment_equals_the_local_run_for_every_null(models, null):
+    a, _ = models
+    kwargs = dict(matrix="all", null=null, shuffles=30, seed=3, cache=False)
+    local = ml.router_alignment(a, **kwargs)
+    remote = ml.router_alignment(a, executor=two_workers(), **kwargs)
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote)
+    assert local.manifest["executor"]["name"] == "local"
+    assert remote.manifest["completed_units"] == local.manifest["completed_units"] == ["L00000", "L00001", "L00002"]
+
+
+def test_distance_equals_the_local_run_both_pairings(models, tmp_path):
+    a, b = models
+    local = ml.expert_distance(a, b)
+    remote = ml.expert_distance(a, b, executor=two_workers(), out=tmp_path / "bt")
+    assert_same_tables(local, remote)
+    assert_same_tables(local, ml.load_run(tmp_path / "bt"))
+    assert_ran_on_ray(remote)
+    assert_same_tables(ml.expert_distance(a, pairing="within"), ml.expert_distance(a, pairing="within", executor=two_workers()))
+
+
+def test_module_metrics_equal_the_local_run(tiny_checkpoint, tmp_path):
+    a, b = tiny_checkpoint("qwen2_moe"), tiny_checkpoint("qwen2_moe", "fused")  # dense and MoE layers, shared experts
+    local = ml.module_metrics(a, b)
+    remote = ml.module_metrics(a, b, executor=two_workers(), out=tmp_path / "modules")
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote, workers=min(2, len(remote.manifest["units"])))
+
+
+def test_spectrum_cache_counts_add_up_over_the_workers(models, tmp_path):
+    a, _ = models
+    kwargs = dict(matrix="gate", cache_dir=tmp_path / "spectra")
+    first = ml.router_alignment(a, executor=two_workers(), **kwargs)
+    second = ml.router_alignment(a, executor=two_workers(), **kwargs)
+    assert (first.manifest["spectra_cache"]["hits"], first.manifest["spectra_cache"]["misses"]) == (0, 15)  # 3 layers × 5 experts
+    assert (second.manifest["spectra_cache"]["hits"], second.manifest["spectra_cache"]["misses"]) == (15, 0)
+    assert_same_tables(first, second)
+
+
+class DiesOnce(RouterAlignment):
+    """Router alignment whose first attempt at one unit kills its worker process outright, as
+    the kernel's OOM killer would: only the attempt that finds no marker file dies."""
+
+    def __init__(self, marker: Path, key: str):
+        self.marker = str(marker)
+        self.key = key
+
+    def compute(self, plan, unit, context):
+        if unit.key == self.key and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().compute(plan, unit, context)
+
+
+def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(models, tmp_path):
+    a, _ = models
+    config = ml.RouterAlignmentConfig(null="shuffle-sampled", shuffles=20, cache=False)
+    model = ml.open_model(a)
+    local = run_analysis(RouterAlignment(), {"a": model}, config)
+    marker = tmp_path / "killed"
+    out = tmp_path / "run"
+    remote = run_analysis(DiesOnce(marker, "L00001"), {"a": model}, config, out=out, executor=two_workers(max_retries=2))
+    assert marker.is_file() and int(marker.read_text()) != os.getpid()  # a worker died, not this process
+    assert_same_tables(local, remote)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["executor"]["retries"] == {"L00001": 1}
+    assert manifest["completed_units"] == ["L00000", "L00001", "L00002"]
+
+
+class Interrupted(Exception):
+    """Stands for the driver process dying after a chosen number of finished units."""
+
+
+def _interrupt_after(units: int):
+    def callback(event):
+        if event.task == "layers" and event.done == units and event.message:
+            raise Interrupted
+
+    return callback
+
+
+@pytest.mark.parametrize("first", ["ray", "local"])
+def test_a_run_interrupted_on_the_driver_resumes_on_ray(models, tmp_path, first):
+    a, _ = models
+    kwargs = dict(null="shuffle-sampled", shuffles=20, seed=11, cache=False)
+    whole = ml.router_alignment(a, **kwargs)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        ml.router_alignment(a, out=out, progress=_interrupt_after(1), executor=two_workers() if first == "ray" else None, **kwargs)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and len(manifest["completed_units"]) == 1
+    assert manifest["executor"]["name"] == first
+    resumed = ml.router_alignment(a, out=out, executor=two_workers(), **kwargs)
+    assert_same_tables(whole, resumed)
+    assert resumed.manifest["status"] == "complete" and resumed.manifest["executor"]["name"] == "ray"
+    assert not (out / "parts").exists()
+
+
+def _cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    from moelens.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["moelens", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_the_cli_runs_distance_on_ray(models, tmp_path, monkeypatch, capsys):
+    a, b = models
+    out = tmp_path / "cli"
+    code, stdout, _ = _cli(["distance", str(a), str(b), "--out", str(out), "--executor", "ray", "--workers", "2"], monkeypatch, capsys)
+    assert code in (0, None), stdout
+    run = ml.load_run(out)
+    assert_same_tables(ml.expert_distance(a, b), run)
+    assert run.manifest["executor"]["name"] == "ray" and run.manifest["executor"]["workers"] == 2
+
+
+def test_gpus_per_worker_on_a_cluster_without_gpus_is_one_line_and_exit_2(models, tmp_path, monkeypatch, capsys):
+    a, _ = models
+    out = tmp_path / "never"
+    code, _, err = _cli(["align", str(a), "--out", str(out), "--executor", "ray", "--gpus-per-worker", "1"], monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert "the Ray cluster has no GPUs" in lines[0] and "--gpus-per-worker" in lines[0]
+    assert not out.exists()  # refused before anything was written
