@@ -6,15 +6,24 @@
 """
 
 from moelens.analyses import (
+    CalibrationConfig,
+    ClusteringConfig,
     ExpertDistanceConfig,
     InterventionsConfig,
+    MergeCostConfig,
     ModuleMetricsConfig,
     RouterAlignmentConfig,
+    calibrate,
+    cluster,
     expert_distance,
+    load_calibration,
+    merge_clusters,
+    merge_cost,
     module_metrics,
     router_alignment,
     trace,
 )
+from moelens.atlas import atlas
 from moelens.checkpoint import ExpertWeights, MoELayer, MoEModel, RouterWeights, open_model
 from moelens.errors import MoelensError
 from moelens.report import build_report, report
@@ -38,5 +47,6 @@ __all__ = [
     "Run", "load_run", "load_runs", "__version__",
     "RouterAlignmentConfig", "router_alignment", "ExpertDistanceConfig", "expert_distance", "ModuleMetricsConfig", "module_metrics",
     "InterventionsConfig", "trace",
-    "build_report", "report",
+    "CalibrationConfig", "calibrate", "load_calibration", "ClusteringConfig", "cluster", "merge_clusters", "MergeCostConfig", "merge_cost",
+    "build_report", "report", "atlas",
 ]

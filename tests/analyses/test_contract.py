@@ -51,8 +51,41 @@ def _interventions(tiny):
     return {"a": ml.open_model(_TRACE["model"])}, config
 
 
+#: Token ids of a few sequences for models without a tokenizer (the tiny checkpoints).
+TOKEN_IDS = [[1, 5, 9, 13, 17, 21], [1, 7, 3], [1, 2, 4, 8, 16, 32, 64], [1, 11, 22, 33]]
+
+
+def _calibration(tiny):
+    return {"a": ml.open_model(tiny("mixtral"))}, ml.CalibrationConfig(texts=TOKEN_IDS, batch_tokens=12, device="cpu")
+
+
+def _clustering(tiny):
+    config = ml.ClusteringConfig(calibration=TOKEN_IDS, method="m-smoe", groups=2, batch_tokens=12, device="cpu")
+    return {"a": ml.open_model(tiny("mixtral"))}, config
+
+
+_MERGE: dict[str, str] = {}
+
+
+def _merge_cost(tiny):
+    # A model with a tokenizer and a clustering run of it, made once per session.
+    if not _MERGE:
+        import tempfile
+        from pathlib import Path
+
+        from tests.analyses import clustering_fixtures as fx
+
+        root = Path(tempfile.mkdtemp(prefix="moelens-contract-merge-"))
+        _MERGE["model"] = str(fx.save_model(root / "mixtral"))
+        ml.cluster(_MERGE["model"], fx.write_text(root / "calibration.txt"), method="m-smoe", groups=4, out=root / "clusters", device="cpu")
+        _MERGE["clusters"], _MERGE["facts"] = str(root / "clusters"), str(fx.write_facts(root / "facts.jsonl"))
+    config = ml.MergeCostConfig(clusters=(_MERGE["clusters"],), facts=_MERGE["facts"], permute="on", device="cpu")
+    return {"a": ml.open_model(_MERGE["model"])}, config
+
+
 #: How to make a small example of each analysis: a new analysis is not done until it has one.
-CASES = {"router_alignment": _alignment, "expert_distance": _distance, "module_metrics": _modules, "interventions": _interventions}
+CASES = {"router_alignment": _alignment, "expert_distance": _distance, "module_metrics": _modules, "interventions": _interventions,
+         "calibration": _calibration, "clustering": _clustering, "merge_cost": _merge_cost}
 
 
 class Killed(Exception):

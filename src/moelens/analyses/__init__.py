@@ -5,6 +5,16 @@ Every analysis has the shape of :class:`~moelens.analyses.base.Analysis` and run
 """
 
 from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, option
+from moelens.analyses.calibration import Calibration, CalibrationConfig, calibrate, load_calibration
+from moelens.analyses.clustering import (
+    Clustering,
+    ClusteringConfig,
+    MergeCost,
+    MergeCostConfig,
+    cluster,
+    merge_clusters,
+    merge_cost,
+)
 from moelens.analyses.expert_distance import ExpertDistance, ExpertDistanceConfig, expert_distance
 from moelens.analyses.interventions import Interventions, InterventionsConfig, trace
 from moelens.analyses.module_metrics import ModuleMetrics, ModuleMetricsConfig, module_metrics
@@ -12,7 +22,7 @@ from moelens.analyses.router_alignment import RouterAlignment, RouterAlignmentCo
 from moelens.analyses.runner import run_analysis
 
 #: Every analysis by its manifest name.
-ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance, ModuleMetrics, Interventions)}
+ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance, ModuleMetrics, Interventions, Calibration, Clustering, MergeCost)}
 
 
 def get_analysis(name: str) -> Analysis:
@@ -27,4 +37,6 @@ def get_analysis(name: str) -> Analysis:
 __all__ = [
     "ANALYSES", "Analysis", "Interventions", "InterventionsConfig", "trace", "ModuleMetrics", "ModuleMetricsConfig", "module_metrics", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "Plan", "RouterAlignment", "RouterAlignmentConfig", "Unit", "UnitContext",
     "default_ks", "get_analysis", "option", "router_alignment", "run_analysis",
+    "Calibration", "CalibrationConfig", "calibrate", "load_calibration", "Clustering", "ClusteringConfig", "cluster",
+    "MergeCost", "MergeCostConfig", "merge_cost", "merge_clusters",
 ]

@@ -11,7 +11,7 @@ import sys
 
 from rich.markup import escape
 
-from moelens.cli import analyses, checkpoint, reports, zoo  # noqa: F401  (each registers its commands)
+from moelens.cli import analyses, atlas, checkpoint, clustering, reports, zoo  # noqa: F401  (each registers its commands)
 from moelens.cli.app import app, err_console
 from moelens.errors import MoelensError
 

@@ -45,6 +45,8 @@ def figure_command(
     matrix: Optional[str] = typer.Option(None, help="Matrix of the expert_distance figures: expert (default), gate, up or down."),
     measure: Optional[str] = typer.Option(None, help="Measure of expert_distance_heatmap: sv_align (default) or rel_l2."),
     layers: Optional[str] = typer.Option(None, help="Layers of expert_distance_heatmap, e.g. 0,12,23 (default: first, middle, last)."),
+    mode: Optional[str] = typer.Option(None, help="Mode of trace_heatmap: knockout, restore or block (default: the run's)."),
+    token_kind: Optional[str] = typer.Option(None, "--token-kind", help="Token group of trace_heatmap for restore runs (default: last_subject)."),
     dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),
 ) -> None:
     """Draw one figure of one or more runs and save it as PNG, SVG or PDF."""
@@ -52,7 +54,8 @@ def figure_command(
     from moelens.ranges import parse_ranges
     from moelens.results import load_runs
 
-    options = {"matrix": matrix, "measure": measure, "layers": parse_ranges(layers) if layers else None, "model": model}
+    options = {"matrix": matrix, "measure": measure, "layers": parse_ranges(layers) if layers else None, "model": model,
+               "mode": mode, "token_kind": token_kind}
     fig = figures.draw(name, load_runs(runs), k=k, metric=metric, **options)
     path = figures.save(fig, out, dpi=dpi)
     console.print(f"wrote [bold]{escape(str(path))}[/]", highlight=False)

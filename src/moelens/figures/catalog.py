@@ -56,6 +56,9 @@ FIGURES: dict[str, FigureEntry] = {
     "module_lines": FigureEntry("modules:module_lines", "module_metrics", one_run=True, options=("metric", "model")),
     "trace_heatmap": FigureEntry("trace:trace_heatmap", "interventions", one_run=True, options=("mode", "measure", "token_kind")),
     "trace_indirect_effect": FigureEntry("trace:trace_indirect_effect", "interventions", one_run=True),
+    "cluster_map": FigureEntry("clusters:cluster_map", "clustering", one_run=True),
+    "cluster_usage": FigureEntry("clusters:cluster_usage", "clustering", one_run=True, options=("layers",)),
+    "expert_usage": FigureEntry("clusters:expert_usage", "calibration", one_run=True, options=("layers",)),
 }
 
 

@@ -46,12 +46,15 @@ def _group_by_analysis(runs: list[Run]) -> dict[str, list[Run]]:
     return groups
 
 
-def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] = None, figure_format: str = "svg") -> str:
+def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] = None, figure_format: str = "svg",
+                 extra: Optional[dict] = None) -> str:
     """The HTML text of the report of ``runs`` (Run objects or run directories of any analysis).
 
     Runs of router alignment alone give the seed report; runs of several analyses give one
     section per analysis (in the order each first appears), with one table of contents.
-    ``figure_format``: ``"svg"`` (sharp at any zoom, the default) or ``"png"``.
+    ``figure_format``: ``"svg"`` (sharp at any zoom, the default) or ``"png"``. ``extra`` (the
+    atlas's): ``notes`` (lines on what was skipped) and ``reproduce`` (``atlas``: the command,
+    ``commands``: one per run, ``versions``), shown on the first screen of a sectioned report.
     """
     from moelens.errors import ConfigError
     from moelens.report.render import render
@@ -59,12 +62,12 @@ def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] =
     if figure_format not in FIGURE_FORMATS:
         raise ConfigError(f"report figures are {' or '.join(FIGURE_FORMATS)}, not {figure_format!r}")
     groups = _group_by_analysis(_as_runs(runs))
-    if list(groups) == ["router_alignment"]:
+    if list(groups) == ["router_alignment"] and not extra:
         from moelens.figures.alignment_data import alignment_views
         from moelens.report.alignment_report import report_context
 
         return render("alignment_report.html", **report_context(alignment_views(groups["router_alignment"]), title, figure_format))
-    return render("report.html", **report_context_of_sections(groups, title, figure_format))
+    return render("report.html", **{**report_context_of_sections(groups, title, figure_format), **(extra or {})})
 
 
 def report_context_of_sections(groups: dict[str, list[Run]], title: Optional[str], fmt: str) -> dict:
@@ -81,6 +84,8 @@ def report_context_of_sections(groups: dict[str, list[Run]], title: Optional[str
         "n_runs": n_runs,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "version": __version__,
+        "notes": [],
+        "reproduce": None,
     }
 
 

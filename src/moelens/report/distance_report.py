@@ -21,7 +21,10 @@ from moelens.report.tables import Cell, Table, integer, number, text
 from moelens.results import Run
 
 MATRIX_ORDER = ("expert", "gate", "up", "down")
-PAIRING_NAMES = {"base-tuned": "base → tuned (expert e with e)", "within": "within a layer (every pair i < j)"}
+PAIRING_NAMES = {"base-tuned": "base → tuned (expert e with e)", "within": "within a layer (every pair i < j)",
+                 "hc-smoe": "HC-SMoE clusters (every pair of members)", "m-smoe": "M-SMoE clusters (each member with its dominant expert)",
+                 "hc-smoe-permuted": "HC-SMoE clusters, members permuted onto the dominant expert",
+                 "m-smoe-permuted": "M-SMoE clusters, members permuted onto the dominant expert"}
 
 
 @dataclass

@@ -23,6 +23,9 @@ EXPLANATION_TITLES = {
     "module_lines": "Module lines",
     "trace_heatmap": "Intervention heat maps",
     "trace_indirect_effect": "Indirect effect (causal tracing)",
+    "cluster_map": "Cluster map",
+    "cluster_usage": "Usage by cluster",
+    "expert_usage": "Expert usage frequency",
 }
 
 

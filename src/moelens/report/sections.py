@@ -61,9 +61,30 @@ def _interventions_section(runs: Sequence[Run], fmt: str) -> Section:
     return trace_section(runs, fmt)
 
 
+def _calibration_section(runs: Sequence[Run], fmt: str) -> Section:
+    from moelens.report.clustering_report import calibration_section
+
+    return calibration_section(runs, fmt)
+
+
+def _clustering_section(runs: Sequence[Run], fmt: str) -> Section:
+    from moelens.report.clustering_report import clustering_section
+
+    return clustering_section(runs, fmt)
+
+
+def _merge_cost_section(runs: Sequence[Run], fmt: str) -> Section:
+    from moelens.report.clustering_report import merge_cost_section
+
+    return merge_cost_section(runs, fmt)
+
+
 SECTION_BUILDERS: dict[str, SectionBuilder] = {
     "router_alignment": alignment_section,
     "expert_distance": _expert_distance_section,
     "module_metrics": _module_metrics_section,
     "interventions": _interventions_section,
+    "calibration": _calibration_section,
+    "clustering": _clustering_section,
+    "merge_cost": _merge_cost_section,
 }

@@ -10,7 +10,9 @@ per matrix (gate, up, down) and for the whole expert (``matrix = "expert"``: rel
 concatenation; sv_align the mean of the matrices' R, or Ito's pooled ratio with ``pool="ito"``).
 
 Pairings: ``base-tuned`` (expert e of model A with expert e of model B) and ``within`` (every
-unordered pair i < j of one layer of model A). One unit per layer; within it one matrix role at a
+unordered pair i < j of one layer of model A); with ``clusters`` (a clustering run), the pairs
+inside its clusters, named after its method (``hc-smoe``, ``m-smoe``, ``…-permuted`` with
+``permute``; :mod:`moelens.analyses.expert_distance.clusters`). One unit per layer; within it one matrix role at a
 time, so memory holds one role of one layer of both models. Each expert is decomposed once per
 role (:mod:`moelens.metrics`) whatever the number of pairs it is in.
 """
@@ -35,6 +37,7 @@ from moelens.analyses.base import (
     option,
     unit_seed,
 )
+from moelens.analyses.executors import Executor
 from moelens.analyses.expert_distance.tables import LAYER_SCHEMA, PAIR_SCHEMA, layer_summary, pair_rows
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import ROLES, MoEModel
@@ -65,11 +68,19 @@ class ExpertDistanceConfig:
     pool: str = option("mean", "sv_align of the whole expert: mean of the matrices' R, or ito (Σ n_m R_m / Σ n_m).")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
     dtype: str = option("float32", "Decompositions in float32 (redone in float64 where a spectrum needs it) or float64.")
+    clusters: str | None = option(None, "A clustering run (moelens cluster): pair the experts inside its clusters (pairing hc-smoe or m-smoe) instead.", kind=str, metavar="RUN")
+    permute: bool = option(False, "With --clusters: align every member's neurons onto its cluster's dominant expert first (pairing …-permuted).")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
         if self.pairing is not None and self.pairing not in PAIRINGS:
             raise ConfigError(f"unknown pairing {self.pairing!r}; expected one of {', '.join(PAIRINGS)}")
+        if self.clusters is not None:
+            object.__setattr__(self, "clusters", os.fspath(self.clusters))
+            if self.pairing is not None:
+                raise ConfigError("--clusters pairs the experts inside each cluster (pairing hc-smoe or m-smoe); leave out --pairing")
+        elif self.permute:
+            raise ConfigError("--permute aligns cluster members onto their dominant expert; it needs --clusters RUN")
         matrices = (self.matrices,) if isinstance(self.matrices, str) else tuple(self.matrices)
         if not matrices:
             raise ConfigError("the matrix list is empty; give at least one of gate, up, down")
@@ -99,6 +110,7 @@ class DistanceState:
     matrices: list[str]
     config: ExpertDistanceConfig
     device: Any
+    clusters: Any = None  # a ClusterPairing with --clusters
 
 
 def _check_same_shapes(a: MoEModel, b: MoEModel, layers: list[int]) -> None:
@@ -123,6 +135,8 @@ def resolve(models: Mapping[str, MoEModel | None], config: ExpertDistanceConfig)
     a, b = models["a"], models.get("b")
     if not a.is_moe:
         raise NotMoEError(f"{a.name} is a dense {a.family} model with no MoE layers; expert distance needs an MoE checkpoint")
+    if config.clusters is not None:
+        return _resolve_clusters(a, b, config)
     pairing = config.pairing or ("base-tuned" if b is not None else "within")
     if pairing == "within" and b is not None:
         raise ConfigError("--pairing within compares the experts of one model; run each model alone (moelens distance A --pairing within)")
@@ -146,6 +160,28 @@ def resolve(models: Mapping[str, MoEModel | None], config: ExpertDistanceConfig)
     return DistanceState(a, b, pairing, layers, list(config.matrices), config, resolve_device(config.device))
 
 
+def _resolve_clusters(a: MoEModel, b: MoEModel | None, config: ExpertDistanceConfig) -> DistanceState:
+    """The state of a run over the clusters of ``config.clusters`` (one model, its clustered layers)."""
+    from moelens.analyses.expert_distance.clusters import load_cluster_pairing
+
+    if b is not None:
+        raise ConfigError("--clusters pairs experts within one model; give only the model that was clustered")
+    clusters = load_cluster_pairing(config.clusters, a, config.permute)
+    clustered = sorted(clusters.layers)
+    layers = chosen_layers(config.layers, clustered)
+    missing = [L for L in layers if L not in clusters.layers]
+    if missing:
+        raise ConfigError(f"layer {missing[0]} is not in the clusters run {config.clusters} (it clusters layers {compact_ranges(clustered)})")
+    first = a.layer(layers[0])
+    missing_roles = [m for m in config.matrices if not first.has_role(m)]
+    if missing_roles:
+        raise ConfigError(f"{a.name} ({a.family}) experts have no {missing_roles[0]} matrix; choose --matrices among the others")
+    if config.top_sv is not None:
+        for L in layers:
+            check_options(config.gamma, config.top_sv, (a.layer(L).expert_ffn, a.hidden_size))
+    return DistanceState(a, None, clusters.pairing, layers, list(config.matrices), config, resolve_device(config.device), clusters)
+
+
 class ExpertDistance(Analysis):
     """SPEC §2: one unit per MoE layer; one table row per (pair, matrix)."""
 
@@ -163,6 +199,8 @@ class ExpertDistance(Analysis):
             "layers": list(state.layers), "pairing": state.pairing, "matrices": list(state.matrices), "gamma": c.gamma,
             "top_sv": c.top_sv, "pool": c.pool, "device": str(state.device), "dtype": c.dtype,
         }
+        if state.clusters is not None:  # only then: runs without clusters keep their options as they were
+            options.update({"clusters": state.clusters.path, "clusters_sha256": state.clusters.digest, "permute": state.clusters.permute})
         names = state.model_a.name + (f" → {state.model_b.name}" if state.model_b is not None else "")
         label = f"{names} · {state.pairing} · L{compact_ranges(state.layers)}"
         units = [Unit(key=layer_unit_key(L), seed=unit_seed(0, layer_unit_key(L)), layer=L) for L in state.layers]  # nothing random
@@ -175,9 +213,19 @@ class ExpertDistance(Analysis):
         la = s.model_a.layer(unit.layer)
         lb = s.model_b.layer(unit.layer) if s.model_b is not None else None
         pairs = same_index_pairs(la.n_experts) if s.pairing == "base-tuned" else within_pairs(la.n_experts)
+        perms = None
+        if s.clusters is not None:
+            from moelens.analyses.expert_distance.clusters import cluster_pairs, layer_permutations, permute_role
+
+            lc = s.clusters.layers[unit.layer]
+            pairs = cluster_pairs(s.clusters.method, lc.labels, lc.anchors)
+            if s.clusters.permute:
+                perms = layer_permutations(la, lc.anchors, s.device)  # [E, F]
         per_role = {}
         for i, role in enumerate(s.matrices):
             stack_a = la.expert_stack(role)  # [E, out, in], one role of one layer of each model in memory
+            if perms is not None:
+                stack_a = permute_role(stack_a, role, perms)
             stack_b = lb.expert_stack(role) if lb is not None else None
             per_role[role] = role_distances(stack_a, stack_b, pairs, c.gamma, c.top_sv, s.device, c.dtype)
             del stack_a, stack_b
@@ -205,30 +253,36 @@ def expert_distance(
     device: str = "auto",
     *,
     dtype: str = "float32",
+    clusters: str | os.PathLike[str] | None = None,
+    permute: bool = False,
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: ExpertDistanceConfig | None = None,
+    executor: str | Executor | None = None,
 ) -> Run:
     """Distances between experts per layer: base→tuned (two models) or within a layer (one).
 
     Returns a :class:`~moelens.results.Run` with tables ``expert_distance`` (one row per layer,
     pairing, expert_a, expert_b, matrix: rel_l2, sv_align, n_sv) and ``expert_distance_layers``
     (their spread per layer). With ``out`` each layer is written when done and an interrupted run
-    resumes at the next unfinished layer.
+    resumes at the next unfinished layer. ``executor``: ``"local"`` (default), ``"ray"`` or a
+    :class:`~moelens.analyses.executors.RayExecutor`.
 
     >>> run = expert_distance("zoo/base", "zoo/tuned")                 # base-tuned
     >>> run["expert_distance_layers"].query("matrix == 'expert'")
+    >>> run = expert_distance("zoo/base", clusters="runs/m-smoe", permute=True)   # m-smoe-permuted
     """
     if config is None:
         config = ExpertDistanceConfig(
             layers=layers, pairing=pairing, matrices=tuple(matrices) if not isinstance(matrices, str) else matrices,
             gamma=gamma, top_sv=top_sv, pool=pool, device=device, dtype=dtype,
+            clusters=None if clusters is None else os.fspath(clusters), permute=permute,
         )
     from moelens.checkpoint import open_model
 
     a = model_a if isinstance(model_a, MoEModel) else open_model(model_a)
     b = model_b if (model_b is None or isinstance(model_b, MoEModel)) else open_model(model_b)
-    return run_analysis(ExpertDistance(), {"a": a, "b": b}, config, out=out, progress=progress)
+    return run_analysis(ExpertDistance(), {"a": a, "b": b}, config, out=out, progress=progress, executor=executor)
 
 
 __all__ = ["ANALYSIS", "PAIRINGS", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "resolve"]

@@ -1,0 +1,313 @@
+"""What merging costs (SPEC §3, §7): fact recall and perplexity before and after merging the
+experts of each clustering, with and without permutation alignment.
+
+One unit per variant: ``original`` (the model as it is), then for each clustering run its merge
+without permutation and with it. A merged variant is written by :func:`moelens.merge.export_merged`
+into a temporary directory, loaded, measured and deleted: one model in memory at a time.
+
+- fact recall: the share of facts (JSONL: ``prompt``, ``target``) whose target is the greedy next
+  token after the prompt (:func:`moelens.runtime.fact_recall`);
+- perplexity: exp of the mean next-token negative log-likelihood over the held-out last 10 % of
+  the calibration text's non-empty lines (which calibration never uses), each line
+  ``tokenizer(line)`` cut at the model's positions (:mod:`moelens.runtime.perplexity`).
+
+Tables: ``merge_cost`` (one row per variant: ``variant``, ``method`` (``none`` for the original),
+``clusters_run``, ``permute``, ``export``, ``groups_min``/``groups_max`` (G over the merged
+layers; E for the original), ``recall``, ``perplexity``, ``n_facts``, ``n_tokens`` (predicted
+tokens)) and ``merge_cost_summary`` (the same variants against the original: ``recall_delta`` =
+recall − recall(original), ``perplexity_ratio`` = perplexity / perplexity(original)).
+
+>>> run = merge_cost("zoo/base", ["runs/hc-smoe", "runs/m-smoe"], facts="zoo/facts.jsonl", texts="zoo/calibration.txt")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, option, unit_seed
+from moelens.analyses.calibration.analysis import FORWARD_DTYPES, forward_dtype, positive_int
+from moelens.analyses.runner import run_analysis
+from moelens.checkpoint.model import MoEModel
+from moelens.errors import ConfigError, NotMoEError
+from moelens.progress import ProgressCallback
+from moelens.results.run import Run
+from moelens.results.schema import TableSchema
+
+ANALYSIS = "merge_cost"
+EXPORTS = ("shared", "compact")
+PERMUTE = ("both", "on", "off")
+COST_SCHEMA = TableSchema(ANALYSIS, (
+    ("variant", "str"), ("method", "str"), ("clusters_run", "str"), ("permute", "bool"), ("export", "str"),
+    ("groups_min", "int"), ("groups_max", "int"), ("recall", "float"), ("perplexity", "float"), ("n_facts", "int"), ("n_tokens", "int"),
+))
+SUMMARY_SCHEMA = TableSchema("merge_cost_summary", (
+    ("variant", "str"), ("method", "str"), ("permute", "bool"), ("recall", "float"), ("recall_delta", "float"),
+    ("perplexity", "float"), ("perplexity_ratio", "float"),
+))
+
+
+def _paths(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class MergeCostConfig:
+    """Options of :func:`merge_cost` (each field's help says what it does)."""
+
+    clusters: tuple[str, ...] = option((), "Clustering runs of this model (moelens cluster --out), comma-separated.", parse=_paths, metavar="RUN,RUN")
+    facts: Optional[str] = option(None, "Facts JSONL (prompt, target on every line): fact recall before and after merging.", kind=str, metavar="FACTS.jsonl")
+    texts: Optional[str] = option(None, "Calibration text file: perplexity on its held-out last 10 % of lines (default: the clustering runs' own calibration text).", kind=str, metavar="TEXT_FILE")
+    export: str = option("shared", "Form measured: shared (E experts, members given their cluster's merged weights, as HC-SMoE and MC-SMoE evaluate) or compact (G experts, router rows averaged).")
+    permute: str = option("both", "Permutation alignment before averaging: both (each clustering with and without), on or off.")
+    batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    dtype: str = option("auto", "Forward passes in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        clusters = _paths(self.clusters) if isinstance(self.clusters, str) else tuple(os.fspath(c) for c in self.clusters)
+        if not clusters:
+            raise ConfigError("no clustering run given: --clusters RUN[,RUN…] (the --out directories of moelens cluster)")
+        if len(set(clusters)) != len(clusters):
+            raise ConfigError(f"clustering runs {list(clusters)} name a run twice; list each once")
+        object.__setattr__(self, "clusters", clusters)
+        for name in ("facts", "texts"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
+        if self.export not in EXPORTS:
+            raise ConfigError(f"unknown export {self.export!r}; choose shared or compact")
+        if self.permute not in PERMUTE:
+            raise ConfigError(f"permute {self.permute!r}: choose both, on or off")
+        object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
+        if self.dtype not in FORWARD_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+
+
+def read_facts(path: str) -> list[dict[str, str]]:
+    """Records with string ``prompt`` and ``target`` from a JSONL file (blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"facts file {p} does not exist" if not p.exists() else f"facts file {p} is not a file")
+    out = []
+    for i, raw in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p} line {i + 1}: not JSON ({exc.msg}); a facts file is JSONL, one object per line") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip() for k in ("prompt", "target")):
+            raise ConfigError(f"{p} line {i + 1}: every fact needs a non-empty \"prompt\" and \"target\"")
+        out.append({"prompt": obj["prompt"], "target": obj["target"]})
+    if not out:
+        raise ConfigError(f"facts file {p} holds no facts")
+    return out
+
+
+def _calibration_text(run: Run) -> Optional[str]:
+    """The calibration text file a clustering run was calibrated on, when it still exists."""
+    from moelens.results import load_run
+
+    options = run.manifest.get("options") or {}
+    source = options.get("calibration_run")
+    if source:
+        try:
+            options = load_run(source).manifest.get("options") or {}
+        except Exception:  # a moved calibration run: no default text, the user names one
+            return None
+    text = options.get("texts") or options.get("calibration")
+    return text if isinstance(text, str) and Path(text).is_file() else None
+
+
+@dataclass
+class Variant:
+    key: str
+    method: str
+    permute: bool
+    run_path: str
+    clusters: Optional[pd.DataFrame]
+    groups: tuple[int, int]
+
+
+@dataclass
+class MergeCostState:
+    model: MoEModel
+    config: MergeCostConfig
+    tokenizer: Any
+    facts: Optional[list[dict[str, str]]]
+    heldout: Optional[list[tuple[int, ...]]]
+    variants: dict[str, Variant]
+    device: Any
+    dtype: str
+    pad_id: int
+
+
+def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dict[str, Any], list[Unit]]:
+    from moelens.analyses.calibration.analysis import pad_id_of, text_config_of
+    from moelens.analyses.clustering.merging import clusters_of
+    from moelens.calibration.texts import read_lines, tokenise
+    from moelens.merge import plan_export
+    from moelens.runtime import load_tokenizer
+    from moelens.spectral import resolve_device
+
+    c = config
+    if not model.is_moe:
+        raise NotMoEError(f"{model.name} is a dense {model.family} model with no MoE layers; there is nothing to merge")
+    runs = []
+    for path in c.clusters:
+        run, table = clusters_of(path, model)
+        plan_export(model.path, table, c.export, model.revision)  # the family and the form's constraints, from headers
+        runs.append((path, run, table))
+    tokenizer = load_tokenizer(model.path, model.revision)
+    facts = read_facts(c.facts) if c.facts is not None else None
+    texts = c.texts if c.texts is not None else next((t for t in (_calibration_text(r) for _, r, _ in runs) if t), None)
+    heldout = None
+    if texts is not None:
+        lines = read_lines(texts)
+        if lines.n_heldout == 0:
+            raise ConfigError(f"{texts} has {len(lines.items)} non-empty line(s), so its held-out last 10 % is empty; "
+                              "perplexity needs a text of at least 10 lines")
+        max_pos = text_config_of(model.config).get("max_position_embeddings")
+        heldout = list(tokenise(lines, tokenizer, max_pos if isinstance(max_pos, int) and max_pos > 0 else None, None, part="heldout").sequences)
+    if facts is None and heldout is None:
+        raise ConfigError("nothing to measure: give --facts FACTS.jsonl and/or --texts TEXT_FILE (the clustering runs' "
+                          "calibration text was not found)")
+    e = model.n_experts
+    variants = {"original": Variant("original", "none", False, "", None, (e, e))}
+    permutes = {"both": (False, True), "on": (True,), "off": (False,)}[c.permute]
+    for i, (path, run, table) in enumerate(runs):
+        method = str(run.manifest["options"]["method"])
+        sizes = table.groupby("layer")["cluster"].nunique()
+        for p in permutes:
+            key = f"{i:02d}-{method}{'-permuted' if p else ''}"
+            variants[key] = Variant(key, method, p, str(Path(path).resolve()), table, (int(sizes.min()), int(sizes.max())))
+    device = resolve_device(c.device)
+    state = MergeCostState(model, c, tokenizer, facts, heldout, variants, device, forward_dtype(c.dtype, device, model.config),
+                           pad_id_of(tokenizer, model.config))
+    options = {
+        "clusters": [str(Path(p).resolve()) for p in c.clusters],
+        "facts": str(Path(c.facts).resolve()) if c.facts else None, "n_facts": len(facts) if facts else 0,
+        "texts": str(Path(texts).resolve()) if texts else None, "heldout_lines": len(heldout) if heldout else 0,
+        "export": c.export, "permute": c.permute, "batch_tokens": c.batch_tokens, "device": str(device), "dtype": state.dtype,
+    }
+    units = [Unit(key=k, seed=unit_seed(0, k), data={"variant": k}) for k in variants]
+    return state, options, units
+
+
+def _measure(state: MergeCostState, lm: Any, context: UnitContext) -> tuple[float, float, int]:
+    from moelens.runtime import fact_recall
+    from moelens.runtime.perplexity import perplexity
+
+    recall = float("nan")
+    if state.facts is not None:
+        recall = fact_recall(lm, state.tokenizer, state.facts, progress=context.progress).recall
+    ppl, n = float("nan"), 0
+    if state.heldout is not None:
+        result = perplexity(lm, state.heldout, state.pad_id, state.config.batch_tokens, context.progress)
+        ppl, n = result.value, result.n_predicted
+    return recall, ppl, n
+
+
+class MergeCost(Analysis):
+    """One unit per variant (the original, each clustering with and without permutation)."""
+
+    name = ANALYSIS
+    title = "Merge cost"
+    config_type = MergeCostConfig
+    inputs = ("a",)
+    unit_noun = "variants"
+    unit_tables = (COST_SCHEMA,)
+    derived_tables = (SUMMARY_SCHEMA,)
+
+    def plan(self, models: Mapping[str, Any], config: MergeCostConfig) -> Plan:
+        model: MoEModel = models["a"]
+        state, options, units = _plan(model, config)
+        methods = ", ".join(dict.fromkeys(v.method for v in state.variants.values() if v.clusters is not None))
+        label = f"{model.name} · merge cost ({methods}; {config.export})"
+        return Plan(options=options, units=units, label=label, state=state)
+
+    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
+        from transformers.utils import logging as hf_logging
+
+        from moelens.merge import export_merged
+        from moelens.runtime import load_causal_lm
+
+        s: MergeCostState = plan.state
+        v = s.variants[unit.data["variant"]]
+        scratch = None
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # an analysis prints nothing: no "Writing model shards" bar
+        try:
+            path: Any = s.model.path
+            if v.clusters is not None:
+                scratch = Path(tempfile.mkdtemp(prefix="moelens-merge-"))
+                path = export_merged(s.model.path, v.clusters, scratch / "merged", export=s.config.export, permute=v.permute,
+                                     device=s.device, revision=s.model.revision)
+            lm = load_causal_lm(path, device=s.device, dtype=s.dtype, revision=s.model.revision if v.clusters is None else None)
+            recall, ppl, n = _measure(s, lm, context)
+            del lm
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            if bars:
+                hf_logging.enable_progress_bar()
+        row = {
+            "variant": v.key, "method": v.method, "clusters_run": v.run_path, "permute": v.permute,
+            "export": "none" if v.clusters is None else s.config.export, "groups_min": v.groups[0], "groups_max": v.groups[1],
+            "recall": recall, "perplexity": ppl, "n_facts": len(s.facts) if s.facts else 0, "n_tokens": n,
+        }
+        return {ANALYSIS: pd.DataFrame([row], columns=COST_SCHEMA.column_names)}
+
+    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        return {SUMMARY_SCHEMA.name: summarise(tables[ANALYSIS])}
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Every variant against the original: recall − recall₀ and perplexity / perplexity₀."""
+    base = table[table["variant"] == "original"].iloc[0]
+    out = pd.DataFrame({
+        "variant": table["variant"], "method": table["method"], "permute": table["permute"].astype(bool),
+        "recall": table["recall"].astype(np.float64), "recall_delta": table["recall"].astype(np.float64) - float(base["recall"]),
+        "perplexity": table["perplexity"].astype(np.float64), "perplexity_ratio": table["perplexity"].astype(np.float64) / float(base["perplexity"]),
+    }, columns=SUMMARY_SCHEMA.column_names)
+    return out.reset_index(drop=True)
+
+
+def merge_cost(
+    model: MoEModel | str | os.PathLike[str],
+    clusters: Sequence[str | os.PathLike[str]] | str,
+    facts: str | os.PathLike[str] | None = None,
+    texts: str | os.PathLike[str] | None = None,
+    export: str = "shared",
+    permute: str = "both",
+    *,
+    batch_tokens: int = 4096,
+    device: str = "auto",
+    dtype: str = "auto",
+    out: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+    config: MergeCostConfig | None = None,
+) -> Run:
+    """Fact recall and perplexity of ``model`` before and after merging its experts by each
+    clustering run, with and without permutation alignment (``permute="both"``)."""
+    if config is None:
+        config = MergeCostConfig(clusters=clusters if isinstance(clusters, str) else tuple(os.fspath(c) for c in clusters),
+                                 facts=facts, texts=texts, export=export, permute=permute, batch_tokens=batch_tokens,
+                                 device=device, dtype=dtype)
+    from moelens.checkpoint import open_model
+
+    m = model if isinstance(model, MoEModel) else open_model(model)
+    return run_analysis(MergeCost(), {"a": m}, config, out=out, progress=progress)
+
+
+__all__ = ["ANALYSIS", "COST_SCHEMA", "MergeCost", "MergeCostConfig", "SUMMARY_SCHEMA", "merge_cost", "read_facts", "summarise"]

@@ -1,0 +1,148 @@
+"""Calibrate one MoE layer: run the calibration tokens up to it, record routing, run every expert.
+
+For layer L and the N calibration tokens (SPEC §3):
+
+- ``router_logits`` [N, E] and ``topk`` [N, k]: what the layer's router computed and chose
+  (:mod:`moelens.calibration.capture`);
+- usage count c_e = #{(t, j): topk[t, j] = e} and frequency f_e = c_e / (N·k), the share of the
+  layer's top-k selections (Σ_e f_e = 1);
+- ``features`` [E, d]: every expert's mean output over all N tokens, from the checkpoint's
+  expert weights and the family's nonlinearity (:mod:`moelens.calibration.features`).
+
+Sequences go through the model in batches of consecutive sequences, right-padded, at most
+``batch_tokens`` padded tokens each (always at least one sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from moelens.calibration.activation import ExpertActivation
+from moelens.calibration.capture import LayerCapture, right_padded
+from moelens.calibration.features import ExpertFeatures
+from moelens.calibration.texts import CalibrationTokens
+from moelens.checkpoint.model import MoELayer, MoEModel
+
+
+@dataclass(frozen=True)
+class LayerCalibration:
+    """One layer's calibration record (arrays as the store keeps them)."""
+
+    layer: int
+    features: np.ndarray       # [E, d] float64
+    router_logits: np.ndarray  # [N, E] float32
+    topk: np.ndarray           # [N, k] int32
+    counts: np.ndarray         # [E] int64
+    routing: str               # where the top-k came from: experts | router | logits
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """[E] float64 f_e = c_e / (N·k)."""
+        total = self.topk.size
+        return self.counts / total if total else np.zeros(self.counts.shape)
+
+
+def batches(sequences: Sequence[Sequence[int]], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices of consecutive sequences whose right-padded batch has ≤ ``batch_tokens`` tokens."""
+    rows: list[int] = []
+    width = 0
+    for i, s in enumerate(sequences):
+        w = max(width, len(s))
+        if rows and w * (len(rows) + 1) > batch_tokens:
+            yield rows
+            rows, w = [], len(s)
+        rows.append(i)
+        width = w
+    if rows:
+        yield rows
+
+
+def usage_counts(topk: np.ndarray, n_experts: int) -> np.ndarray:
+    """[E] int64 number of top-k selections of each expert (indices outside 0..E−1, which some
+    families use to mark a dropped slot, are not selections)."""
+    flat = np.asarray(topk, dtype=np.int64).ravel()
+    flat = flat[(flat >= 0) & (flat < n_experts)]
+    return np.bincount(flat, minlength=n_experts).astype(np.int64)
+
+
+def expert_weights(layer: MoELayer) -> dict[str, Optional[torch.Tensor]]:
+    """One layer's expert stacks (gate/up [E, F, d], down [E, d, F]) and bias stacks (GPT-OSS)
+    from the checkpoint, as stored."""
+    gate = layer.expert_stack("gate") if layer.has_role("gate") else None
+    out: dict[str, Optional[torch.Tensor]] = {"gate": gate, "up": layer.expert_stack("up"), "down": layer.expert_stack("down")}
+    first = layer.expert(0)
+    for name in ("gate_bias", "up_bias", "down_bias"):
+        out[name] = None
+        if getattr(first, name) is not None:  # only families with expert biases pay for a second read
+            out[name] = torch.stack([getattr(layer.expert(e), name) for e in range(layer.n_experts)])
+    return out
+
+
+@dataclass
+class CalibrationSetup:
+    """What every layer of one calibration shares: the checkpoint view, the tokens, where and in
+    which precision the model runs, and the model itself (loaded on first use)."""
+
+    model: MoEModel
+    tokens: CalibrationTokens
+    activation: ExpertActivation
+    device: torch.device
+    dtype: Optional[str]
+    batch_tokens: int
+    pad_id: int
+    _loaded: Any = field(default=None, repr=False)
+
+    def loaded(self) -> tuple[Any, Any]:
+        """(the transformers model, its hook points), loaded once."""
+        if self._loaded is None:
+            from moelens.runtime import load_causal_lm
+            from moelens.runtime.architecture import describe
+
+            lm = load_causal_lm(self.model.path, device=self.device, dtype=self.dtype, revision=self.model.revision)
+            self._loaded = (lm, describe(lm))
+        return self._loaded
+
+    @property
+    def model_dtype(self) -> str:
+        lm, _ = self.loaded()
+        return str(next(lm.parameters()).dtype).replace("torch.", "")
+
+
+def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, int], None] | None = None) -> LayerCalibration:
+    """Layer ``layer``'s calibration record (one forward pass per batch, stopped after the router)."""
+    lm, arch = setup.loaded()
+    view = setup.model.layer(layer)
+    capture = LayerCapture(lm, arch, layer, view.top_k)
+    w = expert_weights(view)
+    features = ExpertFeatures(w["gate"], w["up"], w["down"], setup.activation, w["gate_bias"], w["up_bias"], w["down_bias"],
+                              device=setup.device)
+    del w
+    n, e, k = setup.tokens.n_tokens, view.n_experts, view.top_k
+    logits = np.empty((n, e), dtype=np.float32)
+    topk = np.empty((n, k), dtype=np.int32)
+    sources: set[str] = set()
+    sequences = setup.tokens.sequences
+    plan = list(batches(sequences, setup.batch_tokens))
+    row = 0
+    for b, rows in enumerate(plan):
+        ids, mask = right_padded([sequences[i] for i in rows], setup.pad_id, setup.device)
+        routing = capture.run(ids, mask)
+        m = routing.logits.shape[0]
+        logits[row:row + m] = routing.logits.numpy()
+        topk[row:row + m] = routing.topk.numpy()
+        features.add(routing.inputs)
+        sources.add(routing.source)
+        row += m
+        if report is not None:
+            report(b + 1, len(plan))
+    if row != n:
+        raise RuntimeError(f"layer {layer}: {row} tokens captured of {n}")
+    return LayerCalibration(layer, features.result(), logits, topk, usage_counts(topk, e), "+".join(sorted(sources)))
+
+
+__all__ = ["CalibrationSetup", "LayerCalibration", "batches", "calibrate_layer", "expert_weights", "usage_counts"]

@@ -1,0 +1,65 @@
+"""``atlas``: every analysis of a model (and its fine-tune) and one report."""
+
+from __future__ import annotations
+
+import inspect
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from moelens.cli.app import app, console, progress_bar
+from moelens.cli.options import command_from_parameters, executor_from_cli, executor_parameters
+
+
+def _atlas(values: dict) -> None:
+    from moelens.atlas import atlas
+
+    limit = values.get("trace_limit")
+    if limit is not None and limit < 1:
+        from moelens.errors import ConfigError
+
+        raise ConfigError(f"--trace-limit {limit}: give a whole number ≥ 1")
+    executor = executor_from_cli(values)
+    command = "moelens " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["atlas"] else None
+    with progress_bar() as callback:
+        result = atlas(values["source"], values["out"], tuned=values.get("tuned"), base=values.get("base"),
+                       prompts=values.get("prompts"), calibration=values.get("calibration"), executor=executor,
+                       device=values["device"], trace_limit=limit, title=values.get("title"), progress=callback, command=command)
+    for name in result.runs:
+        console.print(f"  {'reused' if name in result.reused else 'wrote '} runs/{escape(name)}", highlight=False)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    console.print(f"{len(result.figures)} figure files in [bold]{escape(str(result.out / 'figures'))}[/]", highlight=False)
+    console.print(f"report: [bold]{escape(str(result.report.resolve()))}[/]", highlight=False)
+
+
+def _register_atlas() -> None:
+    P = inspect.Parameter
+
+    def opt(name: str, annotation: object, default: object, *decls: str, help: str, metavar: Optional[str] = None) -> inspect.Parameter:
+        return P(name, P.KEYWORD_ONLY, annotation=annotation, default=typer.Option(default, *decls, help=help, metavar=metavar, show_default=default is not None))
+
+    params = [
+        P("source", P.POSITIONAL_OR_KEYWORD, annotation=str,
+          default=typer.Argument(..., help="The model: checkpoint directory or cached repo id (MoE or dense).")),
+        opt("out", Path, ..., "--out", help="Directory of the atlas: runs/, figures/ and report.html (finished runs are reused).", metavar="DIR"),
+        opt("tuned", Optional[str], None, "--tuned", help="Its fine-tune: MODEL is the base.", metavar="B"),
+        opt("base", Optional[str], None, "--base", help="Its base: MODEL is the fine-tune.", metavar="A"),
+        opt("prompts", Optional[Path], None, "--prompts", help="Facts for interventions (JSONL: prompt, subject, target); a zoo model brings its own.", metavar="FACTS.jsonl"),
+        opt("calibration", Optional[Path], None, "--calibration", help="Text for clustering and merge costs, one sequence per line; a zoo model brings its own.", metavar="TEXT"),
+        opt("trace_limit", Optional[int], None, "--trace-limit", help="Interventions on the first N prompts only (default: all).", metavar="N"),
+        opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N, for every analysis."),
+        opt("title", Optional[str], None, "--title", help="Title of the report."),
+        *executor_parameters(),
+    ]
+    doc = ("Every analysis that applies to a model (and its fine-tune): router alignment, expert distance, module metrics, "
+           "interventions, clustering and merge costs, each as a run under DIR/runs, then one report DIR/report.html "
+           "and every figure under DIR/figures.")
+    app.command("atlas")(command_from_parameters(params, _atlas, doc, "atlas"))
+
+
+_register_atlas()

@@ -1,0 +1,192 @@
+"""Calibration, clustering and merging commands: ``calibrate``, ``cluster``, ``merge``, ``merge-cost``."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from moelens.cli.analyses import OUT, REVISION, SOURCE, _cell, print_warnings, print_wide
+from moelens.cli.app import app, console, progress_bar
+from moelens.cli.options import command_from_parameters, config_from_cli, config_parameters
+
+
+def _open(source: str, revision: Optional[str]):
+    from moelens.checkpoint import open_model
+
+    return open_model(source, revision)
+
+
+def _wrote(out: Path, tables: list[str], matrices: bool) -> None:
+    extra = ", matrices/" if matrices else ""
+    console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, " + ", ".join(f"{t}.parquet" for t in tables) + extra, highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# calibrate
+# ----------------------------------------------------------------------------------------------
+def _usage_table(run, title: str) -> Table:
+    layers = run["calibration_layers"]
+    table = Table(title=escape(title), title_justify="left")
+    for col in ("layer", "tokens", "experts used", "max f", "min f", "entropy (bits)", "routing from"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in layers.itertuples(index=False):
+        table.add_row(str(int(r.layer)), str(int(r.n_tokens)), f"{int(r.used_experts)}/{int(r.n_experts)}", _cell(r.max_frequency, ".4f"),
+                      _cell(r.min_frequency, ".4f"), _cell(r.usage_entropy, ".3f"), str(r.routing))
+    return table
+
+
+def _calibrate(values: dict) -> None:
+    from moelens.analyses.calibration import CalibrationConfig, calibrate
+
+    config = config_from_cli(CalibrationConfig, values)  # every option checked before anything is opened
+    model = _open(values["source"], values["revision"])
+    out = values["out"]
+    with progress_bar() as callback:
+        run = calibrate(model, config.texts, config=config, out=out, progress=callback)
+    print_wide(_usage_table(run, f"{run.label} · usage frequency f_e = share of the layer's top-k selections"), 90)
+    print_warnings(run)
+    _wrote(out, ["calibration_usage", "calibration_layers", "calibration_tokens"], True)
+
+
+def _register_calibrate() -> None:
+    from moelens.analyses.calibration import CalibrationConfig
+
+    params = [SOURCE, OUT, *config_parameters(CalibrationConfig), REVISION]
+    doc = ("Calibration pass: per MoE layer, every token's router logits and top-k experts, each expert's usage frequency "
+           "and its mean output over all tokens (HC-SMoE's feature).")
+    app.command("calibrate")(command_from_parameters(params, _calibrate, doc, "calibrate"))
+
+
+_register_calibrate()
+
+
+# ----------------------------------------------------------------------------------------------
+# cluster
+# ----------------------------------------------------------------------------------------------
+def cluster_listing(rows, max_experts: int = 16) -> str:
+    """``{0*,2,5} {1*} …`` (``*`` the dominant expert) for a small layer, else the cluster sizes."""
+    rows = rows.sort_values("expert")
+    if len(rows) > max_experts:
+        sizes = rows.groupby("cluster").size().sort_values(ascending=False)
+        return "sizes " + " ".join(str(int(s)) for s in sizes)
+    parts = []
+    for _, members in rows.groupby("cluster", sort=True):
+        parts.append("{" + ",".join(f"{int(m.expert)}{'*' if m.dominant else ''}" for m in members.itertuples(index=False)) + "}")
+    return " ".join(parts)
+
+
+def _cluster(values: dict) -> None:
+    from moelens.analyses.clustering import ClusteringConfig, cluster
+
+    config = config_from_cli(ClusteringConfig, values)  # every option checked before anything is opened
+    model = _open(values["source"], values["revision"])
+    out = values["out"]
+    with progress_bar() as callback:
+        run = cluster(model, config.calibration, config=config, out=out, progress=callback)
+    clusters = run["clusters"]
+    table = Table(title=escape(f"{run.label} · clusters ({{…}} one cluster, * its dominant expert)"), title_justify="left")
+    for col, justify in (("layer", "right"), ("G", "right"), ("largest", "right"), ("singletons", "right"), ("clusters", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "clusters")
+    for r in run["cluster_layers"].itertuples(index=False):
+        table.add_row(str(int(r.layer)), str(int(r.groups)), str(int(r.largest)), str(int(r.singletons)),
+                      escape(cluster_listing(clusters[clusters["layer"] == r.layer])))
+    print_wide(table, 100)
+    print_warnings(run)
+    own = not run.manifest["options"].get("calibration_run")
+    _wrote(out, ["clusters", "cluster_layers", "calibration_usage", "calibration_layers", "calibration_tokens"], own)
+
+
+def _register_cluster() -> None:
+    from moelens.analyses.clustering import ClusteringConfig
+
+    params = [SOURCE, OUT, *config_parameters(ClusteringConfig), REVISION]
+    doc = ("Expert clustering per MoE layer as HC-SMoE (agglomerative, on the experts' mean outputs) or M-SMoE (around the G "
+           "most used experts, by router-logit similarity) would merge them; calibrates first unless given a calibration run.")
+    app.command("cluster")(command_from_parameters(params, _cluster, doc, "cluster"))
+
+
+_register_cluster()
+
+
+# ----------------------------------------------------------------------------------------------
+# merge
+# ----------------------------------------------------------------------------------------------
+def _merge(values: dict) -> None:
+    from moelens.analyses.clustering import merge_clusters
+    from moelens.errors import ConfigError
+    from moelens.merge import EXPORTS, RECORD_NAME
+
+    if values["export"] not in EXPORTS:
+        raise ConfigError(f"unknown export {values['export']!r}; choose compact or shared")
+    model = _open(values["source"], values["revision"])
+    out = merge_clusters(model, values["clusters"], values["out"], export=values["export"], permute=values["permute"], device=values["device"])
+    import json
+
+    record = json.loads((Path(out) / RECORD_NAME).read_text())
+    table = Table(title=escape(f"{model.name} → {out} · {record['export']} · permutation {'on' if record['permute'] else 'off'}"), title_justify="left")
+    for col in ("layer", "experts", "groups"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for layer, info in sorted(record["layers"].items(), key=lambda kv: int(kv[0])):
+        table.add_row(str(layer), str(info["experts"]), str(info["groups"]))
+    console.print(table)
+    console.print(f"wrote [bold]{escape(str(out))}[/]: a {escape(record['family'])} checkpoint transformers loads, with {RECORD_NAME}", highlight=False)
+
+
+def _register_merge() -> None:
+    def param(name: str, annotation, default) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    params = [
+        SOURCE,
+        param("clusters", str, typer.Option(..., "--clusters", metavar="RUN", help="Clustering run of this model (the --out directory of moelens cluster).")),
+        param("out", Path, typer.Option(..., "--out", help="Directory of the merged checkpoint (new or empty).")),
+        param("export", str, typer.Option("compact", "--export", help="compact (G experts per layer, router rows the members' usage-weighted mean) or shared (E router rows kept, members given their cluster's merged weights).")),
+        param("permute", bool, typer.Option(True, "--permute/--no-permute", help="Align each member's neurons onto its cluster's dominant expert (weight matching) before averaging.")),
+        param("device", str, typer.Option("cpu", "--device", help="Where the permutation costs are computed: cpu, auto, cuda or cuda:N.")),
+        REVISION,
+    ]
+    doc = "Merge each cluster's experts (usage-weighted average, after permutation alignment) into a checkpoint transformers loads."
+    app.command("merge")(command_from_parameters(params, _merge, doc, "merge"))
+
+
+_register_merge()
+
+
+# ----------------------------------------------------------------------------------------------
+# merge-cost
+# ----------------------------------------------------------------------------------------------
+def _merge_cost(values: dict) -> None:
+    from moelens.analyses.clustering import MergeCostConfig, merge_cost
+
+    config = config_from_cli(MergeCostConfig, values)  # every option checked before anything is opened
+    model = _open(values["source"], values["revision"])
+    out = values["out"]
+    with progress_bar() as callback:
+        run = merge_cost(model, config.clusters, config=config, out=out, progress=callback)
+    summary = run["merge_cost_summary"]
+    table = Table(title=escape(f"{run.label} · fact recall and held-out perplexity, before and after merging"), title_justify="left")
+    for col in ("variant", "recall ↑", "Δ recall", "perplexity ↓", "× perplexity"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    for r in summary.itertuples(index=False):
+        table.add_row(escape(str(r.variant)), _cell(r.recall, ".3f"), _cell(r.recall_delta, "+.3f"), _cell(r.perplexity, ".3f"),
+                      _cell(r.perplexity_ratio, ".3f"))
+    print_wide(table, 90)
+    print_warnings(run)
+    _wrote(out, ["merge_cost", "merge_cost_summary"], False)
+
+
+def _register_merge_cost() -> None:
+    from moelens.analyses.clustering import MergeCostConfig
+
+    params = [SOURCE, OUT, *config_parameters(MergeCostConfig), REVISION]
+    doc = ("What merging costs: fact recall and held-out perplexity of the model as it is and merged by each clustering run, "
+           "with and without permutation alignment.")
+    app.command("merge-cost")(command_from_parameters(params, _merge_cost, doc, "merge_cost"))
+
+
+_register_merge_cost()

@@ -1,0 +1,76 @@
+"""Perplexity of a causal LM on token sequences.
+
+    PPL = exp( Σ_s Σ_{i=1}^{n_s−1} −log p(t_{s,i} | t_{s,<i}) / Σ_s (n_s − 1) )
+
+over every sequence s of n_s tokens (the first token of a sequence is context, never predicted):
+a token-weighted mean, so a long line counts for its tokens. Sequences are batched by a budget of
+padded tokens, right-padded (padding never reaches the real tokens of a causal model and is left
+out of the sums), and the sums run in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moelens.progress import ProgressCallback, report
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """``nll`` Σ −log p (nats) over ``n_predicted`` tokens; ``value`` = exp(nll / n_predicted)."""
+
+    nll: float
+    n_predicted: int
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.nll / self.n_predicted) if self.n_predicted else float("nan")
+
+
+def _batches(sequences: Sequence[Sequence[int]], batch_tokens: int) -> Iterator[list[int]]:
+    rows: list[int] = []
+    width = 0
+    for i, s in enumerate(sequences):
+        if rows and max(width, len(s)) * (len(rows) + 1) > batch_tokens:
+            yield rows
+            rows, width = [], 0
+        rows.append(i)
+        width = max(width, len(s))
+    if rows:
+        yield rows
+
+
+@torch.no_grad()
+def perplexity(model: Any, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_tokens: int = 4096,
+               progress: ProgressCallback | None = None) -> Perplexity:
+    """Perplexity of ``model`` on ``sequences`` (token ids, each at most the model's positions)."""
+    device = next(model.parameters()).device
+    seqs = [list(s) for s in sequences if len(s) >= 2]  # a one-token sequence predicts nothing
+    plan = list(_batches(seqs, batch_tokens))
+    nll = 0.0
+    count = 0
+    for b, rows in enumerate(plan):
+        width = max(len(seqs[i]) for i in rows)
+        ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, :len(seqs[i])] = torch.as_tensor(seqs[i])
+            mask[r, :len(seqs[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()   # [R, T−1, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        target = ids[:, 1:]
+        keep = mask[:, 1:].bool()
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)                               # [R, T−1]
+        nll -= float(picked[keep].double().sum())
+        count += int(keep.sum())
+        report(progress, "perplexity", b + 1, len(plan))
+    return Perplexity(nll, count)
+
+
+__all__ = ["Perplexity", "perplexity"]
