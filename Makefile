@@ -7,32 +7,25 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.moelens-installed
 DEMO   ?= .demo
 
-.PHONY: install demo test bench bench-align bench-distance bench-modules lint clean
+.PHONY: install demo test bench bench-align bench-distance bench-modules bench-scale bench-gpu bench-trace lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "$(TORCH)"
-	$(PIP) install -q --disable-pip-version-check -e ".[dev]"
+	$(PIP) install -q --disable-pip-version-check -e ".[dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# The main job end to end: train the tiny zoo (cached), align routers and experts in every
-# layer of the base and the tuned model, measure how far the experts moved (base → tuned) against
-# how far apart they are within a layer, which modules of which layers changed, and put it all in
-# one HTML report.
+# The main job end to end: train the tiny zoo (cached), then the atlas of base and tuned: router
+# alignment, expert distance (base → tuned, within, and within HC-SMoE / M-SMoE clusters with and
+# without permutation), module metrics, interventions on the zoo's facts, clustering and merge
+# costs, one HTML report and every figure as PNG and SVG.
 demo: install
 	$(VENV)/bin/moelens zoo build --out $(DEMO)/zoo
-	$(VENV)/bin/moelens inspect $(DEMO)/zoo/base
-	$(VENV)/bin/moelens align $(DEMO)/zoo/base --out $(DEMO)/runs/base
-	$(VENV)/bin/moelens align $(DEMO)/zoo/tuned --out $(DEMO)/runs/tuned
-	$(VENV)/bin/moelens distance $(DEMO)/zoo/base $(DEMO)/zoo/tuned --out $(DEMO)/runs/distance-base-tuned
-	$(VENV)/bin/moelens distance $(DEMO)/zoo/base --out $(DEMO)/runs/distance-within
-	$(VENV)/bin/moelens modules $(DEMO)/zoo/base $(DEMO)/zoo/tuned --out $(DEMO)/runs/modules
-	$(VENV)/bin/moelens report $(DEMO)/runs/base $(DEMO)/runs/tuned $(DEMO)/runs/distance-base-tuned \
-		$(DEMO)/runs/distance-within $(DEMO)/runs/modules --out $(DEMO)/report.html \
-		--title "moelens demo: zoo base vs tuned"
-	@echo "report: $(abspath $(DEMO))/report.html"
+	$(VENV)/bin/moelens atlas $(DEMO)/zoo/base --tuned $(DEMO)/zoo/tuned --out $(DEMO)/atlas --trace-limit 200 \
+		--title "moelens demo: the zoo's base and tuned models"
+	@echo "report: $(abspath $(DEMO))/atlas/report.html"
 
 test: install
 	@# The report's browser test needs headless Chromium; install it where we may (root with apt).
@@ -43,7 +36,7 @@ test: install
 
 # Every benchmark, each against a plain reference at real shapes (hours on 2 cores in full; --quick
 # for minutes), e.g. make bench BENCH_ARGS="--shapes qwen3 --quick --threads 1"
-bench: bench-align bench-distance bench-modules
+bench: bench-align bench-distance bench-modules bench-scale bench-trace
 
 bench-align: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
@@ -53,6 +46,21 @@ bench-distance: install
 
 bench-modules: install
 	$(PY) benchmarks/modules.py $(BENCH_ARGS)
+
+# A 4-layer Mixtral-shaped checkpoint: the local executor against Ray with 2 workers, and the
+# full model projected.
+bench-scale: install
+	$(PY) benchmarks/scale.py $(BENCH_ARGS)
+
+# One full-shape Mixtral layer on a CUDA GPU against the CPU and the read (not part of bench:
+# it needs a GPU; make bench-gpu BENCH_ARGS="--device cpu --small" checks it anywhere).
+bench-gpu: install
+	$(PY) benchmarks/gpu_weight_space.py $(BENCH_ARGS)
+
+# Interventions: cells per second of the batched tracer against a one-forward-per-cell hook loop
+# (make bench-trace BENCH_ARGS="--device cuda" on a GPU).
+bench-trace: install
+	$(PY) benchmarks/trace.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

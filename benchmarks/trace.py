@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from moelens.metrics.jsd import js_divergence  # noqa: E402
 from moelens.runtime.architecture import describe, first_tensor, replace_first  # noqa: E402
 from moelens.runtime.prompts import PromptRecord, tokenise  # noqa: E402
-from moelens.runtime.trace import SITE_POINT, TraceSettings, Tracer  # noqa: E402
+from moelens.runtime.trace import SITE_POINT, Tracer, TraceSettings  # noqa: E402
 
 SHAPES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512, vocab=8000),

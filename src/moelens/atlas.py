@@ -1,0 +1,329 @@
+"""Every analysis of a model (and its fine-tune) in one call, and one report of them all.
+
+``atlas(model, out, tuned=B | base=A, prompts=..., calibration=...)`` runs each analysis that
+applies, with its defaults, as its own run under ``out/runs/`` (a finished run is read back, an
+unfinished one resumed), then writes ``out/report.html`` (one table of contents, a first screen
+with one line of numbers per analysis, a "how to reproduce" box) and every figure as PNG and SVG
+under ``out/figures/`` with the seed names.
+
+| analysis                | when                                    | runs                                 |
+|-------------------------|-----------------------------------------|--------------------------------------|
+| router alignment        | MoE models                              | ``alignment-<model>`` per model       |
+| expert distance         | MoE models                              | ``distance-base-tuned`` (two models), ``distance-within`` |
+| module metrics          | always                                  | ``modules`` (A vs B, or one model)    |
+| interventions           | prompts given, or a zoo model           | ``trace-<model>`` per model (MoE sites on MoE models) |
+| clustering and merging  | MoE models with calibration text        | ``cluster-hc-smoe``, ``cluster-m-smoe``, their distances, ``merge-cost`` |
+
+``--base A`` means MODEL is the fine-tune and A its base; ``--tuned B`` that MODEL is the base
+and B its fine-tune. A dense model gets module metrics and interventions, and a note on what was
+skipped and why. A zoo model (a checkpoint inside a directory built by ``moelens zoo build``)
+brings its own ``facts.jsonl`` and ``calibration.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelens.errors import ConfigError
+from moelens.progress import ProgressCallback, report
+from moelens.results.run import Run, load_run
+
+#: The figures saved under ``out/figures``: (file stem, figure name, analysis, options, all runs?).
+FIGURE_FILES: tuple[tuple[str, str, str, dict[str, Any], bool], ...] = (
+    ("comparison_panels", "comparison_panels", "router_alignment", {}, True),
+    ("expert_distance", "expert_distance", "expert_distance", {}, True),
+    ("module_heatmap", "module_heatmap", "module_metrics", {}, False),
+    ("trace_heatmap", "trace_heatmap", "interventions", {}, False),
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One analysis run of the atlas: its directory name, what it is, the equivalent command."""
+
+    name: str
+    analysis: str
+    command: str
+    run: Callable[[Path, ProgressCallback | None], Run] = field(repr=False)
+
+
+@dataclass
+class Atlas:
+    """What :func:`atlas` did: the runs it holds (in report order), the report, the figures, notes."""
+
+    out: Path
+    runs: dict[str, Run]
+    report: Path
+    figures: list[Path]
+    notes: list[str]
+    reused: list[str]
+
+
+def _zoo_file(model_path: Path, name: str) -> Path | None:
+    """A zoo's ``facts.jsonl`` / ``calibration.txt`` beside a zoo model (``zoo.json`` marks a zoo)."""
+    parent = model_path.parent
+    if (parent / "zoo.json").is_file() and (parent / name).is_file():
+        return parent / name
+    return None
+
+
+def _q(value: Any) -> str:
+    return shlex.quote(str(value))
+
+
+def _check_pair(base: Any, tuned: Any) -> None:
+    checks = [("family", base.family, tuned.family), ("number of layers", base.n_layers, tuned.n_layers),
+              ("hidden size", base.hidden_size, tuned.hidden_size), ("experts", base.n_experts, tuned.n_experts)]
+    for what, a, b in checks:
+        if a != b:
+            raise ConfigError(f"{base.name} and {tuned.name} differ in {what} ({a} vs {b}); an atlas of two models needs a model and its fine-tune")
+
+
+def plan_atlas(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    tuned: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    executor: Any = None,
+    device: str = "auto",
+    trace_limit: int | None = None,
+) -> tuple[list[Step], list[str]]:
+    """The runs the atlas will make, and notes on what does not apply; every input is checked here,
+    before anything is written."""
+    from moelens.checkpoint import open_model
+    from moelens.runtime.prompts import read_prompts
+
+    if tuned is not None and base is not None:
+        raise ConfigError("give --tuned B (MODEL is the base) or --base A (MODEL is the fine-tune), not both")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the atlas")
+    main = open_model(model)
+    other = open_model(tuned if tuned is not None else base) if (tuned is not None or base is not None) else None
+    if other is None:
+        models = {"model": main}
+        base_m, tuned_m = main, None
+    elif tuned is not None:
+        base_m, tuned_m = main, other
+        models = {"base": main, "tuned": other}
+    else:
+        base_m, tuned_m = other, main
+        models = {"base": other, "tuned": main}
+    if tuned_m is not None:
+        _check_pair(base_m, tuned_m)
+    for m in models.values():
+        m.check()
+    moe = bool(main.moe_layers)
+    names = {key: f"{key}" for key in models}
+    paths = {key: m.path for key, m in models.items()}
+    prompts_path = Path(prompts) if prompts is not None else _zoo_file(main.path, "facts.jsonl")
+    if prompts_path is not None:
+        read_prompts(prompts_path)  # a bad prompts file is named now, line and all
+    calibration_path = Path(calibration) if calibration is not None else _zoo_file(main.path, "calibration.txt")
+    if calibration is not None:
+        cp = Path(calibration)
+        if not cp.is_file():
+            raise ConfigError(f"calibration file {cp} does not exist")
+        if not cp.read_text(encoding="utf-8", errors="replace").strip():
+            raise ConfigError(f"calibration file {cp} is empty; give text, one sequence per line")
+    exec_flag = ""
+    if executor is not None and str(getattr(executor, "name", executor)) not in ("local",):
+        exec_flag = f" --executor {_q(getattr(executor, 'name', executor))}"
+    dev_flag = f" --device {_q(device)}" if device != "auto" else ""
+
+    steps: list[Step] = []
+    notes: list[str] = []
+    if moe:
+        from moelens.analyses.router_alignment import router_alignment
+
+        for key, m in models.items():
+            steps.append(Step(f"alignment-{names[key]}", "router alignment",
+                              f"moelens align {_q(paths[key])} --out runs/alignment-{names[key]}{dev_flag}{exec_flag}",
+                              lambda d, p, m=m: router_alignment(m, device=device, out=d, progress=p, executor=executor)))
+        from moelens.analyses.expert_distance import expert_distance
+
+        if tuned_m is not None:
+            steps.append(Step("distance-base-tuned", "expert distance",
+                              f"moelens distance {_q(base_m.path)} {_q(tuned_m.path)} --out runs/distance-base-tuned{dev_flag}{exec_flag}",
+                              lambda d, p: expert_distance(base_m, tuned_m, device=device, out=d, progress=p, executor=executor)))
+        steps.append(Step("distance-within", "expert distance",
+                          f"moelens distance {_q(base_m.path)} --out runs/distance-within{dev_flag}{exec_flag}",
+                          lambda d, p: expert_distance(base_m, device=device, out=d, progress=p, executor=executor)))
+    else:
+        notes.append(f"{main.name} is a dense model: router alignment, expert distance and clustering need experts and were skipped")
+
+    from moelens.analyses.module_metrics import module_metrics
+
+    if tuned_m is not None:
+        steps.append(Step("modules", "module metrics",
+                          f"moelens modules {_q(base_m.path)} {_q(tuned_m.path)} --out runs/modules{dev_flag}{exec_flag}",
+                          lambda d, p: module_metrics(base_m, tuned_m, device=device, out=d, progress=p, executor=executor)))
+    else:
+        steps.append(Step("modules", "module metrics", f"moelens modules {_q(main.path)} --out runs/modules{dev_flag}{exec_flag}",
+                          lambda d, p: module_metrics(main, device=device, out=d, progress=p, executor=executor)))
+
+    if prompts_path is not None:
+        from moelens.analyses.interventions import trace
+
+        sites = ("subj", "attn", "last", "router", "moe") if moe else ("subj", "attn", "last")
+        limit_flag = f" --limit {trace_limit}" if trace_limit else ""
+        for key, m in models.items():
+            steps.append(Step(f"trace-{names[key]}", "interventions",
+                              f"moelens trace {_q(paths[key])} --prompts {_q(prompts_path)} --sites {','.join(sites)}{limit_flag} --out runs/trace-{names[key]}{dev_flag}",
+                              lambda d, p, m=m: trace(m, str(prompts_path), sites=sites, limit=trace_limit, device=device, out=d, progress=p)))
+    else:
+        notes.append("no prompts were given (--prompts FACTS.jsonl): interventions were skipped")
+
+    if moe and calibration_path is not None:
+        steps.extend(_clustering_steps(base_m, tuned_m, calibration_path, prompts_path, device, dev_flag))
+    elif moe:
+        notes.append("no calibration text was given (--calibration TEXT): clustering and merge costs were skipped")
+    return steps, notes
+
+
+def _clustering_steps(base_m: Any, tuned_m: Any, calibration: Path, prompts: Path | None, device: str, dev_flag: str) -> list[Step]:
+    """Clustering of the base model by HC-SMoE and M-SMoE (half the experts), the distances within
+    their clusters with and without permutation, and what merging costs."""
+    from moelens.analyses.clustering import cluster
+    from moelens.analyses.expert_distance import expert_distance
+
+    steps: list[Step] = []
+    groups = max(1, base_m.n_experts // 2)
+    for method in ("hc-smoe", "m-smoe"):
+        name = f"cluster-{method}"
+        steps.append(Step(name, "clustering",
+                          f"moelens cluster {_q(base_m.path)} --calibration {_q(calibration)} --method {method} --groups {groups} --out runs/{name}{dev_flag}",
+                          lambda d, p, method=method: cluster(base_m, str(calibration), method=method, groups=groups, device=device, out=d, progress=p)))
+        for permute in (False, True):
+            dname = f"distance-{method}{'-permuted' if permute else ''}"
+            steps.append(Step(dname, "expert distance",
+                              f"moelens distance {_q(base_m.path)} --clusters runs/{name}{' --permute' if permute else ''} --out runs/{dname}{dev_flag}",
+                              lambda d, p, name=name, permute=permute: expert_distance(
+                                  base_m, clusters=d.parent / name, permute=permute, device=device, out=d, progress=p)))
+    from moelens.analyses.clustering import merge_cost
+
+    facts_flag = f" --facts {_q(prompts)}" if prompts is not None else ""
+    steps.append(Step("merge-cost", "merge costs",
+                      f"moelens merge-cost {_q(base_m.path)} --clusters runs/cluster-hc-smoe,runs/cluster-m-smoe{facts_flag} "
+                      f"--texts {_q(calibration)} --out runs/merge-cost{dev_flag}",
+                      lambda d, p: merge_cost(base_m, [d.parent / "cluster-hc-smoe", d.parent / "cluster-m-smoe"],
+                                              facts=None if prompts is None else str(prompts), texts=str(calibration),
+                                              device=device, out=d, progress=p)))
+    return steps
+
+
+def _finished(path: Path) -> Run | None:
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        if json.loads(manifest.read_text()).get("status") != "complete":
+            return None
+        return load_run(path)
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
+def save_figures(runs: dict[str, Run], out: Path, dpi: int = 150) -> list[Path]:
+    """Every atlas figure as PNG and SVG under ``out`` (seed names; a second model's figure gets
+    its run's name as a suffix)."""
+    from moelens import figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    by_analysis: dict[str, list[tuple[str, Run]]] = {}
+    for name, run in runs.items():
+        by_analysis.setdefault(str(run.manifest.get("analysis")), []).append((name, run))
+    jobs: list[tuple[str, str, list[Run], dict[str, Any]]] = []
+    for stem, figure, analysis, options, all_runs in FIGURE_FILES:
+        group = by_analysis.get(analysis, [])
+        if analysis == "expert_distance":
+            group = [g for g in group if "within" not in g[0]] or group  # base-tuned and cluster pairings: seed 001's lines
+        if not group:
+            continue
+        if all_runs:
+            jobs.append((stem, figure, [r for _, r in group], options))
+        else:
+            for i, (name, run) in enumerate(group):
+                suffix = "" if i == 0 else "_" + name.split("-", 1)[-1]
+                jobs.append((stem + suffix, figure, [run], options))
+    from moelens.figures.catalog import FIGURES
+
+    for name, entry in FIGURES.items():  # the clustering figures, one per clustering run
+        if entry.analysis in ("clustering", "calibration", "merge_cost") and entry.one_run:
+            for run_name, run in by_analysis.get(entry.analysis, []):
+                jobs.append((f"{name}_{run_name.split('-', 1)[-1]}", name, [run], {}))
+    import matplotlib.pyplot as plt
+
+    for stem, figure, group_runs, options in jobs:
+        fig = figures.draw(figure, group_runs, **options)
+        try:
+            for suffix in (".png", ".svg"):
+                written.append(figures.save(fig, out / f"{stem}{suffix}", dpi=dpi))
+        finally:
+            plt.close(fig)
+    return written
+
+
+def reproduce_box(steps: list[Step], runs: dict[str, Run], atlas_command: str | None) -> dict[str, Any]:
+    """The exact commands (the atlas's own, then one per run) and the versions the manifests record."""
+    versions: dict[str, str] = {}
+    for run in runs.values():
+        for k, v in (run.manifest.get("versions") or {}).items():
+            versions.setdefault(k, str(v))
+    return {"atlas": atlas_command, "commands": [s.command for s in steps if s.name in runs], "versions": versions}
+
+
+def atlas(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    tuned: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    prompts: str | os.PathLike[str] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    executor: Any = None,
+    device: str = "auto",
+    trace_limit: int | None = None,
+    title: str | None = None,
+    progress: ProgressCallback | None = None,
+    command: str | None = None,
+) -> Atlas:
+    """Run every analysis that applies to ``model`` (and its fine-tune or base) under ``out`` and
+    write one report; a second call reuses the finished runs.
+
+    >>> result = atlas("zoo/base", "atlas", tuned="zoo/tuned")
+    >>> result.report          # atlas/report.html
+    """
+    from moelens.report import build_report, write_report
+
+    steps, notes = plan_atlas(model, out, tuned, base, prompts, calibration, executor, device, trace_limit)
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs: dict[str, Run] = {}
+    reused: list[str] = []
+    for i, step in enumerate(steps, start=1):
+        report(progress, "atlas", i - 1, len(steps), f"{step.name} ({step.analysis})")
+        directory = out / "runs" / step.name
+        done = _finished(directory)
+        if done is not None:
+            runs[step.name] = done
+            reused.append(step.name)
+            continue
+        runs[step.name] = step.run(directory, progress)
+    report(progress, "atlas", len(steps), len(steps), "report")
+    figure_paths = save_figures(runs, out / "figures")
+    box = reproduce_box(steps, runs, command)
+    html = build_report(list(runs.values()), title=title or f"moelens atlas: {Path(model).name}", extra={"notes": notes, "reproduce": box})
+    path = write_report(html, out / "report.html")
+    return Atlas(out, runs, path, figure_paths, notes, reused)
+
+
+__all__ = ["Atlas", "FIGURE_FILES", "Step", "atlas", "plan_atlas", "save_figures"]

@@ -1,0 +1,116 @@
+"""`moelens atlas`: every analysis that applies, one report, reused on a second call; a dense
+model gets what applies to it; the report opens in a browser, offline, with every section painted."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+
+import moelens as ml
+from moelens.atlas import atlas, plan_atlas
+from moelens.errors import ConfigError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def zoo_atlas(small_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas") / "zoo"
+    return atlas(small_zoo.base, out, tuned=small_zoo.tuned, device="cpu", trace_limit=6)
+
+
+def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
+    runs = zoo_atlas.runs
+    expected = {"alignment-base", "alignment-tuned", "distance-base-tuned", "distance-within", "modules", "trace-base", "trace-tuned"}
+    assert expected <= set(runs)
+    assert {"cluster-hc-smoe", "cluster-m-smoe", "distance-hc-smoe-permuted", "distance-m-smoe"} <= set(runs)
+    for name in runs:
+        assert ml.load_run(zoo_atlas.out / "runs" / name).manifest["status"] == "complete"
+    html = zoo_atlas.report.read_text()
+    analyses = {r.manifest["analysis"] for r in runs.values()}
+    assert analyses == {"router_alignment", "expert_distance", "module_metrics", "interventions", "clustering", "merge_cost"}
+    assert len(re.findall(r'<section id="[^"]+" class="part"', html)) == len(analyses)  # one section per analysis
+    assert "How to reproduce" in html and "moelens trace" in html and "torch" in html
+    assert zoo_atlas.notes == []
+    stems = {p.stem for p in zoo_atlas.figures}
+    assert {"comparison_panels", "expert_distance", "module_heatmap", "trace_heatmap", "trace_heatmap_tuned"} <= stems
+    assert {p.suffix for p in zoo_atlas.figures} == {".png", ".svg"}
+    assert all(p.stat().st_size > 1000 for p in zoo_atlas.figures)
+    # the seed-001 figure holds the base-tuned line and the four cluster pairings
+    distance_runs = [r for n, r in runs.items() if r.manifest["analysis"] == "expert_distance" and "within" not in n]
+    pairings = set()
+    for r in distance_runs:
+        pairings |= set(r["expert_distance"]["pairing"])
+    assert {"base-tuned", "hc-smoe", "hc-smoe-permuted", "m-smoe", "m-smoe-permuted"} <= pairings
+
+
+def test_a_second_call_reuses_every_finished_run(zoo_atlas, small_zoo):
+    again = atlas(small_zoo.base, zoo_atlas.out, tuned=small_zoo.tuned, device="cpu", trace_limit=6)
+    assert set(again.reused) == set(zoo_atlas.runs)
+    assert again.report.is_file()
+
+
+def test_a_dense_model_gets_module_metrics_and_interventions_and_a_note(tmp_path):
+    from tests.analyses import interventions_fixtures as fx
+
+    tok = fx.tokenizer()
+    dense = fx.save_model(fx.llama_config(tok), tok, tmp_path / "dense")
+    prompts = fx.write_prompts(tmp_path / "prompts.jsonl")
+    result = atlas(dense, tmp_path / "atlas", prompts=prompts, device="cpu")
+    assert set(result.runs) == {"modules", "trace-model"}
+    assert any("dense model" in n and "skipped" in n for n in result.notes)
+    html = result.report.read_text()
+    assert "dense model" in html and 'data-analysis="interventions"' in html
+
+
+def test_bad_input_is_refused_before_anything_is_written(small_zoo, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match="not both"):
+        plan_atlas(small_zoo.base, out, tuned=small_zoo.tuned, base=small_zoo.tuned)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a b"}\n')
+    with pytest.raises(ConfigError, match='line 1: no "subject"'):
+        atlas(small_zoo.base, out, prompts=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        atlas(small_zoo.base, out, calibration=tmp_path / "missing.txt")
+    assert not out.exists()
+
+
+@pytest.mark.browser
+def test_the_atlas_report_opens_offline_and_every_section_is_painted(zoo_atlas, tmp_path):
+    from tests.report.test_browser import find_browser
+
+    browser = find_browser()
+    html = zoo_atlas.report.read_text()
+    assert zoo_atlas.report.stat().st_size < 10 * 2**20
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', html), "the report names an external resource"
+    # One page per section (the report's own head and styles, that section's body): a screenshot
+    # of each must show text and figures, and the whole report must raise no console message.
+    head = html[:html.index("<body")] + "<body><main>"
+    sections = re.findall(r'(<section id="([^"]+)" class="part".*?</section>)', html, flags=re.S)
+    assert len(sections) >= 4
+    pages = [("top", zoo_atlas.report)]
+    for body, anchor in sections:
+        page = tmp_path / f"{anchor}.html"
+        page.write_text(head + body + "</main></body></html>")
+        pages.append((anchor, page))
+    for anchor, page in pages:
+        shot = tmp_path / f"{anchor}.png"
+        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                   f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                   f"--screenshot={shot}", "--window-size=1280,1400", page.as_uri()]
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not [line for line in done.stderr.splitlines() if "CONSOLE" in line], anchor
+        pixels = mpimg.imread(shot)[..., :3].mean(axis=-1)
+        assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.002, f"section {anchor} is blank"
