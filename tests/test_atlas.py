@@ -57,7 +57,8 @@ def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
 def test_a_second_call_reuses_every_finished_run(zoo_atlas, small_zoo):
     again = atlas(small_zoo.base, zoo_atlas.out, tuned=small_zoo.tuned, device="cpu", trace_limit=6)
     assert set(again.reused) == set(zoo_atlas.runs)
-    assert again.report.is_file()
+    assert again.report == zoo_atlas.report and again.report.stat().st_mtime == zoo_atlas.report.stat().st_mtime
+    assert sorted(again.figures) == sorted(zoo_atlas.figures)
 
 
 def test_a_dense_model_gets_module_metrics_and_interventions_and_a_note(tmp_path):

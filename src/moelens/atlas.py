@@ -273,6 +273,14 @@ def save_figures(runs: dict[str, Run], out: Path, dpi: int = 150) -> list[Path]:
     return written
 
 
+def _up_to_date(report_path: Path, figure_dir: Path, runs: dict[str, Run], out: Path) -> bool:
+    """The report and figures were written after every run finished."""
+    if not report_path.is_file() or not figure_dir.is_dir() or not any(figure_dir.iterdir()):
+        return False
+    written = report_path.stat().st_mtime
+    return all((out / "runs" / name / "manifest.json").stat().st_mtime <= written for name in runs)
+
+
 def reproduce_box(steps: list[Step], runs: dict[str, Run], atlas_command: str | None) -> dict[str, Any]:
     """The exact commands (the atlas's own, then one per run) and the versions the manifests record."""
     versions: dict[str, str] = {}
@@ -319,7 +327,12 @@ def atlas(
             continue
         runs[step.name] = step.run(directory, progress)
     report(progress, "atlas", len(steps), len(steps), "report")
-    figure_paths = save_figures(runs, out / "figures")
+    report_path = out / "report.html"
+    figure_dir = out / "figures"
+    if len(reused) == len(steps) and _up_to_date(report_path, figure_dir, runs, out):
+        # nothing new: the report and figures of the last call still hold
+        return Atlas(out, runs, report_path, sorted(figure_dir.iterdir()), notes, reused)
+    figure_paths = save_figures(runs, figure_dir)
     box = reproduce_box(steps, runs, command)
     html = build_report(list(runs.values()), title=title or f"moelens atlas: {Path(model).name}", extra={"notes": notes, "reproduce": box})
     path = write_report(html, out / "report.html")
