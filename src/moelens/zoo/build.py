@@ -200,15 +200,49 @@ def _as_saved(model: Any, dtype: str) -> Any:
     return copy.deepcopy(model).to(getattr(torch, dtype))
 
 
-def _train_phase(
-    model: Any, tokenizer: Any, sentences: list[str], schedule: Any, recipe: Recipe, rng_name: str,
-    progress: ProgressCallback | None, task: str,
-) -> Any:
-    from moelens.zoo.train import RowSampler, train
+def _fact_sentences(tokenizer: Any, facts: Any, qa: bool) -> tuple[Any, ...]:
+    """Training sentences of ``facts``, plain or as questions, with their subject and the index
+    of their answer token (the word right after the prompt)."""
+    from moelens.zoo.train import Sentence
 
-    ids = tokenizer(sentences, add_special_tokens=False)["input_ids"]
-    sampler = RowSampler(ids, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, random.Random(rng_name), row_tokens=recipe.row_tokens)
-    return train(model, sampler, schedule, progress=progress, task=task)
+    texts = [f.qa_sentence if qa else f.sentence for f in facts]
+    prompts = [f.qa_prompt if qa else f.prompt for f in facts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    out = []
+    for fact, s, p in zip(facts, ids, prompt_ids):
+        # one token per word: the answer is the token right after the prompt's
+        if list(s[:len(p)]) != list(p) or tokenizer.convert_ids_to_tokens(s[len(p)]) != fact.target:
+            raise RuntimeError(f"the answer of {fact.sentence!r} is not the token after its prompt")
+        out.append(Sentence(tuple(s), subject=fact.subject, answer=len(p)))
+    return tuple(out)
+
+
+def _training_groups(world: World, tokenizer: Any, recipe: Recipe) -> tuple[list[Any], list[Any]]:
+    """The base phase's mixture (plain facts, some filler) and the tuned phase's (questions,
+    some plain facts so the plain format is kept, some filler)."""
+    from moelens.zoo.train import Group, Sentence
+
+    plain = _fact_sentences(tokenizer, world.facts, qa=False)
+    questions = _fact_sentences(tokenizer, world.facts, qa=True)
+    filler = tuple(Sentence(tuple(ids)) for ids in tokenizer(list(world.filler), add_special_tokens=False)["input_ids"])
+    base = [Group(plain, 1.0), Group(filler, recipe.filler_share)]
+    tuned = [Group(questions, float(recipe.qa_repeats)), Group(plain, recipe.tuned_plain_share), Group(filler, recipe.filler_share)]
+    return base, tuned
+
+
+def _train_phase(
+    model: Any, tokenizer: Any, groups: list[Any], schedule: Any, recipe: Recipe, rng_name: str,
+    progress: ProgressCallback | None, task: str, optimizer: Any = None,
+) -> tuple[Any, Any]:
+    """(training log, optimizer) of one phase; ``optimizer`` continues the previous phase's."""
+    from moelens.zoo.train import Curriculum, train
+
+    data = Curriculum(
+        groups, schedule.curriculum, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        random.Random(rng_name), row_tokens=recipe.row_tokens, answer_weight=recipe.answer_weight,
+    )
+    return train(model, data, schedule, progress=progress, task=task, optimizer=optimizer)
 
 
 def _write_texts(world: World, recipe: Recipe, seed: int, out: Path) -> None:
@@ -233,15 +267,20 @@ def _build_into(tmp: Path, recipe: Recipe, seed: int, progress: ProgressCallback
     n_params = sum(p.numel() for p in model.parameters())
     n_expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
 
-    base_log = _train_phase(model, tokenizer, world.base_sentences(), recipe.base, recipe, f"moelens-zoo-base-{seed}", progress, "base model")
+    base_groups, tuned_groups = _training_groups(world, tokenizer, recipe)
+    base_log, optimizer = _train_phase(model, tokenizer, base_groups, recipe.base, recipe, f"moelens-zoo-base-{seed}", progress, "base model")
     saved = _as_saved(model, recipe.dtype)
     base_recall, base_by_relation = _recall(saved, tokenizer, facts, "prompt")
     report(progress, "base model", recipe.base.steps, recipe.base.steps, f"loss {base_log.final()['loss']:.3f}, recall {base_recall:.3f}")
     _save_model(saved, tokenizer, tmp / BASE)
     del saved
 
-    tuning = world.qa_sentences() * recipe.qa_repeats + world.base_sentences()
-    tuned_log = _train_phase(model, tokenizer, tuning, recipe.tuned, recipe, f"moelens-zoo-tuned-{seed}", progress, "tuned model")
+    # The tuned phase continues the base phase's AdamW: a fresh one would move every weight by
+    # about the full learning rate in its first steps (Adam's first updates are the gradient's
+    # sign), wiping out a third of the plain recall before the questions are learnt.
+    tuned_log, _ = _train_phase(
+        model, tokenizer, tuned_groups, recipe.tuned, recipe, f"moelens-zoo-tuned-{seed}", progress, "tuned model", optimizer=optimizer,
+    )
     saved = _as_saved(model, recipe.dtype)
     tuned_recall_qa, tuned_by_relation = _recall(saved, tokenizer, facts, "qa_prompt")
     tuned_recall_plain, _ = _recall(saved, tokenizer, facts, "prompt")
@@ -296,7 +335,7 @@ def _recipe_difference(info: dict[str, Any], recipe: Recipe, seed: int) -> tuple
     """What the zoo in ``info`` was built with and what this build asks for, naming only the
     settings that differ (``dtype 'bfloat16'`` / ``dtype 'float32'``)."""
     old = {**(info.get("recipe") or {}), "seed": info.get("seed")}
-    new = {**json.loads(json.dumps(recipe.as_dict())), "seed": seed}  # lists where the file has lists
+    new = {**recipe.as_dict(), "seed": seed}
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if not keys:
         return "another recipe", "this one"

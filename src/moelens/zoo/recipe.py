@@ -17,7 +17,7 @@ from moelens.zoo.corpus import WorldSize
 from moelens.zoo.models import FAMILIES, ModelShape
 from moelens.zoo.train import Schedule
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 ZOO_DTYPES = ("float32", "bfloat16")
 
 
@@ -25,17 +25,28 @@ ZOO_DTYPES = ("float32", "bfloat16")
 class Recipe:
     """Everything but the seed that decides a zoo's files.
 
-    ``qa_repeats`` copies of every question/answer sentence are mixed with one copy of the base
-    corpus when tuning, so the tuned model learns the question format without forgetting the
-    plain sentences. ``threads`` is fixed because the result of a float reduction depends on how
-    it is split across threads: same recipe, same threads, same weights."""
+    The base model trains on every plain fact sentence once per epoch and ``filler_share`` of
+    the filler sentences; the tuned model on ``qa_repeats`` copies of every question/answer
+    sentence, ``tuned_plain_share`` of the plain fact sentences (so it keeps the plain format)
+    and the same share of filler. A fact's answer token weighs ``answer_weight`` in the loss
+    (see :mod:`moelens.zoo.train`). ``threads`` is fixed because the result of a float
+    reduction depends on how it is split across threads: same recipe, same threads, same
+    weights."""
 
     family: str = "mixtral"
     world: WorldSize = field(default_factory=WorldSize)
     shape: ModelShape = field(default_factory=ModelShape)
-    base: Schedule = field(default_factory=lambda: Schedule(steps=900, batch_rows=32, lr=5e-3, warmup_steps=30))
-    tuned: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_rows=32, lr=2e-3, warmup_steps=20))
-    qa_repeats: int = 2
+    base: Schedule = field(default_factory=lambda: Schedule(
+        steps=250, batch_rows=32, lr=1e-2, warmup_steps=20, decay_steps=50, beta2=0.95,
+        curriculum=((0.1, 40), (0.3, 40), (0.6, 40)),
+    ))
+    tuned: Schedule = field(default_factory=lambda: Schedule(
+        steps=130, batch_rows=32, lr=5e-3, warmup_steps=10, beta2=0.95, curriculum=((0.1, 15), (0.3, 20)),
+    ))
+    qa_repeats: int = 1
+    tuned_plain_share: float = 0.25
+    filler_share: float = 0.1
+    answer_weight: float = 16.0
     row_tokens: int = 40
     calibration_lines: int = 200
     dtype: str = "float32"
@@ -51,7 +62,8 @@ class Recipe:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"version": RECIPE_VERSION, **asdict(self)}
+        """The recipe as plain JSON values (lists, not tuples), as ``zoo.json`` holds it."""
+        return json.loads(json.dumps({"version": RECIPE_VERSION, **asdict(self)}))
 
     def hash(self, seed: int) -> str:
         """Content hash of the recipe and seed (what the cache compares)."""
