@@ -82,7 +82,7 @@ def recipe_for(family: str = "mixtral", small: bool = False, dtype: str = "float
     if small:
         recipe = replace(
             recipe, small=True, world=SMALL_WORLD, shape=SMALL_SHAPE, calibration_lines=60,
-            base=Schedule(steps=300, batch_rows=32, lr=5e-3, warmup_steps=20),
-            tuned=Schedule(steps=120, batch_rows=32, lr=2e-3, warmup_steps=10),
+            base=Schedule(steps=150, batch_rows=32, lr=5e-3, warmup_steps=15),
+            tuned=Schedule(steps=60, batch_rows=32, lr=2e-3, warmup_steps=6),
         )
     return recipe
