@@ -174,3 +174,42 @@ def test_many_base_tuned_pairs_match_reference(top_sv):
     b = perturbed(a, 0.05, seed=61)
     pairs = same_index_pairs(20)
     assert_matches(role_distances(a, b, pairs, top_sv=top_sv, device="cpu"), ref.pair_table(a, b, pairs, top_sv=top_sv))
+
+
+def _overlaps(a, b, pairs, step_bytes, monkeypatch):
+    """(overlap, n, slots) of projector_overlaps on a stack and its perturbed copy."""
+    from moelens.metrics import sv_align
+    from moelens.metrics.singular import decompose
+
+    slots = []
+    original = sv_align._schedule
+
+    def spy(*args):
+        out = original(*args)
+        slots.append(out[-1])
+        return out
+
+    monkeypatch.setattr(sv_align, "_schedule", spy)
+    matrices = list(a) + list(b)
+    factors = decompose(matrices, 0.3, None, torch.device("cpu"), torch.float32)
+    li, ri = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
+    overlap, n = sv_align.projector_overlaps(matrices, factors, li, ri, torch.device("cpu"), torch.float32, step_bytes=step_bytes)
+    return overlap.numpy(), n.numpy(), slots[-1]
+
+
+@pytest.mark.parametrize("kind", ["base-tuned", "within"])
+def test_steps_of_one_pair_hold_fewer_projectors_and_agree(kind, monkeypatch):
+    a = gaussian(6, (40, 24), seed=70)  # random matrices: most pairs share one level
+    b = perturbed(a, 0.05, seed=71)
+    if kind == "base-tuned":
+        pairs = np.stack([np.arange(6), np.arange(6) + 6], 1)
+    else:
+        pairs = within_pairs(6)
+    whole, n_whole, slots_whole = _overlaps(a, b, pairs, 2**30, monkeypatch)
+    steps, n_steps, slots_steps = _overlaps(a, b, pairs, 1, monkeypatch)
+    np.testing.assert_allclose(steps, whole, rtol=1e-13, atol=0)  # float64 sums in another grouping
+    np.testing.assert_array_equal(n_steps, n_whole)
+    if kind == "base-tuned":
+        assert slots_whole > 2 and slots_steps == 2  # one pair of projectors at a time
+    else:
+        assert slots_steps == slots_whole == 6  # every expert meets every other: whole levels
