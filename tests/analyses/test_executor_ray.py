@@ -203,3 +203,19 @@ def test_gpus_per_worker_on_a_cluster_without_gpus_is_one_line_and_exit_2(models
     assert code == 2 and len(lines) == 1, err
     assert "the Ray cluster has no GPUs" in lines[0] and "--gpus-per-worker" in lines[0]
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_distance_within_clusters_equals_the_local_run(tmp_path, permute):
+    """The clusters run and the permutations travel as a path: each worker reads them itself."""
+    from .clustering_fixtures import save_model, write_text
+
+    model = save_model(tmp_path / "model", seed=3)
+    clusters = tmp_path / "clusters"
+    ml.cluster(model, write_text(tmp_path / "calibration.txt"), method="hc-smoe", groups=2, out=clusters)
+    local = ml.expert_distance(model, clusters=clusters, permute=permute)
+    remote = ml.expert_distance(model, clusters=clusters, permute=permute, executor=two_workers())
+    assert len(local["expert_distance"]) > 0
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote)
+    assert remote.manifest["options"]["pairing"] == ("hc-smoe-permuted" if permute else "hc-smoe")
