@@ -21,6 +21,21 @@ def _open(source: str, revision: Optional[str]):
     return open_model(source, revision)
 
 
+def _run_analysis(values: dict, config_type: type, analysis, first: str):
+    """Check every option (before anything is opened), open the model, run ``analysis(model,
+    config.<first>, config=…, out=…)`` with a progress bar; return its run."""
+    config = config_from_cli(config_type, values)
+    model = _open(values["source"], values["revision"])
+    with progress_bar() as callback:
+        return analysis(model, getattr(config, first), config=config, out=values["out"], progress=callback)
+
+
+def _register(command: str, config_type: type, handler, doc: str, api: str) -> None:
+    """``moelens COMMAND SOURCE --out DIR [options of config_type] [--revision]``."""
+    params = [SOURCE, OUT, *config_parameters(config_type), REVISION]
+    app.command(command)(command_from_parameters(params, handler, doc, api))
+
+
 def _wrote(out: Path, tables: list[str], matrices: bool) -> None:
     extra = ", matrices/" if matrices else ""
     console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, " + ", ".join(f"{t}.parquet" for t in tables) + extra, highlight=False)
@@ -43,23 +58,18 @@ def _usage_table(run, title: str) -> Table:
 def _calibrate(values: dict) -> None:
     from moelens.analyses.calibration import CalibrationConfig, calibrate
 
-    config = config_from_cli(CalibrationConfig, values)  # every option checked before anything is opened
-    model = _open(values["source"], values["revision"])
-    out = values["out"]
-    with progress_bar() as callback:
-        run = calibrate(model, config.texts, config=config, out=out, progress=callback)
+    run = _run_analysis(values, CalibrationConfig, calibrate, "texts")
     print_wide(_usage_table(run, f"{run.label} · usage frequency f_e = share of the layer's top-k selections"), 90)
     print_warnings(run)
-    _wrote(out, ["calibration_usage", "calibration_layers", "calibration_tokens"], True)
+    _wrote(values["out"], ["calibration_usage", "calibration_layers", "calibration_tokens"], True)
 
 
 def _register_calibrate() -> None:
     from moelens.analyses.calibration import CalibrationConfig
 
-    params = [SOURCE, OUT, *config_parameters(CalibrationConfig), REVISION]
     doc = ("Calibration pass: per MoE layer, every token's router logits and top-k experts, each expert's usage frequency "
            "and its mean output over all tokens (HC-SMoE's feature).")
-    app.command("calibrate")(command_from_parameters(params, _calibrate, doc, "calibrate"))
+    _register("calibrate", CalibrationConfig, _calibrate, doc, "calibrate")
 
 
 _register_calibrate()
@@ -83,11 +93,7 @@ def cluster_listing(rows, max_experts: int = 16) -> str:
 def _cluster(values: dict) -> None:
     from moelens.analyses.clustering import ClusteringConfig, cluster
 
-    config = config_from_cli(ClusteringConfig, values)  # every option checked before anything is opened
-    model = _open(values["source"], values["revision"])
-    out = values["out"]
-    with progress_bar() as callback:
-        run = cluster(model, config.calibration, config=config, out=out, progress=callback)
+    run = _run_analysis(values, ClusteringConfig, cluster, "calibration")
     clusters = run["clusters"]
     table = Table(title=escape(f"{run.label} · clusters ({{…}} one cluster, * its dominant expert)"), title_justify="left")
     for col, justify in (("layer", "right"), ("G", "right"), ("largest", "right"), ("singletons", "right"), ("clusters", "left")):
@@ -98,16 +104,15 @@ def _cluster(values: dict) -> None:
     print_wide(table, 100)
     print_warnings(run)
     own = not run.manifest["options"].get("calibration_run")
-    _wrote(out, ["clusters", "cluster_layers", "calibration_usage", "calibration_layers", "calibration_tokens"], own)
+    _wrote(values["out"], ["clusters", "cluster_layers", "calibration_usage", "calibration_layers", "calibration_tokens"], own)
 
 
 def _register_cluster() -> None:
     from moelens.analyses.clustering import ClusteringConfig
 
-    params = [SOURCE, OUT, *config_parameters(ClusteringConfig), REVISION]
     doc = ("Expert clustering per MoE layer as HC-SMoE (agglomerative, on the experts' mean outputs) or M-SMoE (around the G "
            "most used experts, by router-logit similarity) would merge them; calibrates first unless given a calibration run.")
-    app.command("cluster")(command_from_parameters(params, _cluster, doc, "cluster"))
+    _register("cluster", ClusteringConfig, _cluster, doc, "cluster")
 
 
 _register_cluster()
@@ -163,11 +168,7 @@ _register_merge()
 def _merge_cost(values: dict) -> None:
     from moelens.analyses.clustering import MergeCostConfig, merge_cost
 
-    config = config_from_cli(MergeCostConfig, values)  # every option checked before anything is opened
-    model = _open(values["source"], values["revision"])
-    out = values["out"]
-    with progress_bar() as callback:
-        run = merge_cost(model, config.clusters, config=config, out=out, progress=callback)
+    run = _run_analysis(values, MergeCostConfig, merge_cost, "clusters")
     summary = run["merge_cost_summary"]
     table = Table(title=escape(f"{run.label} · fact recall and held-out perplexity, before and after merging"), title_justify="left")
     for col in ("variant", "recall ↑", "Δ recall", "perplexity ↓", "× perplexity"):
@@ -177,16 +178,15 @@ def _merge_cost(values: dict) -> None:
                       _cell(r.perplexity_ratio, ".3f"))
     print_wide(table, 90)
     print_warnings(run)
-    _wrote(out, ["merge_cost", "merge_cost_summary"], False)
+    _wrote(values["out"], ["merge_cost", "merge_cost_summary"], False)
 
 
 def _register_merge_cost() -> None:
     from moelens.analyses.clustering import MergeCostConfig
 
-    params = [SOURCE, OUT, *config_parameters(MergeCostConfig), REVISION]
     doc = ("What merging costs: fact recall and held-out perplexity of the model as it is and merged by each clustering run, "
            "with and without permutation alignment.")
-    app.command("merge-cost")(command_from_parameters(params, _merge_cost, doc, "merge_cost"))
+    _register("merge-cost", MergeCostConfig, _merge_cost, doc, "merge_cost")
 
 
 _register_merge_cost()
