@@ -37,7 +37,7 @@ def _open(source: str, revision: Optional[str]):
 
 SOURCE = inspect.Parameter(
     "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-    default=typer.Argument(..., help="Checkpoint directory, or a repo id in the local Hugging Face cache."),
+    default=typer.Argument(..., metavar="MODEL", help="Checkpoint directory, or a repo id in the local Hugging Face cache."),
 )
 OUT = inspect.Parameter(
     "out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
@@ -145,11 +145,11 @@ def _register_distance() -> None:
 
     source = inspect.Parameter(
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-        default=typer.Argument(..., help="Model A (the base): checkpoint directory or cached repo id."),
+        default=typer.Argument(..., metavar="A", help="Model A (the base): checkpoint directory or cached repo id."),
     )
     tuned = inspect.Parameter(
         "tuned", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
-        default=typer.Argument(None, help="Model B (the fine-tune), for base-tuned pairs; leave out for pairs within each layer of A."),
+        default=typer.Argument(None, metavar="B", help="Model B (the fine-tune), for base-tuned pairs; leave out for pairs within each layer of A."),
     )
     params = [source, tuned, OUT, *config_parameters(ExpertDistanceConfig), REVISION, *executor_parameters()]
     doc = "Expert distance per layer: relative L2 and singular-vector alignment of base→tuned or within-layer pairs of experts."
@@ -194,11 +194,11 @@ def _register_modules() -> None:
 
     source = inspect.Parameter(
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-        default=typer.Argument(..., help="Model A: checkpoint directory or cached repo id (dense or MoE)."),
+        default=typer.Argument(..., metavar="A", help="Model A: checkpoint directory or cached repo id (dense or MoE)."),
     )
     model_b = inspect.Parameter(
         "model_b", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
-        default=typer.Argument(None, help="Model B, of the same architecture, for pair metrics."),
+        default=typer.Argument(None, metavar="B", help="Model B, of the same architecture, for pair metrics."),
     )
     base = inspect.Parameter(
         "base", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
@@ -244,7 +244,7 @@ def _register_trace() -> None:
 
     source = inspect.Parameter(
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-        default=typer.Argument(..., help="Causal LM: checkpoint directory (with its tokenizer) or cached repo id, MoE or dense."),
+        default=typer.Argument(..., metavar="MODEL", help="Causal LM: checkpoint directory (with its tokenizer) or cached repo id, MoE or dense."),
     )
     params = [source, OUT, *config_parameters(InterventionsConfig), REVISION]
     doc = ("Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "

@@ -45,7 +45,7 @@ def _register_atlas() -> None:
 
     params = [
         P("source", P.POSITIONAL_OR_KEYWORD, annotation=str,
-          default=typer.Argument(..., help="The model: checkpoint directory or cached repo id (MoE or dense).")),
+          default=typer.Argument(..., metavar="MODEL", help="The model: checkpoint directory or cached repo id (MoE or dense).")),
         opt("out", Path, ..., "--out", help="Directory of the atlas: runs/, figures/ and report.html (finished runs are reused).", metavar="DIR"),
         opt("tuned", Optional[str], None, "--tuned", help="Its fine-tune: MODEL is the base.", metavar="B"),
         opt("base", Optional[str], None, "--base", help="Its base: MODEL is the fine-tune.", metavar="A"),

@@ -14,7 +14,7 @@ from moelens.cli.app import app, console, fail, human_bytes, human_count
 
 @app.command()
 def inspect(
-    source: str = typer.Argument(..., help="Checkpoint directory, or a repo id in the local Hugging Face cache."),
+    source: str = typer.Argument(..., metavar="MODEL", help="Checkpoint directory, or a repo id in the local Hugging Face cache."),
     revision: Optional[str] = typer.Option(None, help="Revision (branch, tag or commit) of a cached repo."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
@@ -53,7 +53,7 @@ def inspect(
 
 @app.command()
 def tiny(
-    family: str = typer.Argument(..., help="Family name, e.g. mixtral, qwen3_moe, gpt_oss (see `moelens families`)."),
+    family: str = typer.Argument(..., metavar="FAMILY", help="Family name, e.g. mixtral, qwen3_moe, gpt_oss (see `moelens families`)."),
     out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint into."),
     layout: Optional[str] = typer.Option(None, help="On-disk layout (default: the family's first): per_expert or hub (published), fused (transformers v5), fp8, mxfp4, multimodal — see `moelens families`."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),

@@ -13,7 +13,7 @@ from moelens.cli.app import app, console, human_bytes
 
 @app.command("report")
 def report_command(
-    runs: list[Path] = typer.Argument(..., help="Run directories (the --out of `moelens align`, `distance`, …), in this order; one section per analysis."),
+    runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (the --out of `moelens align`, `distance`, …), in this order; one section per analysis."),
     out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained, opens offline)."),
     title: Optional[str] = typer.Option(None, help="Title of the report (default: from the runs)."),
     figure_format: str = typer.Option("svg", "--figures", help="Figure format inside the report: svg or png."),
@@ -36,8 +36,8 @@ def _figure_help() -> str:
 
 @app.command("figure")
 def figure_command(
-    name: str = typer.Argument(..., help=_figure_help()),
-    runs: list[Path] = typer.Argument(..., help="Run directories (one for the figures marked 'one run')."),
+    name: str = typer.Argument(..., metavar="FIGURE", help=_figure_help()),
+    runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (one for the figures marked 'one run')."),
     out: Path = typer.Option(..., "--out", help="File to write; the suffix picks the format: .png, .svg or .pdf."),
     k: Optional[int] = typer.Option(None, "--k", help="k of null_distribution, per_expert_breakdown and complete_analysis (nearest stored k)."),
     metric: Optional[str] = typer.Option(None, help="Metric of layer_k_heatmap (align, delta_vs_shuffle, z_vs_shuffle, z_layer, …) or of module_heatmap / module_lines (corr, cos, rel_l2, cka, changed_frac, fro_norm, spectral_norm, stable_rank, effective_rank, alpha)."),
