@@ -25,7 +25,6 @@ demo: install
 	$(VENV)/bin/moelens zoo build --out $(DEMO)/zoo
 	$(VENV)/bin/moelens atlas $(DEMO)/zoo/base --tuned $(DEMO)/zoo/tuned --out $(DEMO)/atlas --trace-limit 200 \
 		--title "moelens demo: the zoo's base and tuned models"
-	@echo "report: $(abspath $(DEMO))/atlas/report.html"
 
 test: install
 	@# The report's browser test needs headless Chromium; install it where we may (root with apt).
