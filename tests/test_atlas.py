@@ -115,3 +115,15 @@ def test_the_atlas_report_opens_offline_and_every_section_is_painted(zoo_atlas, 
         assert not [line for line in done.stderr.splitlines() if "CONSOLE" in line], anchor
         pixels = mpimg.imread(shot)[..., :3].mean(axis=-1)
         assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.002, f"section {anchor} is blank"
+
+
+@pytest.mark.parametrize("text", ["moelens demo: the zoo's base and tuned models", "plain", "a b", "it's $HOME", 'say "hi"', "x'y\\z", "", "a!b'"])
+def test_reproduce_commands_quote_each_word_for_the_shell(text):
+    import subprocess
+
+    from moelens.atlas import shell_quote
+
+    quoted = shell_quote(text)
+    assert subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True, check=True).stdout == text
+    if text == "moelens demo: the zoo's base and tuned models":
+        assert quoted == '"' + text + '"'  # readable, not '…'"'"'…'

@@ -73,8 +73,17 @@ def _zoo_file(model_path: Path, name: str) -> Path | None:
     return None
 
 
-def _q(value: Any) -> str:
-    return shlex.quote(str(value))
+def shell_quote(value: Any) -> str:
+    """``value`` as one shell word: bare when safe, in single quotes, or in double quotes when
+    it holds a single quote and nothing a double-quoted word would expand (``"$`\\!``)."""
+    text = str(value)
+    quoted = shlex.quote(text)
+    if "'" in text and not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return quoted
+
+
+_q = shell_quote
 
 
 def _check_pair(base: Any, tuned: Any) -> None:

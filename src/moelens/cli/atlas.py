@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ from moelens.cli.options import command_from_parameters, executor_from_cli, exec
 
 
 def _atlas(values: dict) -> None:
-    from moelens.atlas import atlas
+    from moelens.atlas import atlas, shell_quote
 
     limit = values.get("trace_limit")
     if limit is not None and limit < 1:
@@ -24,7 +23,7 @@ def _atlas(values: dict) -> None:
 
         raise ConfigError(f"--trace-limit {limit}: give a whole number ≥ 1")
     executor = executor_from_cli(values)
-    command = "moelens " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["atlas"] else None
+    command = "moelens " + " ".join(shell_quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["atlas"] else None
     with progress_bar() as callback:
         result = atlas(values["source"], values["out"], tuned=values.get("tuned"), base=values.get("base"),
                        prompts=values.get("prompts"), calibration=values.get("calibration"), executor=executor,
