@@ -186,7 +186,7 @@ def _overlaps(a, b, pairs, step_bytes, monkeypatch):
 
     def spy(*args):
         out = original(*args)
-        slots.append(out[-1])
+        slots.append(out[-1])  # (step, last, slots)
         return out
 
     monkeypatch.setattr(sv_align, "_schedule", spy)

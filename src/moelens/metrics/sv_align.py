@@ -17,8 +17,9 @@ pairs when that holds fewer projectors alive at once than whole levels do, and t
 (:func:`moelens.metrics.inner.pair_dots`). A projector lives from the first step its matrix
 takes part in to the last, in a slot of a buffer [slots, R, c] with as many slots as projectors
 are ever alive at once: up to all E matrices of a layer for within pairs, two for base→tuned
-pairs at a real expert's shape (where a step is one pair). U_m (m the last level) is cached
-beside it in a buffer [slots, R, m_max]. Steps change which projectors are alive at once, not
+pairs at a real expert's shape (where a step is one pair). The columns U[:, n:n'] an increment
+needs are computed then, X V[:, n:n'] / σ: over a projector's life that is the product X V_m
+once, without holding U_m. Steps change which projectors are alive at once, not
 what is computed: each pair's overlap is the same float64 inner product of the same two
 projectors, grouped with other pairs' (which moves its last bits, ~1e-16 relative).
 """
@@ -68,8 +69,8 @@ def _steps(level: torch.Tensor, per_step: int) -> torch.Tensor:
 
 def _schedule(
     level: torch.Tensor, li: torch.Tensor, ri: torch.Tensor, n_nodes: int, per_step: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(step [A], last step [n_nodes], last level [n_nodes], slots) for pairs sorted by level.
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(step [A], last step [n_nodes], slots) for pairs sorted by level.
 
     Steps of at most ``per_step`` pairs when they hold fewer projectors alive at once than whole
     levels; otherwise (within pairs: every expert meets every other) one step per level, since
@@ -81,8 +82,8 @@ def _schedule(
     slots = _max_alive(first, last, int(step[-1]) + 1)
     if slots >= by_level:
         # levels are numbered 0.. without gaps here: the caller's levels are ranks of values
-        return level, last_level, last_level, by_level
-    return step, last, last_level, slots
+        return level, last_level, by_level
+    return step, last, slots
 
 
 def projector_overlaps(
@@ -115,12 +116,10 @@ def projector_overlaps(
     rows, cols = tall(matrices[0]).shape
     itemsize = torch.empty((), dtype=buf_dtype).element_size()
     per_step = max(1, int(step_bytes) // (2 * rows * cols * itemsize))
-    step, last, last_level, slots = _schedule(level[act], li[act], ri[act], len(matrices), per_step)
+    step, last, slots = _schedule(level[act], li[act], ri[act], len(matrices), per_step)
     n_steps = int(step[-1]) + 1
 
-    m_max = int(values[-1])
     proj = torch.zeros(slots, rows, cols, dtype=buf_dtype, device=device)  # [S, R, c] P⁽ⁿ⁾ per live matrix
-    ucache = torch.zeros(slots, rows, m_max, dtype=buf_dtype, device=device)  # [S, R, m] U_m per live matrix
     slot_of = torch.full((len(matrices),), -1, dtype=torch.int64)
     built = torch.zeros(len(matrices), dtype=torch.int64)  # n of each live projector
     free = list(range(slots - 1, -1, -1))
@@ -136,14 +135,12 @@ def projector_overlaps(
                 slot_of[e] = s
                 built[e] = 0
                 proj[s].zero_()
-                m = int(values[int(last_level[e])])
-                v = factors.basis[e][:, :m]
-                x = tall(matrices[e]).to(device=device, dtype=v.dtype)  # [R, c]
-                ucache[s, :, :m] = (x @ v) / factors.sigma[e][:m]  # U_m = X V_m / σ_m
             s, b = int(slot_of[e]), int(built[e])
             if b < n:
-                v = factors.basis[e][:, b:n].to(buf_dtype)  # [c, n − b]
-                proj[s].addmm_(ucache[s, :, b:n], v.T)
+                v = factors.basis[e][:, b:n]  # [c, n − b]
+                x = tall(matrices[e]).to(device=device, dtype=v.dtype)  # [R, c]
+                u = (x @ v) / factors.sigma[e][b:n]  # U[:, b:n] = X V[:, b:n] / σ[b:n]
+                proj[s].addmm_(u.to(buf_dtype), v.to(buf_dtype).T)
                 built[e] = n
         overlap[at.to(device)] = pair_dots(proj, proj, slot_of[li[at]], slot_of[ri[at]], device, chunk_bytes)
         for e in nodes:
