@@ -121,9 +121,9 @@ def role_distances(
     is accumulated in float64. A zero matrix gives NaN, never an exception.
 
     Memory above the inputs, in ``dtype`` on ``device``: the factors V [c, c] of every matrix in
-    a pair (c = min(out, in)), and a projector and its U [max(out, in), ≤ c] for each matrix
-    whose pairs are not all done (:mod:`moelens.metrics.sv_align`): two for base→tuned pairs,
-    E for within pairs, i.e. at most one role of one layer of two models in float32; plus
+    a pair (c = min(out, in)), and a projector [max(out, in), c] for each matrix whose pairs are
+    not all done (:mod:`moelens.metrics.sv_align`): two for base→tuned pairs at a real shape,
+    up to E for within pairs, i.e. at most one role of one layer in float32; plus
     ``chunk_bytes`` for the float64 inner products."""
     check_options(gamma, top_sv, None)
     if a.ndim != 3 or (b is not None and b.ndim != 3):
