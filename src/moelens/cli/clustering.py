@@ -78,20 +78,9 @@ _register_calibrate()
 # ----------------------------------------------------------------------------------------------
 # cluster
 # ----------------------------------------------------------------------------------------------
-def cluster_listing(rows, max_experts: int = 16) -> str:
-    """``{0*,2,5} {1*} …`` (``*`` the dominant expert) for a small layer, else the cluster sizes."""
-    rows = rows.sort_values("expert")
-    if len(rows) > max_experts:
-        sizes = rows.groupby("cluster").size().sort_values(ascending=False)
-        return "sizes " + " ".join(str(int(s)) for s in sizes)
-    parts = []
-    for _, members in rows.groupby("cluster", sort=True):
-        parts.append("{" + ",".join(f"{int(m.expert)}{'*' if m.dominant else ''}" for m in members.itertuples(index=False)) + "}")
-    return " ".join(parts)
-
-
 def _cluster(values: dict) -> None:
     from moelens.analyses.clustering import ClusteringConfig, cluster
+    from moelens.report.clustering_report import cluster_text
 
     run = _run_analysis(values, ClusteringConfig, cluster, "calibration")
     clusters = run["clusters"]
@@ -100,7 +89,7 @@ def _cluster(values: dict) -> None:
         table.add_column(col, justify=justify, no_wrap=col != "clusters")
     for r in run["cluster_layers"].itertuples(index=False):
         table.add_row(str(int(r.layer)), str(int(r.groups)), str(int(r.largest)), str(int(r.singletons)),
-                      escape(cluster_listing(clusters[clusters["layer"] == r.layer])))
+                      escape(cluster_text(clusters[clusters["layer"] == r.layer], sep=",")))
     print_wide(table, 100)
     print_warnings(run)
     own = not run.manifest["options"].get("calibration_run")

@@ -105,15 +105,16 @@ def calibration_section(runs: Sequence[Run], fmt: str) -> Section:
 # ----------------------------------------------------------------------------------------------
 # Clustering
 # ----------------------------------------------------------------------------------------------
-def cluster_text(rows) -> str:
-    """``{0*, 2, 5} {1*}`` (``*`` the dominant expert) or, for large layers, the cluster sizes."""
+def cluster_text(rows, sep: str = ", ") -> str:
+    """``{0*, 2, 5} {1*}`` (``*`` the dominant expert; members joined by ``sep``) or, for layers
+    of more than ``LIST_UP_TO`` experts, the cluster sizes."""
     rows = rows.sort_values("expert")
     if len(rows) > LIST_UP_TO:
         sizes = rows.groupby("cluster").size().sort_values(ascending=False)
         return "sizes " + " ".join(str(int(s)) for s in sizes)
     parts = []
     for _, members in rows.groupby("cluster", sort=True):
-        parts.append("{" + ", ".join(f"{int(m.expert)}{'*' if m.dominant else ''}" for m in members.itertuples(index=False)) + "}")
+        parts.append("{" + sep.join(f"{int(m.expert)}{'*' if m.dominant else ''}" for m in members.itertuples(index=False)) + "}")
     return " ".join(parts)
 
 
