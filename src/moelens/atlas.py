@@ -107,6 +107,7 @@ def plan_atlas(
 ) -> tuple[list[Step], list[str]]:
     """The runs the atlas will make, and notes on what does not apply; every input is checked here,
     before anything is written."""
+    from moelens.calibration.texts import read_lines
     from moelens.checkpoint import open_model
     from moelens.runtime.prompts import read_prompts
 
@@ -131,18 +132,12 @@ def plan_atlas(
     for m in models.values():
         m.check()
     moe = bool(main.moe_layers)
-    names = {key: f"{key}" for key in models}
-    paths = {key: m.path for key, m in models.items()}
     prompts_path = Path(prompts) if prompts is not None else _zoo_file(main.path, "facts.jsonl")
     if prompts_path is not None:
         read_prompts(prompts_path)  # a bad prompts file is named now, line and all
     calibration_path = Path(calibration) if calibration is not None else _zoo_file(main.path, "calibration.txt")
-    if calibration is not None:
-        cp = Path(calibration)
-        if not cp.is_file():
-            raise ConfigError(f"calibration file {cp} does not exist")
-        if not cp.read_text(encoding="utf-8", errors="replace").strip():
-            raise ConfigError(f"calibration file {cp} is empty; give text, one sequence per line")
+    if calibration_path is not None:
+        read_lines(calibration_path)  # a missing, empty or undecodable file is named now
     exec_flag = ""
     if executor is not None and str(getattr(executor, "name", executor)) not in ("local",):
         exec_flag = f" --executor {_q(getattr(executor, 'name', executor))}"
@@ -154,8 +149,8 @@ def plan_atlas(
         from moelens.analyses.router_alignment import router_alignment
 
         for key, m in models.items():
-            steps.append(Step(f"alignment-{names[key]}", "router alignment",
-                              f"moelens align {_q(paths[key])} --out runs/alignment-{names[key]}{dev_flag}{exec_flag}",
+            steps.append(Step(f"alignment-{key}", "router alignment",
+                              f"moelens align {_q(m.path)} --out runs/alignment-{key}{dev_flag}{exec_flag}",
                               lambda d, p, m=m: router_alignment(m, device=device, out=d, progress=p, executor=executor)))
         from moelens.analyses.expert_distance import expert_distance
 
@@ -185,8 +180,8 @@ def plan_atlas(
         sites = ("subj", "attn", "last", "router", "moe") if moe else ("subj", "attn", "last")
         limit_flag = f" --limit {trace_limit}" if trace_limit else ""
         for key, m in models.items():
-            steps.append(Step(f"trace-{names[key]}", "interventions",
-                              f"moelens trace {_q(paths[key])} --prompts {_q(prompts_path)} --sites {','.join(sites)}{limit_flag} --out runs/trace-{names[key]}{dev_flag}",
+            steps.append(Step(f"trace-{key}", "interventions",
+                              f"moelens trace {_q(m.path)} --prompts {_q(prompts_path)} --sites {','.join(sites)}{limit_flag} --out runs/trace-{key}{dev_flag}",
                               lambda d, p, m=m: trace(m, str(prompts_path), sites=sites, limit=trace_limit, device=device, out=d, progress=p)))
     else:
         notes.append("no prompts were given (--prompts FACTS.jsonl): interventions were skipped")

@@ -25,7 +25,6 @@ tokens (attention mask 1) are kept, in row-major order: sequence by sequence, po
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch import nn
 
 from moelens.errors import ConfigError
 from moelens.runtime.architecture import Architecture, router_width
+from moelens.runtime.batching import right_padded
 
 #: Where a router's logits sit in its output tuple, for the routers whose first element is not them.
 ROUTER_LOGITS_AT = {"llama4": 1, "llama4_text": 1, "jetmoe": -1}
@@ -53,17 +53,6 @@ class Routing:
     logits: torch.Tensor
     topk: torch.Tensor
     source: str
-
-
-def right_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` [R, T] of ``rows`` right-padded with ``pad_id``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _logits_of(output: Any, model_type: str) -> torch.Tensor:

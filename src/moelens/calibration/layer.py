@@ -15,7 +15,7 @@ Sequences go through the model in batches of consecutive sequences, right-padded
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from moelens.calibration.activation import ExpertActivation
-from moelens.calibration.capture import LayerCapture, right_padded
+from moelens.calibration.capture import LayerCapture
 from moelens.calibration.features import ExpertFeatures
 from moelens.calibration.texts import CalibrationTokens
 from moelens.checkpoint.model import MoELayer, MoEModel
+from moelens.runtime.batching import batches, right_padded
 
 
 @dataclass(frozen=True)
@@ -45,21 +46,6 @@ class LayerCalibration:
         """[E] float64 f_e = c_e / (N·k)."""
         total = self.topk.size
         return self.counts / total if total else np.zeros(self.counts.shape)
-
-
-def batches(sequences: Sequence[Sequence[int]], batch_tokens: int) -> Iterator[list[int]]:
-    """Indices of consecutive sequences whose right-padded batch has ≤ ``batch_tokens`` tokens."""
-    rows: list[int] = []
-    width = 0
-    for i, s in enumerate(sequences):
-        w = max(width, len(s))
-        if rows and w * (len(rows) + 1) > batch_tokens:
-            yield rows
-            rows, w = [], len(s)
-        rows.append(i)
-        width = w
-    if rows:
-        yield rows
 
 
 def usage_counts(topk: np.ndarray, n_experts: int) -> np.ndarray:
@@ -106,11 +92,6 @@ class CalibrationSetup:
             lm = load_causal_lm(self.model.path, device=self.device, dtype=self.dtype, revision=self.model.revision)
             self._loaded = (lm, describe(lm))
         return self._loaded
-
-    @property
-    def model_dtype(self) -> str:
-        lm, _ = self.loaded()
-        return str(next(lm.parameters()).dtype).replace("torch.", "")
 
 
 def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, int], None] | None = None) -> LayerCalibration:

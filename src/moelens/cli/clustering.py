@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moelens.cli.analyses import OUT, REVISION, SOURCE, _cell, print_warnings, print_wide
+from moelens.cli.analyses import OUT, REVISION, SOURCE, _cell, _open, print_warnings, print_wide
 from moelens.cli.app import app, console, progress_bar
 from moelens.cli.options import command_from_parameters, config_from_cli, config_parameters
-
-
-def _open(source: str, revision: Optional[str]):
-    from moelens.checkpoint import open_model
-
-    return open_model(source, revision)
 
 
 def _run_analysis(values: dict, config_type: type, analysis, first: str):

@@ -29,6 +29,7 @@ from torch import nn
 
 from moelens.errors import ConfigError
 from moelens.runtime.architecture import Architecture, first_tensor, replace_first, router_weight
+from moelens.runtime.batching import right_padded
 
 # Hook points of a layer; the embedding is point "embed" of layer -1.
 POINTS = ("layer", "attn", "mlp", "router", "block", "embed")
@@ -301,14 +302,8 @@ class Batch:
     @staticmethod
     def of(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, width: int | None = None) -> "Batch":
         """Rows right-padded with ``pad_id`` to ``width`` (default: the longest row)."""
-        width = max(len(r) for r in rows) if width is None else width
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-        last = mask.sum(1) - 1
-        return Batch(ids.to(device), mask.to(device), last.to(device))
+        ids, mask = right_padded(rows, pad_id, device, width)
+        return Batch(ids, mask, mask.sum(1) - 1)
 
 
 def last_logits(model: nn.Module, batch: Batch, lengths: Sequence[int]) -> torch.Tensor:

@@ -11,13 +11,14 @@ out of the sums), and the sums run in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moelens.progress import ProgressCallback, report
+from moelens.runtime.batching import batches, right_padded
 
 
 @dataclass(frozen=True)
@@ -32,36 +33,17 @@ class Perplexity:
         return math.exp(self.nll / self.n_predicted) if self.n_predicted else float("nan")
 
 
-def _batches(sequences: Sequence[Sequence[int]], batch_tokens: int) -> Iterator[list[int]]:
-    rows: list[int] = []
-    width = 0
-    for i, s in enumerate(sequences):
-        if rows and max(width, len(s)) * (len(rows) + 1) > batch_tokens:
-            yield rows
-            rows, width = [], 0
-        rows.append(i)
-        width = max(width, len(s))
-    if rows:
-        yield rows
-
-
 @torch.no_grad()
 def perplexity(model: Any, sequences: Sequence[Sequence[int]], pad_id: int = 0, batch_tokens: int = 4096,
                progress: ProgressCallback | None = None) -> Perplexity:
     """Perplexity of ``model`` on ``sequences`` (token ids, each at most the model's positions)."""
     device = next(model.parameters()).device
     seqs = [list(s) for s in sequences if len(s) >= 2]  # a one-token sequence predicts nothing
-    plan = list(_batches(seqs, batch_tokens))
+    plan = list(batches(seqs, batch_tokens))
     nll = 0.0
     count = 0
     for b, rows in enumerate(plan):
-        width = max(len(seqs[i]) for i in rows)
-        ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, :len(seqs[i])] = torch.as_tensor(seqs[i])
-            mask[r, :len(seqs[i])] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = right_padded([seqs[i] for i in rows], pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()   # [R, T−1, V]
         logp = torch.log_softmax(logits, dim=-1)
         target = ids[:, 1:]

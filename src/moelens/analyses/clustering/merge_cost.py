@@ -39,12 +39,12 @@ from moelens.analyses.calibration.analysis import FORWARD_DTYPES, forward_dtype,
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError
+from moelens.merge.export import EXPORTS
 from moelens.progress import ProgressCallback
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
 
 ANALYSIS = "merge_cost"
-EXPORTS = ("shared", "compact")
 PERMUTE = ("both", "on", "off")
 COST_SCHEMA = TableSchema(ANALYSIS, (
     ("variant", "str"), ("method", "str"), ("clusters_run", "str"), ("permute", "bool"), ("export", "str"),

@@ -53,7 +53,6 @@ class UnitResult:
     device: str | None = None
     worker: str = ""
     peak_rss_mib: float = 0.0
-    attempts: int = 1
 
 
 @dataclass

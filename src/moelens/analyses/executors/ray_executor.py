@@ -348,7 +348,6 @@ class RaySession(Session):
                     self.retries[unit.key] += 1
                     queue.appendleft(unit)
                     continue
-                result.attempts = attempts[unit.key]
                 if result.device:
                     self.devices.add(result.device)
                 if result.worker:
