@@ -59,6 +59,19 @@ def option(
     })
 
 
+#: The dtypes a forward pass may run in: ``auto`` (float32 on the CPU, the checkpoint's own on CUDA) or one named.
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
+    """``value`` as an int ≥ 1 (or None when ``allow_none``), else one line naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ConfigError(f"{name}={value!r}: give a whole number ≥ 1")
+    return int(value)
+
+
 def check_seed(seed: Any) -> int:
     """A seed is an integer in 0..2⁶³−1 (numpy refuses negative seeds)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -240,6 +253,6 @@ def layer_unit_key(layer: int) -> str:
 
 
 __all__ = [
-    "Analysis", "MAX_SEED", "Plan", "Unit", "UnitContext", "as_index_tuple", "check_seed", "chosen_layers", "config_fields", "config_options",
-    "jsonable", "layer_unit_key", "make_config", "option", "resumable_fields", "unit_seed",
+    "FORWARD_DTYPES", "Analysis", "MAX_SEED", "Plan", "Unit", "UnitContext", "as_index_tuple", "check_seed", "chosen_layers", "config_fields", "config_options",
+    "jsonable", "layer_unit_key", "make_config", "option", "positive_int", "resumable_fields", "unit_seed",
 ]

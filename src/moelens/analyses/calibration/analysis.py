@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from moelens.analyses.base import (
+    FORWARD_DTYPES,
     Analysis,
     Plan,
     Unit,
@@ -35,6 +36,7 @@ from moelens.analyses.base import (
     chosen_layers,
     layer_unit_key,
     option,
+    positive_int,
     unit_seed,
 )
 from moelens.analyses.calibration.tables import (
@@ -57,15 +59,8 @@ from moelens.ranges import compact_ranges, parse_ranges
 from moelens.results.run import Run, load_run
 
 ANALYSIS = "calibration"
-FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: The analyses whose runs carry a calibration (tables and matrices).
 CALIBRATED = ("calibration", "clustering")
-
-
-def positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ConfigError(f"{name}={value!r}: give a whole number ≥ 1")
-    return int(value)
 
 
 def check_texts(texts: Any) -> Any:

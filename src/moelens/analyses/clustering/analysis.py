@@ -31,7 +31,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, chosen_layers, option
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, chosen_layers, option, positive_int
 from moelens.analyses.calibration.analysis import (
     CalibrationRun,
     calibrate_unit,
@@ -40,7 +40,6 @@ from moelens.analyses.calibration.analysis import (
     layer_units,
     load_calibration,
     plan_calibration,
-    positive_int,
 )
 from moelens.analyses.calibration.tables import LAYERS_SCHEMA, TOKENS_SCHEMA, USAGE_SCHEMA, token_rows
 from moelens.analyses.clustering.tables import CLUSTER_LAYERS_SCHEMA, CLUSTERS_SCHEMA, cluster_rows, layer_summary

@@ -34,8 +34,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, option, unit_seed
-from moelens.analyses.calibration.analysis import FORWARD_DTYPES, forward_dtype, positive_int
+from moelens.analyses.base import FORWARD_DTYPES, Analysis, Plan, Unit, UnitContext, option, positive_int, unit_seed
+from moelens.analyses.calibration.analysis import forward_dtype
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from moelens.analyses.base import (
+    FORWARD_DTYPES,
     Analysis,
     Plan,
     Unit,
@@ -40,6 +41,7 @@ from moelens.analyses.base import (
     check_seed,
     chosen_layers,
     option,
+    positive_int,
     unit_seed,
 )
 from moelens.analyses.runner import run_analysis
@@ -75,19 +77,10 @@ SUMMARY_SCHEMA = TableSchema("interventions_summary", (
 ))
 #: Prompts per unit: a unit's clean states (restore) are held for all its prompts at once.
 PROMPTS_PER_UNIT = {"knockout": 32, "restore": 8, "block": 32}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _positive(value: Any, name: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ConfigError(f"{name}={value!r}: give a whole number ≥ 1")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -123,13 +116,13 @@ class InterventionsConfig:
                 raise ConfigError("no sites given; name at least one")
             object.__setattr__(self, "sites", tuple(dict.fromkeys(sites)))
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
-        object.__setattr__(self, "window", _positive(self.window, "window", allow_none=True))
-        object.__setattr__(self, "limit", _positive(self.limit, "limit", allow_none=True))
-        object.__setattr__(self, "noise_samples", _positive(self.noise_samples, "noise_samples"))
-        object.__setattr__(self, "batch_size", _positive(self.batch_size, "batch_size", allow_none=True))
+        object.__setattr__(self, "window", positive_int(self.window, "window", allow_none=True))
+        object.__setattr__(self, "limit", positive_int(self.limit, "limit", allow_none=True))
+        object.__setattr__(self, "noise_samples", positive_int(self.noise_samples, "noise_samples"))
+        object.__setattr__(self, "batch_size", positive_int(self.batch_size, "batch_size", allow_none=True))
         object.__setattr__(self, "seed", check_seed(self.seed))
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.dtype not in FORWARD_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
         if self.prompts is None:
             raise ConfigError("no prompts: give a JSONL file (--prompts FACTS.jsonl) with prompt and subject on every line")
         if isinstance(self.prompts, os.PathLike):
