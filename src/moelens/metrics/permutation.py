@@ -167,12 +167,20 @@ def layer_permutations(
     return perms
 
 
+def permute_role(stack: torch.Tensor, role: str, perms: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """``stack`` [E, out, in] of one role with each expert's neurons reordered by ``perms`` [E, F]
+    (new neuron p = old neuron perm[p]): rows of gate and up [E, F, d], columns of down [E, d, F].
+    ``perms`` None leaves the stack as it is."""
+    if perms is None:
+        return stack
+    p = torch.as_tensor(np.asarray(perms, dtype=np.int64) if not isinstance(perms, torch.Tensor) else perms).to(stack.device, torch.int64)
+    if role == "down":
+        return torch.take_along_dim(stack, p[:, None, :], dim=2)
+    return torch.take_along_dim(stack, p[:, :, None], dim=1)
+
+
 def permute_stacks(gate: Optional[torch.Tensor], up: torch.Tensor, down: torch.Tensor, perms: np.ndarray | torch.Tensor
                    ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """One layer's stacks with each expert's neurons reordered by ``perms`` [E, F]."""
-    p = torch.as_tensor(np.asarray(perms, dtype=np.int64) if not isinstance(perms, torch.Tensor) else perms).to(up.device, torch.int64)
-    rows = p[:, :, None]                                           # [E, F, 1]
-    g = None if gate is None else torch.take_along_dim(gate, rows, dim=1)
-    u = torch.take_along_dim(up, rows, dim=1)
-    dn = torch.take_along_dim(down, p[:, None, :], dim=2)         # columns of [E, d, F]
-    return g, u, dn
+    g = None if gate is None else permute_role(gate, "gate", perms)
+    return g, permute_role(up, "up", perms), permute_role(down, "down", perms)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from moelens.checkpoint.model import MoELayer, MoEModel
+from moelens.metrics.permutation import permute_role
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,6 @@ def layer_permutations(layer: MoELayer, anchors: np.ndarray, device: Any) -> np.
 
     gate = layer.expert_stack("gate") if layer.has_role("gate") else None
     return permutations(gate, layer.expert_stack("up"), layer.expert_stack("down"), anchors, device)
-
-
-def permute_role(stack: torch.Tensor, role: str, perms: Optional[np.ndarray]) -> torch.Tensor:
-    """``stack`` [E, out, in] of one role with each expert's neurons reordered (new neuron p =
-    old neuron perm[p]): rows of gate and up [E, F, d], columns of down [E, d, F]."""
-    if perms is None:
-        return stack
-    p = torch.as_tensor(np.asarray(perms, dtype=np.int64), device=stack.device)   # [E, F]
-    if role == "down":
-        return torch.take_along_dim(stack, p[:, None, :], dim=2)
-    return torch.take_along_dim(stack, p[:, :, None], dim=1)
 
 
 __all__ = ["ClusterPairing", "cluster_pairs", "layer_permutations", "load_cluster_pairing", "permute_role"]
