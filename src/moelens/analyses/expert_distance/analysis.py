@@ -130,6 +130,17 @@ def _check_same_shapes(a: MoEModel, b: MoEModel, layers: list[int]) -> None:
                 raise ConfigError(f"layer {L}: {a.name} has {what} = {va} and {b.name} {what} = {vb}; base-tuned needs experts of the same shapes")
 
 
+def _check_matrices(a: MoEModel, layers: list[int], config: ExpertDistanceConfig) -> None:
+    """The chosen matrix roles exist, and ``top_sv`` fits every chosen layer's matrices."""
+    first = a.layer(layers[0])
+    missing = [m for m in config.matrices if not first.has_role(m)]
+    if missing:
+        raise ConfigError(f"{a.name} ({a.family}) experts have no {missing[0]} matrix; choose --matrices among the others")
+    if config.top_sv is not None:
+        for L in layers:
+            check_options(config.gamma, config.top_sv, (a.layer(L).expert_ffn, a.hidden_size))
+
+
 def resolve(models: Mapping[str, MoEModel | None], config: ExpertDistanceConfig) -> DistanceState:
     """Check the config against the models and fix every choice (nothing is read but headers)."""
     a, b = models["a"], models.get("b")
@@ -150,13 +161,7 @@ def resolve(models: Mapping[str, MoEModel | None], config: ExpertDistanceConfig)
             raise NotMoEError(f"layer {L} has {layer.n_experts} expert; within-layer pairs need at least 2")
     if b is not None:
         _check_same_shapes(a, b, layers)
-    first = a.layer(layers[0])
-    missing = [m for m in config.matrices if not first.has_role(m)]
-    if missing:
-        raise ConfigError(f"{a.name} ({a.family}) experts have no {missing[0]} matrix; choose --matrices among the others")
-    if config.top_sv is not None:
-        for L in layers:
-            check_options(config.gamma, config.top_sv, (a.layer(L).expert_ffn, a.hidden_size))
+    _check_matrices(a, layers, config)
     return DistanceState(a, b, pairing, layers, list(config.matrices), config, resolve_device(config.device))
 
 
@@ -172,13 +177,7 @@ def _resolve_clusters(a: MoEModel, b: MoEModel | None, config: ExpertDistanceCon
     missing = [L for L in layers if L not in clusters.layers]
     if missing:
         raise ConfigError(f"layer {missing[0]} is not in the clusters run {config.clusters} (it clusters layers {compact_ranges(clustered)})")
-    first = a.layer(layers[0])
-    missing_roles = [m for m in config.matrices if not first.has_role(m)]
-    if missing_roles:
-        raise ConfigError(f"{a.name} ({a.family}) experts have no {missing_roles[0]} matrix; choose --matrices among the others")
-    if config.top_sv is not None:
-        for L in layers:
-            check_options(config.gamma, config.top_sv, (a.layer(L).expert_ffn, a.hidden_size))
+    _check_matrices(a, layers, config)
     return DistanceState(a, None, clusters.pairing, layers, list(config.matrices), config, resolve_device(config.device), clusters)
 
 
