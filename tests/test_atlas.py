@@ -127,3 +127,13 @@ def test_reproduce_commands_quote_each_word_for_the_shell(text):
     assert subprocess.run(["bash", "-c", f"printf %s {quoted}"], capture_output=True, text=True, check=True).stdout == text
     if text == "moelens demo: the zoo's base and tuned models":
         assert quoted == '"' + text + '"'  # readable, not '…'"'"'…'
+
+
+def test_a_second_call_with_another_trace_limit_is_refused_before_anything_is_written(zoo_atlas, small_zoo, capsys):
+    from moelens.errors import ConfigError
+
+    before = {p: p.stat().st_mtime_ns for p in zoo_atlas.out.rglob("*") if p.is_file()}
+    for limit in (None, 7):
+        with pytest.raises(ConfigError, match="written with --trace-limit 6 but this call asks for"):
+            atlas(small_zoo.base, zoo_atlas.out, tuned=small_zoo.tuned, device="cpu", trace_limit=limit)
+    assert {p: p.stat().st_mtime_ns for p in zoo_atlas.out.rglob("*") if p.is_file()} == before

@@ -180,6 +180,7 @@ def plan_atlas(
         sites = ("subj", "attn", "last", "router", "moe") if moe else ("subj", "attn", "last")
         limit_flag = f" --limit {trace_limit}" if trace_limit else ""
         for key, m in models.items():
+            _check_kept_limit(out / "runs" / f"trace-{key}", trace_limit)
             steps.append(Step(f"trace-{key}", "interventions",
                               f"moelens trace {_q(m.path)} --prompts {_q(prompts_path)} --sites {','.join(sites)}{limit_flag} --out runs/trace-{key}{dev_flag}",
                               lambda d, p, m=m: trace(m, str(prompts_path), sites=sites, limit=trace_limit, device=device, out=d, progress=p)))
@@ -191,6 +192,21 @@ def plan_atlas(
     elif moe:
         notes.append("no calibration text was given (--calibration TEXT): clustering and merge costs were skipped")
     return steps, notes
+
+
+def _check_kept_limit(run_dir: Path, trace_limit: int | None) -> None:
+    """A finished trace run is reused, so it must hold the prompts this call asks for: the same
+    ``--trace-limit`` (the one option of the atlas that changes a run's numbers)."""
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        kept = (json.loads(manifest.read_text()).get("options") or {}).get("limit")
+    except (OSError, ValueError):
+        return  # not a readable run: the trace run itself says what is wrong
+    if kept != trace_limit:
+        raise ConfigError(f"{run_dir} was written with --trace-limit {kept if kept is not None else '(none)'} but this call asks for "
+                          f"{trace_limit if trace_limit is not None else '(none)'}; give the same --trace-limit, or choose another --out directory")
 
 
 def _clustering_steps(base_m: Any, tuned_m: Any, calibration: Path, prompts: Path | None, device: str, dev_flag: str) -> list[Step]:
