@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from moelens.errors import ConfigError
+from moelens.textfiles import read_lines as read_text_lines
 
 #: Share of the non-empty lines held out for perplexity (the last ⌊n/10⌋).
 HOLDOUT_DIVISOR = 10
@@ -94,13 +95,7 @@ def read_lines(texts: Any) -> CalibrationLines:
     """The non-empty lines of a text file (a path), or of a list of strings or token-id lists."""
     if isinstance(texts, (str, os.PathLike)):
         p = Path(texts)
-        if not p.is_file():
-            raise ConfigError(f"calibration file {p} does not exist" if not p.exists() else f"calibration file {p} is not a file")
-        try:
-            raw = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read calibration file {p}: {exc}") from None
-        kept = [(i + 1, line) for i, line in enumerate(raw.splitlines()) if line.strip()]
+        kept = read_text_lines(p, "calibration file")
         if not kept:
             raise ConfigError(f"calibration file {p} is empty (no line holds text); give one text sequence per line")
         resolved = str(p.resolve())

@@ -12,7 +12,6 @@ prompt), so a table row points back to the line it came from.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moelens.errors import ConfigError
+from moelens.textfiles import read_jsonl
 
 # ROME's token groups (Meng et al. 2022, Fig. 1), plus the tokens before the subject.
 TOKEN_KINDS = ("before_subject", "first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
@@ -106,20 +106,8 @@ def parse_records(rows: Iterable[tuple[int, Any]], source: str) -> list[PromptRe
 def read_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
     """Records of a JSONL prompts file (one JSON object per line; blank lines are skipped)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"prompts file {p} does not exist" if not p.exists() else f"prompts file {p} is not a file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read prompts file {p}: {exc}") from None
-    rows = []
-    for i, raw in enumerate(text.splitlines()):
-        if not raw.strip():
-            continue
-        try:
-            rows.append((i, json.loads(raw)))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{_where(str(p), i)}: not JSON ({exc.msg}); a prompts file is JSONL: one object per line") from None
+    # parse_records numbers lines from 0; read_jsonl from 1
+    rows = [(n - 1, obj) for n, obj in read_jsonl(p, "prompts file")]
     return parse_records(rows, str(p))
 
 

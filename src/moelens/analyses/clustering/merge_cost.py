@@ -22,7 +22,6 @@ recall − recall(original), ``perplexity_ratio`` = perplexity / perplexity(orig
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ from moelens.merge.export import EXPORTS
 from moelens.progress import ProgressCallback
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
+from moelens.textfiles import read_jsonl
 
 ANALYSIS = "merge_cost"
 PERMUTE = ("both", "on", "off")
@@ -96,18 +96,10 @@ class MergeCostConfig:
 def read_facts(path: str) -> list[dict[str, str]]:
     """Records with string ``prompt`` and ``target`` from a JSONL file (blank lines skipped)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"facts file {p} does not exist" if not p.exists() else f"facts file {p} is not a file")
     out = []
-    for i, raw in enumerate(p.read_text(encoding="utf-8").splitlines()):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{p} line {i + 1}: not JSON ({exc.msg}); a facts file is JSONL, one object per line") from None
+    for line, obj in read_jsonl(p, "facts file"):
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip() for k in ("prompt", "target")):
-            raise ConfigError(f"{p} line {i + 1}: every fact needs a non-empty \"prompt\" and \"target\"")
+            raise ConfigError(f"{p} line {line}: every fact needs a non-empty \"prompt\" and \"target\"")
         out.append({"prompt": obj["prompt"], "target": obj["target"]})
     if not out:
         raise ConfigError(f"facts file {p} holds no facts")
