@@ -332,6 +332,7 @@ def run_analysis(
     :class:`~moelens.analyses.executors.RayExecutor` as Ray tasks. The tables are the same
     either way, and a run begun on one executor may be finished on the other."""
     from moelens.analyses.executors import Job, resolve_executor
+    from moelens.threads import use_threads_for
 
     executor = resolve_executor(executor)
     plan = executor.plan(analysis, models, config)  # every check of the user's input: nothing is written before
@@ -343,9 +344,14 @@ def run_analysis(
     def report(done: int, unit: Unit | None = None) -> None:
         UnitContext(progress).report(noun, done, total, "" if unit is None else _unit_name(unit))
 
+    if executor.name == "local":
+        # one thread for tiny matrices, every usable core for large ones (see moelens.threads)
+        use_threads_for(models)
     # the executor connects (a Ray cluster, its resources checked) before the directory is touched
     with executor.session(job) as session:
         manifest["executor"] = session.info()
+        # the count its units computed with (a Ray run's: each worker's), as information
+        manifest["threads"] = int(manifest["executor"].get("threads", 1))
         by_key = {u.key: u for u in plan.units}
         if out is None:
             started = time.perf_counter()

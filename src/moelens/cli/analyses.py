@@ -17,6 +17,8 @@ from moelens.cli.options import (
     config_parameters,
     executor_from_cli,
     executor_parameters,
+    threads_from_cli,
+    threads_parameter,
 )
 
 
@@ -216,6 +218,7 @@ def _trace(values: dict) -> None:
     from moelens.analyses.interventions import InterventionsConfig, trace
 
     config = config_from_cli(InterventionsConfig, values)  # every option checked before anything is opened
+    threads_from_cli(values)
     model = _open(values["source"], values["revision"])
     out = values["out"]
     with progress_bar() as callback:
@@ -246,7 +249,7 @@ def _register_trace() -> None:
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
         default=typer.Argument(..., metavar="MODEL", help="Causal LM: checkpoint directory (with its tokenizer) or cached repo id, MoE or dense."),
     )
-    params = [source, OUT, *config_parameters(InterventionsConfig), REVISION]
+    params = [source, OUT, *config_parameters(InterventionsConfig), REVISION, threads_parameter()]
     doc = ("Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "
            "and measure how the next-token distribution changes (JS divergence, bits).")
     app.command("trace")(command_from_parameters(params, _trace, doc, "trace"))

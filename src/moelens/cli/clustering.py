@@ -11,13 +11,14 @@ from rich.table import Table
 
 from moelens.cli.analyses import OUT, REVISION, SOURCE, _cell, _open, print_warnings, print_wide
 from moelens.cli.app import app, console, progress_bar
-from moelens.cli.options import command_from_parameters, config_from_cli, config_parameters
+from moelens.cli.options import command_from_parameters, config_from_cli, config_parameters, threads_from_cli, threads_parameter
 
 
 def _run_analysis(values: dict, config_type: type, analysis, first: str):
     """Check every option (before anything is opened), open the model, run ``analysis(model,
     config.<first>, config=…, out=…)`` with a progress bar; return its run."""
     config = config_from_cli(config_type, values)
+    threads_from_cli(values)
     model = _open(values["source"], values["revision"])
     with progress_bar() as callback:
         return analysis(model, getattr(config, first), config=config, out=values["out"], progress=callback)
@@ -25,7 +26,7 @@ def _run_analysis(values: dict, config_type: type, analysis, first: str):
 
 def _register(command: str, config_type: type, handler, doc: str, api: str) -> None:
     """``moelens COMMAND SOURCE --out DIR [options of config_type] [--revision]``."""
-    params = [SOURCE, OUT, *config_parameters(config_type), REVISION]
+    params = [SOURCE, OUT, *config_parameters(config_type), REVISION, threads_parameter()]
     app.command(command)(command_from_parameters(params, handler, doc, api))
 
 
@@ -110,7 +111,11 @@ def _merge(values: dict) -> None:
 
     if values["export"] not in EXPORTS:
         raise ConfigError(f"unknown export {values['export']!r}; choose compact or shared")
+    threads_from_cli(values)
     model = _open(values["source"], values["revision"])
+    from moelens.threads import use_threads_for
+
+    use_threads_for([model])
     out = merge_clusters(model, values["clusters"], values["out"], export=values["export"], permute=values["permute"], device=values["device"])
     import json
 
@@ -136,6 +141,7 @@ def _register_merge() -> None:
         param("permute", bool, typer.Option(True, "--permute/--no-permute", help="Align each member's neurons onto its cluster's dominant expert (weight matching) before averaging.")),
         param("device", str, typer.Option("cpu", "--device", help="Where the permutation costs are computed: cpu, auto, cuda or cuda:N.")),
         REVISION,
+        threads_parameter(),
     ]
     doc = "Merge each cluster's experts (usage-weighted average, after permutation alignment) into a checkpoint transformers loads."
     app.command("merge")(command_from_parameters(params, _merge, doc, "merge"))

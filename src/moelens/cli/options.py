@@ -67,16 +67,36 @@ def executor_parameters() -> list[inspect.Parameter]:
         opt("workers", Optional[int], None, "--workers", "Ray tasks at once (default: the cluster's CPUs, or its GPUs ÷ --gpus-per-worker).", "N"),
         opt("gpus_per_worker", Optional[float], None, "--gpus-per-worker", "GPUs each Ray task asks for (e.g. 1, or 0.5 to share one); with --device auto or cuda.", "X"),
         opt("max_retries", Optional[int], None, "--max-retries", "Times a Ray task that failed (its worker died) is run again (default 3).", "N"),
+        threads_parameter(),
     ]
+
+
+def threads_parameter() -> inspect.Parameter:
+    """``--threads N``: CPU threads of the computation (default: chosen from the work)."""
+    option = typer.Option(
+        None, "--threads", metavar="N", show_default=False,
+        help="CPU threads to compute with (default: 1 for small matrices, every core this process may use for large ones; "
+             "OMP_NUM_THREADS also sets it). With --executor ray: threads of each task.",
+    )
+    return inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[int])
+
+
+def threads_from_cli(values: Mapping[str, Any]) -> int | None:
+    """Record the CLI's ``--threads`` for every computation of this process (checked ≥ 1)."""
+    from moelens.threads import set_threads
+
+    set_threads(values.get("threads"))
+    return values.get("threads")
 
 
 def executor_from_cli(values: Mapping[str, Any]) -> Any:
     """The executor of the CLI's parsed ``values`` (checked: Ray importable, options that fit)."""
     from moelens.analyses.executors import executor_from_options
 
+    threads = threads_from_cli(values)
     return executor_from_options(
         values.get("executor"), address=values.get("ray_address"), workers=values.get("workers"),
-        gpus_per_worker=values.get("gpus_per_worker"), max_retries=values.get("max_retries"),
+        gpus_per_worker=values.get("gpus_per_worker"), max_retries=values.get("max_retries"), threads=threads,
     )
 
 

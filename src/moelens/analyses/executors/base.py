@@ -151,9 +151,11 @@ def executor_from_options(
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     max_retries: int | None = None,
+    threads: int | None = None,
 ) -> Executor:
     """An executor from the command line's spelling: ``local`` (the default) or ``ray`` with its
-    options. Ray's options with ``local`` are a mistake, named rather than ignored."""
+    options. Ray's options with ``local`` are a mistake, named rather than ignored. ``threads``
+    is each Ray task's thread count (a local run takes it from :func:`moelens.threads.set_threads`)."""
     if isinstance(executor, Executor):
         return executor
     name = "local" if executor is None else str(executor).strip().lower()
@@ -169,7 +171,7 @@ def executor_from_options(
 
         return RayExecutor(
             address=address, workers=workers, gpus_per_worker=0.0 if gpus_per_worker is None else gpus_per_worker,
-            max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
+            max_retries=DEFAULT_MAX_RETRIES if max_retries is None else max_retries, threads_per_worker=threads,
         )
     raise ConfigError(f"unknown executor {executor!r}; expected one of {', '.join(EXECUTORS)}")
 
