@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from moelens.checkpoint.model import MoEModel
 from moelens.checkpoint.registry import family_for_config
 from moelens.checkpoint.source import resolve_source
-from moelens.checkpoint.store import TensorStore
 from moelens.errors import CheckpointFormatError
+
+if TYPE_CHECKING:
+    from moelens.checkpoint.model import MoEModel
 
 
 def read_config(path) -> dict:
@@ -54,6 +55,10 @@ def open_model(source: str | os.PathLike[str], revision: Optional[str] = None) -
     >>> model.family, model.n_experts, model.layer(0).router().weight.shape
     """
     path = resolve_source(source, revision)
+    # torch only once the path is known to exist: a mistyped path is reported at once
+    from moelens.checkpoint.model import MoEModel
+    from moelens.checkpoint.store import TensorStore
+
     config = read_config(path)
     family_cls = family_for_config(config)
     store = TensorStore(path)

@@ -11,7 +11,9 @@ import sys
 
 from rich.markup import escape
 
-from moelens.cli import analyses, atlas, checkpoint, clustering, reports, zoo  # noqa: F401  (each registers its commands)
+# inspect, tiny, families and zoo register here; the other commands' modules (which import torch,
+# pandas or matplotlib) are imported when their command runs: see moelens.cli.app.LAZY_COMMANDS
+from moelens.cli import checkpoint, zoo  # noqa: F401  (each registers its commands)
 from moelens.cli.app import app, err_console
 from moelens.errors import MoelensError
 

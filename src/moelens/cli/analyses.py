@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moelens.cli.app import app, console, progress_bar
+from moelens.cli.app import app, command_help, console, progress_bar
 from moelens.cli.options import (
     command_from_parameters,
     config_from_cli,
@@ -110,8 +110,7 @@ def _register_align() -> None:
         default=typer.Option(False, "--per-layer", help="Print one summary table per layer instead of the mean over layers."),
     )
     params = [SOURCE, OUT, *config_parameters(RouterAlignmentConfig), per_layer, REVISION, *executor_parameters()]
-    doc = "Router–expert alignment: energy of each router vector in the top-k input subspace of its expert, against null models."
-    app.command("align")(command_from_parameters(params, _align, doc, "align"))
+    app.command("align")(command_from_parameters(params, _align, command_help("align"), "align"))
 
 
 _register_align()
@@ -154,8 +153,7 @@ def _register_distance() -> None:
         default=typer.Argument(None, metavar="B", help="Model B (the fine-tune), for base-tuned pairs; leave out for pairs within each layer of A."),
     )
     params = [source, tuned, OUT, *config_parameters(ExpertDistanceConfig), REVISION, *executor_parameters()]
-    doc = "Expert distance per layer: relative L2 and singular-vector alignment of base→tuned or within-layer pairs of experts."
-    app.command("distance")(command_from_parameters(params, _distance, doc, "distance"))
+    app.command("distance")(command_from_parameters(params, _distance, command_help("distance"), "distance"))
 
 
 _register_distance()
@@ -207,8 +205,7 @@ def _register_modules() -> None:
         default=typer.Option(None, "--base", help="Their base model: pair metrics of the deltas A − base and B − base (with B), or A against its base (without B)."),
     )
     params = [source, model_b, OUT, base, *config_parameters(ModuleMetricsConfig), REVISION, *executor_parameters()]
-    doc = "Per-module metrics of every layer: norms, ranks and α of each matrix; correlation, cosine, rel_l2, CKA and changed share between two models."
-    app.command("modules")(command_from_parameters(params, _modules, doc, "modules"))
+    app.command("modules")(command_from_parameters(params, _modules, command_help("modules"), "modules"))
 
 
 _register_modules()
@@ -250,9 +247,7 @@ def _register_trace() -> None:
         default=typer.Argument(..., metavar="MODEL", help="Causal LM: checkpoint directory (with its tokenizer) or cached repo id, MoE or dense."),
     )
     params = [source, OUT, *config_parameters(InterventionsConfig), REVISION, threads_parameter()]
-    doc = ("Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "
-           "and measure how the next-token distribution changes (JS divergence, bits).")
-    app.command("trace")(command_from_parameters(params, _trace, doc, "trace"))
+    app.command("trace")(command_from_parameters(params, _trace, command_help("trace"), "trace"))
 
 
 _register_trace()

@@ -2,15 +2,131 @@
 
 from __future__ import annotations
 
+import importlib
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperCommand, TyperGroup
 
 from moelens.progress import ProgressEvent
+
+#: Commands whose module is imported only when the command runs (or shows its own help): their
+#: options derive from analysis configs, whose modules import torch, pandas or matplotlib. Their help
+#: text lives here, once, so that ``moelens --help`` lists them without importing anything heavy.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "align": ("moelens.cli.analyses", "Router–expert alignment: energy of each router vector in the top-k input subspace of its expert, against null models."),
+    "distance": ("moelens.cli.analyses", "Expert distance per layer: relative L2 and singular-vector alignment of base→tuned or within-layer pairs of experts."),
+    "modules": ("moelens.cli.analyses", "Per-module metrics of every layer: norms, ranks and α of each matrix; correlation, cosine, rel_l2, CKA and changed share between two models."),
+    "trace": ("moelens.cli.analyses", "Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "
+              "and measure how the next-token distribution changes (JS divergence, bits)."),
+    "atlas": ("moelens.cli.atlas", "Every analysis that applies to a model (and its fine-tune): router alignment, expert distance, module metrics, "
+              "interventions, clustering and merge costs, each as a run under DIR/runs, then one report DIR/report.html "
+              "and every figure under DIR/figures."),
+    "calibrate": ("moelens.cli.clustering", "Calibration pass: per MoE layer, every token's router logits and top-k experts, each expert's usage frequency "
+                  "and its mean output over all tokens (HC-SMoE's feature)."),
+    "cluster": ("moelens.cli.clustering", "Expert clustering per MoE layer as HC-SMoE (agglomerative, on the experts' mean outputs) or M-SMoE (around the G "
+                "most used experts, by router-logit similarity) would merge them; calibrates first unless given a calibration run."),
+    "merge": ("moelens.cli.clustering", "Merge each cluster's experts (usage-weighted average, after permutation alignment) into a checkpoint transformers loads."),
+    "merge-cost": ("moelens.cli.clustering", "What merging costs: fact recall and held-out perplexity of the model as it is and merged by each clustering run, "
+                   "with and without permutation alignment."),
+    "report": ("moelens.cli.reports", "Write one self-contained HTML report of runs of any analysis (one section each; figures and styles inline)."),
+    "figure": ("moelens.cli.reports", "Draw one figure of one or more runs and save it as PNG, SVG or PDF."),
+}
+
+#: The order of ``moelens --help`` (a command missing here is listed after these).
+COMMAND_ORDER = ("align", "distance", "modules", "trace", "atlas", "inspect", "tiny", "families", "calibrate", "cluster",
+                 "merge", "merge-cost", "report", "figure", "zoo")
+
+
+def command_help(name: str) -> str:
+    """The help text of a lazily imported command (its module registers it with this text)."""
+    return LAZY_COMMANDS[name][1]
+
+
+def placeholder(param: Any) -> str:
+    """What a user types for ``param`` in help (typer would show its Python type, ``<int>``):
+    nothing for a flag, ``N`` for a whole number, ``X`` for a number, ``PATH`` for a path, else
+    the option's own name in capitals (``--device DEVICE``)."""
+    if getattr(param, "is_flag", False):
+        return ""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    name = getattr(annotation, "__name__", str(annotation))
+    if name == "int":
+        return "N"
+    if name == "float":
+        return "X"
+    if name in ("Path", "PosixPath", "WindowsPath"):
+        return "PATH"
+    return (param.name or "value").upper()
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def readable_placeholders(command: Any, ctx: Any) -> None:
+    """Give every parameter of ``command`` (its ``--help`` included, and its sub-commands') a
+    placeholder a user can read where it declares none."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is None:
+            continue
+        if param.metavar is None:
+            param.metavar = placeholder(param)
+        if param.param_type_name == "argument":
+            # its name column already shows the placeholder; typer's type column would add <str>
+            param.display_type_rich = _no_type
+    for sub in getattr(command, "commands", {}).values():
+        if not isinstance(sub, LazyCommand):
+            readable_placeholders(sub, ctx)
+
+
+class LazyCommand(TyperCommand):
+    """A command listed by name and help; its module is imported when it is run or asked for
+    its own ``--help`` (the group hands :meth:`make_context` the command's arguments)."""
+
+    def __init__(self, name: str, group: "LazyGroup"):
+        super().__init__(name, help=command_help(name))
+        self.group = group
+
+    def make_context(self, info_name: Any, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        return self.group.load(self.name or "", parent).make_context(info_name, args, parent=parent, **extra)
+
+
+class LazyGroup(TyperGroup):
+    """The ``moelens`` group: commands of :data:`LAZY_COMMANDS` are built when first used, and
+    every command's help shows placeholders a user can read."""
+
+    def get_params(self, ctx: Any) -> list:
+        readable_placeholders(self, ctx)
+        return super().get_params(ctx)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = dict.fromkeys([*self.commands, *LAZY_COMMANDS])
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in self.commands:
+            command = self.commands[cmd_name]
+            readable_placeholders(command, ctx)
+            return command
+        if cmd_name in LAZY_COMMANDS:
+            return LazyCommand(cmd_name, self)
+        return None
+
+    def load(self, name: str, ctx: Any) -> Any:
+        """Import the module that registers ``name`` on :data:`app` and build its command."""
+        if name not in self.commands:
+            importlib.import_module(LAZY_COMMANDS[name][0])
+            info = next(c for c in app.registered_commands if c.name == name)
+            self.commands[name] = typer.main.get_command_from_info(
+                info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode,
+            )
+        return self.get_command(ctx, name)
+
 
 app = typer.Typer(
     name="moelens",
@@ -18,12 +134,33 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=LazyGroup,
 )
 console = Console()
 
 
+def _package_version() -> str:
+    """The installed distribution's version, else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moelens")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from moelens import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"moelens {_package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version of moelens and exit."),
+) -> None:
     """moelens: the geometry of routers and experts, interventions, and shareable reports."""
 
 err_console = Console(stderr=True)
@@ -34,9 +171,52 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def clock(seconds: float) -> str:
+    """``H:MM:SS``, as Rich's elapsed column shows it."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+class PlainProgress:
+    """Progress for a log file or a pipe (stderr not a terminal): one plain line per finished
+    step, ``layers 3/8  layer 2  0:00:05`` (task, steps done of total, the message, the time since
+    the command began), never cut to the console's width. A task's first event is printed too
+    when it says something (the atlas names the run it starts), or when it starts past zero
+    (a resumed run)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.started = time.monotonic()
+        self.seen: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        previous = self.seen.get(event.task)
+        # a task seen again from a lower count or another total is a new loop (the atlas's next run)
+        fresh = previous is None or event.done < previous[0] or event.total != previous[1]
+        self.seen[event.task] = (event.done, event.total)
+        if (event.done > 0 or event.message) if fresh else event.done > previous[0]:
+            message = f"  {event.message}" if event.message else ""
+            line = f"{event.task} {event.done}/{event.total}{message}  {clock(time.monotonic() - self.started)}"
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def progress_bar(transient: bool = False) -> Iterator:
-    """A Rich progress display and the callback analyses report to (one bar per task name)."""
+    """The callback analyses report progress to: a Rich progress display (one bar per task name)
+    on a terminal, :class:`PlainProgress` lines otherwise. A command that fails clears its bars,
+    so that the error is the one line it leaves on stderr."""
+    if not err_console.is_terminal:
+        yield PlainProgress(err_console)
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[message]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -52,10 +232,14 @@ def progress_bar(transient: bool = False) -> Iterator:
             tasks[event.task] = progress.add_task(event.task, total=event.total, message=event.message)
         progress.update(tasks[event.task], completed=event.done, total=event.total, message=event.message)
 
+    failed = True
     try:
         yield callback
+        failed = False
     finally:
         if progress.live.is_started:
+            if failed:
+                progress.live.transient = True  # erase the bars: the error line follows alone
             progress.stop()
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from moelens.cli.app import app, console, progress_bar
+from moelens.cli.app import app, command_help, console, progress_bar
 from moelens.cli.options import command_from_parameters, executor_from_cli, executor_parameters
 
 
@@ -55,10 +55,7 @@ def _register_atlas() -> None:
         opt("title", Optional[str], None, "--title", help="Title of the report."),
         *executor_parameters(),
     ]
-    doc = ("Every analysis that applies to a model (and its fine-tune): router alignment, expert distance, module metrics, "
-           "interventions, clustering and merge costs, each as a run under DIR/runs, then one report DIR/report.html "
-           "and every figure under DIR/figures.")
-    app.command("atlas")(command_from_parameters(params, _atlas, doc, "atlas"))
+    app.command("atlas")(command_from_parameters(params, _atlas, command_help("atlas"), "atlas"))
 
 
 _register_atlas()

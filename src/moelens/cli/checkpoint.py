@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from moelens.cli.app import app, console, fail, human_bytes, human_count
 
@@ -19,6 +18,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Summarise a checkpoint: family, layers, experts, top-k, sizes."""
+    from rich.table import Table
+
     from moelens.checkpoint import open_model
     from moelens.ranges import compact_ranges
 
@@ -80,6 +81,8 @@ def tiny(
 @app.command("families")
 def list_families() -> None:
     """List the model families and architectures moelens reads."""
+    from rich.table import Table
+
     from moelens.checkpoint.registry import families
 
     table = Table("family", "architectures", "tiny layouts")

@@ -10,8 +10,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from moelens.cli.analyses import OUT, REVISION, SOURCE, _cell, _open, print_warnings, print_wide
-from moelens.cli.app import app, console, progress_bar
-from moelens.cli.options import command_from_parameters, config_from_cli, config_parameters, threads_from_cli, threads_parameter
+from moelens.cli.app import app, command_help, console, progress_bar
+from moelens.cli.options import (
+    command_from_parameters,
+    config_from_cli,
+    config_parameters,
+    threads_from_cli,
+    threads_parameter,
+)
 
 
 def _run_analysis(values: dict, config_type: type, analysis, first: str):
@@ -24,10 +30,10 @@ def _run_analysis(values: dict, config_type: type, analysis, first: str):
         return analysis(model, getattr(config, first), config=config, out=values["out"], progress=callback)
 
 
-def _register(command: str, config_type: type, handler, doc: str, api: str) -> None:
-    """``moelens COMMAND SOURCE --out DIR [options of config_type] [--revision]``."""
+def _register(command: str, config_type: type, handler, api: str) -> None:
+    """``moelens COMMAND SOURCE --out DIR [options of config_type] [--revision] [--threads]``."""
     params = [SOURCE, OUT, *config_parameters(config_type), REVISION, threads_parameter()]
-    app.command(command)(command_from_parameters(params, handler, doc, api))
+    app.command(command)(command_from_parameters(params, handler, command_help(command), api))
 
 
 def _wrote(out: Path, tables: list[str], matrices: bool) -> None:
@@ -61,9 +67,7 @@ def _calibrate(values: dict) -> None:
 def _register_calibrate() -> None:
     from moelens.analyses.calibration import CalibrationConfig
 
-    doc = ("Calibration pass: per MoE layer, every token's router logits and top-k experts, each expert's usage frequency "
-           "and its mean output over all tokens (HC-SMoE's feature).")
-    _register("calibrate", CalibrationConfig, _calibrate, doc, "calibrate")
+    _register("calibrate", CalibrationConfig, _calibrate, "calibrate")
 
 
 _register_calibrate()
@@ -93,9 +97,7 @@ def _cluster(values: dict) -> None:
 def _register_cluster() -> None:
     from moelens.analyses.clustering import ClusteringConfig
 
-    doc = ("Expert clustering per MoE layer as HC-SMoE (agglomerative, on the experts' mean outputs) or M-SMoE (around the G "
-           "most used experts, by router-logit similarity) would merge them; calibrates first unless given a calibration run.")
-    _register("cluster", ClusteringConfig, _cluster, doc, "cluster")
+    _register("cluster", ClusteringConfig, _cluster, "cluster")
 
 
 _register_cluster()
@@ -143,8 +145,7 @@ def _register_merge() -> None:
         REVISION,
         threads_parameter(),
     ]
-    doc = "Merge each cluster's experts (usage-weighted average, after permutation alignment) into a checkpoint transformers loads."
-    app.command("merge")(command_from_parameters(params, _merge, doc, "merge"))
+    app.command("merge")(command_from_parameters(params, _merge, command_help("merge"), "merge"))
 
 
 _register_merge()
@@ -172,9 +173,7 @@ def _merge_cost(values: dict) -> None:
 def _register_merge_cost() -> None:
     from moelens.analyses.clustering import MergeCostConfig
 
-    doc = ("What merging costs: fact recall and held-out perplexity of the model as it is and merged by each clustering run, "
-           "with and without permutation alignment.")
-    _register("merge-cost", MergeCostConfig, _merge_cost, doc, "merge_cost")
+    _register("merge-cost", MergeCostConfig, _merge_cost, "merge_cost")
 
 
 _register_merge_cost()

@@ -11,8 +11,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import typer
 
-from moelens.analyses.base import make_config
-
 
 def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
@@ -32,13 +30,18 @@ def config_parameters(config_type: type, exclude: tuple[str, ...] = ()) -> list[
         default = f.default
         if meta.get("parse") and isinstance(default, (tuple, list)):
             default = ",".join(str(v) for v in default)  # the text the parser turns back into the value
-        opt = typer.Option(default, *decls, help=meta.get("help", ""), metavar=meta.get("metavar"), show_default=f.default is not None)
+        metavar = meta.get("metavar")
+        if metavar == "LIST":  # a comma-separated list: name what it lists (--layers LAYERS)
+            metavar = f.name.upper()
+        opt = typer.Option(default, *decls, help=meta.get("help", ""), metavar=metavar, show_default=f.default is not None)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
     return params
 
 
 def config_from_cli(config_type: type, values: Mapping[str, Any]) -> Any:
     """The config of the CLI's parsed ``values`` (fields it lacks keep their defaults)."""
+    from moelens.analyses.base import make_config
+
     kwargs = {}
     for f in dataclasses.fields(config_type):
         if f.name not in values:

@@ -8,17 +8,17 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from moelens.cli.app import app, console, human_bytes
+from moelens.cli.app import app, command_help, console, human_bytes
 
 
-@app.command("report")
+@app.command("report", help=command_help("report"))
 def report_command(
     runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (the --out of `moelens align`, `distance`, …), in this order; one section per analysis."),
     out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained, opens offline)."),
     title: Optional[str] = typer.Option(None, help="Title of the report (default: from the runs)."),
     figure_format: str = typer.Option("svg", "--figures", help="Figure format inside the report: svg or png."),
 ) -> None:
-    """Write one self-contained HTML report of runs of any analysis (one section each; figures and styles inline)."""
+    """The ``report`` command (its help: :data:`moelens.cli.app.LAZY_COMMANDS`)."""
     from moelens.report import report
 
     path = report(runs, out, title=title, figure_format=figure_format)
@@ -34,7 +34,7 @@ def _figure_help() -> str:
     return "Figure name. " + "; ".join(f"{analysis} runs: {', '.join(names)}" for analysis, names in by_analysis.items()) + "."
 
 
-@app.command("figure")
+@app.command("figure", help=command_help("figure"))
 def figure_command(
     name: str = typer.Argument(..., metavar="FIGURE", help=_figure_help()),
     runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (one for the figures marked 'one run')."),
@@ -49,7 +49,7 @@ def figure_command(
     token_kind: Optional[str] = typer.Option(None, "--token-kind", help="Token group of trace_heatmap for restore runs (default: last_subject)."),
     dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),
 ) -> None:
-    """Draw one figure of one or more runs and save it as PNG, SVG or PDF."""
+    """The ``figure`` command (its help: :data:`moelens.cli.app.LAZY_COMMANDS`)."""
     from moelens import figures
     from moelens.ranges import parse_ranges
     from moelens.results import load_runs

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from moelens.errors import ConfigError
-from moelens.results import Run
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from moelens.results import Run
 
 
 @dataclass(frozen=True)
