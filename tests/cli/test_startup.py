@@ -1,0 +1,83 @@
+"""Start-up of the command line: help, version, usage errors and path checks never import torch,
+transformers or pandas (each would add seconds before the first line appears)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import moelens
+
+HEAVY = ("torch", "transformers", "pandas", "matplotlib")
+
+# Runs the CLI's main() as `python -m moelens` would, then reports which heavy modules it loaded.
+WRAPPER = """
+import json, sys
+sys.argv = ["moelens", *sys.argv[1:]]
+from moelens.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+sys.stderr.write("\\nLOADED " + json.dumps([m for m in %r if m in sys.modules]) + " EXIT " + str(code) + "\\n")
+""" % (HEAVY,)
+
+
+def _run(*args: str) -> tuple[list[str], int, str, str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(moelens.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True, text=True, env=env, timeout=120)
+    tail = done.stderr.rsplit("\nLOADED ", 1)
+    assert len(tail) == 2, done.stderr
+    loaded, code = tail[1].split(" EXIT ")
+    return json.loads(loaded), int(code), done.stdout, tail[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("--help",), 0),
+        (("--version",), 0),
+        (("report", "--help"), 0),
+        (("zoo", "build", "--help"), 0),
+        (("inspect", "--help"), 0),
+        (("alig",), 2),  # a mistyped command
+        (("report",), 2),  # a missing argument
+        (("inspect", "no/such/checkpoint-dir"), 2),  # a mistyped path
+    ],
+)
+def test_no_heavy_import(args: tuple[str, ...], code: int):
+    loaded, exit_code, _out, err = _run(*args)
+    assert exit_code == code, err
+    assert loaded == [], f"moelens {' '.join(args)} imported {loaded}"
+
+
+def test_version_and_help_list_every_command():
+    _loaded, _code, out, _err = _run("--version")
+    assert out.strip() == f"moelens {moelens.__version__}"
+    _loaded, _code, out, _err = _run("--help")
+    for command in ("align", "distance", "modules", "trace", "atlas", "inspect", "families", "calibrate", "cluster",
+                    "merge", "merge-cost", "report", "figure", "zoo"):
+        assert f" {command} " in out
+
+
+def test_mistyped_path_is_one_line():
+    _loaded, code, _out, err = _run("inspect", "no/such/checkpoint-dir")
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error:") and "no/such/checkpoint-dir" in err
+
+
+def test_lazy_package_names():
+    import moelens as ml
+
+    assert set(ml.__all__) <= set(dir(ml))
+    assert ml.open_model is __import__("moelens.checkpoint", fromlist=["open_model"]).open_model
+    assert callable(ml.expert_distance) and callable(ml.set_threads)
+    with pytest.raises(AttributeError):
+        ml.no_such_name  # noqa: B018
