@@ -338,7 +338,7 @@ def atlas(
     runs: dict[str, Run] = {}
     reused: list[str] = []
     for i, step in enumerate(steps, start=1):
-        report(progress, "atlas", i - 1, len(steps), f"{step.name} ({step.analysis})")
+        report(progress, "atlas", i - 1, len(steps), f"{step.name} ({step.analysis})", step=True)
         directory = out / "runs" / step.name
         done = _finished(directory)
         if done is not None:
@@ -346,7 +346,7 @@ def atlas(
             reused.append(step.name)
             continue
         runs[step.name] = step.run(directory, progress)
-    report(progress, "atlas", len(steps), len(steps), "report")
+    report(progress, "atlas", len(steps), len(steps), "report", step=True)
     report_path = out / "report.html"
     figure_dir = out / "figures"
     if len(reused) == len(steps) and _up_to_date(report_path, figure_dir, runs, out):

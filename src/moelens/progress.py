@@ -13,18 +13,21 @@ from typing import Callable, Optional
 @dataclass(frozen=True)
 class ProgressEvent:
     """``task`` names the loop ("layers", "training"), ``done`` of ``total`` steps are finished;
-    ``message`` is a short free text (current layer, loss)."""
+    ``message`` is a short free text (current layer, loss). ``step`` marks the outer loops
+    whose every step a log should show (the runner's units, the atlas's runs); inner loops
+    (experts, batches, training steps) are shown in a log at most every few seconds."""
 
     task: str
     done: int
     total: int
     message: str = ""
+    step: bool = False
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-def report(progress: Optional[ProgressCallback], task: str, done: int, total: int, message: str = "") -> None:
+def report(progress: Optional[ProgressCallback], task: str, done: int, total: int, message: str = "", step: bool = False) -> None:
     """Call ``progress`` if there is one."""
     if progress is not None:
-        progress(ProgressEvent(task, done, total, message))
+        progress(ProgressEvent(task, done, total, message, step))

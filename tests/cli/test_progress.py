@@ -31,23 +31,38 @@ def test_clock():
 
 
 def test_one_line_per_finished_unit():
-    lines = _lines([ProgressEvent("layers", 0, 3), ProgressEvent("layers", 1, 3, "layer 0"), ProgressEvent("layers", 1, 3, "layer 0"),
-                    ProgressEvent("layers", 2, 3, "layer 1"), ProgressEvent("layers", 3, 3, "layer 2")])
+    lines = _lines([ProgressEvent("layers", 0, 3, step=True), ProgressEvent("layers", 1, 3, "layer 0", True),
+                    ProgressEvent("layers", 1, 3, "layer 0", True), ProgressEvent("experts", 1, 64, "layer 1 gate"),
+                    ProgressEvent("experts", 2, 64, "layer 1 gate"), ProgressEvent("layers", 2, 3, "layer 1", True),
+                    ProgressEvent("layers", 3, 3, "layer 2", True)])
     assert [re.sub(r"\s+\d+:\d\d:\d\d$", "", line) for line in lines] == ["layers 1/3  layer 0", "layers 2/3  layer 1", "layers 3/3  layer 2"]
     assert all(re.search(r"  \d+:\d\d:\d\d$", line) for line in lines)
 
 
 def test_atlas_steps_and_a_second_loop_of_the_same_name():
     message = "distance-base-tuned (expert_distance) with a long name that a narrow console would cut"
-    lines = _lines([ProgressEvent("atlas", 0, 2, "align-base (router_alignment)"), ProgressEvent("layers", 0, 2), ProgressEvent("layers", 2, 2, "layer 1"),
-                    ProgressEvent("atlas", 1, 2, message), ProgressEvent("layers", 0, 2), ProgressEvent("layers", 1, 2, "layer 0")])
+    lines = _lines([ProgressEvent("atlas", 0, 2, "align-base (router_alignment)", True), ProgressEvent("layers", 0, 2, step=True),
+                    ProgressEvent("layers", 2, 2, "layer 1", True), ProgressEvent("atlas", 1, 2, message, True),
+                    ProgressEvent("layers", 0, 2, step=True), ProgressEvent("layers", 1, 2, "layer 0", True)])
     assert [line.rsplit("  ", 1)[0] for line in lines] == [
         "atlas 0/2  align-base (router_alignment)", "layers 2/2  layer 1", f"atlas 1/2  {message}", "layers 1/2  layer 0",
     ]  # whole lines on a 40-column console
 
 
 def test_resumed_loop_shows_where_it_starts():
-    assert [line.rsplit("  ", 1)[0] for line in _lines([ProgressEvent("layers", 2, 4)])] == ["layers 2/4"]
+    assert [line.rsplit("  ", 1)[0] for line in _lines([ProgressEvent("layers", 2, 4, step=True)])] == ["layers 2/4"]
+
+
+def test_inner_loops_are_throttled():
+    buffer = io.StringIO()
+    plain = PlainProgress(Console(file=buffer, width=80, force_terminal=False), interval=10.0)
+    for i in range(1, 200):
+        plain(ProgressEvent("training", i, 1000, "loss 1.0"))
+    assert buffer.getvalue() == ""  # none within the first interval
+    plain.started -= 11  # as if 11 s had passed
+    plain(ProgressEvent("training", 200, 1000, "loss 0.9"))
+    plain(ProgressEvent("training", 201, 1000, "loss 0.9"))
+    assert [line.rsplit("  ", 1)[0] for line in buffer.getvalue().splitlines()] == ["training 200/1000  loss 0.9"]
 
 
 FAILING = """

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, resumable_fields
+from moelens.analyses.base import Analysis, Plan, Unit, resumable_fields
 from moelens.errors import RunDirectoryError
 from moelens.progress import ProgressCallback
 from moelens.results.run import MANIFEST, Run, load_run, package_versions, write_json, write_table
@@ -332,6 +332,7 @@ def run_analysis(
     :class:`~moelens.analyses.executors.RayExecutor` as Ray tasks. The tables are the same
     either way, and a run begun on one executor may be finished on the other."""
     from moelens.analyses.executors import Job, resolve_executor
+    from moelens.progress import report as progress_report
     from moelens.threads import use_threads_for
 
     executor = resolve_executor(executor)
@@ -342,7 +343,7 @@ def run_analysis(
     job = Job(analysis, models, config, plan, progress)
 
     def report(done: int, unit: Unit | None = None) -> None:
-        UnitContext(progress).report(noun, done, total, "" if unit is None else _unit_name(unit))
+        progress_report(progress, noun, done, total, "" if unit is None else _unit_name(unit), step=True)
 
     if executor.name == "local":
         # one thread for tiny matrices, every usable core for large ones (see moelens.threads)

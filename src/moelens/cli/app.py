@@ -179,24 +179,31 @@ def clock(seconds: float) -> str:
 
 class PlainProgress:
     """Progress for a log file or a pipe (stderr not a terminal): one plain line per finished
-    step, ``layers 3/8  layer 2  0:00:05`` (task, steps done of total, the message, the time since
-    the command began), never cut to the console's width. A task's first event is printed too
-    when it says something (the atlas names the run it starts), or when it starts past zero
-    (a resumed run)."""
+    step of an outer loop (``event.step``: a unit, an atlas run), ``layers 3/8  layer 2  0:00:05``
+    (task, steps done of total, the message, the time since the command began), never cut to the
+    console's width. A task's first event is printed too when it says something (the atlas names
+    the run it starts), or when it starts past zero (a resumed run). Inner loops (experts,
+    batches, training steps) print at most one line every ``interval`` seconds."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, interval: float = 10.0):
         self.console = console
+        self.interval = interval
         self.started = time.monotonic()
         self.seen: dict[str, tuple[int, int]] = {}
+        self.last_line: dict[str, float] = {}
 
     def __call__(self, event: ProgressEvent) -> None:
         previous = self.seen.get(event.task)
         # a task seen again from a lower count or another total is a new loop (the atlas's next run)
         fresh = previous is None or event.done < previous[0] or event.total != previous[1]
         self.seen[event.task] = (event.done, event.total)
+        now = time.monotonic()
+        if not event.step and now - self.last_line.get(event.task, self.started) < self.interval:
+            return
         if (event.done > 0 or event.message) if fresh else event.done > previous[0]:
+            self.last_line[event.task] = now
             message = f"  {event.message}" if event.message else ""
-            line = f"{event.task} {event.done}/{event.total}{message}  {clock(time.monotonic() - self.started)}"
+            line = f"{event.task} {event.done}/{event.total}{message}  {clock(now - self.started)}"
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
