@@ -193,4 +193,32 @@ def assert_one_line_naming(message: str, damage: Damage, run: Path) -> None:
     assert damage.expect in message, message
 
 
-__all__ = ["MANIFEST_DAMAGE", "TABLE_DAMAGE", "Damage", "assert_one_line_naming", "save_clustering_run"]
+
+
+
+def run_cli(args: list[str], capsys: Any) -> tuple[int, str, str]:
+    """``moelens ARGS`` through the CLI's entry point in this process: (exit status, stdout, stderr)."""
+    import sys
+
+    from moelens.cli import main
+
+    argv = sys.argv
+    sys.argv = ["moelens", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(code: int, err: str, damage: Damage, run: Path) -> None:
+    """Exit status 2, one line on stderr naming the damaged file, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert_one_line_naming(err, damage, run)
+__all__ = ["MANIFEST_DAMAGE", "TABLE_DAMAGE", "Damage", "assert_one_line_naming", "assert_refused", "run_cli", "save_clustering_run"]
