@@ -56,7 +56,7 @@ def test_values_are_checked_in_runs_that_do_not_declare_their_tables(tmp_path, d
 def test_the_message_shows_the_field_path_and_the_value(clustering_run):
     manifest = json.loads((clustering_run / "manifest.json").read_text())
     manifest["options"]["layers"] = "x"
-    with pytest.raises(RunDirectoryError, match=r'manifest.json: options.layers must be a list of integers or null, got "x"'):
+    with pytest.raises(RunDirectoryError, match=r'manifest.json: options.layers must be a list of integers, got "x"'):
         check_manifest(manifest, clustering_run / "manifest.json")
 
 

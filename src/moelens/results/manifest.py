@@ -188,7 +188,7 @@ MODEL_SPEC = Obj({
 
 #: Options many readers use; every other option is kept as written.
 OPTIONS_SPEC = Obj({
-    "layers": _nullable(INTS), "seed": _nullable(Int()), "device": _nullable(Str()), "dtype": _nullable(Str()),
+    "layers": _opt(INTS), "seed": _nullable(Int()), "device": _nullable(Str()), "dtype": _nullable(Str()),
     "k": _nullable(INTS), "matrix": _nullable(Str()), "matrices": _nullable(STRS), "null": _nullable(Str()),
     "shuffles": _nullable(Int(0)), "method": _nullable(Str()), "groups": _nullable(Int(1)), "tokens": _nullable(Int(0)),
     "limit": _nullable(Int(0)), "calibration_run": _nullable(Str()), "sites": _nullable(STRS), "n_prompts": _nullable(Int(0)),
