@@ -171,19 +171,37 @@ TABLE_DAMAGE: list[Damage] = [
 ]
 
 
-def save_clustering_run(directory: Path, declare_tables: bool = True) -> Path:
-    """A synthetic clustering run saved under ``directory``, its manifest declaring its tables (as
-    the runner writes them) unless ``declare_tables`` is False (as older runs were)."""
+_TEMPLATES: dict[bool, Path] = {}
+
+
+def _template(declare_tables: bool) -> Path:
+    """The synthetic clustering run, saved once per process (copied for each test: cheaper than
+    building and writing it again)."""
+    import atexit
+    import shutil
+    import tempfile
+
     from moelens.analyses.clustering.analysis import Clustering
     from moelens.results.schema import schemas_to_json
     from moelens.testing.synthetic_clusters import synthetic_clustering_run
 
-    run = synthetic_clustering_run()
-    run.manifest["model"]["n_layers"] = 4  # the runner records the model's layers (the synthetic run has 4, all MoE)
-    if declare_tables:
-        run.manifest["tables"] = schemas_to_json(Clustering.schemas())
-        run.manifest["status"] = "complete"
-    return run.save(directory)
+    if declare_tables not in _TEMPLATES:
+        root = Path(tempfile.mkdtemp(prefix="moelens-damage-"))
+        atexit.register(shutil.rmtree, root, True)
+        run = synthetic_clustering_run()
+        run.manifest["model"]["n_layers"] = 4  # the runner records the model's layers (the synthetic run has 4, all MoE)
+        if declare_tables:
+            run.manifest["tables"] = schemas_to_json(Clustering.schemas())
+        _TEMPLATES[declare_tables] = run.save(root / "run")
+    return _TEMPLATES[declare_tables]
+
+
+def save_clustering_run(directory: Path, declare_tables: bool = True) -> Path:
+    """A synthetic clustering run saved as ``directory``, its manifest declaring its tables (as
+    the runner writes them) unless ``declare_tables`` is False (as older runs were)."""
+    import shutil
+
+    return Path(shutil.copytree(_template(declare_tables), directory))
 
 
 def assert_one_line_naming(message: str, damage: Damage, run: Path) -> None:
