@@ -224,7 +224,15 @@ MANIFEST_SPEC = Obj({
     "notes": _opt(STRS),
     "executor": _opt(Obj({"name": _opt(Str())}, "an object (name, threads, …)")),
     "threads": _nullable(Int(1)),
+    "date": _nullable(Str()),
+    "shape": _opt(Obj({"hidden_size": _nullable(Int(1))}, "an object (hidden_size, …)")),
+    # what analyses add when they finish (``manifest_extra``)
     "activation": _nullable(Str()),
+    "matrices": _opt(Obj({"dir": _opt(Str())}, "an object (dir, features, router_logits, topk)")),
+    "architecture": _nullable(Str()),
+    "n_layers": _nullable(Int(0)),
+    "noise_std": _nullable(Number()),
+    "spectra_cache": _opt(Obj({"enabled": _opt(Bool()), "hits": _opt(Int(0)), "misses": _opt(Int(0))}, "an object (enabled, hits, misses)")),
 }, "a JSON object (a run manifest)")
 
 
