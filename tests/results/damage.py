@@ -76,7 +76,7 @@ WRONG_FIELDS: list[tuple[str, Any]] = [
     ("timings", []), ("timings.total_s", "1"), ("timings.per_unit_s", [1]), ("timings.per_unit_s.L0", None),
     ("tables", []), ("tables.clusters", {"layer": "int"}), ("tables.clusters", [["layer"]]), ("tables.clusters", [["layer", "complex"]]),
     ("warnings", []), ("warnings.L0", "slow"), ("completed_units", "L0"), ("completed_layers", ["0"]), ("units", [0]),
-    ("notes", "x"), ("executor", "local"), ("seed", 1.5), ("threads", "2"), ("threads", 0), ("schema_version", "1"),
+    ("notes", "x"), ("executor", "local"), ("executor.name", "slurm"), ("seed", 1.5), ("threads", "2"), ("threads", 0), ("schema_version", "1"),
 ]
 
 MANIFEST_DAMAGE: list[Damage] = [

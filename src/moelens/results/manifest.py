@@ -222,7 +222,7 @@ MANIFEST_SPEC = Obj({
     "tables": _opt(MapOf(COLUMNS_SPEC, "table schemas (table → [[column, kind], …])")),
     "warnings": _opt(MapOf(STRS, "lists of strings (unit → warnings)")),
     "notes": _opt(STRS),
-    "executor": _opt(Obj({"name": _opt(Str())}, "an object (name, threads, …)")),
+    "executor": _opt(Obj({"name": _opt(OneOf("local", "ray")), "threads": _nullable(Int(1))}, "an object (name, threads, …)")),
     "threads": _nullable(Int(1)),
     "date": _nullable(Str()),
     "shape": _opt(Obj({"hidden_size": _nullable(Int(1))}, "an object (hidden_size, …)")),
