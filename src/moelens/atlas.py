@@ -22,7 +22,6 @@ brings its own ``facts.jsonl`` and ``calibration.txt``.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from collections.abc import Callable
@@ -30,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moelens.errors import ConfigError
+from moelens.errors import ConfigError, RunDirectoryError
 from moelens.progress import ProgressCallback, report
+from moelens.results.manifest import read_manifest
 from moelens.results.run import Run, load_run
 
 #: The figures saved under ``out/figures``: (file stem, figure name, analysis, options, all runs?).
@@ -201,9 +201,9 @@ def _check_kept_limit(run_dir: Path, trace_limit: int | None) -> None:
     if not manifest.is_file():
         return
     try:
-        kept = (json.loads(manifest.read_text()).get("options") or {}).get("limit")
-    except (OSError, ValueError):
-        return  # not a readable run: the trace run itself says what is wrong
+        kept = (read_manifest(manifest).get("options") or {}).get("limit")
+    except RunDirectoryError:
+        return  # not a readable run: resuming the trace run says what is wrong, in one line
     if kept != trace_limit:
         raise ConfigError(f"{run_dir} was written with --trace-limit {kept if kept is not None else '(none)'} but this call asks for "
                           f"{trace_limit if trace_limit is not None else '(none)'}; give the same --trace-limit, or choose another --out directory")
@@ -245,11 +245,11 @@ def _finished(path: Path) -> Run | None:
     if not manifest.is_file():
         return None
     try:
-        if json.loads(manifest.read_text()).get("status") != "complete":
+        if read_manifest(manifest).get("status") != "complete":
             return None
         return load_run(path)
-    except (OSError, ValueError, ConfigError):
-        return None
+    except (OSError, ValueError, ConfigError, RunDirectoryError):
+        return None  # computed again: the runner refuses a damaged directory in one line
 
 
 def save_figures(runs: dict[str, Run], out: Path, dpi: int = 150) -> list[Path]:

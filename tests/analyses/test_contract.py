@@ -14,6 +14,7 @@ from moelens.analyses import ANALYSES, get_analysis, run_analysis
 from moelens.analyses.base import unit_seed
 from moelens.errors import RunDirectoryError
 from moelens.locks import DirectoryLock
+from moelens.results.manifest import read_manifest
 
 
 def _alignment(tiny):
@@ -150,13 +151,14 @@ def test_streamed_run_equals_the_in_memory_run_and_resumes_after_a_kill(case, tm
     out = tmp_path / "run"
     with pytest.raises(Killed):
         run_analysis(analysis, models, config, out=out, progress=_kill_after_first_unit(analysis.unit_noun))
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out / "manifest.json")  # the runner writes what the manifest schema accepts, running or complete
     assert manifest["status"] == "running" and manifest["completed_units"] == manifest["units"][:1]
     with pytest.raises(RunDirectoryError, match="unfinished"):
         ml.load_run(out)  # a half-done run is named as such, not read as if complete
     resumed = run_analysis(analysis, models, config, out=out)
     _assert_same(whole.tables, resumed.tables)
     assert resumed.manifest["status"] == "complete"
+    assert read_manifest(out / "manifest.json") == resumed.manifest
     assert not (out / "parts").exists()
     again = run_analysis(analysis, models, config, out=out)  # a finished run is read back, not recomputed
     _assert_same(whole.tables, again.tables)

@@ -14,6 +14,7 @@ import pytest
 import moelens as ml
 from moelens.errors import ConfigError, RunDirectoryError
 from moelens.locks import DirectoryLock
+from tests.results.damage import MANIFEST_DAMAGE, assert_one_line_naming
 
 
 def _moelens(*args: str) -> subprocess.CompletedProcess:
@@ -137,3 +138,21 @@ def test_report_out_naming_a_directory_is_refused_with_the_users_path(finished, 
     assert list(target.iterdir()) == [] and not list(tmp_path.glob(".*partial*"))
     with pytest.raises(ConfigError):
         ml.report([finished], target)
+
+
+
+RESUME_DAMAGE = [d for d in MANIFEST_DAMAGE if d.id in (
+    "options=[]", "options.layers=\"x\"", "inputs.a=[1]", "timings.per_unit_s=[1]", "completed_units=\"L0\"", "warnings.L0=\"slow\"",
+    "status=\"done\"", "non-utf8", "truncated", "top-level-array", "missing-analysis",
+)]
+
+
+@pytest.mark.parametrize("damage", RESUME_DAMAGE, ids=lambda d: d.id)
+def test_resuming_over_a_damaged_manifest_is_one_line_and_writes_nothing(tiny_checkpoint, finished, tmp_path, damage):
+    run = _copy(finished, tmp_path)
+    damage.apply(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.startswith(".")}
+    with pytest.raises(RunDirectoryError) as err:
+        ml.router_alignment(tiny_checkpoint("mixtral"), layers=[0], k=[1, 4], out=run, cache=False)
+    assert_one_line_naming(str(err.value), damage, run)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.startswith(".")} == before

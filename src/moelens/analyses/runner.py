@@ -24,7 +24,6 @@ manifest (``"executor"``) as information only: a run begun on one may be resumed
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -39,7 +38,8 @@ import pandas as pd
 from moelens.analyses.base import Analysis, Plan, Unit, resumable_fields
 from moelens.errors import RunDirectoryError
 from moelens.progress import ProgressCallback
-from moelens.results.run import MANIFEST, Run, load_run, package_versions, write_json, write_table
+from moelens.results.manifest import read_manifest
+from moelens.results.run import MANIFEST, Run, load_run, package_versions, read_table_file, write_json, write_table
 from moelens.results.schema import TableSchema, schemas_to_json
 
 if TYPE_CHECKING:
@@ -153,12 +153,7 @@ class RunDirectory:
         if not manifest_path.is_file():
             self._start_fresh()
             return
-        try:
-            old = json.loads(manifest_path.read_text())
-            if not isinstance(old, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RunDirectoryError(f"{manifest_path} is not a valid run manifest ({exc}); delete {self.path} and run again") from None
+        old = read_manifest(manifest_path)  # typed: every field read below has its JSON type
         if old.get("analysis") != self.analysis.name:
             raise RunDirectoryError(
                 f"{self.path} holds a {old.get('analysis')!r} run, not {self.analysis.name!r}; choose another --out directory"
@@ -274,7 +269,7 @@ class RunDirectory:
 
     def read_units(self, units: list[Unit]) -> dict[str, pd.DataFrame]:
         return {
-            name: pd.concat([pd.read_parquet(self._part(u.key) / f"{name}.parquet") for u in units], ignore_index=True)
+            name: pd.concat([read_table_file(self._part(u.key) / f"{name}.parquet", self.path) for u in units], ignore_index=True)
             for name in self._unit_table_names()
         }
 

@@ -119,9 +119,10 @@ def _merge(values: dict) -> None:
 
     use_threads_for([model])
     out = merge_clusters(model, values["clusters"], values["out"], export=values["export"], permute=values["permute"], device=values["device"])
-    import json
+    from moelens.errors import RunDirectoryError
+    from moelens.textfiles import read_json
 
-    record = json.loads((Path(out) / RECORD_NAME).read_text())
+    record = read_json(Path(out) / RECORD_NAME, "merge record", RunDirectoryError)
     table = Table(title=escape(f"{model.name} → {out} · {record['export']} · permutation {'on' if record['permute'] else 'off'}"), title_justify="left")
     for col in ("layer", "experts", "groups"):
         table.add_column(col, justify="right", no_wrap=True)

@@ -127,11 +127,16 @@ LEGACY_TABLES = {"router_alignment": ("alignment", "alignment_layers", "alignmen
 
 
 def _read_table(path: Path, name: str) -> pd.DataFrame:
-    import pyarrow as pa
-
     file = path / f"{name}.parquet"
     if not file.is_file():
         raise RunDirectoryError(f"{path} lacks its table {name}.parquet; the run is incomplete: run the analysis again on this directory to finish it")
+    return read_table_file(file, path)
+
+
+def read_table_file(file: Path, path: Path) -> pd.DataFrame:
+    """One Parquet table of the run directory ``path``; a truncated or foreign file is one line naming it."""
+    import pyarrow as pa
+
     try:
         return pd.read_parquet(file)
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -146,6 +151,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
 
     Every table the manifest declares must be present and readable and match its declared
     columns; anything else is a :class:`~moelens.errors.RunDirectoryError` that names the file."""
+    from moelens.results.manifest import read_manifest
     from moelens.results.schema import schemas_from_json
 
     path = Path(path)
@@ -154,12 +160,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         raise RunDirectoryError(f"run directory {path} does not exist; pass the --out directory of an analysis")
     if not manifest_path.is_file():
         raise RunDirectoryError(f"{path} has no {MANIFEST}; it is not a moelens run directory (or the run never started)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunDirectoryError(f"{manifest_path} is not valid JSON ({exc}); re-run the analysis") from None
-    if not isinstance(manifest, dict):
-        raise RunDirectoryError(f"{manifest_path} is not a run manifest (a JSON object); re-run the analysis")
+    manifest = read_manifest(manifest_path)
     if manifest.get("status") == "running":
         done = len(manifest.get("completed_units") or manifest.get("completed_layers") or [])
         raise RunDirectoryError(
@@ -169,12 +170,28 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     declared = manifest.get("tables")
     if isinstance(declared, dict):
         schemas = schemas_from_json(declared)
-        tables = {name: schema.check(_read_table(path, name), str(path)) for name, schema in schemas.items()}
+        tables = {name: schema.check(_read_table(path, name), str(path / f"{name}.parquet")) for name, schema in schemas.items()}
     else:
         names = LEGACY_TABLES.get(str(manifest.get("analysis")), ())
         present = {p.stem for p in path.glob("*.parquet")}
         tables = {name: _read_table(path, name) for name in sorted(set(names) | present)}
+    for name, table in tables.items():
+        _check_values(path / f"{name}.parquet", str(manifest["analysis"]), name, table, manifest)
     return Run(manifest=manifest, tables=tables, path=path)
+
+
+def _check_values(file: Path, analysis: str, name: str, table: pd.DataFrame, manifest: dict[str, Any]) -> None:
+    """The bounds and relations the analysis declares for this table (missing values, ranges,
+    clusters without their dominant expert, indices beyond the model), checked before any use."""
+    from moelens.results.schema import registered_schema
+
+    schema = registered_schema(analysis, name)
+    if schema is None:
+        return
+    present = [c for c in schema.column_names if c in table.columns]
+    problems = schema.value_problems(table) or (schema.relation_problems(table, manifest) if len(present) == len(schema.columns) else [])
+    if problems:
+        raise RunDirectoryError(f"{file}: {'; '.join(problems)}; the table is damaged: run the analysis again into a new --out directory")
 
 
 def load_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Run]:

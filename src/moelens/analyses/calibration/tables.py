@@ -21,16 +21,21 @@ import pandas as pd
 
 from moelens.calibration.layer import LayerCalibration
 from moelens.calibration.texts import CalibrationTokens
-from moelens.results.schema import TableSchema
+from moelens.results.schema import Bounds, TableSchema, within_model
 
 USAGE_SCHEMA = TableSchema("calibration_usage", (
     ("layer", "int"), ("expert", "int"), ("count", "int"), ("frequency", "float"), ("feature_norm", "float"),
     ("logit_mean", "float"), ("logit_std", "float"),
-))
+), bounds={"layer": Bounds(minimum=0), "expert": Bounds(minimum=0), "count": Bounds(minimum=0),
+           "frequency": Bounds(minimum=0.0, maximum=1.0)},
+   relations=(within_model(),))
 LAYERS_SCHEMA = TableSchema("calibration_layers", (
     ("layer", "int"), ("n_tokens", "int"), ("top_k", "int"), ("n_experts", "int"), ("used_experts", "int"),
     ("max_frequency", "float"), ("min_frequency", "float"), ("usage_entropy", "float"), ("routing", "str"),
-))
+), bounds={"layer": Bounds(minimum=0), "n_tokens": Bounds(minimum=0), "top_k": Bounds(minimum=1), "n_experts": Bounds(minimum=1),
+           "used_experts": Bounds(minimum=0), "max_frequency": Bounds(minimum=0.0, maximum=1.0),
+           "min_frequency": Bounds(minimum=0.0, maximum=1.0)},
+   relations=(within_model(experts=()),))
 TOKENS_SCHEMA = TableSchema("calibration_tokens", (
     ("token", "int"), ("sequence", "int"), ("line", "int"), ("position", "int"), ("token_id", "int"),
 ))

@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 
 from moelens.metrics import RoleDistances
-from moelens.results.schema import TableSchema
+from moelens.results.schema import Bounds, TableSchema, within_model
 
 PAIR_SCHEMA = TableSchema("expert_distance", (
     ("layer", "int"), ("pairing", "str"), ("expert_a", "int"), ("expert_b", "int"), ("matrix", "str"),
     ("rel_l2", "float"), ("sv_align", "float"), ("n_sv", "int"),
-))
+), bounds={"layer": Bounds(minimum=0), "expert_a": Bounds(minimum=0), "expert_b": Bounds(minimum=0),
+           "rel_l2": Bounds(nullable=True, minimum=0.0), "n_sv": Bounds(minimum=0)},
+   relations=(within_model(experts=("expert_a", "expert_b")),))
 MEASURES = ("rel_l2", "sv_align")
 STATISTICS = ("mean", "std", "min", "q25", "median", "q75", "max", "n")
 LAYER_SCHEMA = TableSchema("expert_distance_layers", (

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from moelens.analyses.router_alignment.nulls import TIE_TOLERANCE
-from moelens.results.schema import TableSchema
+from moelens.results.schema import Bounds, TableSchema, within_model
 
 ALIGNMENT_COLUMNS = [
     "layer", "matrix", "expert", "k", "align", "random_expect_k_over_d", "effect_over_random",
@@ -34,8 +34,15 @@ _KINDS = {"layer": "int", "matrix": "str", "expert": "int", "k": "int", "router"
           "p_layer_method": "str", "n_experts": "int"}
 
 
+#: Indices are whole and within the model; every other value may be NaN (cos_squared off k = 1).
+_BOUNDS = {"layer": Bounds(minimum=0), "expert": Bounds(minimum=0), "router": Bounds(minimum=0), "k": Bounds(minimum=1),
+           "index": Bounds(minimum=0)}
+
+
 def _schema(name: str, columns: list[str]) -> TableSchema:
-    return TableSchema(name, tuple((c, _KINDS.get(c, "float")) for c in columns))
+    experts = tuple(c for c in ("router", "expert") if c in columns)
+    return TableSchema(name, tuple((c, _KINDS.get(c, "float")) for c in columns),
+                       bounds={c: b for c, b in _BOUNDS.items() if c in columns}, relations=(within_model(experts=experts),))
 
 
 SCHEMAS = (
