@@ -54,7 +54,7 @@ def check_parameters_finite(lm: Any, source: Any) -> None:
         for name, p in lm.named_parameters():
             bad = _count_bad(p)
             if bad:
-                raise CheckpointFormatError(f"weight {name!r} of {source} holds {bad} NaN/inf values; {_CORRUPT}")
+                raise CheckpointFormatError(f"weight {name!r} (as transformers names it) of {source} holds {bad} NaN/inf values; {_CORRUPT}")
 
 
 def text_config(config: Any) -> Mapping[str, Any]:
@@ -163,10 +163,10 @@ def check_logits(logits: torch.Tensor, lm: Any, what: str, **inputs: Any) -> Non
     layer = first_nonfinite_layer(lm, **inputs)
     dtype = str(next(lm.parameters()).dtype).replace("torch.", "")
     where = ("the embedding output" if layer == -1 else f"the output of decoder layer {layer}") if layer is not None else "the final norm or LM head"
-    raise ConfigError(
-        f"{what}: the logits hold NaN/inf; {where} is the first that is not finite (weights are finite, so {dtype} "
-        "overflowed); run with --dtype float32"
-    )
+    fix = ("its weights are too large for float32 arithmetic: the checkpoint is likely damaged" if dtype == "float32"
+           else "run with --dtype float32")
+    raise ConfigError(f"{what}: the logits hold NaN/inf; {where} is the first that is not finite (the weights are finite, "
+                      f"so {dtype} overflowed); {fix}")
 
 
 __all__ = [

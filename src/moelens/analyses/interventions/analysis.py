@@ -51,7 +51,13 @@ from moelens.progress import ProgressCallback
 from moelens.ranges import compact_ranges, parse_ranges
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
-from moelens.runtime.checks import check_vocabulary, embedding_rows, max_positions, quiet_transformers
+from moelens.runtime.checks import (
+    check_checkpoint_finite,
+    check_vocabulary,
+    embedding_rows,
+    max_positions,
+    quiet_transformers,
+)
 from moelens.runtime.prompts import PromptRecord, TokenisedPrompt, as_records, tokenise_all
 from moelens.runtime.trace import (
     ABLATIONS,
@@ -205,7 +211,8 @@ class Interventions(Analysis):
         check_vocabulary(tokenizer, embedding_rows(model.config), model.name)
         with quiet_transformers():
             prompts = tokenise_all(tokenizer, records, source, max_positions(model.config))
-        lm = load_causal_lm(model.path, device=device, dtype=_dtype(config.dtype, device))  # NaN/inf weights refused by name
+        check_checkpoint_finite(model)  # NaN/inf weights named as the checkpoint stores them, before any write
+        lm = load_causal_lm(model.path, device=device, dtype=_dtype(config.dtype, device))
         arch = describe(lm)
         max_pos = _max_positions(lm)
         if max_pos is not None:
