@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import pandas as pd
 
 from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, resumable_fields
-from moelens.errors import RunDirectoryError
+from moelens.errors import MoelensError, RunDirectoryError
 from moelens.progress import ProgressCallback
 from moelens.results.run import MANIFEST, Run, load_run, package_versions, write_json, write_table
 from moelens.results.schema import TableSchema, schemas_to_json
@@ -310,12 +310,13 @@ def _checked(analysis: Analysis, tables: Mapping[str, pd.DataFrame], derived: bo
 
 @contextlib.contextmanager
 def _removed_if_nothing_done(directory: RunDirectory, made_here: bool) -> Iterator[None]:
-    """A directory this call created is removed again when the run stops before any unit finished
-    (bad input found at run time, Ctrl-C): it would hold nothing, and the corrected command should
-    find no trace of the failed one."""
+    """A directory this call created is removed again when bad input found at run time (overflowing
+    logits, a NaN weight) stops the run before any unit finished: it would hold nothing, and the
+    corrected command should find no trace of the failed one. An interrupted run keeps its
+    directory, which a later command resumes or, holding no finished unit, simply takes."""
     try:
         yield
-    except BaseException:
+    except MoelensError:
         if made_here and not directory.completed:
             shutil.rmtree(directory.path, ignore_errors=True)
         raise
