@@ -109,7 +109,9 @@ def plan_atlas(
     before anything is written."""
     from moelens.calibration.texts import read_lines
     from moelens.checkpoint import open_model
+    from moelens.runtime.checks import check_checkpoint_finite
     from moelens.runtime.prompts import read_prompts
+    from moelens.spectral import resolve_device
 
     if tuned is not None and base is not None:
         raise ConfigError("give --tuned B (MODEL is the base) or --base A (MODEL is the fine-tune), not both")
@@ -132,12 +134,17 @@ def plan_atlas(
     for m in models.values():
         m.check()
     moe = bool(main.moe_layers)
+    resolve_device(device)  # an unknown device is refused before any directory is made
     prompts_path = Path(prompts) if prompts is not None else _zoo_file(main.path, "facts.jsonl")
-    if prompts_path is not None:
-        read_prompts(prompts_path)  # a bad prompts file is named now, line and all
     calibration_path = Path(calibration) if calibration is not None else _zoo_file(main.path, "calibration.txt")
+    if prompts_path is not None:
+        records = read_prompts(prompts_path)  # a bad prompts file is named now, line and all
+        _check_forward_inputs(models.values(), prompts_path, records[:trace_limit] if trace_limit else records,
+                              moe and calibration_path is not None)
     if calibration_path is not None:
         read_lines(calibration_path)  # a missing, empty or undecodable file is named now
+    for m in models.values():
+        check_checkpoint_finite(m)  # NaN weights named now, not after the first runs are written
     exec_flag = ""
     if executor is not None and str(getattr(executor, "name", executor)) not in ("local",):
         exec_flag = f" --executor {_q(getattr(executor, 'name', executor))}"
@@ -192,6 +199,24 @@ def plan_atlas(
     elif moe:
         notes.append("no calibration text was given (--calibration TEXT): clustering and merge costs were skipped")
     return steps, notes
+
+
+def _check_forward_inputs(models: Any, prompts: Path, records: list[Any], facts: bool) -> None:
+    """What the trace and merge-cost runs would refuse, refused before the first run: a tokenizer
+    that does not fit a model's embedding, a prompt longer than its positions, a target outside its
+    vocabulary (merge cost reads the prompts file as facts: every line then needs a target)."""
+    from moelens.analyses.clustering.merge_cost import check_facts, read_fact_lines
+    from moelens.runtime import load_tokenizer
+    from moelens.runtime.checks import check_vocabulary, embedding_rows, max_positions, quiet_transformers
+    from moelens.runtime.prompts import tokenise_all
+
+    for m in models:
+        tokenizer = load_tokenizer(m.path, m.revision)
+        check_vocabulary(tokenizer, embedding_rows(m.config), m.name)
+        with quiet_transformers():
+            tokenise_all(tokenizer, records, str(prompts), max_positions(m.config))
+        if facts and m.moe_layers:
+            check_facts(str(prompts), read_fact_lines(str(prompts)), tokenizer, max_positions(m.config))
 
 
 def _check_kept_limit(run_dir: Path, trace_limit: int | None) -> None:

@@ -24,6 +24,7 @@ manifest (``"executor"``) as information only: a run begun on one may be resumed
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -31,12 +32,12 @@ from collections.abc import Mapping
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import pandas as pd
 
 from moelens.analyses.base import Analysis, Plan, Unit, resumable_fields
-from moelens.errors import RunDirectoryError
+from moelens.errors import MoelensError, RunDirectoryError
 from moelens.progress import ProgressCallback
 from moelens.results.manifest import read_manifest
 from moelens.results.run import MANIFEST, Run, load_run, package_versions, read_table_file, write_json, write_table
@@ -302,6 +303,20 @@ def _checked(analysis: Analysis, tables: Mapping[str, pd.DataFrame], derived: bo
     return out
 
 
+@contextlib.contextmanager
+def _removed_if_nothing_done(directory: RunDirectory, made_here: bool) -> Iterator[None]:
+    """A directory this call created is removed again when bad input found at run time (overflowing
+    logits, a NaN weight) stops the run before any unit finished: it would hold nothing, and the
+    corrected command should find no trace of the failed one. An interrupted run keeps its
+    directory, which a later command resumes or, holding no finished unit, simply takes."""
+    try:
+        yield
+    except MoelensError:
+        if made_here and not directory.completed:
+            shutil.rmtree(directory.path, ignore_errors=True)
+        raise
+
+
 def _unit_name(unit: Unit) -> str:
     return f"layer {unit.layer}" if unit.layer is not None else unit.key
 
@@ -375,7 +390,8 @@ def run_analysis(
             manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
             return Run(manifest=manifest, tables=merged)
 
-        with RunDirectory(out, analysis, manifest) as directory:
+        made_here = not Path(out).exists()
+        with RunDirectory(out, analysis, manifest) as directory, _removed_if_nothing_done(directory, made_here):
             done = set(directory.completed)
             report(len(done))
             todo = [u for u in plan.units if u.key not in done]

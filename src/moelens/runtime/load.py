@@ -40,7 +40,8 @@ def load_causal_lm(
     """A ``transformers`` causal LM in eval mode on ``device``.
 
     ``dtype=None`` keeps the dtype stored in the checkpoint; ``"float32"`` is the safe choice for
-    exact comparisons on CPU."""
+    exact comparisons on CPU. A parameter holding NaN or inf is refused by name
+    (:class:`~moelens.errors.CheckpointFormatError`)."""
     from transformers import AutoModelForCausalLM
 
     directory = resolve_source(path, revision)
@@ -56,6 +57,9 @@ def load_causal_lm(
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
+    from moelens.runtime.checks import check_parameters_finite
+
+    check_parameters_finite(model, directory)  # NaN weights: the tensor named now, not NaN tables later
     return model.to(device).eval()
 
 

@@ -19,6 +19,7 @@ import torch
 
 from moelens.progress import ProgressCallback, report
 from moelens.runtime.batching import batches, right_padded
+from moelens.runtime.checks import check_logits
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def perplexity(model: Any, sequences: Sequence[Sequence[int]], pad_id: int = 0, 
     for b, rows in enumerate(plan):
         ids, mask = right_padded([seqs[i] for i in rows], pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()   # [R, T−1, V]
+        check_logits(logits[mask[:, 1:].bool()], model, "perplexity", input_ids=ids, attention_mask=mask, use_cache=False)
         logp = torch.log_softmax(logits, dim=-1)
         target = ids[:, 1:]
         keep = mask[:, 1:].bool()

@@ -122,7 +122,8 @@ def as_records(prompts: str | os.PathLike[str] | Sequence[Mapping[str, Any]]) ->
 
 def _offsets(tokenizer: Any, text: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
     try:
-        enc = tokenizer(text, return_offsets_mapping=True)
+        # verbose=False: a prompt longer than the model's maximum is refused below, on one line
+        enc = tokenizer(text, return_offsets_mapping=True, verbose=False)
     except NotImplementedError:
         raise ConfigError(
             f"{where}: the tokenizer ({type(tokenizer).__name__}) cannot map tokens to characters; "
@@ -152,6 +153,10 @@ def tokenise(tokenizer: Any, record: PromptRecord, source: str = "prompts", max_
         after = [t for t, (s, e) in zip(full_ids, full_offsets) if e > len(record.prompt) and e > s]
         if not after:
             raise ConfigError(f"{where}: the target {record.target!r} encodes to no token after the prompt")
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and any(t == unk for t, (s, e) in zip(full_ids, full_offsets) if e > len(record.prompt)):
+            raise ConfigError(f"{where}: the target {record.target!r} is not in the tokenizer's vocabulary (it encodes to "
+                              f"the unknown token {tokenizer.unk_token!r}); use a target the model can predict")
         target_id = int(after[0])
     return TokenisedPrompt(record, tuple(int(i) for i in ids), subject, target_id)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from moelens.progress import ProgressCallback, report
+from moelens.runtime.checks import check_logits
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class NextTokenResult:
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, with the special tokens the tokenizer adds itself (BOS)."""
-    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    # verbose=False: lengths are the caller's to check (merge cost refuses long facts by line)
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]]
 
 
 def target_token_ids(tokenizer: Any, targets: Sequence[str]) -> list[int]:
@@ -89,6 +91,7 @@ def next_token_predictions(
             last = mask.sum(1) - 1
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             final = logits[torch.arange(len(rows), device=device), last.to(device)].float()
+            check_logits(final, model, "next-token prediction", input_ids=input_ids.to(device), attention_mask=mask.to(device))
             predicted[rows] = final.argmax(-1).cpu().numpy()
             if tgt is not None:
                 p = torch.softmax(final, -1)

@@ -38,6 +38,7 @@ import torch
 from moelens.metrics.jsd import js_divergence
 from moelens.progress import ProgressCallback, report
 from moelens.runtime.architecture import Architecture
+from moelens.runtime.checks import check_logits
 from moelens.runtime.interventions import Batch, Edit, InterventionHooks, last_logits, lower_index_ties
 from moelens.runtime.prompts import TokenisedPrompt
 
@@ -168,7 +169,9 @@ class Tracer:
         # create ties, so other runs keep the family's own top-k untouched.
         ties = lower_index_ties() if any(key[1] == "router" for key in self.hooks.edits) else contextlib.nullcontext()
         with torch.no_grad(), ties:
-            return last_logits(self.model, batch, lengths).float()
+            logits = last_logits(self.model, batch, lengths).float()
+            check_logits(logits, self.model, "forward pass", input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            return logits
 
     def _ensure_routers(self, prompt: TokenisedPrompt) -> None:
         if not self._routers_ready:

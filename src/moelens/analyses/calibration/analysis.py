@@ -137,6 +137,7 @@ class CalibrationPlan:
 def plan_calibration(model: MoEModel, texts: Any, max_tokens: int, layers: Optional[tuple[int, ...]], batch_tokens: int,
                      device: str, dtype: str) -> CalibrationPlan:
     """Check everything a calibration needs (headers, the tokenizer and the text; no weights)."""
+    from moelens.runtime.checks import check_checkpoint_finite, check_vocabulary, embedding_rows
     from moelens.spectral import resolve_device
 
     if not model.is_moe:
@@ -155,8 +156,11 @@ def plan_calibration(model: MoEModel, texts: Any, max_tokens: int, layers: Optio
     text_config = text_config_of(model.config)
     max_pos = text_config.get("max_position_embeddings")
     vocab = text_config.get("vocab_size")
+    if tokenizer is not None:
+        check_vocabulary(tokenizer, embedding_rows(model.config), model.name)
     tokens = tokenise(lines, tokenizer, int(max_pos) if isinstance(max_pos, int) and max_pos > 0 else None,
                       int(vocab) if isinstance(vocab, int) else None, max_tokens)
+    check_checkpoint_finite(model)  # NaN weights named before a run directory exists
     fdtype = forward_dtype(dtype, resolved, model.config)
     setup = CalibrationSetup(model, tokens, activation, resolved, fdtype, batch_tokens, pad_id_of(tokenizer, model.config))
     options = {

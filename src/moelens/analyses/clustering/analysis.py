@@ -23,7 +23,7 @@ happens in :meth:`Clustering.finish`, one layer's matrices in memory at a time.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -130,6 +130,25 @@ def check_same_model(run: Run, model: MoEModel, what: str, fix: str) -> None:
         raise ConfigError(f"{what} {run.path} was made from {made}, not from the weight files of {model.path}; {fix}")
 
 
+def check_calibration_matrices(store: MatrixStore, layers: Sequence[int], model: MoEModel, where: str) -> None:
+    """Every matrix a clustering reads from a calibration run opens (a truncated file is refused by
+    the store) and has its shape, features [E, d] and router_logits [N, E], checked before the
+    first unit: a damaged matrix found in :meth:`Clustering.finish` would come after every part."""
+    for L in layers:
+        e = model.layer(L).n_experts
+        features, logits = store.read(L, "features"), store.read(L, "router_logits")
+        problems = []
+        if features.shape != (e, model.hidden_size):
+            problems.append(f"features {list(features.shape)} where [E, d] = {[e, model.hidden_size]}")
+        if logits.ndim != 2 or logits.shape[1] != e:
+            problems.append(f"router_logits {list(logits.shape)} where [N, E] = [N, {e}]")
+        problems += [f"{name} of dtype {a.dtype} where floats" for name, a in (("features", features), ("router_logits", logits))
+                     if not np.issubdtype(a.dtype, np.floating)]
+        if problems:
+            raise ConfigError(f"{where}: layer {L} holds {problems[0]} is expected; the calibration run is damaged: "
+                              "delete it and calibrate again")
+
+
 def _resolve(model: MoEModel, config: ClusteringConfig) -> tuple[ClusteringState, dict[str, Any]]:
     if not model.is_moe:
         raise NotMoEError(f"{model.name} is a dense {model.family} model with no MoE layers; clustering needs an MoE checkpoint")
@@ -145,6 +164,7 @@ def _resolve(model: MoEModel, config: ClusteringConfig) -> tuple[ClusteringState
         missing = [L for L in layers if L not in set(source.layers)]
         if missing:
             raise ConfigError(f"layer {missing[0]} is not in the calibration run {c.calibration} (it has layers {compact_ranges(source.layers)})")
+        check_calibration_matrices(source.matrices, layers, model, str(c.calibration))
         options.update({"calibration": str(Path(c.calibration).resolve()), "calibration_run": str(Path(source.path).resolve()),  # type: ignore[arg-type]
                         "calibration_texts_sha256": source.manifest["options"].get("texts_sha256"), "layers": list(layers)})
     else:

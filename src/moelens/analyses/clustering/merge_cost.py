@@ -93,17 +93,44 @@ class MergeCostConfig:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
 
 
-def read_facts(path: str) -> list[dict[str, str]]:
-    """Records with string ``prompt`` and ``target`` from a JSONL file (blank lines skipped)."""
+def read_fact_lines(path: str) -> list[tuple[int, dict[str, str]]]:
+    """(1-based line, record) with string ``prompt`` and ``target`` from a JSONL file (blank lines
+    skipped)."""
     p = Path(path)
     out = []
     for line, obj in read_jsonl(p, "facts file"):
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip() for k in ("prompt", "target")):
             raise ConfigError(f"{p} line {line}: every fact needs a non-empty \"prompt\" and \"target\"")
-        out.append({"prompt": obj["prompt"], "target": obj["target"]})
+        out.append((line, {"prompt": obj["prompt"], "target": obj["target"]}))
     if not out:
         raise ConfigError(f"facts file {p} holds no facts")
     return out
+
+
+def read_facts(path: str) -> list[dict[str, str]]:
+    """Records with string ``prompt`` and ``target`` from a JSONL file (blank lines skipped)."""
+    return [fact for _, fact in read_fact_lines(path)]
+
+
+def check_facts(path: str, facts: Sequence[tuple[int, dict[str, str]]], tokenizer: Any, limit: int) -> None:
+    """Every fact's prompt fits the model's ``limit`` positions and every target is in the
+    vocabulary (its tokens hold no unknown token), each refused with its line before any forward
+    pass: a fact of a million characters would otherwise run for minutes as one batch."""
+    from moelens.runtime.checks import check_length, quiet_transformers
+    from moelens.runtime.recall import encode_prompts
+
+    with quiet_transformers():
+        prompts = encode_prompts(tokenizer, [f["prompt"] for _, f in facts])
+        targets = tokenizer([" " + f["target"] for _, f in facts], add_special_tokens=False, verbose=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for (line, fact), ids, target in zip(facts, prompts, targets):
+        where = f"{path} line {line}"
+        check_length(len(ids), limit, where)
+        if not target:
+            raise ConfigError(f"{where}: the target {fact['target']!r} encodes to no token")
+        if unk is not None and unk in target:
+            raise ConfigError(f"{where}: the target {fact['target']!r} is not in the tokenizer's vocabulary (it encodes to the "
+                              f"unknown token {tokenizer.unk_token!r}); use a target the model can predict")
 
 
 def _calibration_text(run: Run) -> Optional[str]:
@@ -150,6 +177,7 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
     from moelens.calibration.texts import read_lines, tokenise
     from moelens.merge import plan_export
     from moelens.runtime import load_tokenizer
+    from moelens.runtime.checks import check_checkpoint_finite, check_vocabulary, embedding_rows, max_positions
     from moelens.spectral import resolve_device
 
     c = config
@@ -161,7 +189,12 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
         plan_export(model.path, table, c.export, model.revision)  # the family and the form's constraints, from headers
         runs.append((path, run, table))
     tokenizer = load_tokenizer(model.path, model.revision)
-    facts = read_facts(c.facts) if c.facts is not None else None
+    check_vocabulary(tokenizer, embedding_rows(model.config), model.name)
+    facts = None
+    if c.facts is not None:
+        fact_lines = read_fact_lines(c.facts)
+        check_facts(c.facts, fact_lines, tokenizer, max_positions(model.config))
+        facts = [fact for _, fact in fact_lines]
     texts = c.texts if c.texts is not None else next((t for t in (_calibration_text(r) for _, r, _ in runs) if t), None)
     heldout = None
     if texts is not None:
@@ -184,6 +217,7 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
             key = f"{i:02d}-{method}{'-permuted' if p else ''}"
             variants[key] = Variant(key, method, p, str(Path(path).resolve()), table, (int(sizes.min()), int(sizes.max())))
     device = resolve_device(c.device)
+    check_checkpoint_finite(model)  # NaN weights named before a run directory exists (merged copies are checked when loaded)
     state = MergeCostState(model, c, tokenizer, facts, heldout, variants, device, forward_dtype(c.dtype, device, model.config),
                            pad_id_of(tokenizer, model.config))
     options = {

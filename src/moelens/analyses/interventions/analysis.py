@@ -51,6 +51,13 @@ from moelens.progress import ProgressCallback
 from moelens.ranges import compact_ranges, parse_ranges
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
+from moelens.runtime.checks import (
+    check_checkpoint_finite,
+    check_vocabulary,
+    embedding_rows,
+    max_positions,
+    quiet_transformers,
+)
 from moelens.runtime.prompts import PromptRecord, TokenisedPrompt, as_records, tokenise_all
 from moelens.runtime.trace import (
     ABLATIONS,
@@ -199,7 +206,12 @@ class Interventions(Analysis):
             moe_only = [s for s in sites if s in ("router", "moe")]
             if "router" in moe_only:
                 raise ConfigError(f"site router: {model.name} is a dense model and has no router; choose from subj, attn, last")
-        prompts = tokenise_all(tokenizer, records, source)
+        # the tokenizer fits the embedding, every prompt fits the positions and every target the
+        # vocabulary: refused before the weights load and before a run directory is made
+        check_vocabulary(tokenizer, embedding_rows(model.config), model.name)
+        with quiet_transformers():
+            prompts = tokenise_all(tokenizer, records, source, max_positions(model.config))
+        check_checkpoint_finite(model)  # NaN/inf weights named as the checkpoint stores them, before any write
         lm = load_causal_lm(model.path, device=device, dtype=_dtype(config.dtype, device))
         arch = describe(lm)
         max_pos = _max_positions(lm)

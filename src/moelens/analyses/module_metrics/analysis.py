@@ -147,6 +147,57 @@ def _same_architecture(a: MoEModel, b: MoEModel, what: str) -> None:
     _same_shapes(a, b, what)
 
 
+def _head_sizes(config: Mapping[str, Any], d: int) -> tuple[int, int, int] | None:
+    """(heads H, key/value heads KV, head width hd) of plain multi-head attention; None where the
+    config does not state them or the attention is latent (DeepSeek's kv_lora_rank)."""
+    heads = config.get("num_attention_heads") or config.get("n_heads")
+    if not isinstance(heads, int) or heads <= 0 or config.get("kv_lora_rank"):
+        return None
+    kv = config.get("num_key_value_heads") or config.get("kv_n_heads") or heads
+    hd = config.get("head_dim") or d // heads
+    return (heads, int(kv), int(hd)) if isinstance(kv, int) and isinstance(hd, int) else None
+
+
+def attention_shape_problem(model: MoEModel, L: int) -> str:
+    """"" when layer ``L``'s attention projections have the shapes the config implies, else one
+    line naming the tensor. Headers only. Every projection reads the hidden state (q, k, v, a fused
+    qkv: [·, d]) or writes it (o: [d, ·]); k and v have KV·hd rows, o has H·hd columns, and q's
+    rows are a multiple of H·hd (gated attention doubles them)."""
+    from moelens.checkpoint.families.base import format_shape
+
+    family = model.family_adapter
+    names, full = getattr(family, "attention_names", None), getattr(family, "_full", None)
+    if not names or full is None:
+        return ""
+    d = model.hidden_size
+    shapes = {key: (full(t, L), tuple(model.store.shape(full(t, L)))) for key, t in names.items() if full(t, L) in model.store}
+    heads = _head_sizes(_text_config(model), d)
+
+    def wrong(key: str, axes: str, expected: list[Any]) -> str:
+        name, shape = shapes[key]
+        return f"tensor {name!r} has shape {format_shape(shape)} where {axes} = [{', '.join(map(str, expected))}] is expected"
+
+    for key, (name, shape) in shapes.items():
+        if key not in ("q", "k", "v", "o", "qkv"):
+            continue
+        if len(shape) != 2:
+            return f"tensor {name!r} has shape {format_shape(shape)} where a matrix is expected"
+        if key == "o" and shape[0] != d:
+            return wrong("o", "[d, H·hd]", [d, heads[0] * heads[2] if heads else "·"])
+        if key != "o" and shape[1] != d:
+            return wrong(key, "[rows, d]", [shape[0], d])
+    if heads is not None:
+        h, kv, hd = heads
+        for key in ("k", "v"):
+            if key in shapes and shapes[key][1][0] != kv * hd:
+                return wrong(key, "[KV·hd, d]", [kv * hd, d])
+        if "o" in shapes and shapes["o"][1][1] != h * hd:
+            return wrong("o", "[d, H·hd]", [d, h * hd])
+        if "q" in shapes and shapes["q"][1][0] % (h * hd):
+            return wrong("q", "[H·hd, d]", [h * hd, d])
+    return ""
+
+
 def resolve(models: Mapping[str, MoEModel | None], config: ModuleMetricsConfig) -> ModuleState:
     a, b, base = models["a"], models.get("b"), models.get("base")
     given = {"a": a, **({"b": b} if b is not None else {}), **({"base": base} if base is not None else {})}
@@ -165,6 +216,10 @@ def resolve(models: Mapping[str, MoEModel | None], config: ModuleMetricsConfig) 
         raise IndexOutOfRangeError(f"layer {bad[0]} is out of range: {a.name} has layers 0..{a.n_layers - 1}")
     for model in given.values():  # "a" included
         model.check()
+        for L in layers:  # attention shapes from headers, before anything is written
+            problem = attention_shape_problem(model, L)
+            if problem:
+                raise CheckpointFormatError(f"layer {L} of {model.name}: {problem}")
     return ModuleState(given, layers, pair, single, config, resolve_device(config.device))
 
 
@@ -191,6 +246,9 @@ def _attention_groups(models: Mapping[str, MoEModel], L: int) -> Iterator[Group]
 def _matrix(parts: Mapping[str, torch.Tensor], key: str, model: str, L: int) -> torch.Tensor:
     if key not in parts:
         raise CheckpointFormatError(f"layer {L}: model {model} has no attention matrix {key!r} where model a has one")
+    if parts[key].is_floating_point() and not bool(torch.isfinite(parts[key]).all()):
+        # families that split fused tensors read them themselves; NaN would reach eigh as a traceback
+        raise CheckpointFormatError(f"layer {L}: the attention matrix {key!r} of model {model} holds NaN/inf values; the checkpoint is corrupt")
     return parts[key]
 
 

@@ -697,7 +697,7 @@ class StandardFamily(Family):
         for key, template in self.attention_names.items():
             name = self._full(template, L)
             if name in self.store:
-                out[key] = self.store.read(name)
+                out[key] = check_finite(name, self.store.read(name))  # NaN would reach eigh as a traceback
         return out
 
     def dense_mlp(self, L: int) -> dict[str, torch.Tensor]:
