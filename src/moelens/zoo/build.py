@@ -43,6 +43,7 @@ from typing import Any
 from moelens.errors import ConfigError, OutputExistsError, SourceNotFoundError
 from moelens.locks import LOCK_NAME, DirectoryLock, pid_alive
 from moelens.progress import ProgressCallback, report
+from moelens.safe_files import remove_tree
 from moelens.zoo.corpus import World, build_world, calibration_text
 from moelens.zoo.recipe import Recipe, recipe_for
 
@@ -343,7 +344,7 @@ def remove_leftovers(out: Path) -> list[Path]:
                 continue  # not a name a build writes: leave it alone
             pid = int(suffix)
             if pid == os.getpid() or not pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True)
+                remove_tree(p)  # a link of that name is removed as a link, never followed
                 removed.append(p)
     return removed
 
