@@ -69,6 +69,7 @@ def test_a_dense_model_gets_module_metrics_and_interventions_and_a_note(tmp_path
     prompts = fx.write_prompts(tmp_path / "prompts.jsonl")
     result = atlas(dense, tmp_path / "atlas", prompts=prompts, device="cpu")
     assert set(result.runs) == {"modules", "trace-model"}
+    assert (tmp_path / "atlas" / ".moelens-atlas").is_file()  # marks the directory as an atlas a later call may update
     assert any("dense model" in n and "skipped" in n for n in result.notes)
     html = result.report.read_text()
     assert "dense model" in html and 'data-analysis="interventions"' in html

@@ -137,3 +137,25 @@ def test_pid_alive(tmp_path):
     proc.join(TIMEOUT)  # reaped: the pid is free
     assert not pid_alive(proc.pid)
     assert not pid_alive(0) and not pid_alive(-1) and not pid_alive(2**40)
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("someone's notes\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_NAME).symlink_to(target)
+    with pytest.raises(RunDirectoryError, match="is a symbolic link"):
+        DirectoryLock(run).acquire()
+    assert target.read_text() == "someone's notes\n"
+    (run / LOCK_NAME).unlink()
+    (run / LOCK_NAME).symlink_to(tmp_path / "missing")  # a dangling link is not created through either
+    with pytest.raises(RunDirectoryError, match="is a symbolic link"):
+        DirectoryLock(run).acquire()
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_lock_file_that_is_a_folder_is_refused_with_one_line(tmp_path):
+    (tmp_path / "run" / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(RunDirectoryError, match="remove it and run again"):
+        DirectoryLock(tmp_path / "run").acquire()

@@ -118,6 +118,7 @@ def plan_atlas(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the atlas")
+    check_atlas_out(out)
     main = open_model(model)
     other = open_model(tuned if tuned is not None else base) if (tuned is not None or base is not None) else None
     if other is None:
@@ -265,6 +266,42 @@ def _clustering_steps(base_m: Any, tuned_m: Any, calibration: Path, prompts: Pat
     return steps
 
 
+#: The file that marks a directory as an atlas moelens wrote (so a later call may update it).
+ATLAS_MARKER = ".moelens-atlas"
+#: What an atlas directory holds; an atlas written before the marker existed is known by these.
+_ATLAS_ENTRIES = {"runs", "report.html", "figures", ATLAS_MARKER}
+
+
+def is_atlas_directory(out: Path) -> bool:
+    """Whether ``out`` is an atlas moelens wrote: it has the marker, or (an atlas written before
+    the marker existed) holds nothing but ``runs/`` with run directories, the report and figures."""
+    from moelens.locks import LOCK_NAME
+
+    marker = out / ATLAS_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return True
+    names = {p.name for p in out.iterdir()} - {LOCK_NAME}
+    runs = out / "runs"
+    return (names <= _ATLAS_ENTRIES and runs.is_dir() and not runs.is_symlink()
+            and any((r / "manifest.json").is_file() for r in runs.iterdir()))
+
+
+def check_atlas_out(out: Path) -> None:
+    """``--out`` of an atlas must be missing, empty, or an atlas moelens wrote: a report and
+    figures are never written over, nor runs among, somebody else's files; and it holds no link
+    (which would have files outside it written or deleted)."""
+    from moelens.errors import OutputExistsError
+    from moelens.locks import LOCK_NAME
+    from moelens.safe_files import refuse_links_inside
+
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return
+    if not is_atlas_directory(out):
+        raise OutputExistsError(f"--out {out} holds files that are not an atlas (no {ATLAS_MARKER}); "
+                                "choose an empty or new directory for the atlas")
+    refuse_links_inside(out)
+
+
 def _finished(path: Path) -> Run | None:
     manifest = path / "manifest.json"
     if not manifest.is_file():
@@ -359,6 +396,9 @@ def atlas(
 
     steps, notes = plan_atlas(model, out, tuned, base, prompts, calibration, executor, device, trace_limit)
     out = Path(out)
+    from moelens.safe_files import atomic_write_bytes
+
+    atomic_write_bytes(out / ATLAS_MARKER, b"moelens atlas: runs/, report.html and figures/ are written by moelens atlas\n")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[str, Run] = {}
     reused: list[str] = []
@@ -384,4 +424,4 @@ def atlas(
     return Atlas(out, runs, path, figure_paths, notes, reused)
 
 
-__all__ = ["Atlas", "FIGURE_FILES", "Step", "atlas", "plan_atlas", "save_figures"]
+__all__ = ["ATLAS_MARKER", "Atlas", "FIGURE_FILES", "Step", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "save_figures"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 from typing import Optional
@@ -87,7 +88,7 @@ class DirectoryLock:
             raise RuntimeError(f"{self!r} is already held; a DirectoryLock is not re-entrant")
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(self.lock_file)
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.blocking else fcntl.LOCK_NB))
@@ -130,10 +131,28 @@ class DirectoryLock:
         self.release()
 
 
-def _is_current(fd: int, path: Path) -> bool:
-    """Whether the open file ``fd`` is the file at ``path`` now."""
+def _open_lock_file(path: Path) -> int:
+    """Open (creating) the lock file, never through a link: a ``.moelens.lock`` that is a symbolic
+    link would otherwise get the file it points at truncated to a pid. Such a link (or anything
+    that is not a regular file) is refused with one line."""
     try:
-        here = os.stat(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise RunDirectoryError(
+                f"{path} is a symbolic link; moelens never writes through a link: remove it and run again"
+            ) from None
+        raise RunDirectoryError(f"cannot open the lock file {path} ({exc.strerror}); remove it and run again") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirectoryError(f"{path} is not a regular file; moelens keeps its lock there: remove it and run again")
+    return fd
+
+
+def _is_current(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file at ``path`` now (a link there is not)."""
+    try:
+        here = os.lstat(path)
     except FileNotFoundError:
         return False
     mine = os.fstat(fd)

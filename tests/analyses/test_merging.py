@@ -125,6 +125,32 @@ def test_merge_cost_equals_one_prompt_at_a_time_references(lm_dir, m_run, files,
     assert np.isnan(default["merge_cost"]["recall"]).all()
 
 
+def test_merge_cost_scratch_lives_under_out_and_is_gone_when_the_run_finishes(lm_dir, m_run, tmp_path, monkeypatch):
+    import tempfile
+    from pathlib import Path
+
+    import moelens.merge
+    from moelens.safe_files import SCRATCH
+
+    out = tmp_path / "cost"
+    written: list[Path] = []
+    real = moelens.merge.export_merged
+
+    def recording(model, clusters, out_dir, **kwargs):
+        written.append(Path(out_dir))
+        return real(model, clusters, out_dir, **kwargs)
+
+    def no_system_temp(*args, **kwargs):
+        raise AssertionError("merge cost wrote scratch outside its --out")
+
+    monkeypatch.setattr(moelens.merge, "export_merged", recording)
+    monkeypatch.setattr(tempfile, "mkdtemp", no_system_temp)
+    merge_cost(lm_dir, [m_run.path], permute="off", out=out)
+    assert written and all(p.parent.parent == out / SCRATCH for p in written)
+    assert not (out / SCRATCH).exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
 def test_merge_cost_refuses_what_it_cannot_measure(lm_dir, m_run, files, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the river\nthe city\n")

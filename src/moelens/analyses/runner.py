@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from contextlib import closing
@@ -42,6 +41,7 @@ from moelens.progress import ProgressCallback
 from moelens.results.manifest import read_manifest
 from moelens.results.run import MANIFEST, Run, load_run, package_versions, read_table_file, write_json, write_table
 from moelens.results.schema import TableSchema, schemas_to_json
+from moelens.safe_files import remove_tree
 
 if TYPE_CHECKING:
     from moelens.analyses.executors import Executor
@@ -90,13 +90,14 @@ def _describe(options: Mapping[str, Any], keys: Iterable[str]) -> str:
     return ", ".join(f"{k}={options.get(k)!r}" for k in keys)
 
 
-def _clean_temporaries(directory: Path) -> None:
-    """Remove what an interrupted atomic write leaves (``.NAME.*.tmp``)."""
-    for tmp in directory.glob(".*.tmp"):
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+def _clean_leftovers(directory: Path) -> None:
+    """Remove what a killed writer leaves: temporary files of interrupted atomic writes
+    (``.NAME.*.tmp``, anywhere under the run) and scratch folders of dead processes. Called
+    holding the directory's lock, so no live writer owns them."""
+    from moelens.safe_files import remove_dead_scratch, remove_temporaries
+
+    remove_temporaries(directory)
+    remove_dead_scratch(directory)
 
 
 class RunDirectory:
@@ -124,11 +125,12 @@ class RunDirectory:
         """Take the directory (create it, or lock and validate an existing one); return the keys of
         the units already done."""
         from moelens.locks import LOCK_NAME, DirectoryLock
+        from moelens.safe_files import SCRATCH, is_temporary, refuse_links_inside
 
         if self.path.exists() and not self.path.is_dir():
             raise RunDirectoryError(f"{self.path} is a file, not a directory; choose a new --out directory")
         if self.path.is_dir() and not (self.path / MANIFEST).is_file():
-            content = [p for p in self.path.iterdir() if p.name != LOCK_NAME and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+            content = [p for p in self.path.iterdir() if p.name not in (LOCK_NAME, SCRATCH) and not is_temporary(p.name)]
             if content:
                 raise RunDirectoryError(
                     f"{self.path} exists and is not a moelens run directory (no {MANIFEST}); choose an empty or new --out directory"
@@ -137,6 +139,9 @@ class RunDirectory:
         self._lock = DirectoryLock(self.path)
         self._lock.acquire()
         try:
+            # a run directory holds only files moelens wrote: a link (parts -> elsewhere) would
+            # have files outside it written or deleted
+            refuse_links_inside(self.path)
             self._adopt_existing()
         except BaseException:
             self.close()
@@ -150,7 +155,7 @@ class RunDirectory:
 
     def _adopt_existing(self) -> None:
         manifest_path = self.path / MANIFEST
-        _clean_temporaries(self.path)
+        _clean_leftovers(self.path)
         if not manifest_path.is_file():
             self._start_fresh()
             return
@@ -177,7 +182,7 @@ class RunDirectory:
         if finished and all((self.path / f"{t}.parquet").is_file() for t in self.schemas):
             self.completed = [k for k in done if k in wanted]
             self.manifest.update({k: old[k] for k in ("status", "completed_units", "completed_layers", "timings") if k in old})
-            shutil.rmtree(self.path / PARTS, ignore_errors=True)
+            remove_tree(self.path / PARTS)
             return
         self.completed = [
             k for k in done
@@ -212,9 +217,9 @@ class RunDirectory:
         return ""
 
     def _start_fresh(self) -> None:
-        shutil.rmtree(self.path / PARTS, ignore_errors=True)
+        remove_tree(self.path / PARTS)
         for name in self.schemas:
-            (self.path / f"{name}.parquet").unlink(missing_ok=True)
+            remove_tree(self.path / f"{name}.parquet")
         self.completed = []
         self._mark_running()
 
@@ -225,9 +230,7 @@ class RunDirectory:
         keep = set(self.completed)
         for child in parts.iterdir():
             if child.name not in keep:
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-            else:
-                _clean_temporaries(child)
+                remove_tree(child)
 
     def _mark_running(self) -> None:
         self.manifest["status"] = "running"
@@ -253,7 +256,7 @@ class RunDirectory:
         """Persist one finished unit: part files first, then the manifest entry."""
         part = self._part(unit.key)
         for name in self._unit_table_names():
-            write_table(part / f"{name}.parquet", tables[name])
+            write_table(part / f"{name}.parquet", tables[name], root=self.path)
         if unit.key not in self.completed:
             self.completed.append(unit.key)
         self._set_completed()
@@ -266,7 +269,7 @@ class RunDirectory:
         timings = self.manifest.setdefault("timings", {})
         timings.setdefault("per_unit_s", {})
         timings["total_s"] = round(self._previous_total + time.perf_counter() - self._started, 6)
-        write_json(self.path / MANIFEST, self.manifest)
+        write_json(self.path / MANIFEST, self.manifest, root=self.path)
 
     def read_units(self, units: list[Unit]) -> dict[str, pd.DataFrame]:
         return {
@@ -284,11 +287,12 @@ class RunDirectory:
         tables = self.read_units(plan.units)
         tables.update(_checked(self.analysis, self.analysis.finish(plan, tables), derived=True, where=str(self.path)))
         for name in self.schemas:
-            write_table(self.path / f"{name}.parquet", tables[name])
+            write_table(self.path / f"{name}.parquet", tables[name], root=self.path)
         self.manifest.update(extra)
         self.manifest["status"] = "complete"
         self._write_manifest()
-        shutil.rmtree(self.path / PARTS, ignore_errors=True)
+        remove_tree(self.path / PARTS)
+        _clean_leftovers(self.path)  # a finished run holds no temporary file
         return load_run(self.path)
 
 

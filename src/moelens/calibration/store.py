@@ -16,13 +16,13 @@ arrays stay in a dictionary.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
 from moelens.errors import RunDirectoryError
+from moelens.safe_files import atomic_write, link_refused, remove_tree
 
 MATRICES = "matrices"
 NAMES = ("features", "router_logits", "topk")
@@ -52,18 +52,8 @@ class MatrixStore:
         if self.root is None:
             self._memory[(int(layer), name)] = array
             return
-        path = self._file(layer, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, array, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # never through a link: matrices/ and its layer folders must be real directories of the run
+        atomic_write(self._file(layer, name), lambda fh: np.save(fh, array, allow_pickle=False), root=self.root.parent)
 
     def read(self, layer: int, name: str, mmap: bool = True) -> np.ndarray:
         """The array ``name`` of ``layer`` (memory-mapped, read-only, from disk)."""
@@ -96,13 +86,13 @@ class MatrixStore:
         if self.root is None:
             self._memory = {k: v for k, v in self._memory.items() if layer_key(k[0]) in keep}
             return
+        if self.root.is_symlink():
+            raise link_refused(self.root)
         if not self.root.is_dir():
             return
         for child in self.root.iterdir():
-            if child.is_dir() and child.name not in keep:
-                for f in child.iterdir():
-                    f.unlink(missing_ok=True)
-                child.rmdir()
+            if child.name not in keep and (child.is_symlink() or child.is_dir()):
+                remove_tree(child)  # a link is removed as a link: what it points at is not ours
 
 
 __all__ = ["MATRICES", "NAMES", "MatrixStore", "layer_key"]

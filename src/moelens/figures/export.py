@@ -83,6 +83,6 @@ def save(fig: Figure, path: str | os.PathLike[str], dpi: float = 300) -> Path:
     if fmt not in FORMATS:
         raise ConfigError(f"{path} has suffix {path.suffix or '(none)'!r}; name the file .png, .svg or .pdf")
     data = figure_bytes(fig, fmt, dpi)  # checks dpi before drawing: on error nothing is written
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    from moelens.safe_files import atomic_write_bytes
+
+    return atomic_write_bytes(path, data)  # a new file renamed into place: a link at path is replaced, never written through

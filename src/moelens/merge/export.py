@@ -45,6 +45,7 @@ from moelens.merge.families import (
     set_path,
 )
 from moelens.merge.table import LayerClusters, read_clusters
+from moelens.safe_files import SCRATCH, link_refused, remove_dead_scratch, remove_tree, scratch_dir
 
 EXPORTS = ("compact", "shared")
 RECORD_NAME = "moelens_merge.json"
@@ -152,12 +153,59 @@ def export_merged(
     cluster, dominant, frequency``) and write the checkpoint to ``out_dir`` (new or empty);
     returns ``out_dir``. ``permute`` aligns every member onto its cluster's anchor before
     averaging; ``device`` runs the permutation costs there (CPU otherwise)."""
-    from moelens.runtime import load_causal_lm
-    from moelens.testing.tiny import check_output_directory
+    from moelens.locks import DirectoryLock
 
     out = Path(out_dir)
-    check_output_directory(out)
-    view, layout, layers = plan_export(model_path, clusters, export, revision)
+    _check_out(out)
+    view, layout, layers = plan_export(model_path, clusters, export, revision)  # every check before the first write
+    created = not out.exists()
+    try:
+        # one writer per --out: a second merge into the same directory is refused while this one runs
+        with DirectoryLock(out):
+            _check_out(out)  # another merge may have finished there while this one was checking
+            remove_dead_scratch(out)
+            try:
+                _export(view, layout, layers, out, export, permute, device)
+            finally:
+                _remove_if_empty(out / SCRATCH)
+    except BaseException:
+        if created:
+            _remove_if_empty(out)  # the folder the lock made, if nothing was written into it
+        raise
+    return out
+
+
+def _check_out(out: Path) -> None:
+    """``out`` must be missing or empty (a lock file and scratch aside): a checkpoint is never
+    mixed with, nor written over, files that are already there."""
+    from moelens.errors import OutputExistsError
+    from moelens.locks import LOCK_NAME
+
+    if out.is_symlink() and not out.exists():
+        raise OutputExistsError(f"{out} is a broken symbolic link; choose an empty or new --out directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory; choose an empty or new --out directory")
+    if any(entry.name not in (LOCK_NAME, SCRATCH) for entry in out.iterdir()):
+        raise OutputExistsError(f"{out} exists and is not empty; choose an empty or new --out directory")
+    if (out / SCRATCH).is_symlink():
+        raise link_refused(out / SCRATCH)
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove the folder this export made, once nothing is left in it (rmdir refuses otherwise)."""
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _export(view: Any, layout: MergeLayout, layers: dict[int, LayerClusters], out: Path, export: str, permute: bool,
+            device: str | torch.device) -> None:
+    """Merge and write the checkpoint into ``out`` (locked, checked empty)."""
+    from moelens.runtime import load_causal_lm
+
     model = load_causal_lm(view.path, device="cpu", dtype=None)
     check_family_config(layout, model.config)
     with torch.no_grad():
@@ -167,12 +215,10 @@ def export_merged(
         setattr(model.config, layout.experts_key, next(iter(layers.values())).groups)
         _check_compact_structure(model)
 
-    # Written beside out_dir and renamed into place once complete: an interrupted export leaves
-    # no half checkpoint under out_dir.
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    # Written into a scratch folder under out_dir (out/.moelens-tmp/<pid>-*) and moved into place
+    # once complete: an interrupted export leaves no half checkpoint, and a killed one leaves
+    # only scratch that the next export into out_dir removes.
+    staging = scratch_dir(out)
     try:
         model.save_pretrained(staging)
         tokenizer = _copy_tokenizer(view.path, staging)
@@ -183,13 +229,9 @@ def export_merged(
             "tokenizer_files": tokenizer,
         }
         (staging / RECORD_NAME).write_text(json.dumps(record, indent=2))
-        if out.exists():  # checked empty above, a lock file aside: move the files in
-            for entry in staging.iterdir():
-                entry.rename(out / entry.name)
-            staging.rmdir()
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+        # out is checked empty and locked: the record is moved last, so a checkpoint whose
+        # moelens_merge.json is in place is complete
+        for entry in sorted(staging.iterdir(), key=lambda e: e.name == RECORD_NAME):
+            entry.rename(out / entry.name)
+    finally:
+        remove_tree(staging)

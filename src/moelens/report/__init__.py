@@ -11,7 +11,6 @@ wait until a report is built.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -98,17 +97,32 @@ def write_report(html: str, out: Union[str, "os.PathLike[str]"]) -> Path:
         raise ConfigError(f"{out} is a directory; give the report a file name, e.g. --out {out / 'report.html'}")
     if out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"{out}: a report is an HTML file; give a name ending in .html")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    check_replaceable(out)
+    from moelens.safe_files import atomic_write_bytes
+
+    return atomic_write_bytes(out, html.encode("utf-8"))  # a new file renamed into place: never through a link
+
+
+#: What every report moelens writes carries near its top (templates/base.html).
+_GENERATOR = b'<meta name="generator" content="moelens'
+
+
+def check_replaceable(out: Path) -> None:
+    """A report is written over ``out`` only if ``out`` is missing or a report moelens wrote
+    (known by its generator tag): somebody's own HTML file, or a link, is never replaced."""
+    from moelens.errors import OutputExistsError
+
+    if out.is_symlink():
+        raise OutputExistsError(f"{out} is a symbolic link; moelens never writes through a link: give the report another name")
+    if not out.exists():
+        return
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(html)
-        os.chmod(partial, 0o644)
-        os.replace(partial, out)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
-    return out
+        with open(out, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise OutputExistsError(f"cannot read {out} ({exc.strerror}); give the report another name") from None
+    if _GENERATOR not in head:
+        raise OutputExistsError(f"{out} exists and is not a report moelens wrote; give the report another name, or delete the file")
 
 
 def report(runs: Union[RunLike, Iterable[RunLike]], out: Union[str, "os.PathLike[str]"], title: Optional[str] = None,
@@ -122,6 +136,7 @@ def report(runs: Union[RunLike, Iterable[RunLike]], out: Union[str, "os.PathLike
         raise ConfigError(f"{target} is a directory; give the report a file name, e.g. --out {target / 'report.html'}")
     if target.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"{target}: a report is an HTML file; give a name ending in .html")
+    check_replaceable(target)
     return write_report(build_report(runs, title, figure_format), out)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,48 +36,19 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _umask_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (mkstemp's own is 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+def write_json(path: Path, obj: Any, root: Path | None = None) -> None:
+    """Write JSON atomically (sorted keys, indented, NaN-free values expected), never through a
+    link; with ``root``, no folder from ``root`` down may be a link (:mod:`moelens.safe_files`)."""
+    from moelens.safe_files import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), root)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _umask_mode())
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_table(path: Path, table: pd.DataFrame, root: Path | None = None) -> None:
+    """Write one Parquet table atomically, never through a link (``root`` as in :func:`write_json`)."""
+    from moelens.safe_files import atomic_write
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (sorted keys, indented, NaN-free values expected)."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def write_table(path: Path, table: pd.DataFrame) -> None:
-    """Write one Parquet table atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, _umask_mode())
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), lambda fh: table.to_parquet(fh, index=False), root)
 
 
 @dataclass

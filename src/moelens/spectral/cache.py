@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -67,6 +66,8 @@ class SpectrumCache:
         cutoff = time.time() - self.STALE_TEMPORARY_S
         for tmp in self.directory.glob("*/.*.tmp"):
             try:
+                if tmp.parent.is_symlink() or tmp.is_symlink():
+                    continue  # not a folder of this cache: never delete through a link
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
                     removed += 1
@@ -107,20 +108,13 @@ class SpectrumCache:
         return sigma, basis, rank, side
 
     def store(self, key: str, sigma: torch.Tensor, basis: torch.Tensor, rank: int, side: str) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {"sigma": sigma.detach().cpu().contiguous(), "basis": basis.detach().cpu().contiguous()},
-                tmp,
-                metadata={"format": FORMAT, "rank": str(int(rank)), "side": side},
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        from moelens.safe_files import atomic_write_bytes
+
+        data = save(
+            {"sigma": sigma.detach().cpu().contiguous(), "basis": basis.detach().cpu().contiguous()},
+            metadata={"format": FORMAT, "rank": str(int(rank)), "side": side},
+        )
+        # atomic, and never through a link (a prefix folder linked elsewhere is refused)
+        atomic_write_bytes(self.path(key), data, root=self.directory)

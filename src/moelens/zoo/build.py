@@ -43,6 +43,7 @@ from typing import Any
 from moelens.errors import ConfigError, OutputExistsError, SourceNotFoundError
 from moelens.locks import LOCK_NAME, DirectoryLock, pid_alive
 from moelens.progress import ProgressCallback, report
+from moelens.safe_files import remove_tree
 from moelens.zoo.corpus import World, build_world, calibration_text
 from moelens.zoo.recipe import Recipe, recipe_for
 
@@ -129,20 +130,37 @@ def load_zoo(path: str | os.PathLike[str]) -> Zoo:
     return Zoo(root=root, info=info, cached=True)
 
 
+def _read_info(root: Path) -> dict[str, Any]:
+    """``zoo.json`` of ``root`` as a zoo record (an object with the recipe's hash and the files it
+    lists); raises :class:`~moelens.errors.OutputExistsError` naming the file otherwise."""
+    from moelens.textfiles import read_json
+
+    path = root / ZOO_JSON
+    info = read_json(path, "zoo record", error=OutputExistsError)
+    if not isinstance(info, dict) or not isinstance(info.get("recipe_hash"), str) or not isinstance(info.get("files"), dict):
+        raise OutputExistsError(f"zoo record {path} is not a moelens zoo record (an object with recipe_hash and files)")
+    return info
+
+
 def _complete_info(root: Path) -> dict[str, Any] | None:
-    """``zoo.json`` of ``root`` if it parses and every file it lists exists with its size."""
+    """``zoo.json`` of ``root`` if it is a zoo record and every file it lists exists with its size."""
     try:
-        info = json.loads((root / ZOO_JSON).read_text())
-    except (OSError, json.JSONDecodeError):
+        info = _read_info(root)
+    except OutputExistsError:
         return None
-    files = info.get("files")
-    if not isinstance(files, dict) or not files:
+    files = info["files"]
+    if not files:
         return None
     for rel, size in files.items():
-        p = root / rel
+        p = root / str(rel)
         if not p.is_file() or p.stat().st_size != size:
             return None
     return info
+
+
+def _own_entries(info: dict[str, Any]) -> set[str]:
+    """The top-level names a zoo with record ``info`` is made of."""
+    return {ZOO_JSON, LOCK_NAME} | {Path(str(rel)).parts[0] for rel in info.get("files") or {} if Path(str(rel)).parts}
 
 
 @contextmanager
@@ -326,7 +344,7 @@ def remove_leftovers(out: Path) -> list[Path]:
                 continue  # not a name a build writes: leave it alone
             pid = int(suffix)
             if pid == os.getpid() or not pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True)
+                remove_tree(p)  # a link of that name is removed as a link, never followed
                 removed.append(p)
     return removed
 
@@ -356,8 +374,12 @@ def _existing(out: Path, recipe: Recipe, seed: int, force: bool, explicit: bool)
     info = _complete_info(out)
     if info is None:
         # an unfinished or damaged zoo is rebuilt; anything else is somebody's files
-        if not (out / ZOO_JSON).exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
-            raise OutputExistsError(f"{out} is a non-empty directory that is not a zoo; pass an empty or new directory to --out")
+        if not (out / ZOO_JSON).exists() and not (out / ZOO_JSON).is_symlink():
+            if any(p.name != LOCK_NAME for p in out.iterdir()):
+                raise OutputExistsError(f"{out} is a non-empty directory that is not a zoo; pass an empty or new directory to --out")
+            return None
+        if explicit and not force:
+            _check_damaged_zoo(out)
         return None
     if info.get("recipe_hash") == recipe.hash(seed):
         return None if force else Zoo(root=out, info=info, cached=True)
@@ -370,6 +392,24 @@ def _existing(out: Path, recipe: Recipe, seed: int, force: bool, explicit: bool)
             "pass --force to replace it, or choose another --out directory"
         )
     return None
+
+
+def _check_damaged_zoo(out: Path) -> None:
+    """A named ``out`` whose ``zoo.json`` is unreadable, or lists files that are missing, is
+    rebuilt only if all it holds is a zoo's own files: the rebuild replaces the directory, and a
+    ``zoo.json`` that cannot be read does not show that the rest is moelens' to delete."""
+    if (out / ZOO_JSON).is_symlink():
+        raise OutputExistsError(f"{out / ZOO_JSON} is a symbolic link, not a zoo record; pass --force to replace {out}, "
+                                "or choose another --out directory")
+    try:
+        info = _read_info(out)
+    except OutputExistsError as exc:
+        raise OutputExistsError(f"{exc}; {out} may hold files that are not a zoo's: pass --force to replace it, "
+                                "or choose another --out directory") from None
+    others = sorted(p.name for p in out.iterdir() if p.name not in _own_entries(info))
+    if others:
+        raise OutputExistsError(f"{out} holds an unfinished zoo and files that are not a zoo's ({', '.join(others[:3])}); "
+                                "pass --force to replace it, or choose another --out directory")
 
 
 def build(

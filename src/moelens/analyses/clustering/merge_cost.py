@@ -23,7 +23,6 @@ recall − recall(original), ``perplexity_ratio`` = perplexity / perplexity(orig
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +254,11 @@ class MergeCost(Analysis):
     unit_tables = (COST_SCHEMA,)
     derived_tables = (SUMMARY_SCHEMA,)
 
+    def __init__(self, scratch_root: str | os.PathLike[str] | None = None):
+        # merged checkpoints are written under the run directory (its .moelens-tmp), where a killed
+        # run's leftovers are removed by the next run; without one, in the system's temporary folder
+        self.scratch_root = None if scratch_root is None else Path(scratch_root)
+
     def plan(self, models: Mapping[str, Any], config: MergeCostConfig) -> Plan:
         model: MoEModel = models["a"]
         state, options, units = _plan(model, config)
@@ -267,6 +271,7 @@ class MergeCost(Analysis):
 
         from moelens.merge import export_merged
         from moelens.runtime import load_causal_lm
+        from moelens.safe_files import remove_tree, scratch_dir
 
         s: MergeCostState = plan.state
         v = s.variants[unit.data["variant"]]
@@ -276,7 +281,7 @@ class MergeCost(Analysis):
         try:
             path: Any = s.model.path
             if v.clusters is not None:
-                scratch = Path(tempfile.mkdtemp(prefix="moelens-merge-"))
+                scratch = scratch_dir(self.scratch_root) if self.scratch_root is not None else Path(tempfile.mkdtemp(prefix="moelens-merge-"))
                 path = export_merged(s.model.path, v.clusters, scratch / "merged", export=s.config.export, permute=v.permute,
                                      device=s.device, revision=s.model.revision)
             lm = load_causal_lm(path, device=s.device, dtype=s.dtype, revision=s.model.revision if v.clusters is None else None)
@@ -284,7 +289,7 @@ class MergeCost(Analysis):
             del lm
         finally:
             if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+                remove_tree(scratch)
             if bars:
                 hf_logging.enable_progress_bar()
         row = {
@@ -333,7 +338,7 @@ def merge_cost(
     from moelens.checkpoint import open_model
 
     m = model if isinstance(model, MoEModel) else open_model(model)
-    return run_analysis(MergeCost(), {"a": m}, config, out=out, progress=progress)
+    return run_analysis(MergeCost(scratch_root=out), {"a": m}, config, out=out, progress=progress)
 
 
 __all__ = ["ANALYSIS", "COST_SCHEMA", "MergeCost", "MergeCostConfig", "SUMMARY_SCHEMA", "merge_cost", "read_facts", "summarise"]
