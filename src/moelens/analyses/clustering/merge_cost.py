@@ -230,6 +230,7 @@ def _measure(state: MergeCostState, lm: Any, context: UnitContext) -> tuple[floa
 
 class MergeCost(Analysis):
     """One unit per variant (the original, each clustering with and without permutation)."""
+    reads_whole_model = True
 
     name = ANALYSIS
     title = "Merge cost"
