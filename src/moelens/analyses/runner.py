@@ -15,7 +15,7 @@ tables are added, the manifest says ``"complete"`` and the parts are removed.
 Resuming checks that the directory holds the same analysis with the same options (fields marked
 ``resumable``, like the device, aside) and the same input files. Large weight files are
 fingerprinted by samples only, so the manifest also records what the units read
-(``read_digests``: input -> read key -> BLAKE2b of the bytes, see :mod:`moelens.checkpoint.store`),
+(``read_digests``: input -> read key -> SHA-256 of the bytes, cut to 128 bits, see :mod:`moelens.checkpoint.store`),
 and a resume reads those tensors again and refuses a checkpoint whose bytes differ. A directory that holds no
 finished unit is simply started afresh with the new options: there is nothing to protect.
 

@@ -16,7 +16,7 @@ Quantised tensors are dequantised on read, transparently, under the name of the 
   not the store, knows that (transformers transposes after dequantising).
 
 What was read is fingerprinted by content: the first time a tensor (or one entry or part of it)
-is read, its raw bytes as stored are hashed (BLAKE2b, 128 bits) under a key that says what was
+is read, its raw bytes as stored are hashed (SHA-256, cut to 128 bits) under a key that says what was
 read (:func:`read_key`). The digests go to a log that the runner collects per unit
 (:func:`take_read_digests`) and records in the run's manifest, and :meth:`TensorStore.verify_reads`
 reads and hashes them again to tell whether a checkpoint still holds the bytes a run was made of.
@@ -46,7 +46,7 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 #: ``SAMPLE_BYTES`` (unless hashed whole); what lies between is covered by the read digests.
 SAMPLE_BYTES = 1 << 20
 
-#: BLAKE2b digests of what this process read, per checkpoint directory, not yet collected.
+#: Digests of what this process read, per checkpoint directory, not yet collected.
 _READ_LOG: dict[str, dict[str, str]] = {}
 
 _KEY = re.compile(r"^(?P<name>.+?)(?:\[(?P<index>\d+|\d*:\d*)\])?(?:@(?P<axis>\d+):(?P<start>\d+):(?P<stop>\d+))?$")
@@ -98,12 +98,14 @@ def parse_read_key(key: str) -> tuple[str, int | slice | None, tuple[int, int, i
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """BLAKE2b-128 of a tensor's raw bytes (as stored: bf16 and fp8 bytes are hashed as such)."""
-    h = hashlib.blake2b(digest_size=16)
+    """SHA-256 of a tensor's raw bytes (as stored: bf16 and fp8 bytes are hashed as such), its
+    first 128 bits in hex. SHA-256 rather than BLAKE2b: with the SHA extensions of current x86
+    and ARM cores it hashes about 2.4 times faster (``benchmarks/fingerprint.py``)."""
+    h = hashlib.sha256()
     t = t.detach().contiguous()
     if t.numel():
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return f"blake2b:{h.hexdigest()}"
+    return f"sha256-128:{h.hexdigest()[:32]}"
 
 
 def take_read_digests() -> dict[str, dict[str, str]]:
