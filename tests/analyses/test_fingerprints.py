@@ -205,3 +205,19 @@ def test_merge_cost_resumed_after_its_facts_changed_is_refused(lm_dir, files, tm
     shutil.copy(files["facts"], facts)
     done = merge_cost(lm_dir, [run.path], facts=facts, out=out, permute="off")
     assert done["merge_cost"]["variant"].tolist() == ["original", "00-m-smoe"]
+
+
+def test_atlas_does_not_reuse_a_finished_run_whose_weights_changed_in_the_middle(three_layers, tmp_path, small_window):
+    from moelens.atlas import _finished
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(three_layers, ckpt)
+    out = tmp_path / "run"
+    ml.router_alignment(ckpt, out=out, layers=[0], cache=False, shuffles=5)
+    assert _finished(out) is not None
+    _, path, at = _flip_middle_of(ckpt, "layers.0.block_sparse_moe.experts.")
+    assert _finished(out) is None
+    with pytest.raises(RunDirectoryError, match="other"):
+        ml.router_alignment(ckpt, out=out, layers=[0], cache=False, shuffles=5)
+    _flip_back(path, at)
+    assert _finished(out) is not None
