@@ -221,3 +221,18 @@ def test_atlas_does_not_reuse_a_finished_run_whose_weights_changed_in_the_middle
         ml.router_alignment(ckpt, out=out, layers=[0], cache=False, shuffles=5)
     _flip_back(path, at)
     assert _finished(out) is not None
+
+
+def test_a_calibration_resumed_on_weights_changed_in_the_middle_is_refused_naming_the_file(lm_dir, files, tmp_path, small_window):
+    model = tmp_path / "model"
+    shutil.copytree(lm_dir, model)
+    out = tmp_path / "cal"
+    with pytest.raises(Killed):
+        calibrate(model, files["text"], out=out, progress=_kill_when("layers", 1))
+    assert json.loads((out / "manifest.json").read_text())["completed_units"]
+    _, path, at = _flip_middle_of(model, "experts.")
+    with pytest.raises(RunDirectoryError) as err:
+        calibrate(model, files["text"], out=out)
+    assert "\n" not in str(err.value) and path.name in str(err.value) and "--out" in str(err.value)
+    _flip_back(path, at)
+    assert calibrate(model, files["text"], out=out).manifest["status"] == "complete"

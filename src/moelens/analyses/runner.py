@@ -257,8 +257,11 @@ class RunDirectory:
         old_inputs = old.get("inputs") or ({"a": old["model"]} if isinstance(old.get("model"), dict) else {})
         for name, info in self.manifest.get("inputs", {}).items():
             theirs_files = (old_inputs.get(name) or {}).get("files")
-            if theirs_files is not None and theirs_files != info.get("files"):
-                return (f"{self.path} was written from other weight files than {info.get('path')}; "
+            mine_files = info.get("files") or {}
+            if theirs_files is not None and theirs_files != mine_files:
+                differ = sorted(f for f in set(theirs_files) | set(mine_files) if theirs_files.get(f) != mine_files.get(f)) \
+                    if isinstance(theirs_files, Mapping) else ["its files"]
+                return (f"{self.path} was written from other weight files than {info.get('path')} ({differ[0]} differs); "
                         "choose another --out directory for this checkpoint")
         return ""
 
