@@ -303,15 +303,39 @@ def check_atlas_out(out: Path) -> None:
 
 
 def _finished(path: Path) -> Run | None:
+    """The complete run in ``path`` when its inputs still hold the bytes it was computed from;
+    otherwise None, and the step runs again into ``path``, where the runner refuses other
+    weights in one line."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return None
     try:
-        if read_manifest(manifest).get("status") != "complete":
+        content = read_manifest(manifest)
+        if content.get("status") != "complete" or _weights_changed(content):
             return None
         return load_run(path)
     except (OSError, ValueError, ConfigError, RunDirectoryError):
         return None  # computed again: the runner refuses a damaged directory in one line
+
+
+def _weights_changed(manifest: dict[str, Any]) -> bool:
+    """Whether an input's files or the tensors the run read differ from what it recorded."""
+    from moelens.checkpoint.store import TensorStore, is_sampled
+    from moelens.errors import MoelensError
+
+    reads = manifest.get("read_digests") or {}
+    for name, info in (manifest.get("inputs") or {}).items():
+        files = info.get("files") if isinstance(info, dict) else None
+        if not isinstance(files, dict) or not info.get("path"):
+            continue
+        try:
+            store = TensorStore(Path(info["path"]))
+            exact = [f for f, h in files.items() if isinstance(h, str) and not is_sampled(h)]
+            if store.file_hashes(whole_files=exact) != files or store.verify_reads(reads.get(name) or {}, exact):
+                return True
+        except (MoelensError, OSError):
+            return True
+    return False
 
 
 def save_figures(runs: dict[str, Run], out: Path, dpi: int = 150) -> list[Path]:

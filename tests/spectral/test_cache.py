@@ -130,3 +130,25 @@ def test_temporaries_left_by_a_killed_writer_are_removed_but_live_ones_kept(tmp_
     os.utime(stale, (old, old))
     SpectrumCache(tmp_path)
     assert not stale.exists() and live.exists()
+
+
+def test_tampered_entry_is_recomputed_and_never_served(tmp_path):
+    """A well-formed entry whose arrays were changed after writing (its metadata kept) fails the
+    content check: the spectrum is recomputed, equals the uncached one, and the entry is rewritten."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    weights, probes = torch.randn(1, 12, 6, generator=g), torch.randn(1, 6, generator=g)
+    uncached, uncached_sigma = _run(weights, probes, None)
+    cache = SpectrumCache(tmp_path)
+    _run(weights, probes, cache)
+    (path,) = list(tmp_path.rglob("*.safetensors"))
+    with safe_open(str(path), framework="pt") as fh:
+        meta, sigma, basis = fh.metadata(), fh.get_tensor("sigma"), fh.get_tensor("basis")
+    save_file({"sigma": sigma * 2, "basis": basis.flip(-1).contiguous()}, str(path), metadata=meta)
+    got, got_sigma = _run(weights, probes, cache)
+    assert cache.hits == 0
+    assert torch.equal(got, uncached) and torch.equal(got_sigma, uncached_sigma)
+    again, _ = _run(weights, probes, cache)
+    assert cache.hits == 1 and torch.equal(again, uncached)

@@ -153,6 +153,9 @@ class Analysis:
     config_type: ClassVar[type]
     #: Named inputs: the first is required, the others optional (``("a", "b")``).
     inputs: ClassVar[tuple[str, ...]] = ("a",)
+    #: Whether the analysis runs the model through transformers (which reads every weight file
+    #: whole, outside the tensor store): its manifest then records whole-file hashes.
+    reads_whole_model: ClassVar[bool] = False
     #: What a unit is, for progress bars ("layers", "prompt batches").
     unit_noun: ClassVar[str] = "layers"
     #: Tables every unit writes.

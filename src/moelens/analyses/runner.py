@@ -13,7 +13,10 @@ unit is done the parts are concatenated in plan order into ``DIR/<table>.parquet
 tables are added, the manifest says ``"complete"`` and the parts are removed.
 
 Resuming checks that the directory holds the same analysis with the same options (fields marked
-``resumable``, like the device, aside) and the same input files. A directory that holds no
+``resumable``, like the device, aside) and the same input files. Large weight files are
+fingerprinted by samples only, so the manifest also records what the units read
+(``read_digests``: input -> read key -> SHA-256 of the bytes, cut to 128 bits, see :mod:`moelens.checkpoint.store`),
+and a resume reads those tensors again and refuses a checkpoint whose bytes differ. A directory that holds no
 finished unit is simply started afresh with the new options: there is nothing to protect.
 
 Where units are computed is the executor's business (:mod:`moelens.analyses.executors`): in this
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import pandas as pd
 
 from moelens.analyses.base import Analysis, Plan, Unit, resumable_fields
+from moelens.checkpoint.store import is_sampled
 from moelens.errors import MoelensError, RunDirectoryError
 from moelens.progress import ProgressCallback
 from moelens.results.manifest import read_manifest
@@ -50,17 +54,19 @@ SCHEMA_VERSION = 1
 PARTS = "parts"
 
 
-def model_info(model: Any) -> dict[str, Any]:
-    """What the manifest records of an input model: enough to name it, find it and know its files."""
+def model_info(model: Any, whole: bool = False) -> dict[str, Any]:
+    """What the manifest records of an input model: enough to name it, find it and know its files
+    (hashed whole when ``whole``: an analysis that loads the model through transformers reads
+    every byte, so every byte is evidence)."""
     return {
         "source": model.source, "name": model.name, "path": str(model.path), "family": model.family,
         "n_layers": model.n_layers, "n_experts": model.n_experts, "top_k": model.top_k,
-        "hidden_size": model.hidden_size, "expert_ffn": model.expert_ffn, "files": model.file_hashes(),
+        "hidden_size": model.hidden_size, "expert_ffn": model.expert_ffn, "files": model.file_hashes(whole=whole),
     }
 
 
 def new_manifest(analysis: Analysis, models: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
-    inputs = {name: model_info(m) for name, m in models.items() if m is not None}
+    inputs = {name: model_info(m, analysis.reads_whole_model) for name, m in models.items() if m is not None}
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "analysis": analysis.name,
@@ -78,12 +84,45 @@ def new_manifest(analysis: Analysis, models: Mapping[str, Any], plan: Plan) -> d
         "tables": schemas_to_json(analysis.schemas()),
         "units": [u.key for u in plan.units],
         "warnings": {},
+        "read_digests": {name: {} for name in inputs},
     }
     if plan.notes:
         manifest["notes"] = list(plan.notes)
     if all(u.layer is not None for u in plan.units):
         manifest["completed_layers"] = []
     return manifest
+
+
+def reads_by_input(reads: Mapping[str, Mapping[str, str]], models: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Digests logged per checkpoint directory, assigned to the run's inputs by directory (a
+    worker on another host may see a checkpoint of the Hugging Face cache under another root,
+    so the snapshot's last two path parts also match). Reads of other checkpoints are dropped."""
+    out: dict[str, dict[str, str]] = {}
+    for directory, digests in reads.items():
+        d = Path(directory)
+        for name, model in models.items():
+            if getattr(model, "store", None) is None:
+                continue
+            path = Path(model.store.directory)
+            if d == path or d.resolve() == path.resolve() or (len(d.parts) > 2 and d.parts[-2:] == path.parts[-2:]):
+                out.setdefault(name, {}).update(digests)
+                break
+    return out
+
+
+def merge_reads(manifest: dict[str, Any], reads: Mapping[str, Mapping[str, str]], where: str) -> None:
+    """Add ``reads`` (input -> key -> digest) to the manifest's ``read_digests``; a tensor read
+    twice with other bytes (a worker that sees another checkpoint, a file changed while the run
+    ran) is refused."""
+    recorded = manifest.setdefault("read_digests", {})
+    for name, digests in reads.items():
+        mine = recorded.setdefault(name, {})
+        for key, digest in digests.items():
+            if mine.setdefault(key, digest) != digest:
+                raise RunDirectoryError(
+                    f"{where}: tensor {key} of input {name} was read with other bytes than before (the checkpoint changed "
+                    "while the run ran, or a worker sees another copy); run again into a new --out directory"
+                )
 
 
 def _describe(options: Mapping[str, Any], keys: Iterable[str]) -> str:
@@ -103,8 +142,10 @@ def _clean_leftovers(directory: Path) -> None:
 class RunDirectory:
     """One analysis streaming its units into ``path``, the only writer while it is open."""
 
-    def __init__(self, path: str | os.PathLike[str], analysis: Analysis, manifest: dict[str, Any]):
+    def __init__(self, path: str | os.PathLike[str], analysis: Analysis, manifest: dict[str, Any],
+                 models: Mapping[str, Any] | None = None):
         self.path = Path(path)
+        self.models = dict(models or {})
         self.analysis = analysis
         self.manifest = dict(manifest)
         self.schemas: dict[str, TableSchema] = analysis.schemas()
@@ -172,6 +213,12 @@ class RunDirectory:
             return
         if mismatch:
             raise RunDirectoryError(mismatch)
+        changed = self._changed_reads(old)
+        if changed:
+            raise RunDirectoryError(changed)
+        old_reads = old.get("read_digests")
+        if isinstance(old_reads, Mapping):
+            merge_reads(self.manifest, {k: dict(v) for k, v in old_reads.items() if isinstance(v, Mapping)}, str(self.path))
         self.manifest["created"] = old.get("created", self.manifest.get("created"))
         timings = old.get("timings") or {}
         self._previous_total = float(timings.get("total_s", 0.0) or 0.0)
@@ -211,9 +258,30 @@ class RunDirectory:
         old_inputs = old.get("inputs") or ({"a": old["model"]} if isinstance(old.get("model"), dict) else {})
         for name, info in self.manifest.get("inputs", {}).items():
             theirs_files = (old_inputs.get(name) or {}).get("files")
-            if theirs_files is not None and theirs_files != info.get("files"):
-                return (f"{self.path} was written from other weight files than {info.get('path')}; "
+            mine_files = info.get("files") or {}
+            if theirs_files is not None and theirs_files != mine_files:
+                differ = sorted(f for f in set(theirs_files) | set(mine_files) if theirs_files.get(f) != mine_files.get(f)) \
+                    if isinstance(theirs_files, Mapping) else ["its files"]
+                return (f"{self.path} was written from other weight files than {info.get('path')} ({differ[0]} differs); "
                         "choose another --out directory for this checkpoint")
+        return ""
+
+    def _changed_reads(self, old: Mapping[str, Any]) -> str:
+        """Why the tensors the finished units read are not what the checkpoints hold now ("" when
+        they are). Files whose whole hash is recorded and unchanged are not read again."""
+        recorded = old.get("read_digests")
+        if not isinstance(recorded, Mapping):
+            return ""
+        for name, model in self.models.items():
+            digests = recorded.get(name)
+            if getattr(model, "store", None) is None or not isinstance(digests, Mapping) or not digests:
+                continue
+            files = (self.manifest.get("inputs", {}).get(name) or {}).get("files") or {}
+            exact = [f for f, h in files.items() if isinstance(h, str) and not is_sampled(h)]
+            why = model.store.verify_reads(digests, trusted_files=exact)
+            if why:
+                return (f"{self.path} was computed from other weights than {model.path} holds now: {why}; "
+                        "choose a new --out directory for this checkpoint")
         return ""
 
     def _start_fresh(self) -> None:
@@ -252,8 +320,11 @@ class RunDirectory:
             layers = {u: int(u[1:]) for u in self.manifest["units"]}
             self.manifest["completed_layers"] = [layers[k] for k in self.completed if k in layers]
 
-    def write_unit(self, unit: Unit, tables: Mapping[str, pd.DataFrame], seconds: float, warnings: list[str]) -> None:
-        """Persist one finished unit: part files first, then the manifest entry."""
+    def write_unit(self, unit: Unit, tables: Mapping[str, pd.DataFrame], seconds: float, warnings: list[str],
+                   reads: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """Persist one finished unit: part files first, then the manifest entry (with the digests
+        of what it read, input -> read key -> digest)."""
+        merge_reads(self.manifest, reads or {}, str(self.path))
         part = self._part(unit.key)
         for name in self._unit_table_names():
             write_table(part / f"{name}.parquet", tables[name], root=self.path)
@@ -317,7 +388,7 @@ def _removed_if_nothing_done(directory: RunDirectory, made_here: bool) -> Iterat
         yield
     except MoelensError:
         if made_here and not directory.completed:
-            shutil.rmtree(directory.path, ignore_errors=True)
+            remove_tree(directory.path)
         raise
 
 
@@ -346,6 +417,7 @@ def run_analysis(
     :class:`~moelens.analyses.executors.RayExecutor` as Ray tasks. The tables are the same
     either way, and a run begun on one executor may be finished on the other."""
     from moelens.analyses.executors import Job, resolve_executor
+    from moelens.checkpoint.store import take_read_digests
     from moelens.progress import report as progress_report
     from moelens.threads import use_threads_for
 
@@ -380,7 +452,9 @@ def run_analysis(
                     if result.warnings:
                         manifest["warnings"][unit.key] = list(result.warnings)
                     _add_counters(plan, result.counters)
+                    merge_reads(manifest, reads_by_input(result.reads, models), "run")
                     report(len(collected), unit)
+            merge_reads(manifest, reads_by_input(take_read_digests(), models), "run")
             manifest["completed_units"] = [u.key for u in plan.units]
             merged = {
                 s.name: pd.concat([collected[u.key][s.name] for u in plan.units], ignore_index=True) for s in analysis.unit_tables
@@ -394,8 +468,10 @@ def run_analysis(
             manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
             return Run(manifest=manifest, tables=merged)
 
+        # what the driver read while planning (Ray: the units' reads come from the workers)
+        merge_reads(manifest, reads_by_input(take_read_digests(), models), str(out))
         made_here = not Path(out).exists()
-        with RunDirectory(out, analysis, manifest) as directory, _removed_if_nothing_done(directory, made_here):
+        with RunDirectory(out, analysis, manifest, models) as directory, _removed_if_nothing_done(directory, made_here):
             done = set(directory.completed)
             report(len(done))
             todo = [u for u in plan.units if u.key not in done]
@@ -405,11 +481,11 @@ def run_analysis(
                     tables = _checked(analysis, result.tables, derived=False, where=f"unit {unit.key}")
                     _add_counters(plan, result.counters)
                     directory.manifest["executor"] = session.info()
-                    directory.write_unit(unit, tables, result.seconds, result.warnings)
+                    directory.write_unit(unit, tables, result.seconds, result.warnings, reads_by_input(result.reads, models))
                     done.add(unit.key)
                     report(len(done), unit)
             directory.manifest["executor"] = session.info()
             return directory.finish(plan, analysis.manifest_extra(plan))
 
 
-__all__ = ["PARTS", "SCHEMA_VERSION", "RunDirectory", "model_info", "new_manifest", "run_analysis"]
+__all__ = ["PARTS", "SCHEMA_VERSION", "RunDirectory", "merge_reads", "model_info", "new_manifest", "reads_by_input", "run_analysis"]

@@ -12,7 +12,7 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -280,8 +280,10 @@ class MoEModel:
             raise NotMoEError(f"layer {i} is an MoE layer; use model.layer({i}) for its experts")
         return self.family_adapter.dense_mlp(i)
 
-    def file_hashes(self) -> dict[str, str]:
-        return self.store.file_hashes()
+    def file_hashes(self, whole: bool = False, whole_files: Iterable[str] = ()) -> dict[str, str]:
+        """Fingerprints of config and weight files (see :meth:`TensorStore.file_hashes`):
+        sampled for large files unless ``whole`` or named in ``whole_files``."""
+        return self.store.file_hashes(max_bytes=-1 if whole else None, whole_files=whole_files)
 
     def check(self) -> None:
         """Raise :class:`~moelens.errors.CheckpointFormatError` naming a missing or misshapen

@@ -6,7 +6,10 @@ and the compute dtype. A tensor that changes by one bit gets a new key, so a sta
 never reused; nothing else (paths, layer numbers, model names) enters the key.
 
 One file per matrix: ``<dir>/<key[:2]>/<key>.safetensors`` holding ``sigma`` [r] and ``basis``
-[n, r] (fp32 or fp64) with ``rank`` and ``side`` as metadata; written atomically. A full-size
+[n, r] (fp32 or fp64) with ``rank``, ``side`` and ``digest`` (the :func:`content_hash` of sigma
+and basis) as metadata; written atomically. An entry is verified by content when read: one whose
+arrays no longer match its digest (a damaged or edited file) is a miss, recomputed and rewritten,
+never a wrong answer. A full-size
 spectrum is as large as the Gram matrix (Mixtral-8x7B: 64 MiB per expert and role, 16 GiB for
 one role of the whole model); pass ``cache=False`` (``--no-cache``) to skip it, or point
 ``MOELENS_CACHE`` elsewhere.
@@ -40,6 +43,11 @@ def content_hash(tensor: torch.Tensor) -> str:
         # A uint8 view exposes the raw bytes of any dtype (bf16 and fp8 have no numpy type).
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+def entry_digest(sigma: torch.Tensor, basis: torch.Tensor, rank: int, side: str) -> str:
+    """What an entry's ``digest`` metadata holds: the content hashes of its arrays and its fields."""
+    return hashlib.sha256(f"{content_hash(sigma)}|{content_hash(basis)}|{int(rank)}|{side}".encode()).hexdigest()
 
 
 class SpectrumCache:
@@ -100,6 +108,8 @@ class SpectrumCache:
                     raise ValueError("format")
                 sigma, basis = fh.get_tensor("sigma"), fh.get_tensor("basis")
                 rank, side = int(meta["rank"]), meta["side"]
+                if meta.get("digest") != entry_digest(sigma, basis, rank, side):
+                    raise ValueError("digest")
         except Exception:  # noqa: BLE001 - safetensors raises its own error types
             # A truncated or foreign file is a miss: the spectrum is recomputed and rewritten.
             self.misses += 1
@@ -114,7 +124,7 @@ class SpectrumCache:
 
         data = save(
             {"sigma": sigma.detach().cpu().contiguous(), "basis": basis.detach().cpu().contiguous()},
-            metadata={"format": FORMAT, "rank": str(int(rank)), "side": side},
+            metadata={"format": FORMAT, "rank": str(int(rank)), "side": side, "digest": entry_digest(sigma, basis, rank, side)},
         )
         # atomic, and never through a link (a prefix folder linked elsewhere is refused)
         atomic_write_bytes(self.path(key), data, root=self.directory)

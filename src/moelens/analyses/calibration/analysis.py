@@ -200,6 +200,7 @@ class Calibration(Analysis):
 
     ``matrices`` is where the units put their arrays; :func:`calibrate` gives it the run
     directory's ``matrices/`` (in memory without one)."""
+    reads_whole_model = True
 
     name = ANALYSIS
     title = "Calibration"

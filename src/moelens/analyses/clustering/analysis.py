@@ -123,11 +123,26 @@ def is_run_directory(value: Any) -> bool:
 
 
 def check_same_model(run: Run, model: MoEModel, what: str, fix: str) -> None:
-    """A run made from other weight files than ``model``'s is refused, in one line."""
+    """A run made from other weights than ``model``'s is refused, in one line.
+
+    Evidence by content: every file the run hashed whole is hashed whole again (a Hugging Face
+    cache file by its blob name, free), a file it fingerprinted by samples is compared so, and
+    the tensors its units read are read and hashed again (``read_digests``)."""
+    from moelens.checkpoint.store import is_sampled
+
     info = (run.manifest.get("inputs") or {}).get("a") or run.manifest.get("model") or {}
-    if info.get("files") != model.file_hashes():
-        made = info.get("path") or info.get("name") or "another checkpoint"
-        raise ConfigError(f"{what} {run.path} was made from {made}, not from the weight files of {model.path}; {fix}")
+    recorded = info.get("files") or {}
+    made = info.get("path") or info.get("name") or "another checkpoint"
+    exact = [f for f, h in recorded.items() if isinstance(h, str) and not is_sampled(h)]
+    current = model.file_hashes(whole_files=exact)
+    differ = sorted(f for f in set(recorded) | set(current) if recorded.get(f) != current.get(f))
+    if differ:
+        raise ConfigError(f"{what} {run.path} was made from {made}, not from the weight files of {model.path} "
+                          f"({differ[0]} differs); {fix}")
+    digests = (run.manifest.get("read_digests") or {}).get("a") or {}
+    why = model.store.verify_reads(digests, trusted_files=exact) if digests else ""
+    if why:
+        raise ConfigError(f"{what} {run.path} was made from other weights than {model.path} holds: {why}; {fix}")
 
 
 def check_calibration_matrices(store: MatrixStore, layers: Sequence[int], model: MoEModel, where: str) -> None:
@@ -187,6 +202,7 @@ class Clustering(Analysis):
 
     ``matrices`` is where a self-calibrating run puts its arrays (:func:`cluster` gives it the run
     directory's ``matrices/``; in memory without one)."""
+    reads_whole_model = True
 
     name = ANALYSIS
     title = "Expert clustering"

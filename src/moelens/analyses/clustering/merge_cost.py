@@ -22,6 +22,8 @@ recall − recall(original), ``perplexity_ratio`` = perplexity / perplexity(orig
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -132,6 +134,16 @@ def check_facts(path: str, facts: Sequence[tuple[int, dict[str, str]]], tokenize
                               f"unknown token {tokenizer.unk_token!r}); use a target the model can predict")
 
 
+def facts_digest(facts: list[dict[str, str]]) -> str:
+    """SHA-256 of the facts as read (prompt and target of every line, in order)."""
+    return hashlib.sha256(json.dumps(facts, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def table_digest(table: pd.DataFrame) -> str:
+    """SHA-256 of a clusters table's values (the same digest ``distance --clusters`` records)."""
+    return hashlib.sha256(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes()).hexdigest()
+
+
 def _calibration_text(run: Run) -> Optional[str]:
     """The calibration text file a clustering run was calibrated on, when it still exists."""
     from moelens.results import load_run
@@ -196,8 +208,10 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
         facts = [fact for _, fact in fact_lines]
     texts = c.texts if c.texts is not None else next((t for t in (_calibration_text(r) for _, r, _ in runs) if t), None)
     heldout = None
+    texts_digest = None
     if texts is not None:
         lines = read_lines(texts)
+        texts_digest = lines.digest()
         if lines.n_heldout == 0:
             raise ConfigError(f"{texts} has {len(lines.items)} non-empty line(s), so its held-out last 10 % is empty; "
                               "perplexity needs a text of at least 10 lines")
@@ -223,6 +237,10 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
         "clusters": [str(Path(p).resolve()) for p in c.clusters],
         "facts": str(Path(c.facts).resolve()) if c.facts else None, "n_facts": len(facts) if facts else 0,
         "texts": str(Path(texts).resolve()) if texts else None, "heldout_lines": len(heldout) if heldout else 0,
+        # contents, not paths, decide whether a resumed run may keep its finished variants: an
+        # edited facts file, text or clustering run behind the same path is refused
+        "facts_sha256": facts_digest(facts) if facts else None, "texts_sha256": texts_digest,
+        "clusters_sha256": [table_digest(table) for _, _, table in runs],
         "export": c.export, "permute": c.permute, "batch_tokens": c.batch_tokens, "device": str(device), "dtype": state.dtype,
     }
     units = [Unit(key=k, seed=unit_seed(0, k), data={"variant": k}) for k in variants]
@@ -245,6 +263,7 @@ def _measure(state: MergeCostState, lm: Any, context: UnitContext) -> tuple[floa
 
 class MergeCost(Analysis):
     """One unit per variant (the original, each clustering with and without permutation)."""
+    reads_whole_model = True
 
     name = ANALYSIS
     title = "Merge cost"

@@ -43,7 +43,9 @@ class ExecutorError(MoelensError):
 class UnitResult:
     """One finished unit, as an executor hands it back: its tables, the seconds its computation
     took, its warnings and counters, and where it ran (``worker`` = ``host:pid``, the compute
-    ``device``, the worker process's peak resident memory so far)."""
+    ``device``, the worker process's peak resident memory so far). ``reads`` holds the digests
+    of the tensors this process read for the first time while planning and computing it, per
+    checkpoint directory (read key -> digest; see :mod:`moelens.checkpoint.store`)."""
 
     key: str
     tables: dict[str, pd.DataFrame]
@@ -53,6 +55,7 @@ class UnitResult:
     device: str | None = None
     worker: str = ""
     peak_rss_mib: float = 0.0
+    reads: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +77,8 @@ def peak_rss_mib() -> float:
 
 def compute_unit(analysis: Analysis, plan: Plan, unit: Unit, progress: ProgressCallback | None = None) -> UnitResult:
     """One unit's pure work in this process: ``analysis.compute`` and what it said while working."""
+    from moelens.checkpoint.store import take_read_digests
+
     context = UnitContext(progress)
     t0 = time.perf_counter()
     tables = analysis.compute(plan, unit, context)
@@ -82,7 +87,7 @@ def compute_unit(analysis: Analysis, plan: Plan, unit: Unit, progress: ProgressC
     return UnitResult(
         key=unit.key, tables=dict(tables), seconds=seconds, warnings=list(context.warnings),
         counters=dict(context.counters), device=None if device is None else str(device),
-        worker=f"{socket.gethostname()}:{os.getpid()}", peak_rss_mib=peak_rss_mib(),
+        worker=f"{socket.gethostname()}:{os.getpid()}", peak_rss_mib=peak_rss_mib(), reads=take_read_digests(),
     )
 
 

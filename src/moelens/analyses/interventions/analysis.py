@@ -175,6 +175,7 @@ def _max_positions(model: Any) -> int | None:
 
 class Interventions(Analysis):
     """SPEC §4: one unit per group of prompts, one row per prompt × (layer, site[, position])."""
+    reads_whole_model = True
 
     name = ANALYSIS
     title = "Layer-wise interventions"
