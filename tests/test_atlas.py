@@ -75,6 +75,19 @@ def test_a_dense_model_gets_module_metrics_and_interventions_and_a_note(tmp_path
     assert "dense model" in html and 'data-analysis="interventions"' in html
 
 
+def test_a_forward_only_causal_lm_gets_interventions_and_a_note(tmp_path):
+    """GPT-2: no weights read by name, so module metrics are skipped with a note; trace runs."""
+    from tests.analyses import interventions_fixtures as fx
+
+    tok = fx.tokenizer()
+    gpt2 = fx.save_model(fx.causal_lm_config(tok, "gpt2"), tok, tmp_path / "gpt2")
+    prompts = fx.write_prompts(tmp_path / "prompts.jsonl")
+    result = atlas(gpt2, tmp_path / "atlas", prompts=prompts, device="cpu")
+    assert set(result.runs) == {"trace-model"}
+    assert any("forward passes only" in n and "module metrics" in n for n in result.notes)
+    assert 'data-analysis="interventions"' in result.report.read_text()
+
+
 def test_bad_input_is_refused_before_anything_is_written(small_zoo, tmp_path):
     out = tmp_path / "never"
     with pytest.raises(ConfigError, match="not both"):

@@ -174,7 +174,9 @@ def plan_atlas(
 
     from moelens.analyses.module_metrics import module_metrics
 
-    if tuned_m is not None:
+    if any(getattr(m.family_adapter, "forward_only", False) for m in models.values()):
+        notes.append(f"{main.name} is a {main.family} checkpoint opened for forward passes only: module metrics were skipped")
+    elif tuned_m is not None:
         steps.append(Step("modules", "module metrics",
                           f"moelens modules {_q(base_m.path)} {_q(tuned_m.path)} --out runs/modules{dev_flag}{exec_flag}",
                           lambda d, p: module_metrics(base_m, tuned_m, device=device, out=d, progress=p, executor=executor)))

@@ -72,6 +72,22 @@ def llama_config(tok: Any) -> Any:
     )
 
 
+#: Causal LMs that moelens opens for forward passes only (GPT-2, GPT-J, GPT-NeoX, Phi, Gemma, Falcon, OPT).
+CAUSAL_LMS = ("gpt2", "gptj", "gpt_neox", "phi", "gemma", "falcon", "opt")
+
+
+def causal_lm_config(tok: Any, model_type: str) -> Any:
+    """A tiny config of one of ``CAUSAL_LMS`` at the tests' shape (hidden 32, 3 layers, 4 heads)."""
+    from moelens.checkpoint.families.causal_lm import tiny_causal_lm_config
+
+    config = tiny_causal_lm_config(model_type, vocab_size=len(tok), layers=LAYERS, special=_special(tok))
+    config.initializer_range = INIT_RANGE
+    if hasattr(config, "init_std"):  # OPT's name for it
+        config.init_std = INIT_RANGE
+    config.tie_word_embeddings = False
+    return config
+
+
 def save_model(config: Any, tok: Any, out: Path, seed: int = 0) -> Path:
     """Random-init model of ``config`` (float32, fixed seed) with ``tok`` saved into ``out``.
 

@@ -21,6 +21,9 @@ How each intervention is done here:
   family's own router output for every token.
 - restore: noise added to the embedding module's output at the subject tokens; the clean value of
   the restored site comes from the prompt's clean pass.
+- other causal LMs (GPT-2, GPT-J, GPT-NeoX, Phi, Gemma, Falcon, OPT): the decoder layers, the
+  attention module and the MLP are found by the names written in ``LAYOUT`` below (OPT has no MLP
+  module: its ``fc2`` output, flattened to [B·T, d], is the MLP output).
 - block: the model runs with eager attention, and a forward pre-hook hands ``self_attn`` of each
   layer in the window a hand-built additive 4-D mask (causal, plus the blocked key positions of the
   last query row at the dtype's minimum), so the softmax renormalises over the keys left.
@@ -154,6 +157,30 @@ def read_records(prompts: str | Path | Sequence[dict[str, str]]) -> list[dict[st
     return list(prompts)
 
 
+# ----------------------------------------------------------------------------- model layouts
+
+#: model_type -> (path of the decoder layer list, attention module name, MLP module name); written
+#: here from the transformers sources, apart from moelens' own search by name.
+LAYOUT = {
+    "gpt2": ("transformer.h", "attn", "mlp"),
+    "gptj": ("transformer.h", "attn", "mlp"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
+    "phi": ("model.layers", "self_attn", "mlp"),
+    "gemma": ("model.layers", "self_attn", "mlp"),
+    "falcon": ("transformer.h", "self_attention", "mlp"),
+    "opt": ("model.decoder.layers", "self_attn", "fc2"),
+}
+DEFAULT_LAYOUT = ("model.layers", "self_attn", "mlp")
+
+
+def decoder_layout(model: Any) -> tuple[list[torch.nn.Module], str, str]:
+    path, attn, mlp = LAYOUT.get(model.config.model_type, DEFAULT_LAYOUT)
+    module = model
+    for part in path.split("."):
+        module = getattr(module, part)
+    return list(module), attn, mlp
+
+
 # ----------------------------------------------------------------------------- hooks
 
 def _first(output: Any) -> torch.Tensor:
@@ -164,15 +191,19 @@ def _with_first(output: Any, value: torch.Tensor) -> Any:
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
-def replace_positions(positions: Sequence[int], values: torch.Tensor) -> Callable:
+def replace_positions(positions: Sequence[int], values: torch.Tensor, n_tokens: int | None = None) -> Callable:
     """Forward hook: the module's output (first element of a tuple) at ``positions`` becomes
-    ``values`` ([len(positions), d], or [d] for all of them), in every row of the batch."""
+    ``values`` ([len(positions), d], or [d] for all of them), in every row of the batch. An output
+    flattened to [B·T, d] (OPT's fc2) is viewed as [B, T, d] with ``n_tokens`` = T."""
     index = torch.tensor(list(positions), dtype=torch.long)
 
     def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
         h = _first(output).clone()  # [B, T, d]
+        flat = h.dim() == 2
+        if flat:
+            h = h.view(-1, n_tokens, h.shape[-1])
         h[:, index] = values.to(h.dtype)
-        return _with_first(output, h)
+        return _with_first(output, h.view(-1, h.shape[-1]) if flat else h)
 
     return hook
 
@@ -313,12 +344,15 @@ class Clean:
 class Reference:
     """The one-cell-at-a-time loop over a model held in memory (float32, eager attention)."""
 
-    def __init__(self, model: Any, tokenizer: Any, records: Sequence[dict[str, str]], seed: int = 0):
+    def __init__(self, model: Any, tokenizer: Any, records: Sequence[dict[str, str]], seed: int = 0,
+                 noise_std: float | None = None, shared_noise: bool = False):
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
         self.seed = seed
-        self.layers = list(model.model.layers)
+        self.noise_std = noise_std  # None: 3 × the std of the embedding matrix
+        self.shared_noise = shared_noise  # ROME: one draw (seed alone) for every prompt
+        self.layers, self._attn_name, self._mlp_name = decoder_layout(model)
         self.prompts = prepare_prompts(tokenizer, records)
         self.clean: dict[int, Clean] = {}
         for prompt in self.prompts:
@@ -332,12 +366,18 @@ class Reference:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    def attn(self, layer: int) -> torch.nn.Module:
+        return getattr(self.layers[layer], self._attn_name)
+
+    def mlp(self, layer: int) -> torch.nn.Module:
+        return getattr(self.layers[layer], self._mlp_name)
+
     def is_moe(self, layer: int) -> bool:
-        mlp = self.layers[layer].mlp
+        mlp = self.mlp(layer)
         return hasattr(mlp, "gate") and hasattr(mlp, "experts")
 
     def router(self, layer: int) -> torch.nn.Module:
-        return self.layers[layer].mlp.gate
+        return self.mlp(layer).gate
 
     @property
     def top_k(self) -> int:
@@ -353,8 +393,8 @@ class Reference:
         store: dict = {}
         hooks = []
         for j, layer in enumerate(self.layers):
-            hooks += [(layer, record_output(store, ("hidden", j))), (layer.self_attn, record_output(store, ("attn", j))),
-                      (layer.mlp, record_output(store, ("mlp", j)))]
+            hooks += [(layer, record_output(store, ("hidden", j))), (self.attn(j), record_output(store, ("attn", j))),
+                      (self.mlp(j), record_output(store, ("mlp", j)))]
             if self.is_moe(j):
                 hooks += [(self.router(j), record_output(store, ("router", j))),
                           (self.router(j), check_routing(self.top_k, renormalises_top_k(self.config)))]
@@ -363,7 +403,7 @@ class Reference:
         clean = Clean(softmax64(logits[0]))
         for (kind, j), value in store.items():
             # decoder/attn/mlp outputs are [1, T, d]; router logits are [T, E]
-            getattr(clean, kind)[j] = value[0] if kind != "router" else value
+            getattr(clean, kind)[j] = value if kind == "router" else (value[0] if value.dim() == 3 else value.view(len(prompt.ids), -1))
         return clean
 
     def _row(self, prompt: Prompt, layer: int, site: str, mode: str, p: np.ndarray, position: int = -1,
@@ -390,7 +430,7 @@ class Reference:
             subj = [self.clean[p.prompt_id].hidden[j][t].double() for p in self.prompts for t in p.subject]
             out[("subj", j)] = torch.stack(subj).mean(0).float()
             for site, kind in (("last", "hidden"), ("attn", "attn"), ("moe", "mlp"), ("router", "router")):
-                if site in MOE_SITES and not self.is_moe(j):
+                if site == "router" and not self.is_moe(j):  # a dense MLP is site moe too
                     continue
                 vals = [getattr(self.clean[p.prompt_id], kind)[j][p.last].double() for p in self.prompts]
                 out[(site, j)] = torch.stack(vals).mean(0).float()
@@ -414,9 +454,9 @@ class Reference:
         elif site == "last":
             hook = (block, replace_positions([prompt.last], value))
         elif site == "attn":
-            hook = (block.self_attn, replace_positions([prompt.last], value))
+            hook = (self.attn(layer), replace_positions([prompt.last], value))
         elif site == "moe":
-            hook = (block.mlp, replace_positions([prompt.last], value))
+            hook = (self.mlp(layer), replace_positions([prompt.last], value, len(prompt.ids)))
         elif site == "router":
             hook = (self.router(layer), replace_last_router_logits(value, self.top_k, renormalises_top_k(self.config)))
         else:
@@ -430,7 +470,7 @@ class Reference:
         for prompt in self.prompts:
             for layer in (layers if layers is not None else range(self.n_layers)):
                 for site in sites:
-                    if site in MOE_SITES and not self.is_moe(layer):
+                    if site == "router" and not self.is_moe(layer):
                         continue
                     value = self.site_value(site, layer, ablation, means)
                     p = self.knockout_distribution(prompt, layer, site, value)
@@ -445,10 +485,12 @@ class Reference:
         return float(self.model.get_input_embeddings().weight.detach().double().std(correction=0))
 
     def noise(self, prompt: Prompt) -> torch.Tensor:
-        """[10, n_subject, d] float32: one draw from a CPU generator seeded with seed + prompt_id."""
-        g = torch.Generator().manual_seed(self.seed + prompt.prompt_id)
+        """[10, n_subject, d] float32: one draw from a CPU generator seeded with seed + prompt_id
+        (with ``shared_noise``: seed), times ``noise_std`` (default 3 × the embedding std)."""
+        g = torch.Generator().manual_seed(self.seed if self.shared_noise else self.seed + prompt.prompt_id)
         d = self.config.hidden_size
-        return torch.randn(NOISE_SAMPLES, len(prompt.subject), d, generator=g) * (NOISE_SCALE * self.embedding_std())
+        std = NOISE_SCALE * self.embedding_std() if self.noise_std is None else self.noise_std
+        return torch.randn(NOISE_SAMPLES, len(prompt.subject), d, generator=g) * std
 
     def corrupted_distribution(self, prompt: Prompt, restore: Sequence[tuple[torch.nn.Module, Callable]] = ()) -> np.ndarray:
         """Mean over the 10 noise samples of p at the last position (one batch, the samples as
@@ -463,10 +505,10 @@ class Reference:
         if site == "restore_hidden":
             return [(self.layers[layer], replace_positions([position], clean.hidden[layer][position]))]
         if site == "restore_mlp":
-            return [(self.layers[j].mlp, replace_positions([position], clean.mlp[j][position]))
+            return [(self.mlp(j), replace_positions([position], clean.mlp[j][position], len(prompt.ids)))
                     for j in window_layers(layer, width, self.n_layers)]
         if site == "restore_attn":
-            return [(self.layers[j].self_attn, replace_positions([position], clean.attn[j][position]))
+            return [(self.attn(j), replace_positions([position], clean.attn[j][position]))
                     for j in window_layers(layer, width, self.n_layers)]
         raise ValueError(f"unknown restore site {site!r}")
 
@@ -494,7 +536,7 @@ class Reference:
 
     def blocked_distribution(self, prompt: Prompt, layers: Sequence[int], blocked: Sequence[int]) -> np.ndarray:
         mask = blocking_mask(len(prompt.ids), blocked, torch.float32)
-        with hooked([], pre_kwargs=[(self.layers[j].self_attn, use_mask(mask)) for j in layers]):
+        with hooked([], pre_kwargs=[(self.attn(j), use_mask(mask)) for j in layers]):
             return softmax64(self._last_logits(prompt.ids)[0])
 
     def block(self, sites: Sequence[str] = BLOCK_SITES, layers: Sequence[int] | None = None, window: int | None = None) -> pd.DataFrame:
@@ -526,13 +568,14 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df.sort_values(["prompt_id", "layer", "site", "position"], kind="stable").reset_index(drop=True)
 
 
-def load_reference(model_path: str | Path, prompts: str | Path | Sequence[dict[str, str]], seed: int = 0) -> Reference:
+def load_reference(model_path: str | Path, prompts: str | Path | Sequence[dict[str, str]], seed: int = 0,
+                   noise_std: float | None = None, shared_noise: bool = False) -> Reference:
     """Load a checkpoint (float32, eager attention, CPU) and its tokenizer, and run the clean passes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, attn_implementation="eager", local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
-    return Reference(model, tokenizer, read_records(prompts), seed=seed)
+    return Reference(model, tokenizer, read_records(prompts), seed=seed, noise_std=noise_std, shared_noise=shared_noise)
 
 
 def reference_table(model_path: str | Path, prompts: str | Path | Sequence[dict[str, str]], mode: str = "knockout",

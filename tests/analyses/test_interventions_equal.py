@@ -6,7 +6,9 @@ The reference is first checked on its own against cases whose answer is known by
 attention block that leaves only the last position itself, ...). Then every mode of the trace is
 compared with it, cell by cell, within 1e-5 in JSD and in the target probabilities, on a tiny
 Mixtral-layout MoE model and a tiny dense Llama model (random weights, word-level tokenizer; see
-tests/analyses/interventions_fixtures.py), plus the router rule of Qwen3-MoE and OLMoE.
+tests/analyses/interventions_fixtures.py), plus the router rule of Qwen3-MoE and OLMoE, and one
+mode per site kind on the causal LMs opened for forward passes only (GPT-2, GPT-J, GPT-NeoX, Phi,
+Gemma, Falcon, OPT), the trace running sdpa attention and the reference eager attention.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"prompts": fx.write_prompts(root / "facts.jsonl"), "llama": fx.save_model(fx.llama_config(tok), tok, root / "llama")}
     for family in ("mixtral", "olmoe", "qwen3_moe"):
         out[family] = fx.save_model(fx.mixtral_config(tok, family), tok, root / family)
+    for model_type in fx.CAUSAL_LMS:
+        out[model_type] = fx.save_model(fx.causal_lm_config(tok, model_type), tok, root / model_type)
     return out
 
 
@@ -350,6 +354,19 @@ def test_restore_seed_prompt_records_and_manifest(checkpoints, traced) -> None:
     assert np.abs(seed0["p_target_corrupt"].to_numpy() - ours.sort_values(KEYS)["p_target_corrupt"].to_numpy()).max() > 1e-4
     manifest = run.manifest["options"]
     assert manifest["mode"] == "restore" and manifest["noise_samples"] == 10 and manifest["seed"] == 3
+
+
+@pytest.mark.parametrize("name", fx.CAUSAL_LMS)
+@pytest.mark.parametrize("mode, options", [
+    ("knockout", {"ablation": "zero"}),  # the decoder layer output (subj, last) and attention output (attn)
+    ("knockout", {"sites": ["moe", "last"]}),  # the MLP output, mean ablation
+    ("restore", {"layers": [1]}),  # noise on the embeddings; layer, MLP and attention outputs restored
+    ("block", {}),  # the attention mask
+])
+def test_any_causal_lm_equals_reference(traced, reference_table, name: str, mode: str, options: dict) -> None:
+    ours = traced(name, mode, **options)
+    assert len(ours) > 0 and ours["jsd"].max() > 1e-2  # the interventions move the prediction
+    assert_same_table(ours, reference_table(name, mode, **options))
 
 
 # ----------------------------------------------------------------------------- batch invariance, causality

@@ -1,4 +1,5 @@
-"""The hook points and edits on every family the reader knows, dense ones included.
+"""The hook points and edits on every family the reader knows, dense ones included, and on the
+causal LMs opened for forward passes only (GPT-2, GPT-J, GPT-NeoX, Phi, Gemma, Falcon, OPT).
 
 Writing a site's own clean value back must leave the logits unchanged (the edit reaches the right
 tensor and nothing else), and writing something else must change them; for routers this checks that
@@ -9,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelens.checkpoint.families.causal_lm import TINY_CAUSAL_LMS
 from moelens.checkpoint.registry import families
 from moelens.errors import ConfigError
 from moelens.runtime.architecture import describe
@@ -16,7 +18,8 @@ from moelens.runtime.interventions import Batch, Edit, InterventionHooks, last_l
 
 # Routers that do not return their logits first (or at all) cannot have them replaced.
 NO_ROUTER_EDIT = {"jetmoe", "llama4"}
-FAMILIES = sorted(families())
+MOE_AND_DENSE = sorted(families())
+FAMILIES = MOE_AND_DENSE + list(TINY_CAUSAL_LMS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,7 +86,7 @@ def test_writing_back_the_clean_value_changes_nothing_and_another_value_does(fam
             assert (other[0] - clean[0]).abs().max() > 1e-5, (family, "block")
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama", "mistral", "qwen2", "qwen3")])
+@pytest.mark.parametrize("family", [f for f in MOE_AND_DENSE if not families()[f].is_dense])
 def test_router_logits_are_replaced_and_routing_recomputed_with_the_familys_rule(family):
     model, arch, batch, lengths = _setup(family)
     hooks = InterventionHooks(model, arch)
@@ -107,3 +110,24 @@ def test_router_logits_are_replaced_and_routing_recomputed_with_the_familys_rule
         other = _logits(model, hooks, batch, lengths, {(L, "router"): [Edit(row0, flipped)]})
         assert (other[0] - clean[0]).abs().max() > 1e-5, family
         torch.testing.assert_close(other[1], clean[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", *TINY_CAUSAL_LMS])
+def test_blocking_every_earlier_key_in_every_layer_hides_the_earlier_tokens(family):
+    """Known by construction: when the last position may attend only to itself in every layer, its
+    logits depend on its own token and position alone, so changing every earlier token of the
+    prompt changes nothing (and without the block it does)."""
+    model, arch, batch, lengths = _setup(family)
+    hooks = InterventionHooks(model, arch)
+    R, T = batch.input_ids.shape
+    earlier = torch.arange(T)[None, :] < batch.last[:, None]  # [R, T]
+    other_ids = batch.input_ids.clone()
+    other_ids[earlier] = (other_ids[earlier] + 7 - 3) % (other_ids.max() + 1 - 3) + 3  # other real tokens
+    assert (other_ids[earlier] != batch.input_ids[earlier]).all()
+    other = Batch(other_ids, batch.attention_mask, batch.last)
+    blocked = {(p.index, "block"): [Edit(earlier)] for p in arch.layers if p.attention is not None}
+    with hooks.installed():
+        a = _logits(model, hooks, batch, lengths, blocked)
+        b = _logits(model, hooks, other, lengths, blocked)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert (_logits(model, hooks, batch, lengths) - _logits(model, hooks, other, lengths)).abs().max() > 1e-4

@@ -47,7 +47,9 @@ def supported_architectures() -> list[str]:
 
 
 def family_for_config(config: dict[str, Any]) -> type:
-    """The family whose ``architectures`` or ``model_type`` matches the config."""
+    """The family whose ``architectures`` or ``model_type`` matches the config; else, for any
+    ``model_type`` that ``AutoModelForCausalLM`` loads, the forward-only
+    :class:`~moelens.checkpoint.families.causal_lm.CausalLMFamily`."""
     fams = families()
     archs = config.get("architectures") or []
     for cls in fams.values():
@@ -57,7 +59,13 @@ def family_for_config(config: dict[str, Any]) -> type:
     for cls in fams.values():
         if model_type in cls.model_types:
             return cls
+    # Not read by name, but loadable by AutoModelForCausalLM: forward-pass analyses only.
+    from moelens.checkpoint.families.causal_lm import CausalLMFamily
+
+    if CausalLMFamily.accepts(config):
+        return CausalLMFamily
     found = ", ".join(archs) or f"model_type={model_type!r}"
     raise UnsupportedArchitectureError(
-        f"unsupported architecture {found}; moelens reads: {', '.join(supported_architectures())}"
+        f"unsupported architecture {found}; moelens reads: {', '.join(supported_architectures())}, "
+        "and opens any other transformers causal LM for moelens trace"
     )

@@ -1,15 +1,19 @@
 """Hook points of a transformers causal LM, named after the architecture.
 
-Every family the reader knows (and dense Llama/Mistral/Qwen) keeps its decoder layers in one
+Every family the reader knows (and dense Llama/Mistral/Qwen, and the other transformers causal
+LMs: GPT-2, GPT-J, GPT-NeoX/Pythia, Phi, Gemma, Falcon, OPT, ...) keeps its decoder layers in one
 ``nn.ModuleList`` of the base model; inside a layer, the self-attention module, the MLP or MoE block
 and, in an MoE block, the router have a handful of names across families:
 
 | hook point | module names (first found wins)                                  |
 |------------|-------------------------------------------------------------------|
-| layer      | ``model.layers[i]`` (``transformer.blocks[i]`` for DBRX)           |
+| layer      | ``model.layers[i]``, ``transformer.h[i]`` (GPT-2, GPT-J, Falcon), ``gpt_neox.layers[i]``, ``model.decoder.layers[i]`` (OPT), ``transformer.blocks[i]`` (DBRX): the list of ``num_hidden_layers`` modules |
 | attention  | ``self_attn``, ``self_attention``, ``attention``, ``attn`` (DBRX: ``norm_attn_norm.attn``) |
-| mlp        | ``mlp``, ``block_sparse_moe``, ``feed_forward``, ``ffn``, ``moe`` |
+| mlp        | ``mlp``, ``block_sparse_moe``, ``feed_forward``, ``ffn``, ``moe``; OPT, which has no MLP module, ``fc2`` (its output, tokens flattened to [B·T, d], is the MLP output before the residual add) |
 | router     | the MLP block's ``gate`` or ``router`` child                      |
+
+Every attention module of these families takes the 4-D ``attention_mask`` by keyword (transformers
+≥ 5), under eager and sdpa attention alike, so attention blocking edits that mask.
 
 A layer without self-attention (Mamba, linear attention) has ``attention = None``; a dense layer
 has ``router = None``. The outputs at these points are what SPEC.md §4 calls the sites: the
@@ -29,7 +33,7 @@ from torch import nn
 from moelens.errors import ConfigError
 
 ATTENTION_NAMES = ("self_attn", "self_attention", "attention", "attn")
-MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn", "moe")
+MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn", "moe", "fc2")
 ROUTER_NAMES = ("gate", "router")
 
 

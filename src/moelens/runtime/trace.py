@@ -12,15 +12,29 @@ Sites (SPEC §4):
   token), ``attn`` (the self-attention output at the last token), ``moe`` (the MLP/MoE block
   output at the last token), ``router`` (the router logits at the last token, routing recomputed),
   replaced by zero or by their mean over the prompt set;
-- restore: subject embeddings + N(0, (3σ)²) noise (σ = std of the embedding matrix's entries,
-  ddof 0; ``noise_samples`` draws per prompt from a generator seeded with seed + prompt_id, drawn
-  as ``randn(samples, n_subject_tokens, d)``), then one clean state restored: ``restore_hidden``
+- restore: subject embeddings + N(0, s²) noise, then one clean state restored: ``restore_hidden``
   (layer ℓ's output at token t), ``restore_mlp`` / ``restore_attn`` (the MLP / attention output at
   token t in every layer of the window centred on ℓ); p_restored is the mean of the samples'
   next-token distributions, the indirect effect p_restored(target) − p_corrupted(target);
 - block: in every layer of the window centred on ℓ, the last position may not attend to the
   subject positions (``block_subj``), to the other non-subject positions (``block_nonsubj``) or
   to itself (``block_last``).
+
+Restore's noise, against ROME's causal tracing (kmeng01/rome, ``experiments/causal_trace.py``):
+
+- its std s (``noise_scale``): ``embedding`` (the default) s = 3σ, σ = std of all entries of the
+  input embedding matrix (ddof 0); ``subject`` s = 3σ, σ = std of the embedding module's outputs at
+  the subject tokens of every prompt of the set (every occurrence counted, ddof 0), as ROME's
+  ``collect_embedding_std`` times the 3 of its experiments (ROME embeds each subject alone and takes
+  torch's ddof-1 std, a factor √(N/(N−1)) apart over N entries); a number: s itself;
+- its draw (``noise_draw``): ``per-prompt`` (the default) draws ``randn(samples, n_subject_tokens, d)``
+  from a generator seeded with seed + prompt_id; ``shared`` draws it from a generator seeded with
+  seed alone, so every prompt of the same subject length gets the same noise, as ROME's
+  ``trace_with_patch`` does with its ``numpy.random.RandomState(1)`` re-created on every call (the
+  same numbers come from the same seed, not ROME's numpy stream);
+- ROME skips a prompt whose clean top-1 is not the expected answer (``calculate_hidden_flow``);
+  moelens does so with ``correct_only`` (:mod:`moelens.analyses.interventions`), and otherwise keeps
+  every prompt.
 """
 
 from __future__ import annotations
@@ -51,7 +65,9 @@ DEFAULT_SITES = {"knockout": ("subj", "attn", "last"), "restore": RESTORE_SITES,
 DEFAULT_WINDOW = {"knockout": 1, "restore": 10, "block": 9}
 ABLATIONS = ("mean", "zero")
 NOISE_SAMPLES = 10
-NOISE_SCALE = 3.0
+NOISE_SCALE = 3.0  # s = 3σ for the noise scales "embedding" and "subject"
+NOISE_SCALES = ("embedding", "subject")  # or a positive number: the std itself
+NOISE_DRAWS = ("per-prompt", "shared")
 # The module each site needs in a layer.
 SITE_MODULE = {
     "subj": "layer", "last": "layer", "attn": "attention", "moe": "mlp", "router": "router",
@@ -86,7 +102,24 @@ class TraceSettings:
     noise_samples: int = NOISE_SAMPLES
     seed: int = 0
     rows_per_batch: int | None = None
+    noise_std: float | None = None  # restore's s; None: 3 × std of the embedding matrix's entries
+    noise_draw: str = "per-prompt"
 
+
+def noise_std(embedding: Any, scale: str | float, prompts: Sequence[TokenisedPrompt] = ()) -> float:
+    """Restore's noise std s for a ``noise_scale``: ``"embedding"`` 3 × the std (ddof 0) of every
+    entry of the embedding matrix; ``"subject"`` 3 × the std (ddof 0) of every entry of the
+    embedding module's outputs at the subject tokens of ``prompts`` (each occurrence counted); a
+    number: itself."""
+    if scale == "embedding":
+        return NOISE_SCALE * float(embedding.weight.detach().double().std(correction=0))
+    if scale == "subject":
+        ids = [p.input_ids[t] for p in prompts for t in p.subject_positions]
+        device = embedding.weight.device
+        with torch.no_grad():
+            rows = embedding(torch.tensor([ids], dtype=torch.long, device=device))
+        return NOISE_SCALE * float(rows.double().std(correction=0))
+    return float(scale)
 
 @dataclass
 class CellResults:
@@ -355,11 +388,12 @@ class _UnitContext:
         noise = None
         if tracer.s.mode == "restore":
             weight = tracer.arch.embedding.weight.detach().float()
-            sigma = NOISE_SCALE * float(weight.std(correction=0))
+            sigma = tracer.s.noise_std if tracer.s.noise_std is not None else noise_std(tracer.arch.embedding, "embedding")
             d = weight.shape[1]
             noise = torch.zeros(P, tracer.s.noise_samples, width, d)
             for i, p in enumerate(prompts):
-                g = torch.Generator().manual_seed(tracer.s.seed + p.prompt_id)
+                shared = tracer.s.noise_draw == "shared"  # one draw for every prompt (per subject length)
+                g = torch.Generator().manual_seed(tracer.s.seed if shared else tracer.s.seed + p.prompt_id)
                 draw = torch.randn(tracer.s.noise_samples, len(p.subject_positions), d, generator=g) * sigma
                 noise[i][:, list(p.subject_positions)] = draw
             noise = noise.to(dev)
@@ -459,5 +493,5 @@ def _collect(prompts: Sequence[TokenisedPrompt], cells: Sequence[tuple[int, int,
 
 __all__ = [
     "ABLATIONS", "BLOCK_SITES", "CellResults", "DEFAULT_SITES", "DEFAULT_WINDOW", "KNOCKOUT_SITES", "MODES",
-    "RESTORE_SITES", "SITES", "SITE_MODULE", "TraceSettings", "Tracer", "edits_for", "row_bytes", "site_available", "window",
+    "NOISE_DRAWS", "NOISE_SCALES", "RESTORE_SITES", "noise_std", "SITES", "SITE_MODULE", "TraceSettings", "Tracer", "edits_for", "row_bytes", "site_available", "window",
 ]

@@ -47,14 +47,19 @@ def tiny_specs(families: Optional[list[str]] = None, dtypes: tuple[str, ...] = D
 
 
 def build_tiny_model(family: str, seed: int = 0) -> Any:
-    """The transformers model (random init, fixed seed) of a family's tiny config."""
+    """The transformers model (random init, fixed seed) of a family's tiny config; ``family`` may
+    also name a forward-only causal LM (gpt2, gptj, gpt_neox, phi, gemma, falcon, opt)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moelens.checkpoint.families.causal_lm import TINY_CAUSAL_LMS, tiny_causal_lm_config
     from moelens.checkpoint.registry import families
 
-    cls = families()[family]
-    config = cls.tiny_config()
+    if family in TINY_CAUSAL_LMS:  # forward-only families (GPT-2, OPT, ...): not registered
+        cls, config = None, tiny_causal_lm_config(family)
+    else:
+        cls = families()[family]
+        config = cls.tiny_config()
     torch.manual_seed(seed)
     model_cls = getattr(cls, "tiny_model_class", None)
     if model_cls is not None:
@@ -98,7 +103,7 @@ def build_tiny_checkpoint(spec: TinySpec, out: Path, seed: int = 0) -> Path:
 
     hf_logging.disable_progress_bar()  # a tiny write needs no "Writing model shards" bar
     out.mkdir(parents=True, exist_ok=True)
-    cls = families()[spec.family]
+    cls = families().get(spec.family)
     model = build_tiny_model(spec.family, seed)
     if spec.dtype == "bfloat16":
         model = model.to(torch.bfloat16)

@@ -16,6 +16,13 @@ Tables:
   p_target_corrupt (restore; NaN otherwise);
 - ``interventions_summary``: per (layer, site, mode, token_kind, measure ∈ jsd | p_target |
   indirect_effect): mean, std (ddof 0) and n over prompts (and positions of one token group).
+
+Against ROME's causal tracing (details in :mod:`moelens.runtime.trace`): by default restore's noise
+std is 3 × the std of all embedding entries and each prompt draws its own noise (seed + prompt_id),
+and every prompt is traced; ``noise_scale="subject"`` (3 × the std of the subject tokens'
+embeddings over the prompt set), ``noise_draw="shared"`` (one fixed-seed draw for every prompt)
+and ``correct_only=True`` (skip prompts whose clean top-1 is not the target's first token; the
+count goes to the manifest's ``prompts_skipped_incorrect`` and the report's notes) are ROME's rules.
 """
 
 from __future__ import annotations
@@ -64,11 +71,14 @@ from moelens.runtime.trace import (
     DEFAULT_SITES,
     DEFAULT_WINDOW,
     MODES,
+    NOISE_DRAWS,
     NOISE_SAMPLES,
+    NOISE_SCALES,
     SITE_MODULE,
     SITES,
     Tracer,
     TraceSettings,
+    noise_std,
     site_available,
 )
 
@@ -102,7 +112,10 @@ class InterventionsConfig:
     layers: tuple[int, ...] | None = option(None, "Layers, e.g. 0,5,10-13 (default: every layer).", parse=parse_ranges, metavar="LIST")
     window: int | None = option(None, "restore/block: layers restored or blocked around each layer (default 10 for restore, 9 for block).", kind=int)
     noise_samples: int = option(NOISE_SAMPLES, "restore: noise samples per prompt.")
-    seed: int = option(0, "restore: the noise of prompt i is drawn with seed + i.")
+    seed: int = option(0, "restore: the noise of prompt i is drawn with seed + i (with --noise-draw shared: with seed).")
+    noise_scale: Any = option("embedding", "restore: the noise std: embedding = 3 × std of all embedding entries (default); subject = 3 × std of the subject tokens' embeddings over the prompts (ROME); or a number, the std itself.", kind=str, metavar="embedding|subject|STD")
+    noise_draw: str = option("per-prompt", "restore: per-prompt = each prompt draws its own noise (default); shared = one draw from the seed for every prompt of the same subject length (ROME).", metavar="per-prompt|shared")
+    correct_only: bool = option(False, "Skip prompts whose clean top-1 token is not the target's first token (ROME); the count goes to the manifest and the report.")
     batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
     dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
@@ -128,6 +141,12 @@ class InterventionsConfig:
         object.__setattr__(self, "noise_samples", positive_int(self.noise_samples, "noise_samples"))
         object.__setattr__(self, "batch_size", positive_int(self.batch_size, "batch_size", allow_none=True))
         object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "noise_scale", _noise_scale(self.noise_scale))
+        if self.noise_draw not in NOISE_DRAWS:
+            raise ConfigError(f"noise_draw {self.noise_draw!r}: choose {' or '.join(NOISE_DRAWS)}")
+        if not isinstance(self.correct_only, (bool, np.bool_)):
+            raise ConfigError(f"correct_only={self.correct_only!r}: give True or False")
+        object.__setattr__(self, "correct_only", bool(self.correct_only))
         if self.dtype not in FORWARD_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
         if self.prompts is None:
@@ -146,6 +165,21 @@ class InterventionsConfig:
         return self.window if self.window is not None else DEFAULT_WINDOW[self.mode]
 
 
+def _noise_scale(value: Any) -> str | float:
+    """``"embedding"``, ``"subject"`` or a finite std > 0 (a number, or its text from the CLI)."""
+    if isinstance(value, str) and value in NOISE_SCALES:
+        return value
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+    if number is None or not np.isfinite(number) or number <= 0:
+        raise ConfigError(f"noise_scale {value!r}: give {', '.join(NOISE_SCALES)} or a positive number (the noise std itself)")
+    return number
+
+
 @dataclass
 class InterventionsState:
     model_path: str
@@ -154,6 +188,23 @@ class InterventionsState:
     tracer: Tracer
     settings: TraceSettings
     means: dict | None = None
+    skipped_wrong: list[int] | None = None  # prompt ids dropped by correct_only
+
+
+def correct_prompts(tracer: Tracer, prompts: Sequence[TokenisedPrompt], chunk: int = 256) -> tuple[list[TokenisedPrompt], list[int]]:
+    """``prompts`` whose clean top-1 token is the target's first token (a prompt without a target
+    is its own top-1, so it stays), and the ids of the others: ROME's ``calculate_hidden_flow``
+    returns early on those."""
+    kept, wrong = [], []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        top1 = tracer.clean(part)[0].argmax(-1).tolist()
+        for p, t in zip(part, top1):
+            if p.target_id is None or p.target_id == t:
+                kept.append(p)
+            else:
+                wrong.append(p.prompt_id)
+    return kept, wrong
 
 
 def _prompts_digest(records: Sequence[PromptRecord]) -> str:
@@ -225,11 +276,19 @@ class Interventions(Analysis):
             what = {"router": "a router", "mlp": "an MLP or MoE block", "attention": "self-attention", "layer": "decoder layers"}[SITE_MODULE[missing[0]]]
             raise ConfigError(f"site {missing[0]}: no chosen layer of {model.name} has {what}; choose other sites or layers")
         skipped = sorted({f"{s}@{L}" for L in layers for s in sites if not site_available(arch, L, s)})
+        # "subject": over the whole prompt set given, before --correct-only (ROME: every subject)
+        sigma = noise_std(arch.embedding, config.noise_scale, prompts) if config.mode == "restore" else None
         settings = TraceSettings(mode=config.mode, sites=sites, ablation=config.ablation, layers=tuple(layers),
                                  window=config.chosen_window, noise_samples=config.noise_samples, seed=config.seed,
-                                 rows_per_batch=config.batch_size)
+                                 rows_per_batch=config.batch_size, noise_std=sigma, noise_draw=config.noise_draw)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         tracer = Tracer(lm, arch, settings, pad_id=int(pad_id))
+        skipped_wrong: list[int] = []
+        if config.correct_only:
+            prompts, skipped_wrong = correct_prompts(tracer, prompts)
+            if not prompts:
+                raise ConfigError(f"--correct-only: the model's top-1 token is the target's first token in none of the "
+                                  f"{len(skipped_wrong)} prompts of {source}; nothing is left to trace (drop --correct-only)")
         if "router" in sites:
             with tracer.hooks.installed():
                 tracer._ensure_routers(prompts[0])  # a router whose logits cannot be replaced: an error now
@@ -244,10 +303,16 @@ class Interventions(Analysis):
             "ablation": config.ablation if config.mode == "knockout" else None, "layers": list(layers),
             "window": config.chosen_window if config.mode != "knockout" else None,
             "noise_samples": config.noise_samples if config.mode == "restore" else None, "seed": config.seed,
+            "noise_scale": config.noise_scale if config.mode == "restore" else None,
+            "noise_draw": config.noise_draw if config.mode == "restore" else None, "correct_only": config.correct_only,
             "device": str(device), "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
         }
         notes = [f"{len(skipped)} (site, layer) cells skipped: the layer lacks the module ({', '.join(skipped[:12])}{' …' if len(skipped) > 12 else ''})"] if skipped else []
-        state = InterventionsState(str(model.path), records, prompts, tracer, settings)
+        if config.correct_only:
+            ids = ", ".join(str(i) for i in skipped_wrong[:12]) + (" …" if len(skipped_wrong) > 12 else "")
+            notes.append(f"{len(skipped_wrong)} of {len(skipped_wrong) + len(prompts)} prompts skipped (correct only): the clean "
+                         f"top-1 token is not the target's first token" + (f" (prompt ids {ids})" if skipped_wrong else ""))
+        state = InterventionsState(str(model.path), records, prompts, tracer, settings, skipped_wrong=skipped_wrong if config.correct_only else None)
         label = f"{model.name} · {config.mode} · L{compact_ranges(layers)}"
         return Plan(options=options, units=units, label=label, state=state, notes=notes)
 
@@ -268,8 +333,10 @@ class Interventions(Analysis):
         s: InterventionsState = plan.state
         extra: dict[str, Any] = {"architecture": s.tracer.arch.model_type, "n_layers": s.tracer.arch.n_layers}
         if s.settings.mode == "restore":
-            weight = s.tracer.arch.embedding.weight.detach().float()
-            extra["noise_std"] = 3.0 * float(weight.std(correction=0))
+            extra["noise_std"] = s.settings.noise_std
+        if s.skipped_wrong is not None:
+            extra["prompts_skipped_incorrect"] = len(s.skipped_wrong)
+            extra["prompts_skipped_incorrect_ids"] = list(s.skipped_wrong)
         return extra
 
 
@@ -297,6 +364,9 @@ def trace(
     *,
     limit: int | None = None,
     noise_samples: int = NOISE_SAMPLES,
+    noise_scale: str | float = "embedding",
+    noise_draw: str = "per-prompt",
+    correct_only: bool = False,
     dtype: str = "auto",
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
@@ -316,6 +386,7 @@ def trace(
             prompts=prompts, limit=limit, mode=mode, sites=sites, ablation=ablation,
             layers=parse_ranges(layers) if isinstance(layers, str) else layers, window=window,
             noise_samples=noise_samples, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+            noise_scale=noise_scale, noise_draw=noise_draw, correct_only=correct_only,
         )
     from moelens.checkpoint import open_model
 

@@ -301,6 +301,8 @@ class ModuleMetrics(Analysis):
 
     def plan(self, models: Mapping[str, Any], config: ModuleMetricsConfig) -> Plan:
         s = resolve(models, config)
+        for model in s.models.values():  # before anything is written: a forward-only family has no weights to read
+            model.family_adapter.check_weights_readable()
         options = {"layers": list(s.layers), "metrics": list(s.pair), "single": list(s.single), "tol": config.tol,
                    "device": str(s.device), "models": sorted(s.models)}
         m = s.models

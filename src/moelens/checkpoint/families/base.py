@@ -434,6 +434,10 @@ class Family:
         self.expert_ffn(L)
 
     # tensors -----------------------------------------------------------------------------------
+    def check_weights_readable(self) -> None:
+        """Raise :class:`~moelens.errors.UnsupportedArchitectureError` when this family's tensors
+        cannot be read by name (a causal LM opened for forward passes only); else nothing."""
+
     def router(self, L: int) -> RouterWeights:
         raise NotImplementedError
 
