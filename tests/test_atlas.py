@@ -43,7 +43,7 @@ def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     assert "How to reproduce" in html and "moelens trace" in html and "torch" in html
     assert zoo_atlas.notes == []
     stems = {p.stem for p in zoo_atlas.figures}
-    assert {"comparison_panels", "module_heatmap--base-tuned-corr", "trace_heatmap--trace-base", "trace_heatmap--trace-tuned"} <= stems
+    assert {"comparison_panels", "module_heatmap--modules-pair-corr", "trace_heatmap--trace-base", "trace_heatmap--trace-tuned"} <= stems
     assert {p.suffix for p in zoo_atlas.figures} == {".png", ".svg"}
     assert all(p.stat().st_size > 1000 for p in zoo_atlas.figures)
     # the seed-001 figure holds the base-tuned line and the four cluster pairings

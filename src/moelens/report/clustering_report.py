@@ -93,7 +93,7 @@ def calibration_section(runs: Sequence[Run], fmt: str) -> Section:
         o = run.manifest.get("options", {})
         setup = _setup(_model_items(run) + [("layers", compact_ranges(o.get("layers", [])))] + _calibration_items(run) + _footer_items(run))
         fig = embed(figs.expert_usage(run), "expert_usage", f"calibration-run-{i}-usage", "Expert usage frequency",
-                    f"Share of each layer's top-k selections per expert in {run.label}", fmt)
+                    f"Share of each layer's top-k selections per expert in {run.label}", fmt, run=run)
         parts.append(RunPart(i, f"calibration-run-{i}", run.label, setup, [usage_layers_table(run)], [fig], run_warnings(run.manifest)))
     html = render("calibration_section.html", runs=parts)
     toc = [("calibration-explanations", "What calibration records")] + [(p.id, f"Run {p.number}: {p.label}") for p in parts]
@@ -152,9 +152,9 @@ def clustering_section(runs: Sequence[Run], fmt: str) -> Section:
     for i, run in enumerate(runs, start=1):
         figures = [
             embed(figs.cluster_map(run), "cluster_map", f"clustering-run-{i}-map", "Cluster map",
-                  f"Experts × layers of {run.label}, coloured by cluster, dominant experts dotted", fmt),
+                  f"Experts × layers of {run.label}, coloured by cluster, dominant experts dotted", fmt, run=run),
             embed(figs.cluster_usage(run), "cluster_usage", f"clustering-run-{i}-usage", "Usage by cluster",
-                  f"Usage frequency per expert in selected layers of {run.label}, coloured by cluster", fmt),
+                  f"Usage frequency per expert in selected layers of {run.label}, coloured by cluster", fmt, run=run),
         ]
         parts.append(RunPart(i, f"clustering-run-{i}", run.label, clustering_setup(run), [clusters_table(run)], figures,
                              run_warnings(run.manifest)))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 
 from moelens.figures import figure_bytes
+from moelens.results import Run
 
 MIME = {"svg": "image/svg+xml", "png": "image/png"}
 #: Raster resolution for PNG figures (and heat maps inside SVG): sharp on a laptop, quick to draw.
@@ -66,21 +67,30 @@ def collecting_files() -> Iterator[list[FigureFile]]:
         _collector = previous
 
 
-def file_stem(name: str, id: str) -> str:
+def file_stem(name: str, id: str, run_name: str = "") -> str:
     """The file name (without suffix) of figure ``name`` embedded as ``id``: the figure's registry
     name, then ``--`` and what tells this one apart (its run, layer or option), taken from the id
-    with the figure's own words left out: ``expert_distance`` + ``fig-expert-distance-cosine`` →
-    ``expert_distance--cosine``."""
-    words = [w for w in re.split(r"[^A-Za-z0-9.]+", id) if w]
-    own = set(name.split("_")) | {"fig"}
-    variant = "-".join(w for w in words if w.lower() not in own)
+    with the figure's own words left out, and the report's run number replaced by the run's
+    directory name: ``trace_heatmap`` + ``trace-run-2-heatmap`` of ``runs/trace-tuned`` →
+    ``trace_heatmap--trace-tuned``."""
+    own = set(name.split("_")) | {"fig", "heat", "lines", "map", "usage", "complete", "indirect", "effect", "layers"}
+
+    def kept(text: str) -> list[str]:
+        return [w for w in re.split(r"[^A-Za-z0-9.]+", text) if w and w.lower() not in own]
+
+    found = re.search(r"(?:[a-z]+-)?run-\d+", id) if run_name else None
+    words = kept(id) if found is None else kept(id[:found.start()]) + [run_name] + kept(id[found.end():])
+    variant = "-".join(words)
     return f"{name}--{variant}" if variant else name
 
 
-def smallest_font_pt(fig: Figure) -> float:
-    """The smallest size (points) of any visible, non-empty text in ``fig``."""
+def smallest_font_pt(fig: Figure, drawn: bool = False) -> float:
+    """The smallest size (points) of any visible, non-empty text in ``fig`` (tick labels get their
+    text when the figure is drawn: ``drawn`` says it has been)."""
     from matplotlib.text import Text
 
+    if not drawn:
+        fig.draw_without_rendering()
     sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and str(t.get_text()).strip()]
     return float(min(sizes)) if sizes else 0.0
 
@@ -93,14 +103,15 @@ def data_uri(fig: Figure, fmt: str = "svg", dpi: float = REPORT_DPI) -> str:
     return f"data:{MIME[fmt]};base64,{payload}"
 
 
-def embed(fig: Figure, name: str, id: str, title: str, alt: str, fmt: str = "svg") -> EmbeddedFigure:
-    """Encode ``fig`` and let it go: the figure's memory is freed once it is in the report."""
+def embed(fig: Figure, name: str, id: str, title: str, alt: str, fmt: str = "svg", run: Run | None = None) -> EmbeddedFigure:
+    """Encode ``fig`` and let it go: the figure's memory is freed once it is in the report.
+    ``run``: the one run the figure draws, whose directory name goes into the figure's file name."""
     if fmt not in MIME:
         raise ValueError(f"report figures are svg or png, not {fmt!r}")
-    stem = file_stem(name, id)
+    stem = file_stem(name, id, run.path.name if run is not None and run.path else "")
     width_in = float(fig.get_size_inches()[0])
-    smallest = smallest_font_pt(fig)
     data = {fmt: figure_bytes(fig, fmt, REPORT_DPI)}
+    smallest = smallest_font_pt(fig, drawn=True)
     if _collector is not None:
         taken = {f.stem for f in _collector}
         unique, n = stem, 2

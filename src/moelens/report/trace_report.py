@@ -143,7 +143,7 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
     kind = figs.TOKEN_KINDS.get(grid.token_kind, "").lower()
     at = f" at the {kind}" if kind else ""
     heatmap = embed(figs.trace_heatmap(run), "trace_heatmap", f"{anchor}-heatmap", f"Mean JS divergence per site and layer{at}",
-                    f"Sites × layers, colour = mean JSD (bits) over prompts, darker = larger, {run.label}", fmt)
+                    f"Sites × layers, colour = mean JSD (bits) over prompts, darker = larger, {run.label}", fmt, run=run)
     table = grid_table(grid, names, f"JS divergence (bits) per layer and site{at}: mean ± std over prompts")
     more = [grid_table(figs.trace_grid(run, measure="p_target", token_kind=grid.token_kind or None), names,
                        f"p(target) after the intervention{at}: mean ± std over prompts")]
@@ -151,7 +151,7 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
     if grid.mode == "restore":
         indirect = embed(figs.trace_indirect_effect(run), "trace_indirect_effect", f"{anchor}-indirect-effect",
                          "Indirect effect per token group and layer",
-                         f"Restored hidden state, MLP and attention output: mean Δp(target) per token group and layer, {run.label}", fmt)
+                         f"Restored hidden state, MLP and attention output: mean Δp(target) per token group and layer, {run.label}", fmt, run=run)
         for kinds in figs.token_kind_grids(run):
             more.append(grid_table(kinds, [figs.TOKEN_KINDS.get(k, k) for k in kinds.rows],
                                    f"Indirect effect Δp(target) of {kinds.site} per layer and token group: mean ± std",
