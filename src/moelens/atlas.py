@@ -34,6 +34,7 @@ from moelens.errors import ConfigError
 from moelens.progress import ProgressCallback, report
 from moelens.results.run import Run, load_run
 
+
 @dataclass(frozen=True)
 class Step:
     """One analysis run of the atlas: its directory name, what it is, the equivalent command."""

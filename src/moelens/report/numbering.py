@@ -40,7 +40,7 @@ def number_headings(html: str, numbers: dict[str, str]) -> str:
     """Write each anchor's number before the first heading inside the element with that id."""
     for anchor, number in numbers.items():
         pattern = re.compile(r'(id="' + re.escape(anchor) + r'"[^>]*>\s*<h[1-6][^>]*>)' + _NUMBER)
-        html, n = pattern.subn(lambda m: f"{m.group(1)}{number}. ", html, count=1)
+        html, n = pattern.subn(lambda m, number=number: f"{m.group(1)}{number}. ", html, count=1)
         if n == 0:
             raise ValueError(f"the table of contents links to #{anchor}, which starts with no heading")
     return html
