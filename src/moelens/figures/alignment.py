@@ -10,6 +10,7 @@ layers stay six lines, and :func:`layer_k_heatmap` shows the layers one by one.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -192,7 +193,7 @@ def null_distribution(runs: Runs, k: int = DETAIL_K) -> Figure:
         else:
             summary = draw_null_distribution(ax, view, chosen, run_style(index)["color"], with_labels=True)
         nearest = f"k = {chosen}{_nearest_note(chosen, k)}, " if chosen != k else ""
-        ax.set_title(f"{view.label}\n{nearest}{summary}", fontsize=8.5)
+        ax.set_title(textwrap.fill(view.label, 44, break_long_words=True) + f"\n{nearest}{summary}", fontsize=8.5)
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(f"Null distribution against the true pairs, k = {k} ({null_note(views)})")
