@@ -43,7 +43,7 @@ def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     assert "How to reproduce" in html and "moelens trace" in html and "torch" in html
     assert zoo_atlas.notes == []
     stems = {p.stem for p in zoo_atlas.figures}
-    assert {"comparison_panels", "expert_distance", "module_heatmap", "trace_heatmap", "trace_heatmap_tuned"} <= stems
+    assert {"comparison_panels", "module_heatmap--modules-pair-corr", "trace_heatmap--trace-base", "trace_heatmap--trace-tuned"} <= stems
     assert {p.suffix for p in zoo_atlas.figures} == {".png", ".svg"}
     assert all(p.stat().st_size > 1000 for p in zoo_atlas.figures)
     # the seed-001 figure holds the base-tuned line and the four cluster pairings
@@ -52,6 +52,21 @@ def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     for r in distance_runs:
         pairings |= set(r["expert_distance"]["pairing"])
     assert {"base-tuned", "hc-smoe", "hc-smoe-permuted", "m-smoe", "m-smoe-permuted"} <= pairings
+
+
+def test_the_figures_folder_holds_exactly_the_figures_the_report_shows(zoo_atlas):
+    import base64
+
+    html = zoo_atlas.report.read_text()
+    shown = dict(re.findall(r'<img src="data:image/svg\+xml;base64,([^"]+)"[^>]*data-file="([^"]+)"', html))
+    shown = {stem: payload for payload, stem in shown.items()}
+    assert len(shown) == html.count("<img ")  # every figure of the report names its file
+    files = sorted(p.name for p in (zoo_atlas.out / "figures").iterdir())
+    assert files == sorted(f"{stem}{suffix}" for stem in shown for suffix in (".png", ".svg"))
+    for stem, payload in shown.items():  # the very figure the report shows, byte for byte
+        assert (zoo_atlas.out / "figures" / f"{stem}.svg").read_bytes() == base64.b64decode(payload), stem
+    # seed 001: one figure with the base-tuned line and the four cluster pairings (six series with the within line)
+    assert any(s.startswith("expert_distance--") for s in shown)
 
 
 def test_a_second_call_reuses_every_finished_run(zoo_atlas, small_zoo):

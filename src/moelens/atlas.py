@@ -3,8 +3,8 @@
 ``atlas(model, out, tuned=B | base=A, prompts=..., calibration=...)`` runs each analysis that
 applies, with its defaults, as its own run under ``out/runs/`` (a finished run is read back, an
 unfinished one resumed), then writes ``out/report.html`` (one table of contents, a first screen
-with one line of numbers per analysis, a "how to reproduce" box) and every figure as PNG and SVG
-under ``out/figures/`` with the seed names.
+with one line of numbers per analysis, a "how to reproduce" box) and every figure of the report
+as PNG and SVG under ``out/figures/``, named after the figure (and its run, layer or option).
 
 | analysis                | when                                    | runs                                 |
 |-------------------------|-----------------------------------------|--------------------------------------|
@@ -33,14 +33,6 @@ from moelens.errors import ConfigError, RunDirectoryError
 from moelens.progress import ProgressCallback, report
 from moelens.results.manifest import read_manifest
 from moelens.results.run import Run, load_run
-
-#: The figures saved under ``out/figures``: (file stem, figure name, analysis, options, all runs?).
-FIGURE_FILES: tuple[tuple[str, str, str, dict[str, Any], bool], ...] = (
-    ("comparison_panels", "comparison_panels", "router_alignment", {}, True),
-    ("expert_distance", "expert_distance", "expert_distance", {}, True),
-    ("module_heatmap", "module_heatmap", "module_metrics", {}, False),
-    ("trace_heatmap", "trace_heatmap", "interventions", {}, False),
-)
 
 
 @dataclass(frozen=True)
@@ -340,44 +332,16 @@ def _weights_changed(manifest: dict[str, Any]) -> bool:
     return False
 
 
-def save_figures(runs: dict[str, Run], out: Path, dpi: int = 150) -> list[Path]:
-    """Every atlas figure as PNG and SVG under ``out`` (seed names; a second model's figure gets
-    its run's name as a suffix)."""
-    from moelens import figures
-
+def write_figure_files(files: list[Any], out: Path) -> list[Path]:
+    """The report's figures (as kept by :func:`moelens.report.embed.collecting_files`) as PNG and
+    SVG files under ``out``, named ``<figure>[--<run, layer or option>].<png|svg>``."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    by_analysis: dict[str, list[tuple[str, Run]]] = {}
-    for name, run in runs.items():
-        by_analysis.setdefault(str(run.manifest.get("analysis")), []).append((name, run))
-    jobs: list[tuple[str, str, list[Run], dict[str, Any]]] = []
-    for stem, figure, analysis, options, all_runs in FIGURE_FILES:
-        group = by_analysis.get(analysis, [])
-        if analysis == "expert_distance":
-            group = [g for g in group if "within" not in g[0]] or group  # base-tuned and cluster pairings: seed 001's lines
-        if not group:
-            continue
-        if all_runs:
-            jobs.append((stem, figure, [r for _, r in group], options))
-        else:
-            for i, (name, run) in enumerate(group):
-                suffix = "" if i == 0 else "_" + name.split("-", 1)[-1]
-                jobs.append((stem + suffix, figure, [run], options))
-    from moelens.figures.catalog import FIGURES
-
-    for name, entry in FIGURES.items():  # the clustering figures, one per clustering run
-        if entry.analysis in ("clustering", "calibration", "merge_cost") and entry.one_run:
-            for run_name, run in by_analysis.get(entry.analysis, []):
-                jobs.append((f"{name}_{run_name.split('-', 1)[-1]}", name, [run], {}))
-    import matplotlib.pyplot as plt
-
-    for stem, figure, group_runs, options in jobs:
-        fig = figures.draw(figure, group_runs, **options)
-        try:
-            for suffix in (".png", ".svg"):
-                written.append(figures.save(fig, out / f"{stem}{suffix}", dpi=dpi))
-        finally:
-            plt.close(fig)
+    for item in files:
+        for fmt in ("png", "svg"):
+            path = out / f"{item.stem}.{fmt}"
+            path.write_bytes(item.data[fmt])
+            written.append(path)
     return written
 
 
@@ -443,11 +407,14 @@ def atlas(
     if len(reused) == len(steps) and _up_to_date(report_path, figure_dir, runs, out):
         # nothing new: the report and figures of the last call still hold
         return Atlas(out, runs, report_path, sorted(figure_dir.iterdir()), notes, reused)
-    figure_paths = save_figures(runs, figure_dir)
+    from moelens.report.embed import collecting_files
+
     box = reproduce_box(steps, runs, command)
-    html = build_report(list(runs.values()), title=title or f"moelens atlas: {Path(model).name}", extra={"notes": notes, "reproduce": box})
+    with collecting_files() as files:  # every figure the report shows, and only those, becomes a file
+        html = build_report(list(runs.values()), title=title or f"moelens atlas: {Path(model).name}", extra={"notes": notes, "reproduce": box})
+    figure_paths = write_figure_files(files, figure_dir)
     path = write_report(html, out / "report.html")
     return Atlas(out, runs, path, figure_paths, notes, reused)
 
 
-__all__ = ["ATLAS_MARKER", "Atlas", "FIGURE_FILES", "Step", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "save_figures"]
+__all__ = ["ATLAS_MARKER", "Atlas", "Step", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "write_figure_files"]

@@ -104,3 +104,21 @@ def test_what_cannot_be_drawn_is_refused_in_one_line(small):
         figures.draw("cluster_map", [calibration])
     fig = figures.draw("cluster_usage", [run], layers=[2])
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["Layer 2"]
+
+
+def test_cluster_map_writes_each_cells_cluster_within_its_layer_and_says_ids_restart():
+    from matplotlib.legend import Legend
+
+    from moelens.figures.clusters import cluster_map
+    from moelens.testing.synthetic_clusters import synthetic_clustering_run
+
+    run = synthetic_clustering_run(method="hc-smoe", groups=3, seed=1)
+    fig = cluster_map(run)
+    ax = fig.axes[0]
+    written = {(round(t.get_position()[0] + 0.27), round(t.get_position()[1] + 0.2)): int(t.get_text()) for t in ax.texts}
+    layers = sorted(int(v) for v in run["clusters"]["layer"].unique())
+    for r in run["clusters"].itertuples(index=False):
+        assert written[(int(r.expert), layers.index(int(r.layer)))] == int(r.cluster)
+    assert all(t.get_fontsize() >= 8 for t in ax.texts)
+    [legend] = fig.findobj(Legend)
+    assert any("restart in every layer" in t.get_text() for t in legend.get_texts())

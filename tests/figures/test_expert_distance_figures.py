@@ -22,6 +22,7 @@ from moelens import figures
 from moelens.analyses.expert_distance.tables import PAIR_SCHEMA, layer_summary
 from moelens.errors import ConfigError
 from moelens.figures.distance import (
+    MEASURES,
     PAIRING_COLOURS,
     Y_LABEL,
     default_heatmap_layers,
@@ -413,3 +414,25 @@ def test_a_pair_without_a_value_is_left_blank():
     values = np.asarray(expert_distance_heatmap(run).axes[0].get_images()[0].get_array())
     assert np.isnan(values[1, 3]) and np.isnan(values[3, 1])
     assert np.isfinite(expert_distance(run).axes[0].get_lines()[0].get_ydata()).all()
+
+
+def test_lines_on_top_of_each_other_get_markers_of_their_own_and_a_legend_note():
+    run = synthetic_distance_run({"base-tuned": (1.0, 0.07), "m-smoe": (0.0, 1.41)}, layers=range(24))
+    pairs = run["expert_distance"]
+    twin = pairs[pairs["pairing"] == "m-smoe"].assign(pairing="hc-smoe")  # HC-SMoE found the very clusters of M-SMoE
+    pairs = pd.concat([pairs, twin], ignore_index=True)
+    run = Run(manifest=run.manifest, tables={"expert_distance": pairs, "expert_distance_layers": layer_summary(pairs)})
+    fig = figures.expert_distance([run])
+    labels = [t.get_text().replace("\n", " ") for t in legends(fig)["Expert clusters"].get_texts()]
+    assert "HC-SMoE (= M-SMoE)" in labels and "M-SMoE" in labels and "Base to IFT" in labels
+    for measure in MEASURES:
+        first, second = line(fig, 0, "m-smoe", measure), line(fig, 0, "hc-smoe", measure)
+        np.testing.assert_allclose(first.get_ydata(), second.get_ydata())  # the data are not moved
+        assert first.get_marker() not in (None, "None", "") and second.get_marker() not in (None, "None", "")
+        assert first.get_marker() != second.get_marker()
+        assert first.get_markevery() != second.get_markevery()  # markers staggered along the line
+        assert line(fig, 0, "base-tuned", measure).get_marker() in (None, "None", "")  # a lone line stays plain
+    # lines merely close (the seed's 1.40 and 1.41) are not declared equal
+    fig = figures.expert_distance([synthetic_distance_run(layers=range(12))])
+    labels = [t.get_text() for t in legends(fig)["Expert clusters"].get_texts()]
+    assert not any("=" in text for text in labels)

@@ -64,3 +64,24 @@ def test_cluster_listing_marks_dominant_experts_and_summarises_large_layers():
     assert members == list(range(8))
     large = synthetic_clustering_run(n_layers=1, n_experts=64, groups=48, seed=4)["clusters"]
     assert cluster_text(large).startswith("sizes ") and len(cluster_text(large).split()) == 1 + 48
+
+
+def test_merge_cost_headline_names_each_criterion_and_shows_both_numbers_under_display_names(html):
+    from moelens.analyses.clustering.merge_cost import summarise
+    from moelens.report.clustering_report import merge_cost_headline
+    from moelens.results import Run
+
+    run = synthetic_merge_cost_run(recall=0.8, perplexity=3.0)
+    cost = run["merge_cost"].set_index("variant")
+    # HC-SMoE has the lowest perplexity, while M-SMoE, permuted keeps twice its recall
+    values = {"00-hc-smoe": (0.2, 3.3), "00-hc-smoe-permuted": (0.3, 3.6), "01-m-smoe": (0.25, 3.9), "01-m-smoe-permuted": (0.4, 3.5)}
+    for variant, (recall, perplexity) in values.items():
+        cost.loc[variant, ["recall", "perplexity"]] = [recall, perplexity]
+    cost = cost.reset_index()
+    line = merge_cost_headline(Run(run.manifest, {"merge_cost": cost, "merge_cost_summary": summarise(cost)}))
+    assert line.startswith("original recall 0.800, perplexity 3.00; merged: HC-SMoE recall 0.200, perplexity 3.30 (×1.10); ")
+    assert "M-SMoE, permuted recall 0.400, perplexity 3.50 (×1.17)" in line
+    assert line.endswith("most recall kept: M-SMoE, permuted, lowest perplexity: HC-SMoE")
+    assert "00-hc" not in line and "01-m" not in line  # internal variant ids stay out of the prose
+    first_screen = html.split('<nav class="toc"')[0]
+    assert "HC-SMoE, permuted recall" in first_screen and "-smoe" not in first_screen.split("Merge cost")[-1].split("</li>")[0]

@@ -105,3 +105,23 @@ def test_a_module_metrics_section_has_a_heat_map_and_lines_per_metric(tiny_check
     assert figures.count("module_heatmap") == 4 and figures.count("module_lines") == 4
     assert "explain-module_heatmap" in doc.sections
     assert "corr A vs B from" in html  # the first screen's one line of numbers
+
+
+def _toc_and_headings(html: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Anchor → number as the table of contents says, and as the heading the anchor leads to says."""
+    nav = html[html.index('<nav class="toc"'):html.index("</nav>")]
+    toc = dict(re.findall(r'<a href="#([^"]+)"><span class="number">([\d.]+)\.</span>', nav))
+    headings = {}
+    for anchor in toc:
+        found = re.search(r'id="' + re.escape(anchor) + r'"[^>]*>\s*<h[1-6][^>]*>([\d.]+)\. ', html)
+        headings[anchor] = found.group(1) if found else "(no number)"
+    return toc, headings
+
+
+def test_table_of_contents_numbers_are_the_heading_numbers(mixed_html, runs):
+    toc, headings = _toc_and_headings(mixed_html)
+    assert len(toc) >= 8 and toc == headings
+    assert set(toc.values()) >= {"1", "2", "1.1", "2.1", "2.2"}  # parts and their sub-parts
+    seed = ml.build_report([runs["alignment"]])  # the seed report numbers its parts from the same source
+    toc, headings = _toc_and_headings(seed)
+    assert toc == headings and list(toc.values())[:3] == ["1", "2", "3"]

@@ -100,14 +100,24 @@ def test_setup_says_what_was_done(html, runs):
 
 
 def test_the_one_line_reading_names_the_largest_mean(html, runs):
+    from moelens.figures.trace import site_label
+
     jsd = runs[0]["interventions_summary"].query("measure == 'jsd'")
-    top = jsd.loc[jsd["mean"].idxmax()]
-    line = f"largest mean JSD: {top['site']} at layer {int(top['layer'])} ({top['mean']:.2f} bits)"
-    assert headline(runs[0]) == line and line in html
+    kept = jsd[jsd["site"] != "last"]  # last-token knockout is near its maximum by construction: never headlined
+    top = kept.loc[kept["mean"].idxmax()]
+    line = f"largest mean JSD (mean knockout): {site_label(runs[0], top['site'])} ({top['site']}) at layer {int(top['layer'])} ({top['mean']:.2f} bits)"
+    assert headline(runs[0]).startswith(line) and line in html
+    if jsd.loc[jsd["mean"].idxmax(), "site"] == "last":
+        assert "last-token knockout left out" in headline(runs[0])
+    block = runs[2]["interventions_summary"].query("measure == 'jsd'")
+    top = block.loc[block["mean"].idxmax()]
+    assert headline(runs[2]).startswith(f"largest mean JSD (attention knockout): {site_label(runs[2], top['site'])} ({top['site']}) "
+                                        f"at layer {int(top['layer'])}")
     ie = runs[1]["interventions_summary"].query("measure == 'indirect_effect'")
     best = ie.loc[ie["mean"].idxmax()]
     line = headline(runs[1])
-    assert line.startswith(f"largest mean indirect effect: {best['site']} at layer {int(best['layer'])}, ")
+    assert line.startswith(f"largest mean indirect effect (restoration): {site_label(runs[1], best['site'])} ({best['site']}) "
+                           f"at layer {int(best['layer'])}, ")
     assert math.isclose(float(re.search(r"= (−?[\d.]+)\)", line).group(1)), round(best["mean"], 2))
     # the report's first screen carries every run's line
     first_screen = html.split('<nav class="toc"')[0]

@@ -10,6 +10,7 @@ layers stay six lines, and :func:`layer_k_heatmap` shows the layers one by one.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -182,7 +183,7 @@ def null_distribution(runs: Runs, k: int = DETAIL_K) -> Figure:
     n = len(views)
     columns = min(n, 3)
     rows = math.ceil(n / columns)
-    fig = new_figure(max(6.8, 3.9 * columns + 0.6), 3.1 * rows + 0.9)
+    fig = new_figure(min(max(6.8, 3.9 * columns + 0.6), 11.5), 3.1 * rows + 0.9)  # ≤ 11.5 in: 8 pt text ≥ 11 px in a report
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
     for index, (ax, view) in enumerate(zip(axes, views)):
         chosen = view.nearest_k(k, below_d=True)
@@ -192,7 +193,7 @@ def null_distribution(runs: Runs, k: int = DETAIL_K) -> Figure:
         else:
             summary = draw_null_distribution(ax, view, chosen, run_style(index)["color"], with_labels=True)
         nearest = f"k = {chosen}{_nearest_note(chosen, k)}, " if chosen != k else ""
-        ax.set_title(f"{view.label}\n{nearest}{summary}", fontsize=8.5)
+        ax.set_title(textwrap.fill(view.label, 44, break_long_words=True) + f"\n{nearest}{summary}", fontsize=8.5)
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(f"Null distribution against the true pairs, k = {k} ({null_note(views)})")
@@ -269,7 +270,7 @@ def per_expert_breakdown(runs: Runs, k: Optional[int] = None) -> Figure:
     views = alignment_views(runs)
     n = len(views)
     row_height = 2.5 if not any(v.multi_layer for v in views) else 3.2
-    fig = new_figure(12.0, row_height * n + 1.6)
+    fig = new_figure(11.5, row_height * n + 1.6)  # 11.5 in: 8 pt text stays ≥ 11 px across a report's width
     axes = np.atleast_2d(fig.subplots(n, 3, squeeze=False, width_ratios=[1.0, 1.0, 1.15]))
     align_norm = metric_norm([expert_matrix(v, "align")[0] for v in views], diverging=False)
     delta_norm = metric_norm([expert_matrix(v, "delta_vs_shuffle")[0] for v in views], diverging=True)
@@ -316,7 +317,7 @@ def complete_analysis(run: Union[Run, AlignmentView], k: Optional[int] = None) -
     view = views[0]
     colour = run_style(0)["color"]
     chosen = _detail_k(view, k)
-    fig = new_figure(13.0, 14.5)
+    fig = new_figure(11.5, 13.5)  # 11.5 in: 8 pt text stays ≥ 11 px across a report's width
     axes = fig.subplots(4, 3)
     (a_align, a_effect, a_delta), (a_z, a_mu, a_sigma), (a_cos, a_acc, a_null), (a_hal, a_hde, a_energy) = axes
 
@@ -367,7 +368,7 @@ def complete_analysis(run: Union[Run, AlignmentView], k: Optional[int] = None) -
     if view.pairs is not None:
         image = draw_energy_matrix(a_energy, view, chosen)
         fig.colorbar(image, ax=a_energy, label=f"A[i,j,k = {chosen}]", shrink=0.9)
-        a_energy.set_title(f"(l) Energy of router i in expert j, k = {chosen}" + (" (mean over layers)" if view.multi_layer else ""))
+        a_energy.set_title(f"(l) Energy of router i in expert j, k = {chosen}" + ("\n(mean over layers)" if view.multi_layer else ""))
     else:
         a_energy.text(0.5, 0.5, "no alignment_pairs table", ha="center", va="center", transform=a_energy.transAxes)
         a_energy.set_axis_off()
@@ -404,7 +405,7 @@ def layer_k_heatmap(run: Union[Run, AlignmentView], metric: str = "align") -> Fi
     table = view.per_layer(metric).pivot_table(index="layer", columns="k", values=metric).reindex(columns=view.ks)
     values = table.to_numpy(float)
     n_layers, n_ks = values.shape
-    fig = new_figure(min(max(5.5, 0.62 * n_ks + 2.6), 13.0), min(max(2.6, 0.34 * n_layers + 1.6), 14.0))
+    fig = new_figure(min(max(5.5, 0.62 * n_ks + 2.6), 11.5), min(max(2.6, 0.34 * n_layers + 1.6), 14.0))
     ax = fig.subplots()
     diverging = metric not in ("align", "argmax_accuracy", "shuffle_mean", "shuffle_std")
     norm = metric_norm([values], diverging)
@@ -422,7 +423,7 @@ def layer_k_heatmap(run: Union[Run, AlignmentView], metric: str = "align") -> Fi
             if np.isfinite(value):
                 r, g, b, _ = cm(norm(value))
                 text_colour = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=text_colour)
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=text_colour)
     fig.colorbar(image, ax=ax, label=METRICS[metric].axis + ("" if metric in view.layers.columns else " (mean over experts)"))
     ax.set_title(f"{view.label}: {METRICS[metric].title} per layer and k")
     return fig

@@ -120,7 +120,8 @@ def cluster_map(run: Run) -> Figure:
                 dots_y.append(row)
         if annotate:
             for e, c, colour in zip(experts, labels, colours):
-                ax.text(e + 0.22, row - 0.2, str(c), ha="center", va="center", fontsize=6, color=_text_colour(colour))
+                # the cluster's id within this layer, in the cell's upper left (the dominant dot sits in its centre)
+                ax.text(e - 0.27, row - 0.2, str(c), ha="center", va="center", fontsize=8, fontweight="bold", color=_text_colour(colour))
     ax.imshow(image, aspect="auto", interpolation="nearest")
     ax.grid(False)
     # white lines between cells: neighbours of one colour still read as separate experts
@@ -139,7 +140,9 @@ def cluster_map(run: Run) -> Figure:
     handles = [
         Line2D([], [], marker="o", linestyle="none", markerfacecolor="black", markeredgecolor="white", markersize=6, label="dominant expert (kept)"),
         Patch(facecolor=SINGLETON_GREY, edgecolor="none", label="alone in its cluster"),
-        Patch(facecolor=CLUSTER_COLOURS[0], edgecolor="none", label="colour = cluster of the layer" + (" (id written)" if annotate else "")),
+        Patch(facecolor=CLUSTER_COLOURS[0], edgecolor="none",
+              label=("colour and number = cluster within its layer (ids and colours restart in every layer)" if annotate else
+                     "colour = cluster within its layer (colours restart in every layer: compare within a row)")),
     ]
     fit_legend(fig, lambda n: fig.legend(handles=handles, loc="outside lower center", ncols=n), 3)
     _suptitle(fig, [f"Expert clusters per layer ({_method_title(run)})", _run_line(run)])

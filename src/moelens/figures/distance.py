@@ -7,7 +7,9 @@ one ``within`` run pair by pair: an experts × experts matrix per layer.
 
 A pairing keeps its colour in every figure (:data:`PAIRING_COLOURS`, Okabe & Ito): a reader
 who learnt that orange is HC-SMoE in one figure reads it so in the next. When several runs
-share a pairing, each gets a marker and its label in the legend.
+share a pairing, each gets a marker and its label in the legend. Lines that lie on top of each
+other (HC-SMoE and M-SMoE when both clusterings agree) get markers of their own, the first
+hollow and large, the next inside it, and the legend says "= M-SMoE".
 """
 
 from __future__ import annotations
@@ -165,9 +167,12 @@ def _measure_curve(rows: pd.DataFrame, measure: str) -> pd.DataFrame:
     return picked.set_index("layer")[["mean", "q25", "q75"]].astype(float)
 
 
-def _draw_pairing(ax: Axes, rows: pd.DataFrame, colour: str, marker: Optional[str], gid: str) -> list[float]:
+def _draw_pairing(ax: Axes, rows: pd.DataFrame, colour: str, marker: Optional[str], gid: str, stagger: int = 0,
+                  marker_style: Optional[dict] = None) -> list[float]:
     """The solid sv_align and dashed rel_l2 lines of one (run, pairing) with their quartile
-    bands; returns every value drawn (for the y range)."""
+    bands; returns every value drawn (for the y range). ``stagger`` shifts the markers along the
+    line by that many thirds of their spacing, so lines drawn on top of each other show each
+    one's markers."""
     values: list[float] = []
     for measure in MEASURES:
         curve = _measure_curve(rows, measure)
@@ -176,9 +181,11 @@ def _draw_pairing(ax: Axes, rows: pd.DataFrame, colour: str, marker: Optional[st
         layers = curve.index.to_numpy(float)
         single = len(layers) == 1
         line_marker = marker or ("o" if single else None)
-        markevery = max(1, len(layers) // 12)
+        step = max(1, len(layers) // 12)
+        markevery = (stagger * max(1, step // 3) % step, step) if step > 1 else 1
+        style = {"marker": line_marker, "markersize": 5 if single else 4, **(marker_style or {})}
         (line,) = ax.plot(layers, curve["mean"].to_numpy(), color=colour, linestyle=MEASURE_LINESTYLES[measure],
-                          marker=line_marker, markevery=markevery, markersize=5 if single else 4, zorder=3)
+                          markevery=markevery, zorder=3, **style)
         line.set_gid(f"{gid}:{measure}")
         if single:
             # A band over one layer has no width: the quartiles become an error bar.
@@ -192,6 +199,38 @@ def _draw_pairing(ax: Axes, rows: pd.DataFrame, colour: str, marker: Optional[st
             band.set_gid(f"{gid}:{measure}:band")
         values.extend(curve.to_numpy().ravel().tolist())
     return values
+
+
+#: Markers of lines that lie on top of each other, the first of a group hollow and large, the
+#: next ones smaller inside it, so every line of the group shows.
+COINCIDENT_MARKERS = (
+    {"marker": "o", "markersize": 8, "markerfacecolor": "none", "markeredgewidth": 1.4},
+    {"marker": "x", "markersize": 6, "markeredgewidth": 1.6},
+    {"marker": "+", "markersize": 9, "markeredgewidth": 1.4},
+    {"marker": "D", "markersize": 3},
+)
+#: Two lines closer than this share of the y range at every layer are drawn on top of each other.
+COINCIDE_SHARE = 0.006
+
+
+def coincident_with(curves: Sequence[tuple[int, str, pd.DataFrame]], span: float) -> dict[int, int]:
+    """For each curve (by position) that another, earlier curve hides, that earlier curve's
+    position: every mean of both measures, at every layer, within ``COINCIDE_SHARE × span``."""
+    def means(rows: pd.DataFrame) -> pd.Series:
+        return rows.set_index(["measure", "layer"])["mean"].astype(float).sort_index()
+
+    tolerance = COINCIDE_SHARE * span
+    found: dict[int, int] = {}
+    series = [means(rows) for _i, _p, rows in curves]
+    for later in range(len(curves)):
+        for earlier in range(later):
+            if earlier in found:
+                continue  # compare with the first of a group only
+            a, b = series[earlier], series[later]
+            if a.index.equals(b.index) and np.allclose(a.to_numpy(), b.to_numpy(), rtol=0.0, atol=tolerance, equal_nan=True):
+                found[later] = earlier
+                break
+    return found
 
 
 def _layer_axis(ax: Axes, layers: Sequence[int]) -> None:
@@ -247,17 +286,35 @@ def expert_distance(runs: Sequence[Run], matrix: str = "expert") -> Figure:
     values: list[float] = []
     layers: set[int] = set()
     cluster_handles: dict[str, list] = {}  # by pairing: runs of one pairing stand together
-    for index, pairing, rows in curves:
+    drawn = np.concatenate([rows[["mean", "q25", "q75"]].to_numpy(float).ravel() for _i, _p, rows in curves])
+    drawn = drawn[np.isfinite(drawn)]
+    hidden = coincident_with(curves, max(1.05, float(np.ptp(drawn)) if drawn.size else 1.0))
+    group_of = {pos: hidden.get(pos, pos) for pos in range(len(curves))}
+    members = {first: [p for p in range(len(curves)) if group_of[p] == first] for first in set(group_of.values())}
+
+    def curve_name(pos: int) -> str:
+        index, pairing, _rows = curves[pos]
+        shared = runs_per_pairing[pairing]
+        return pairing_name(pairing) + (f" ({runs[index].label})" if len(shared) > 1 else "")
+
+    for pos, (index, pairing, rows) in enumerate(curves):
         shared = runs_per_pairing[pairing]
         colour = pairing_colour(pairing)
         marker = RUN_MARKERS[shared.index(index) % len(RUN_MARKERS)] if len(shared) > 1 else None
-        values += _draw_pairing(ax, rows, colour, marker, gid=f"{index}:{pairing}")
+        group = members[group_of[pos]]
+        rank = group.index(pos)
+        style = COINCIDENT_MARKERS[rank % len(COINCIDENT_MARKERS)] if len(group) > 1 else None
+        values += _draw_pairing(ax, rows, colour, marker, gid=f"{index}:{pairing}", stagger=rank, marker_style=style)
         layers.update(int(v) for v in rows["layer"])
-        if len(shared) > 1:
-            label = _wrap(f"{pairing_name(pairing)} ({runs[index].label})")
-            handle = Line2D([], [], color=colour, marker=marker, markersize=6, linestyle="none", label=label)
+        label = curve_name(pos)
+        if rank > 0:  # drawn over the first of its group: say so, or the reader looks for a missing line
+            label += f" (= {curve_name(group[0])})"
+        if style is not None:
+            handle = Line2D([], [], color=colour, linestyle="none", label=_wrap(label), **style)
+        elif len(shared) > 1:
+            handle = Line2D([], [], color=colour, marker=marker, markersize=6, linestyle="none", label=_wrap(label))
         else:
-            handle = Patch(facecolor=colour, edgecolor="none", label=_wrap(pairing_name(pairing)))
+            handle = Patch(facecolor=colour, edgecolor="none", label=_wrap(label))
         cluster_handles.setdefault(pairing, []).append(handle)
 
     _layer_axis(ax, sorted(layers))

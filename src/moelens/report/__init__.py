@@ -56,6 +56,7 @@ def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] =
     ``commands``: one per run, ``versions``), shown on the first screen of a sectioned report.
     """
     from moelens.errors import ConfigError
+    from moelens.report.numbering import number_headings, numbered, numbers_of
     from moelens.report.render import render
 
     if figure_format not in FIGURE_FORMATS:
@@ -65,8 +66,13 @@ def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] =
         from moelens.figures.alignment_data import alignment_views
         from moelens.report.alignment_report import report_context
 
-        return render("alignment_report.html", **report_context(alignment_views(groups["router_alignment"]), title, figure_format))
-    return render("report.html", **{**report_context_of_sections(groups, title, figure_format), **(extra or {})})
+        context = report_context(alignment_views(groups["router_alignment"]), title, figure_format)
+        toc = numbered([("plot-explanations", "Plot explanations", []), ("comparison", "Comparison across all runs", [])]
+                       + [(r.id, f"Individual analysis: run {r.number}, {r.label}", []) for r in context["runs"]])
+        return number_headings(render("alignment_report.html", **context, toc=toc), numbers_of(toc))
+    context = {**report_context_of_sections(groups, title, figure_format), **(extra or {})}
+    toc = numbered([(s.id, s.title, s.toc) for s in context["sections"]])
+    return number_headings(render("report.html", **context, toc=toc), numbers_of(toc))
 
 
 def report_context_of_sections(groups: dict[str, list[Run]], title: Optional[str], fmt: str) -> dict:

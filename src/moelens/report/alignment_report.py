@@ -103,12 +103,12 @@ def run_section(view: AlignmentView, number: int, fmt: str) -> RunSection:
     """Setup, tables and figures of one run."""
     section_id = f"run-{number}"
     complete = embed(figs.complete_analysis(view), "complete_analysis", f"{section_id}-fig-complete",
-                     "Complete analysis", f"Twelve panels of the alignment of {view.label}", fmt)
+                     "Complete analysis", f"Twelve panels of the alignment of {view.label}", fmt, run=view.run)
     layer_figures = []
     if view.multi_layer:
         for metric, title in LAYER_HEATMAPS:
             layer_figures.append(embed(figs.layer_k_heatmap(view, metric), "layer_k_heatmap", f"{section_id}-fig-layers-{metric}",
-                                       title, f"{title} for {view.label}", fmt))
+                                       title, f"{title} for {view.label}", fmt, run=view.run))
     return RunSection(
         number=number, id=section_id, label=view.label, multi_layer=view.multi_layer,
         setup=setup_table(view), summary=summary_table(view),

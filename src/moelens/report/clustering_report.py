@@ -93,7 +93,7 @@ def calibration_section(runs: Sequence[Run], fmt: str) -> Section:
         o = run.manifest.get("options", {})
         setup = _setup(_model_items(run) + [("layers", compact_ranges(o.get("layers", [])))] + _calibration_items(run) + _footer_items(run))
         fig = embed(figs.expert_usage(run), "expert_usage", f"calibration-run-{i}-usage", "Expert usage frequency",
-                    f"Share of each layer's top-k selections per expert in {run.label}", fmt)
+                    f"Share of each layer's top-k selections per expert in {run.label}", fmt, run=run)
         parts.append(RunPart(i, f"calibration-run-{i}", run.label, setup, [usage_layers_table(run)], [fig], run_warnings(run.manifest)))
     html = render("calibration_section.html", runs=parts)
     toc = [("calibration-explanations", "What calibration records")] + [(p.id, f"Run {p.number}: {p.label}") for p in parts]
@@ -152,9 +152,9 @@ def clustering_section(runs: Sequence[Run], fmt: str) -> Section:
     for i, run in enumerate(runs, start=1):
         figures = [
             embed(figs.cluster_map(run), "cluster_map", f"clustering-run-{i}-map", "Cluster map",
-                  f"Experts × layers of {run.label}, coloured by cluster, dominant experts dotted", fmt),
+                  f"Experts × layers of {run.label}, coloured by cluster, dominant experts dotted", fmt, run=run),
             embed(figs.cluster_usage(run), "cluster_usage", f"clustering-run-{i}-usage", "Usage by cluster",
-                  f"Usage frequency per expert in selected layers of {run.label}, coloured by cluster", fmt),
+                  f"Usage frequency per expert in selected layers of {run.label}, coloured by cluster", fmt, run=run),
         ]
         parts.append(RunPart(i, f"clustering-run-{i}", run.label, clustering_setup(run), [clusters_table(run)], figures,
                              run_warnings(run.manifest)))
@@ -185,7 +185,8 @@ def merge_cost_table(run: Run) -> Table:
         c = cost.loc[r.variant]
         groups = str(int(c.groups_min)) if c.groups_min == c.groups_max else f"{int(c.groups_min)}–{int(c.groups_max)}"
         table.rows.append([
-            text(r.variant), text(METHOD_NAMES.get(r.method, r.method)), text("—" if r.method == "none" else ("on" if r.permute else "off")),
+            Cell(variant_name(r.method, bool(r.permute)) if r.method != "none" else "original", "text", title=r.variant),
+            text(METHOD_NAMES.get(r.method, r.method)), text("—" if r.method == "none" else ("on" if r.permute else "off")),
             text("—" if r.method == "none" else c.export), Cell(groups), number(r.recall, 3), _signed(r.recall_delta, 3),
             number(r.perplexity, 3), number(r.perplexity_ratio, 3),
         ])
@@ -200,6 +201,40 @@ def _measures(recall: float, perplexity: float) -> str:
     parts = [f"recall {recall:.3f}"] if math.isfinite(recall) else []
     parts += [f"perplexity {perplexity:.2f}"] if math.isfinite(perplexity) else []
     return ", ".join(parts)
+
+
+def variant_name(method: str, permute: bool) -> str:
+    """How a merged variant is named for a reader: ``HC-SMoE``, ``HC-SMoE, permuted``."""
+    return METHOD_NAMES.get(method, method) + (", permuted" if permute and method != "none" else "")
+
+
+def merge_cost_headline(run: Run) -> str:
+    """The original's recall and perplexity, each merged variant's (display names), and which keeps
+    the most recall and which the lowest perplexity, each criterion named (they may differ)."""
+    s = run["merge_cost_summary"]
+    base = s[s["variant"] == "original"].iloc[0]
+    merged = s[s["variant"] != "original"]
+    line = "original " + _measures(base.recall, base.perplexity)
+    if merged.empty:
+        return line
+    names = {r.variant: variant_name(r.method, bool(r.permute)) for r in merged.itertuples(index=False)}
+    each = []
+    for r in merged.itertuples(index=False):
+        ratio = f" (×{r.perplexity_ratio:.2f})" if math.isfinite(r.perplexity_ratio) else ""
+        each.append(f"{names[r.variant]} {_measures(r.recall, r.perplexity)}{ratio}")
+    line += "; merged: " + "; ".join(each)
+    best = []
+    if merged["recall"].notna().any():
+        top = merged.loc[merged["recall"].idxmax()]
+        best.append(("most recall kept", names[top.variant]))
+    if merged["perplexity"].notna().any():
+        low = merged.loc[merged["perplexity"].idxmin()]
+        best.append(("lowest perplexity", names[low.variant]))
+    if len(best) == 2 and best[0][1] == best[1][1]:
+        line += f"; most recall kept and lowest perplexity: {best[0][1]}"
+    elif best:
+        line += "; " + ", ".join(f"{what}: {who}" for what, who in best)
+    return line
 
 
 def merge_cost_section(runs: Sequence[Run], fmt: str) -> Section:
@@ -218,17 +253,7 @@ def merge_cost_section(runs: Sequence[Run], fmt: str) -> Section:
         parts.append(RunPart(i, f"merge-cost-run-{i}", run.label, _setup(items), [merge_cost_table(run)], [], run_warnings(run.manifest)))
     html = render("merge_cost_section.html", runs=parts)
     toc = [("merge-cost-explanations", "What is measured")] + [(p.id, f"Run {p.number}: {p.label}") for p in parts]
-    pieces = []
-    for run in runs:
-        s = run["merge_cost_summary"]
-        base = s[s["variant"] == "original"].iloc[0]
-        merged = s[s["variant"] != "original"]
-        best = merged.sort_values("perplexity_ratio").iloc[0] if len(merged) else None
-        line = "original " + _measures(base.recall, base.perplexity)
-        if best is not None:
-            parts = [_measures(best.recall, float("nan"))] + ([f"perplexity ×{best.perplexity_ratio:.2f}"] if math.isfinite(best.perplexity_ratio) else [])
-            line += f"; least costly merge {best.variant}: " + ", ".join(p for p in parts if p)
-        pieces.append(line)
+    pieces = [merge_cost_headline(run) for run in runs]
     return Section("merge-cost", "Merge cost", Markup(html), toc, "; ".join(pieces))
 
 

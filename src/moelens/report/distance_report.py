@@ -126,7 +126,7 @@ def distance_section(runs: Sequence[Run], fmt: str) -> Section:
             for measure in ("sv_align", "rel_l2"):
                 heatmaps.append(embed(figs.expert_distance_heatmap(run, measure=measure), "expert_distance_heatmap",
                                       f"distance-run-{i}-heatmap-{measure}", f"Experts × experts ({measure})",
-                                      f"{measure} of every pair of experts in selected layers of {run.label}", fmt))
+                                      f"{measure} of every pair of experts in selected layers of {run.label}", fmt, run=run))
         sections.append(DistanceRun(
             number=i, id=f"distance-run-{i}", label=run.label, setup=setup_table(run), summary=summary_table(run),
             per_layer=per_layer_table(run), heatmaps=heatmaps, warnings=run_warnings(run.manifest),

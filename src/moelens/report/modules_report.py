@@ -73,9 +73,9 @@ def _groups(run: Run, number: int, fmt: str) -> list[FigureGroup]:
         for metric in metrics:
             anchor = f"modules-run-{number}-{model}-{metric}".replace("_", "-")
             heat.append(embed(figs.module_heatmap(run, metric, model), "module_heatmap", f"{anchor}-heat",
-                              f"{metric} ({MODEL_TITLES[model]})", f"{metric} of every module in every layer, {MODEL_TITLES[model]}, {run.label}", fmt))
+                              f"{metric} ({MODEL_TITLES[model]})", f"{metric} of every module in every layer, {MODEL_TITLES[model]}, {run.label}", fmt, run=run))
             lines.append(embed(figs.module_lines(run, metric, model), "module_lines", f"{anchor}-lines",
-                               f"{metric} against layer ({MODEL_TITLES[model]})", f"{metric} per module against layer, {MODEL_TITLES[model]}, {run.label}", fmt))
+                               f"{metric} against layer ({MODEL_TITLES[model]})", f"{metric} per module against layer, {MODEL_TITLES[model]}, {run.label}", fmt, run=run))
         groups.append(FigureGroup(GROUP_TITLES[model], heat, lines))
     return groups
 

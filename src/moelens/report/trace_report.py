@@ -116,11 +116,21 @@ def _peak(grid) -> tuple[str, int, float]:
     return grid.rows[i], grid.layers[j], float(values[i, j])
 
 
-def headline(run: Run) -> str:
-    """One line in numbers: where the run's largest mean lies."""
-    from moelens.figures.trace import TOKEN_KINDS, resolve_mode, token_kind_grids, trace_grid
+#: How a headline names each mode (briefly, in parentheses).
+HEADLINE_MODES = {"knockout": "mean knockout", "block": "attention knockout", "restore": "restoration"}
+#: Rows left out of a headline's maximum: knocking out the last token's residual replaces the very
+#: state the prediction is read from, so its JSD is near its maximum at every layer by construction.
+TRIVIAL_ROWS = {"knockout": ("last",)}
 
-    mode = resolve_mode(run, None, "the report")
+
+def headline(run: Run) -> str:
+    """One line in numbers: where the run's largest mean lies, naming the site and the mode.
+    Attention-knockout rows (block_*, the seed figure's reading, SPEC.md §4) are preferred when the
+    run has them; a row that is maximal by construction (last-token knockout) is not headlined."""
+    from moelens.figures.trace import TOKEN_KINDS, resolve_mode, run_modes, site_label, token_kind_grids, trace_grid
+
+    modes = run_modes(run)
+    mode = "block" if "block" in modes else resolve_mode(run, None, "the report")
     if mode == "restore":
         best = ("", -1, -math.inf, "")
         for grid in token_kind_grids(run):
@@ -128,10 +138,21 @@ def headline(run: Run) -> str:
             if math.isfinite(value) and value > best[2]:
                 best = (grid.site, layer, value, kind)
         site, layer, value, kind = best
-        return (f"largest mean indirect effect: {site} at layer {layer}, {TOKEN_KINDS.get(kind, kind).lower()} "
-                f"(Δp(target) = {value:.2f})")
-    site, layer, value = _peak(trace_grid(run))
-    return f"largest mean JSD: {site} at layer {layer} ({value:.2f} bits)"
+        return (f"largest mean indirect effect ({HEADLINE_MODES[mode]}): {site_label(run, site)} ({site}) at layer {layer}, "
+                f"{TOKEN_KINDS.get(kind, kind).lower()} (Δp(target) = {value:.2f})")
+    grid = trace_grid(run, mode=mode)
+    left_out = [r for r in grid.rows if r in TRIVIAL_ROWS.get(mode, ())]
+    kept = [i for i, r in enumerate(grid.rows) if r not in left_out] or list(range(len(grid.rows)))
+    values = grid.mean.to_numpy(float)[kept]
+    if not np.isfinite(values).any():
+        return f"no finite JSD ({HEADLINE_MODES.get(mode, mode)})"
+    i, j = np.unravel_index(np.nanargmax(values), values.shape)
+    site = grid.rows[kept[i]]
+    line = (f"largest mean JSD ({HEADLINE_MODES.get(mode, mode)}): {site_label(run, site)} ({site}) at layer {grid.layers[j]} "
+            f"({float(values[i, j]):.2f} bits)")
+    if left_out and len(kept) < len(grid.rows):
+        line += ", last-token knockout left out (near its maximum at every layer by construction)"
+    return line
 
 
 def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
@@ -143,7 +164,7 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
     kind = figs.TOKEN_KINDS.get(grid.token_kind, "").lower()
     at = f" at the {kind}" if kind else ""
     heatmap = embed(figs.trace_heatmap(run), "trace_heatmap", f"{anchor}-heatmap", f"Mean JS divergence per site and layer{at}",
-                    f"Sites × layers, colour = mean JSD (bits) over prompts, darker = larger, {run.label}", fmt)
+                    f"Sites × layers, colour = mean JSD (bits) over prompts, darker = larger, {run.label}", fmt, run=run)
     table = grid_table(grid, names, f"JS divergence (bits) per layer and site{at}: mean ± std over prompts")
     more = [grid_table(figs.trace_grid(run, measure="p_target", token_kind=grid.token_kind or None), names,
                        f"p(target) after the intervention{at}: mean ± std over prompts")]
@@ -151,7 +172,7 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
     if grid.mode == "restore":
         indirect = embed(figs.trace_indirect_effect(run), "trace_indirect_effect", f"{anchor}-indirect-effect",
                          "Indirect effect per token group and layer",
-                         f"Restored hidden state, MLP and attention output: mean Δp(target) per token group and layer, {run.label}", fmt)
+                         f"Restored hidden state, MLP and attention output: mean Δp(target) per token group and layer, {run.label}", fmt, run=run)
         for kinds in figs.token_kind_grids(run):
             more.append(grid_table(kinds, [figs.TOKEN_KINDS.get(k, k) for k in kinds.rows],
                                    f"Indirect effect Δp(target) of {kinds.site} per layer and token group: mean ± std",
