@@ -12,7 +12,7 @@ and, in an MoE block, the router have a handful of names across families:
 | router     | the MLP block's ``gate`` or ``router`` child                      |
 
 A layer without self-attention (Mamba, linear attention) has ``attention = None``; a dense layer
-has ``router = None``. The outputs at these points are what SPEC.md §4 calls the sites: the
+has ``router = None``. The outputs at these points are what docs/methods.md §4 calls the sites: the
 decoder layer's output (``subj``/``last``), the attention module's own output before the residual
 add (``attn``), the MLP/MoE block's output as the block returns it (``moe``), the router logits
 (``router``).
