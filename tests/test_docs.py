@@ -82,7 +82,8 @@ def _project_texts():
     yield ROOT / "README.md"
     yield from DOCS.rglob("*.md")
     for path in (ROOT / "src").rglob("*"):
-        if path.is_file() and path.suffix in {".py", ".html", ".md", ".txt", ".css", ".js", ".json", ".toml"}:
+        if path.is_file() and path.suffix in {".py", ".html", ".md", ".txt", ".css", ".js", ".json", ".toml"} \
+                and not any(part.endswith(".egg-info") or part == "__pycache__" for part in path.parts):
             yield path
 
 
