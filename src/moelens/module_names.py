@@ -1,4 +1,4 @@
-"""The names of a layer's modules (SPEC.md §5), shared by the module-metrics analysis and its
+"""The names of a layer's modules (docs/methods.md §5), shared by the module-metrics analysis and its
 figures. A leaf module: it imports nothing.
 
 ============  ===========================================================================

@@ -1,4 +1,4 @@
-"""A slow, plain reference of layer-wise interventions (SPEC.md §4 and §7), written apart from
+"""A slow, plain reference of layer-wise interventions (docs/methods.md §4 and §7), written apart from
 moelens' code path.
 
 One cell at a time, as ROME's causal tracing and TransformerLens's activation patching do it: for

@@ -4,7 +4,7 @@ interrupted on the driver resumes (on either executor), and a cluster without GP
 ``--gpus-per-worker`` before anything is written.
 
 One cluster for the module (started once, about 10 s) and tiny checkpoints; each worker runs one
-thread, and so does the local reference, as SPEC §7 asks for the two to agree within 1e-6.
+thread, and so does the local reference, as docs/methods.md §7 asks for the two to agree within 1e-6.
 """
 
 from __future__ import annotations

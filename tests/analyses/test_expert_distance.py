@@ -1,4 +1,4 @@
-"""Expert distance (SPEC §2, §7) through the analysis, on checkpoints of every family and layout.
+"""Expert distance (docs/methods.md §2, §7) through the analysis, on checkpoints of every family and layout.
 
 - every row of ``expert_distance`` (per matrix and ``matrix = "expert"``, pools mean and ito)
   against a float64 reference written apart from moelens: ``torch.linalg.svd`` per matrix, the
@@ -39,7 +39,7 @@ from .synthetic import write_checkpoint
 
 ROLES = ("gate", "up", "down")
 TOL = 1e-5
-CUT_TOLERANCE = 1e-6  # SPEC §7: a σ within 1e-6·σ₁ of the cut counts as kept
+CUT_TOLERANCE = 1e-6  # docs/methods.md §7: a σ within 1e-6·σ₁ of the cut counts as kept
 AMBIGUOUS = 1e-5  # a float64 σ this close (× σ₁) to the cut may fall either side in float32: skip
 SQRT2 = math.sqrt(2.0)
 
@@ -536,7 +536,7 @@ def test_pair_structure_of_each_pairing(ckpt, tmp_path):
 
 
 def test_a_zero_matrix_gives_nan_and_a_warning(ckpt, tmp_path):
-    """SPEC §7: a zero matrix has no sv_align (NaN, warning in the run's log); its rel_l2 is
+    """docs/methods.md §7: a zero matrix has no sv_align (NaN, warning in the run's log); its rel_l2 is
     undefined too; Ito's pool leaves it out, the mean pool cannot."""
     path = ckpt("mixtral", "per_expert")
     zeroed = mixtral_copy(path, tmp_path / "zeroed", lambda L, e, role, w: torch.zeros_like(w) if (L, e, role) == (0, 1, "gate") else w)

@@ -1,4 +1,4 @@
-"""``null="shuffle-sampled"`` against numbers produced by GaleMoE's own code (SPEC.md §1, §7).
+"""``null="shuffle-sampled"`` against numbers produced by GaleMoE's own code (docs/methods.md §1, §7).
 
 ``data/galemoe_reference.json`` holds what GaleMoE's ``SVDAlignmentAnalyzer`` (sagearc/GaleMoE at
 5801036, seed 42, 200 shuffles, k = 1, 2, 4, 8, 16, 32) printed for layers 0 and 1 of the tiny
@@ -6,7 +6,7 @@ Mixtral checkpoint that ``build_tiny_checkpoint`` writes with seed 0. Each layer
 GaleMoE run (a fresh analyzer, so a generator seeded 42 at the start of the layer), as GaleMoE's
 ``main.py`` runs one layer per process. ``data/README.md`` says how the numbers were made.
 
-SPEC §7: the ``shuffle-sampled`` stream starts at the config's seed in every layer, so a
+docs/methods.md §7: the ``shuffle-sampled`` stream starts at the config's seed in every layer, so a
 two-layer moelens run must match both per-layer GaleMoE runs. (A moelens that continues one
 stream from layer 0 into layer 1 matches layer 0 only; layer 1 alone, ``layers=[1]``, matches.)
 
@@ -140,7 +140,7 @@ def test_layer_one_alone_matches_galemoe(layer_one_alone):
 
 
 def test_two_layer_run_equals_single_layer_runs(two_layer_run, layer_one_alone):
-    """SPEC §7: a layer's shuffle-sampled numbers do not depend on the layers run before it."""
+    """docs/methods.md §7: a layer's shuffle-sampled numbers do not depend on the layers run before it."""
     cols = ["expert", "k", "align", "shuffle_mean", "shuffle_std", "z_vs_shuffle"]
     both = two_layer_run["alignment"]
     both = both[both["layer"] == 1][cols].sort_values(["k", "expert"]).reset_index(drop=True)
@@ -149,7 +149,7 @@ def test_two_layer_run_equals_single_layer_runs(two_layer_run, layer_one_alone):
 
 
 def test_eigh_is_close_to_galemoe_svd(tiny_model):
-    """The default method (Gram eigh) against GaleMoE's SVD: align within 1e-5 (SPEC §1, seen
+    """The default method (Gram eigh) against GaleMoE's SVD: align within 1e-5 (docs/methods.md §1, seen
     8.6e-7), z for k < d within 1e-3 (seen 2.2e-5)."""
     run = _run(tiny_model, [0], method="eigh")
     table = run["alignment"]

@@ -1,4 +1,4 @@
-"""Layer-wise interventions (SPEC.md §4, §7): ``moelens.trace`` against a one-cell-at-a-time hook
+"""Layer-wise interventions (docs/methods.md §4, §7): ``moelens.trace`` against a one-cell-at-a-time hook
 loop (tests/analyses/interventions_reference.py), batch invariance, causality and the JSD.
 
 The reference is first checked on its own against cases whose answer is known by construction

@@ -1,4 +1,4 @@
-"""Module metrics (SPEC §5, §7) through the analysis, on checkpoints of every family and layout.
+"""Module metrics (docs/methods.md §5, §7) through the analysis, on checkpoints of every family and layout.
 
 - every row of ``module_metrics`` and ``module_metrics_experts`` against a float64 numpy
   reference written apart from moelens (``np.corrcoef``, the cosine, rel_l2 as the norm of a
@@ -53,7 +53,7 @@ SINGLE = ("fro_norm", "spectral_norm", "stable_rank", "effective_rank", "alpha")
 ROLES = ("gate", "up", "down")
 EPS32 = 2.0 ** -23  # the ε of the rank cut, as moelens.metrics.module documents (float32's, whatever the dtype)
 MIN_EVALS = 8  # α is NaN below min(out, in) = 8 (WeightWatcher skips such matrices)
-# attention parts of model.attention(L), named as in SPEC §5 (written here, not imported)
+# attention parts of model.attention(L), named as in docs/methods.md §5 (written here, not imported)
 ATTN = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o",
         "q_a": "attn.q_a", "q_b": "attn.q_b", "kv_a": "attn.kv_a", "kv_b": "attn.kv_b"}
 
@@ -200,7 +200,7 @@ def read_modules(model, L: int) -> tuple[dict[str, np.ndarray], dict[str, list[n
     for key, w in model.attention(L).items():
         if w.ndim != 2:
             continue  # GPT-OSS sinks: one number per head
-        plain[ATTN[key]] = w.double().numpy()  # a KeyError here: an attention matrix SPEC §5 does not name
+        plain[ATTN[key]] = w.double().numpy()  # a KeyError here: an attention matrix docs/methods.md §5 does not name
     if L in set(model.moe_layers):
         layer = model.layer(L)
         for role in ROLES:
@@ -562,7 +562,7 @@ def test_rank_r_matrices_have_stable_and_effective_rank_at_most_r(ckpt, tmp_path
 
 
 def test_a_zero_matrix_gives_nan_and_a_warning(ckpt, tmp_path):
-    """SPEC §7: a zero matrix (or delta) gives NaN where a metric is undefined, a warning in the
+    """docs/methods.md §7: a zero matrix (or delta) gives NaN where a metric is undefined, a warning in the
     run's manifest, never an exception."""
     llama = ckpt("llama")
     zero_o = rewrite(llama, tmp_path / "zero-o", lambda n, t: torch.zeros_like(t) if n == "model.layers.0.self_attn.o_proj.weight" else t)

@@ -111,7 +111,7 @@ def _check_attention(model, i: int, hf_layer) -> None:
             torch.testing.assert_close(attention[key], getattr(hf_attn, ATTENTION_MODULES[key]).weight.detach(), rtol=0, atol=0)
     elif any(getattr(hf_layer, name, None) is not None for name in ATTENTION_FREE_MIXERS):
         # a Mamba layer (Jamba, Granite-MoE-Hybrid) or a linear-attention layer (Qwen3-Next):
-        # no attention matrices, documented as {} (SPEC §7: the module is absent from its rows)
+        # no attention matrices, documented as {} (docs/methods.md §7: the module is absent from its rows)
         assert attention == {}, f"layer {i} has no softmax attention, yet moelens returned {sorted(attention)}"
     elif getattr(hf_layer, "self_attention", None) is not None:
         _check_jetmoe_attention(attention, hf_layer.self_attention)

@@ -1,4 +1,4 @@
-"""Module-metrics figures (SPEC.md §5, seed 002): the heat map's cells are the table's values,
+"""Module-metrics figures (docs/methods.md §5, seed 002): the heat map's cells are the table's values,
 layer 0 on top and the modules in the seed's order; the lines carry the same numbers; both name
 what they show, mark what a layer lacks, refuse what they cannot draw, and keep every text on
 the canvas."""

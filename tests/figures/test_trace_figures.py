@@ -1,4 +1,4 @@
-"""Interventions figures (SPEC.md §4, seed 003): the heat map's cells and the indirect-effect
+"""Interventions figures (docs/methods.md §4, seed 003): the heat map's cells and the indirect-effect
 panels are the summary table's means (checked against a plain-loop reference over the per-prompt
 rows, and against a summary whose values are known by construction), rows and labels follow the
 seed and ROME, every text stays on the canvas from 2 to 100 layers and 1 to 5 rows, and a run of

@@ -58,7 +58,7 @@ def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def loop_permutation(anchor: ExpertWeights, member: ExpertWeights) -> np.ndarray:
-    """perm from SPEC §3's cost computed by plain loops, solved by SciPy."""
+    """perm from docs/methods.md §3's cost computed by plain loops, solved by SciPy."""
     mats = [(getattr(anchor, r).double().numpy(), getattr(member, r).double().numpy()) for r in ("gate", "up")]
     da, db = anchor.down.double().numpy(), member.down.double().numpy()
     f = da.shape[1]

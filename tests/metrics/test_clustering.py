@@ -1,4 +1,4 @@
-"""Expert clustering (SPEC §3, §7): HC-SMoE against SciPy and a plain-loop reference, ties and
+"""Expert clustering (docs/methods.md §3, §7): HC-SMoE against SciPy and a plain-loop reference, ties and
 exactly-G cuts by construction, M-SMoE and MC-SMoE's global budget against plain loops."""
 
 from __future__ import annotations

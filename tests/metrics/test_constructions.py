@@ -118,7 +118,7 @@ def test_rotation_inside_a_degenerate_top_subspace():
 
 
 def test_top_sv_beyond_the_rank_keeps_the_rank():
-    """A rank-3 matrix has no 4th singular direction: top_sv = 12 keeps 3 (SPEC: n_X is capped
+    """A rank-3 matrix has no 4th singular direction: top_sv = 12 keeps 3 (docs/methods.md §2: n_X is capped
     at the numerical rank, so the undetermined directions of σ = 0 never enter R)."""
     g = torch.Generator().manual_seed(13)
     a = (torch.randn(2, 20, 3, generator=g, dtype=torch.float64) @ torch.randn(2, 3, 12, generator=g, dtype=torch.float64)).float()

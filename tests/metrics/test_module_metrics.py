@@ -1,4 +1,4 @@
-"""Module metrics (SPEC §5) against a plain float64 numpy reference written apart from moelens."""
+"""Module metrics (docs/methods.md §5) against a plain float64 numpy reference written apart from moelens."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ SMALL_CHUNK = 2048  # bytes: several chunks per matrix even at these sizes
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference: numpy, float64, one matrix at a time, formulas as written in SPEC §5
+# Reference: numpy, float64, one matrix at a time, formulas as written in docs/methods.md §5
 # ----------------------------------------------------------------------------------------------
 def ref_pair(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-3) -> dict[str, float]:
     a, b = a.double().numpy(), b.double().numpy()

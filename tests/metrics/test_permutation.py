@@ -1,4 +1,4 @@
-"""Weight-matching permutation (SPEC §3): function preserved, the cost against plain loops, the
+"""Weight-matching permutation (docs/methods.md §3): function preserved, the cost against plain loops, the
 assignment against brute force, planted copies aligned back, the layer helper against the
 per-member function."""
 

@@ -1,6 +1,6 @@
 """Calibrate one MoE layer: run the calibration tokens up to it, record routing, run every expert.
 
-For layer L and the N calibration tokens (SPEC §3):
+For layer L and the N calibration tokens (docs/methods.md §3):
 
 - ``router_logits`` [N, E] and ``topk`` [N, k]: what the layer's router computed and chose
   (:mod:`moelens.calibration.capture`);

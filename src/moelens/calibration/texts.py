@@ -1,6 +1,6 @@
 """Calibration text: lines read, split into calibration and held-out parts, tokenised, cut.
 
-SPEC §7: each non-empty line of the text file is one sequence, tokenised as ``tokenizer(line)``
+docs/methods.md §7: each non-empty line of the text file is one sequence, tokenised as ``tokenizer(line)``
 with the tokenizer's default special tokens and cut at the model's maximum positions. The last
 10 % of the non-empty lines (⌊n/10⌋ of n) are held out for perplexity and never calibrate;
 calibration takes the sequences of the other lines in order until ``max_tokens`` tokens are

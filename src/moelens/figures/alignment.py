@@ -1,4 +1,4 @@
-"""Figures of the router–expert alignment analysis (seed 004, SPEC.md §1).
+"""Figures of the router–expert alignment analysis (seed 004, docs/methods.md §1).
 
 Every function takes runs (or one run) and returns a :class:`~matplotlib.figure.Figure`; save
 it with :func:`moelens.figures.save`. Across runs, each run keeps its colour and marker in

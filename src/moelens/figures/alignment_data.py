@@ -1,6 +1,6 @@
 """The read side of a router-alignment run: what figures and reports take from its tables.
 
-A run of ``router_alignment`` (SPEC.md §1) holds, each with a ``matrix`` column:
+A run of ``router_alignment`` (docs/methods.md §1) holds, each with a ``matrix`` column:
 
 ``alignment``         one row per (layer, matrix, expert, k): ``align``, ``random_expect_k_over_d``,
                       ``effect_over_random``, ``shuffle_mean``, ``shuffle_std``,

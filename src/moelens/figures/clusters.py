@@ -1,4 +1,4 @@
-"""Figures of calibration and expert clustering (SPEC.md §3).
+"""Figures of calibration and expert clustering (docs/methods.md §3).
 
 - :func:`cluster_map`: experts × layers, each cell coloured by the expert's cluster in its layer
   (an expert alone in its cluster is light grey), the dominant expert of every cluster marked

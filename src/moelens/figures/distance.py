@@ -1,4 +1,4 @@
-"""Figures of the expert-distance analysis (SPEC.md §2; seeds 000/001, after REAP's Fig. 4d).
+"""Figures of the expert-distance analysis (docs/methods.md §2; seeds 000/001, after REAP's Fig. 4d).
 
 :func:`expert_distance` draws one line per (run, pairing) against the layer: the mean
 singular-vector alignment solid, the mean relative L2 distance dashed, each with a band from

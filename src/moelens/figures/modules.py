@@ -1,4 +1,4 @@
-"""Figures of the module-metrics analysis (SPEC.md §5 and §7; the heat map of seed 002).
+"""Figures of the module-metrics analysis (docs/methods.md §5 and §7; the heat map of seed 002).
 
 :func:`module_heatmap` draws one metric of one run as a layers × modules grid, layer 0 on top and
 the modules in the seed's order (attn.q, attn.k, attn.v, attn.o, mlp.up, mlp.down, mlp.gate, then

@@ -1,4 +1,4 @@
-"""Figures of the interventions ("trace") analysis (SPEC.md §4 and §7; the heat map of seed 003).
+"""Figures of the interventions ("trace") analysis (docs/methods.md §4 and §7; the heat map of seed 003).
 
 :func:`trace_heatmap` draws one run as sites × layers, the seed's layout: a row per intervention
 site ("Subj.", "Attn.", "Last." and, for MoE models, "Router", "MoE"; the three attention-knockout
@@ -70,7 +70,7 @@ MEASURES = {
     "p_target": "Avg p(target)",
     "indirect_effect": "Avg indirect effect (Δ p(target))",
 }
-#: SPEC.md §7: a window of w layers centred on ℓ; the defaults where a manifest names none.
+#: docs/methods.md §7: a window of w layers centred on ℓ; the defaults where a manifest names none.
 DEFAULT_WINDOW = {"restore": 10, "block": 9}
 #: ROME's colours: the hidden state purple, the MLP green, attention red.
 RESTORE_CMAPS = {"restore_hidden": "Purples", "restore_mlp": "Greens", "restore_attn": "Reds"}
@@ -185,7 +185,7 @@ def window_of(run: Run, mode: str) -> Optional[int]:
 
 
 def window_span(window: int) -> str:
-    """SPEC.md §7: a window of w layers centred on ℓ is [ℓ − ⌊w/2⌋, ℓ − ⌊w/2⌋ + w − 1]."""
+    """docs/methods.md §7: a window of w layers centred on ℓ is [ℓ − ⌊w/2⌋, ℓ − ⌊w/2⌋ + w − 1]."""
     low, high = -(window // 2), -(window // 2) + window - 1
 
     def at(offset: int) -> str:
@@ -418,7 +418,7 @@ def trace_heatmap(run: Run, mode: Optional[str] = None, measure: Optional[str] =
 
 
 def panel_title(run: Run, site: str) -> str:
-    """What a restore panel restores, with its window (SPEC.md §7) from the manifest's options."""
+    """What a restore panel restores, with its window (docs/methods.md §7) from the manifest's options."""
     if site == "restore_hidden":
         return "Hidden state restored at layer ℓ (one token)"
     window = window_of(run, "restore")

@@ -1,5 +1,5 @@
 """Merging experts: usage-weighted averages of (permuted) cluster members, and merged
-checkpoints that transformers loads (SPEC §3, §7).
+checkpoints that transformers loads (docs/methods.md §3, §7).
 
 >>> from moelens.merge import export_merged, merge_cluster
 >>> merged = merge_cluster([layer.expert(e) for e in (3, 5, 9)], usage=[0.2, 0.05, 0.1])

@@ -1,4 +1,4 @@
-"""Usage-weighted averages of experts and router rows (SPEC §3, §7).
+"""Usage-weighted averages of experts and router rows (docs/methods.md §3, §7).
 
 A cluster c with members m and usage frequencies f_m merges into
 

@@ -1,4 +1,4 @@
-"""Write a merged checkpoint that transformers loads (SPEC §3, §7).
+"""Write a merged checkpoint that transformers loads (docs/methods.md §3, §7).
 
 Two forms:
 

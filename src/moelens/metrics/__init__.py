@@ -1,6 +1,6 @@
 """Pair and single-matrix measures as plain functions of tensors.
 
-Expert distance (SPEC §2): relative L2 and singular-vector alignment of pairs of experts, one
+Expert distance (docs/methods.md §2): relative L2 and singular-vector alignment of pairs of experts, one
 matrix role at a time, each expert decomposed once per role.
 
 >>> from moelens.metrics import role_distances, expert_distances, within_pairs, same_index_pairs

@@ -1,4 +1,4 @@
-"""Expert clustering (SPEC §3, §7): HC-SMoE's agglomerative clustering and M-SMoE's grouping
+"""Expert clustering (docs/methods.md §3, §7): HC-SMoE's agglomerative clustering and M-SMoE's grouping
 around dominant experts, as plain functions of arrays.
 
 Conventions shared by every function here:
@@ -13,22 +13,26 @@ round half up; every way of asking for G checks 1 ≤ G < E (:func:`resolve_grou
 
 HC-SMoE (Chen et al., ICML 2025). The feature of expert e is the mean of its output over all
 calibration tokens (not weighted by the router), f_e ∈ R^d. Distances are Euclidean
-‖f_i − f_j‖ (the published scripts' setting: ``hierarchical_clustering`` on raw expert outputs
-with ``pairwise_distances``) or cosine 1 − cos(f_i, f_j) (REAP's statement). Clusters merge
-bottom-up; the distance of a merged cluster i∪j to a cluster k follows Lance and Williams:
+‖f_i − f_j‖ (what HC-SMoE's ``hierarchical_clustering`` computes on raw expert outputs) or cosine
+1 − cos(f_i, f_j) (REAP's statement). Clusters merge bottom-up, the two closest first; the
+distance of a merged cluster i∪j to a cluster k follows Lance and Williams:
 
     single    min(D_ik, D_jk)                 complete  max(D_ik, D_jk)
     average   (n_i D_ik + n_j D_jk)/(n_i + n_j)          (UPGMA: mean over all pairs of members)
     ward      √(((n_i+n_k) D_ik² + (n_j+n_k) D_jk² − n_k D_ij²)/(n_i + n_j + n_k))
 
-which are also SciPy's ``linkage`` updates. The published scripts' own Ward step uses
-n_i n_j/(n_i+n_j)·‖μ_i − μ_j‖ instead (not the increase in variance); moelens keeps the textbook
-(and SciPy) Ward. The tree is cut after exactly E − G merges, so there are always exactly G
-clusters, also when merge heights tie (SciPy's ``fcluster(…, "maxclust")`` cuts at a height and
-returns fewer clusters when several merges share it). Among pairs at the smallest distance the
-pair whose lowest experts come first merges first (lexicographic on (lowest expert of one,
-lowest expert of the other)). HC-SMoE's own ``dominant`` is the member nearest the cluster mean;
-SPEC §7 makes it the most used member (:func:`most_used_members`).
+which are also SciPy's ``linkage`` updates. HC-SMoE's own code differs (docs/peers.md, HC-SMoE):
+its run scripts pass ``--cluster="hirarchical"``, which falls through to k-means with a k-means++
+start drawn from torch's global generator (no seed of its own), so they never reach its
+hierarchical clustering; there, its ``complete`` merges the two farthest clusters and its Ward
+step scores n_i n_j/(n_i+n_j)·‖μ_i − μ_j‖ (not the increase in variance). moelens keeps the
+textbook (and SciPy) linkages. The tree is cut after exactly E − G merges, so there are always
+exactly G clusters, also when merge heights tie (SciPy's ``fcluster(…, "maxclust")`` cuts at a
+height and returns fewer clusters when several merges share it). Among pairs at the smallest
+distance the pair whose lowest experts come first merges first (lexicographic on (lowest expert
+of one, lowest expert of the other)). HC-SMoE's own representative is the member nearest the
+cluster mean; moelens's ``dominant`` is the most used member (docs/methods.md §7,
+:func:`most_used_members`).
 
 M-SMoE (Li et al., ICLR 2024). Dominant experts are the G most used (usage f_e = share of the
 layer's top-k selections); every other expert joins the dominant expert whose router-logit

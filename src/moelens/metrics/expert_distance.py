@@ -1,4 +1,4 @@
-"""Expert distance (SPEC §2, §7): relative L2 and singular-vector alignment of pairs of experts.
+"""Expert distance (docs/methods.md §2, §7): relative L2 and singular-vector alignment of pairs of experts.
 
 For two matrices A, B of one shape [out, in]:
 

@@ -1,4 +1,4 @@
-"""Module metrics (SPEC §5, §7): pair measures of two models' matrices and single-matrix measures.
+"""Module metrics (docs/methods.md §5, §7): pair measures of two models' matrices and single-matrix measures.
 
 One matrix role at a time: a batch [B, out, in] is a layer's B experts of one role, or [1, out, in]
 for one attention matrix. Every sum is accumulated in float64; the matrices are streamed to the
@@ -37,7 +37,7 @@ T = Aᵀ (out < in),
 CKA is invariant to any rotation or permutation of the output neurons of either matrix and to
 scaling either; it does not see a change of the row means (they are centred out).
 
-Deltas (SPEC ``pair_delta``): pass A − base and B − base as ``a`` and ``b``; nothing changes.
+Deltas (docs/methods.md §5, ``pair_delta``): pass A − base and B − base as ``a`` and ``b``; nothing changes.
 
 Undefined values are NaN, never an exception: corr where A or B is constant (a zero matrix or
 delta included), cos and rel_l2 where a matrix is zero, cka where a centred matrix is zero

@@ -1,7 +1,7 @@
 """Pairs of experts: which expert of the left stack meets which expert of the right stack.
 
 A pairing is an int64 array [P, 2]: column 0 indexes the left stack ``a``, column 1 the right
-stack (``b``, or ``a`` again when the pairs lie within one stack). SPEC §2 names three:
+stack (``b``, or ``a`` again when the pairs lie within one stack). docs/methods.md §2 names three:
 
 - base→tuned: expert e of model A with expert e of model B, :func:`same_index_pairs`;
 - within: every unordered pair i < j of one layer of one model, :func:`within_pairs`;

@@ -1,4 +1,4 @@
-"""Weight-matching permutation of an expert's intermediate neurons (SPEC §3, §7).
+"""Weight-matching permutation of an expert's intermediate neurons (docs/methods.md §3, §7).
 
 An expert x ↦ W_down (act(W_gate x + b_gate) ⊙ (W_up x + b_up)) + b_down computes the same
 function when its F intermediate neurons are reordered: rows of W_gate, W_up (and their biases)
@@ -11,7 +11,7 @@ reordered so that its neuron π(p) sits where a has neuron p, π minimising
 solved exactly by the Hungarian algorithm (``scipy.optimize.linear_sum_assignment``). With
 x_p = [a_gate[p] | a_up[p] | a_down[:, p]] ∈ R^{3d} and y_q the same for b, C = ‖x_p‖² + ‖y_q‖²
 − 2 x_p·y_q: one [F, 3d] × [3d, F] product in float64 per member. Biases move with their
-neurons but are not part of the cost (SPEC's C is of the weight matrices). An ungated expert
+neurons but are not part of the cost (the C of docs/methods.md §3 is of the weight matrices). An ungated expert
 (no W_gate) leaves the gate term out.
 
 ``perm`` [F] int64 is read as "new neuron p is old neuron perm[p]": the permuted member has

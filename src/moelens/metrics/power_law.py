@@ -1,6 +1,6 @@
 """α: the power-law exponent of a weight matrix's eigenvalue spectrum, fitted as WeightWatcher does.
 
-SPEC §5 and §7 make WeightWatcher 0.7.7's ``alpha`` column, for the same matrix with the default
+docs/methods.md §5 and §7 make WeightWatcher 0.7.7's ``alpha`` column, for the same matrix with the default
 options of ``WeightWatcher.analyze``, the reference. That fit, written out from its definition:
 
 1. The eigenvalues are λ_i = σ_i² of W [out, in] — the spectrum of WᵀW (or of WWᵀ: the non-zero

@@ -7,7 +7,7 @@ so the smaller Gram XᵀX [c, c] always gives
 
     XᵀX = V diag(σ²) Vᵀ,   U_n = X V_n diag(1/σ_n)   (σ descending).
 
-How many directions a matrix keeps (SPEC §2, §7):
+How many directions a matrix keeps (docs/methods.md §2, §7):
 
     n_X = #{i : σ_i ≥ (γ − 1e-6) σ₁}          (γ cut; a σ within 1e-6·σ₁ of γσ₁ is kept)
     n_X = top_sv                                (fixed top-n)

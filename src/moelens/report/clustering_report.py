@@ -1,4 +1,4 @@
-"""Report sections of calibration, expert clustering and merge cost (SPEC §3).
+"""Report sections of calibration, expert clustering and merge cost (docs/methods.md §3).
 
 - calibration runs: what usage frequency and the expert features are, each run's setup, its
   usage figure and per-layer table;

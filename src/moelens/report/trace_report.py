@@ -1,4 +1,4 @@
-"""The interventions ("trace") section of a report (SPEC.md §4, seed 003): explanations, then per
+"""The interventions ("trace") section of a report (docs/methods.md §4, seed 003): explanations, then per
 run its setup, a one-line reading in numbers, the sites × layers heat map, for restore runs
 ROME's indirect-effect figure, and the summary table behind each figure (mean ± std, n)."""
 

@@ -16,7 +16,7 @@ Every attention module of these families takes the 4-D ``attention_mask`` by key
 ≥ 5), under eager and sdpa attention alike, so attention blocking edits that mask.
 
 A layer without self-attention (Mamba, linear attention) has ``attention = None``; a dense layer
-has ``router = None``. The outputs at these points are what SPEC.md §4 calls the sites: the
+has ``router = None``. The outputs at these points are what docs/methods.md §4 calls the sites: the
 decoder layer's output (``subj``/``last``), the attention module's own output before the residual
 add (``attn``), the MLP/MoE block's output as the block returns it (``moe``), the router logits
 (``router``).

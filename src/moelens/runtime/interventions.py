@@ -123,7 +123,7 @@ class _Router:
 
 @contextmanager
 def lower_index_ties() -> Iterator[None]:
-    """``torch.topk`` (function and method) that breaks ties toward the lower index, as SPEC §7 asks
+    """``torch.topk`` (function and method) that breaks ties toward the lower index, as docs/methods.md §7 asks
     of recomputed routing: a zeroed router gives every expert the same logit, where
     ``torch.topk``'s choice is unspecified. For distinct values it picks the same entries."""
     original_fn, original_method = torch.topk, torch.Tensor.topk

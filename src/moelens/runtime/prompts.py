@@ -1,6 +1,6 @@
 """Prompts with a subject span (and optionally a target), read from JSONL and tokenised.
 
-SPEC.md §4: a prompt is tokenised as ``tokenizer(prompt)`` with the tokenizer's default special
+docs/methods.md §4: a prompt is tokenised as ``tokenizer(prompt)`` with the tokenizer's default special
 tokens; the subject tokens are those whose character span overlaps the first occurrence of
 ``subject`` in ``prompt``; the last token is the prompt's last. The target token (§7) is the first
 token of ``target`` as it follows the prompt: ``prompt + " " + target`` is tokenised and the first

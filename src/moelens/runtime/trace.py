@@ -1,5 +1,5 @@
 """Layer-wise interventions on a set of prompts: knockout, restore (causal tracing) and attention
-blocking, many cells per forward pass (SPEC.md §4 and §7).
+blocking, many cells per forward pass (docs/methods.md §4 and §7).
 
 A cell is (prompt, layer, site[, position]). Its value is JSD(p_clean, p_intervened) at the
 prompt's last position, in bits on the full vocabulary, and the target token's probability before
@@ -7,7 +7,7 @@ and after. Cells are laid out as rows of batches (restore: one row per noise sam
 right-padded to the unit's longest prompt; :func:`edits_for` turns a batch's row arrays into
 masked edits with tensor operations only (a loop over layers and sites, never over cells).
 
-Sites (SPEC §4):
+Sites (docs/methods.md §4):
 - knockout: ``subj`` and ``last`` (the decoder layer's output at the subject tokens / the last
   token), ``attn`` (the self-attention output at the last token), ``moe`` (the MLP/MoE block
   output at the last token), ``router`` (the router logits at the last token, routing recomputed),
@@ -198,7 +198,7 @@ class Tracer:
         lengths = [len(r) for r in rows]
         self.hooks.attention_mask = batch.attention_mask
         self.hooks.last = batch.last
-        # Recomputed routing breaks ties toward the lower expert (SPEC §7); only router edits
+        # Recomputed routing breaks ties toward the lower expert (docs/methods.md §7); only router edits
         # create ties, so other runs keep the family's own top-k untouched.
         ties = lower_index_ties() if any(key[1] == "router" for key in self.hooks.edits) else contextlib.nullcontext()
         with torch.no_grad(), ties:
@@ -254,7 +254,7 @@ class Tracer:
 
     # -- the prompt set's means (knockout, ablation mean) -----------------------------------------
     def means(self, prompts: Sequence[TokenisedPrompt], progress: ProgressCallback | None = None) -> dict[tuple[int, str], torch.Tensor]:
-        """Per (layer, site): the clean site's mean over the prompt set (SPEC §4): ``subj`` over
+        """Per (layer, site): the clean site's mean over the prompt set (docs/methods.md §4): ``subj`` over
         every subject token of every prompt, the others over every prompt's last token."""
         keys = {(layer, SITE_POINT[site]) for layer in self.s.layers for site in self.s.sites
                 if site_available(self.arch, layer, site)}

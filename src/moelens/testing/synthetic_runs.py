@@ -5,7 +5,7 @@ checkpoints. Each synthetic layer draws a projection-energy tensor ``A[i, j, k]`
 the top-k input subspace of expert j) whose true pairs ``i = j`` carry more energy in the
 leading singular directions than mismatched pairs, every curve rising to 1 at ``k = d``. The
 tables and the manifest are then those ``moelens.router_alignment`` writes, derived from ``A``
-with the formulas of SPEC.md §1:
+with the formulas of docs/methods.md §1:
 
 ``alignment`` (one row per layer, matrix, expert, k)
     align, random_expect_k_over_d, effect_over_random, shuffle_mean, shuffle_std,

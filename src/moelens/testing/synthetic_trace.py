@@ -1,7 +1,7 @@
 """Fake interventions ("trace") runs with the shape of real ones (plain numpy, seeded).
 
 Figures and the report section are built and tested against these, beside runs of real (tiny)
-checkpoints. The tables and the manifest are those ``moelens.trace`` writes (SPEC.md §4 and §7
+checkpoints. The tables and the manifest are those ``moelens.trace`` writes (docs/methods.md §4 and §7
 "Interventions"):
 
 ``interventions`` (one row per prompt × cell; restore: also per token position)
@@ -44,7 +44,7 @@ SITES = {
 DENSE_KNOCKOUT_SITES = ("subj", "attn", "last")
 #: ROME's token groups, in ROME's order.
 TOKEN_KINDS = ("before_subject", "first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
-#: SPEC.md §7: restore windows are 10 layers wide (ROME), attention knockout windows 9 (Geva et al.).
+#: docs/methods.md §7: restore windows are 10 layers wide (ROME), attention knockout windows 9 (Geva et al.).
 DEFAULT_WINDOW = {"restore": 10, "block": 9}
 NOISE_SAMPLES = 10
 

@@ -1,4 +1,4 @@
-"""Calibration pass (SPEC.md §3): routing, usage and expert features of every MoE layer."""
+"""Calibration pass (docs/methods.md §3): routing, usage and expert features of every MoE layer."""
 
 from moelens.analyses.calibration.analysis import (
     ANALYSIS,

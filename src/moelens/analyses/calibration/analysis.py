@@ -1,4 +1,4 @@
-"""Calibration pass (SPEC §3, §7): per MoE layer, the router logits and top-k choices of every
+"""Calibration pass (docs/methods.md §3, §7): per MoE layer, the router logits and top-k choices of every
 calibration token, the usage frequency of every expert, and every expert's mean output over ALL
 tokens (HC-SMoE's feature).
 
@@ -196,7 +196,7 @@ def calibration_extra(setup: CalibrationSetup) -> dict[str, Any]:
 
 
 class Calibration(Analysis):
-    """SPEC §3's calibration pass: one unit per MoE layer.
+    """docs/methods.md §3's calibration pass: one unit per MoE layer.
 
     ``matrices`` is where the units put their arrays; :func:`calibrate` gives it the run
     directory's ``matrices/`` (in memory without one)."""
@@ -302,7 +302,7 @@ def calibrate(
     config: CalibrationConfig | None = None,
 ) -> CalibrationRun:
     """Run the calibration text through ``model`` and record, per MoE layer, every token's router
-    logits and top-k experts, every expert's usage frequency and mean output (SPEC §3).
+    logits and top-k experts, every expert's usage frequency and mean output (docs/methods.md §3).
 
     ``texts``: a text file (one sequence per non-empty line; the last 10 % of the lines held out),
     or a list of strings or of token-id lists. Returns a :class:`CalibrationRun` (tables

@@ -1,4 +1,4 @@
-"""Expert clustering (SPEC.md §3): HC-SMoE and M-SMoE clusters of every MoE layer, merged
+"""Expert clustering (docs/methods.md §3): HC-SMoE and M-SMoE clusters of every MoE layer, merged
 checkpoints, and what merging costs."""
 
 from moelens.analyses.clustering.analysis import ANALYSIS, METHODS, Clustering, ClusteringConfig, cluster

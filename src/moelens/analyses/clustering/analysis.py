@@ -1,4 +1,4 @@
-"""Expert clustering (SPEC §3, §7): which experts HC-SMoE and M-SMoE would merge, per MoE layer.
+"""Expert clustering (docs/methods.md §3, §7): which experts HC-SMoE and M-SMoE would merge, per MoE layer.
 
 - HC-SMoE (Chen et al., ICML 2025): agglomerative clustering of the experts' features (each
   expert's mean output over ALL calibration tokens) into exactly G clusters, average linkage on
@@ -77,7 +77,7 @@ class ClusteringConfig:
     groups: int | None = option(None, "Clusters per layer G, 1 ≤ G < E.", kind=int, metavar="G")
     ratio: float | None = option(None, "Instead of --groups: the fraction of experts removed, G = E − round(R·E).", kind=float, metavar="R")
     linkage: str = option("average", "hc-smoe linkage: average, single, complete or ward.")
-    distance: str = option("euclidean", "hc-smoe distance between features: euclidean (the published scripts) or cosine (REAP's statement).")
+    distance: str = option("euclidean", "hc-smoe distance between features: euclidean (as HC-SMoE's hierarchical clustering computes it) or cosine (as REAP's paper states); see docs/peers.md.")
     budget: str = option("layer", "m-smoe: layer (G in every layer) or global (MC-SMoE: one usage threshold across layers, G·L dominant experts in all).")
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer, or every layer of the calibration run).", parse=parse_ranges, metavar="LIST")
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most, when calibrating here.")
@@ -197,7 +197,7 @@ def _resolve(model: MoEModel, config: ClusteringConfig) -> tuple[ClusteringState
 
 
 class Clustering(Analysis):
-    """SPEC §3's HC-SMoE and M-SMoE clusters: one unit per MoE layer (its calibration), the
+    """docs/methods.md §3's HC-SMoE and M-SMoE clusters: one unit per MoE layer (its calibration), the
     clusters of every layer in :meth:`finish`.
 
     ``matrices`` is where a self-calibrating run puts its arrays (:func:`cluster` gives it the run
@@ -288,7 +288,7 @@ def cluster(
     progress: ProgressCallback | None = None,
     config: ClusteringConfig | None = None,
 ) -> CalibrationRun:
-    """Cluster each MoE layer's experts as HC-SMoE or M-SMoE would merge them (SPEC §3).
+    """Cluster each MoE layer's experts as HC-SMoE or M-SMoE would merge them (docs/methods.md §3).
 
     ``calibration``: a text file (calibrated here, one sequence per non-empty line, the last 10 %
     held out), a list of strings or token-id lists, or a calibration run directory. Give exactly

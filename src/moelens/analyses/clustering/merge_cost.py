@@ -1,4 +1,4 @@
-"""What merging costs (SPEC §3, §7): fact recall and perplexity before and after merging the
+"""What merging costs (docs/methods.md §3, §7): fact recall and perplexity before and after merging the
 experts of each clustering, with and without permutation alignment.
 
 One unit per variant: ``original`` (the model as it is), then for each clustering run its merge

@@ -1,4 +1,4 @@
-"""Merged checkpoints from a clustering run (SPEC §3, §7), checked to be of the model merged.
+"""Merged checkpoints from a clustering run (docs/methods.md §3, §7), checked to be of the model merged.
 
 The merge itself is :func:`moelens.merge.export_merged`: usage-weighted averages of each
 cluster's members, after weight-matching permutation onto the cluster's dominant expert unless

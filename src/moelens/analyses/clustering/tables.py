@@ -2,7 +2,7 @@
 
 - ``clusters``: one row per (layer, expert): ``cluster`` id (0..G−1, ordered by each cluster's
   lowest expert), ``dominant`` (M-SMoE: the G most used experts; HC-SMoE: the most used member of
-  each cluster, SPEC §7: the anchor that members are permuted onto and the expert a merge keeps),
+  each cluster, docs/methods.md §7: the anchor that members are permuted onto and the expert a merge keeps),
   ``frequency`` (usage frequency f_e of the calibration). The table ``moelens merge`` reads.
 - ``cluster_layers``: one row per layer: ``method``, ``n_experts`` E, ``groups`` G, ``largest``
   cluster size, ``singletons`` (clusters of one expert), ``dominant_frequency`` (the share of the

@@ -1,4 +1,4 @@
-"""Expert distance per layer (SPEC.md §2, seeds 000 and 001): rel_l2 and sv_align of pairs of experts."""
+"""Expert distance per layer (docs/methods.md §2, seeds 000 and 001): rel_l2 and sv_align of pairs of experts."""
 
 from moelens.analyses.expert_distance.analysis import (
     ANALYSIS,

@@ -1,4 +1,4 @@
-"""Expert distance per layer (SPEC.md §2 and §7; seeds 000/001, after REAP's Fig. 4d).
+"""Expert distance per layer (docs/methods.md §2 and §7; seeds 000/001, after REAP's Fig. 4d).
 
 For a pair of experts a, b with matrices of equal shape:
 
@@ -182,7 +182,7 @@ def _resolve_clusters(a: MoEModel, b: MoEModel | None, config: ExpertDistanceCon
 
 
 class ExpertDistance(Analysis):
-    """SPEC §2: one unit per MoE layer; one table row per (pair, matrix)."""
+    """docs/methods.md §2: one unit per MoE layer; one table row per (pair, matrix)."""
 
     name = ANALYSIS
     title = "Expert distance"

@@ -1,4 +1,4 @@
-"""Expert distance within the clusters of a clustering run (SPEC §2's cluster pairings, seed 001).
+"""Expert distance within the clusters of a clustering run (docs/methods.md §2's cluster pairings, seed 001).
 
 Pairings are named after the clustering method:
 
@@ -8,7 +8,7 @@ Pairings are named after the clustering method:
   their dominant), the dominant expert first;
 - ``…-permuted`` (``permute=True``): the same pairs after every member's F intermediate neurons
   are reordered onto its cluster's anchor (the dominant expert) by weight matching
-  (:mod:`moelens.metrics.permutation`, SPEC §3). The reordering leaves what an expert computes
+  (:mod:`moelens.metrics.permutation`, docs/methods.md §3). The reordering leaves what an expert computes
   unchanged but moves its rows and columns, so rel_l2 and sv_align measure how far two experts
   are once their neurons are lined up.
 

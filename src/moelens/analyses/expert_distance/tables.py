@@ -2,7 +2,7 @@
 
 - ``expert_distance``: one row per (layer, pairing, expert_a, expert_b, matrix); ``matrix`` is
   gate, up, down, or ``expert`` (the three pooled); ``rel_l2``, ``sv_align`` and ``n_sv`` as in
-  SPEC §2.
+  docs/methods.md §2.
 - ``expert_distance_layers``: per (layer, pairing, matrix, measure) the spread over pairs: mean,
   std (ddof 0), min, q25, median, q75, max and n (pairs with a value; NaN ones are left out).
 """

@@ -1,4 +1,4 @@
-"""Layer-wise interventions with JS divergence (SPEC.md §4, seed 003)."""
+"""Layer-wise interventions with JS divergence (docs/methods.md §4, seed 003)."""
 
 from moelens.analyses.interventions.analysis import (
     ANALYSIS,

@@ -1,4 +1,4 @@
-"""Layer-wise interventions with JS divergence (SPEC.md §4, seed 003): which layers and token
+"""Layer-wise interventions with JS divergence (docs/methods.md §4, seed 003): which layers and token
 sites carry a prediction.
 
 For every prompt (JSONL: ``prompt``, ``subject``, optional ``target``), every chosen layer and every
@@ -225,7 +225,7 @@ def _max_positions(model: Any) -> int | None:
 
 
 class Interventions(Analysis):
-    """SPEC §4: one unit per group of prompts, one row per prompt × (layer, site[, position])."""
+    """docs/methods.md §4: one unit per group of prompts, one row per prompt × (layer, site[, position])."""
     reads_whole_model = True
 
     name = ANALYSIS

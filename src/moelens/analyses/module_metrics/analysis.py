@@ -1,4 +1,4 @@
-"""Per-module metrics of every layer (SPEC.md §5 and §7; the heat map of seed 002).
+"""Per-module metrics of every layer (docs/methods.md §5 and §7; the heat map of seed 002).
 
 Single-model metrics of each matrix of model A (and B): Frobenius norm, spectral norm σ₁, stable
 rank ‖W‖_F²/‖W‖₂², effective rank exp(H(σ/Σσ)) and the power-law exponent α of the eigenvalues
@@ -291,7 +291,7 @@ def _rows(layer: int, module: str, values: Mapping[str, np.ndarray], model: str,
 
 
 class ModuleMetrics(Analysis):
-    """SPEC §5: one unit per layer, one row per (module, metric, model)."""
+    """docs/methods.md §5: one unit per layer, one row per (module, metric, model)."""
 
     name = ANALYSIS
     title = "Module metrics"

@@ -1,4 +1,4 @@
-"""Router–expert alignment (SPEC.md §1, seed report 004): config, analysis, nulls and tables."""
+"""Router–expert alignment (docs/methods.md §1, seed report 004): config, analysis, nulls and tables."""
 
 from moelens.analyses.router_alignment.analysis import (
     ANALYSIS,

@@ -1,4 +1,4 @@
-"""Router–expert alignment (SPEC.md §1, seed report 004).
+"""Router–expert alignment (docs/methods.md §1, seed report 004).
 
 How much of each router vector's energy falls in the top-k input subspace of its own expert,
 against null models. For expert j with input-side matrix M_j (gate by default; up; down read
@@ -293,7 +293,7 @@ def _concat(frames: Iterable[dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame
 
 
 class RouterAlignment(Analysis):
-    """SPEC §1: one unit per MoE layer, every matrix of the layer in it."""
+    """docs/methods.md §1: one unit per MoE layer, every matrix of the layer in it."""
 
     name = ANALYSIS
     title = "Router–expert alignment"

@@ -1,4 +1,4 @@
-"""Null models of router–expert alignment, computed from the energy tensor A (SPEC.md §1).
+"""Null models of router–expert alignment, computed from the energy tensor A (docs/methods.md §1).
 
 A[i, j, k] is the energy of router i on the top-k input subspace of expert j; arrays here are
 numpy float64 of shape [E, E, K] (router, expert, k). A true pair is i = j.

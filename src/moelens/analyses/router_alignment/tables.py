@@ -1,6 +1,6 @@
 """Tidy tables of one (layer, matrix) of router–expert alignment, from the energy tensor A.
 
-Column names are those of SPEC.md §1 and of the run-directory contract:
+Column names are those of docs/methods.md §1 and of the run-directory contract:
 
 - ``alignment``: one row per (layer, matrix, expert, k).
 - ``alignment_layers``: one row per (layer, matrix, k), means over experts plus the layer test.
