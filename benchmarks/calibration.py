@@ -3,7 +3,7 @@
 One Qwen3-30B-A3B-shaped MoE layer (E = 128 experts, top-8, F = 768, d = 2048; bf16 random
 weights of scale 0.02 and a router of scale 0.02) and N block inputs x_t ~ N(0, 1) (what a
 normalised hidden state looks like). Given the block inputs, both sides compute what a
-calibration unit records for the layer (SPEC §3):
+calibration unit records for the layer (docs/methods.md §3):
 
 - router logits [N, E], top-8 choices (ties to the lower index) and usage counts;
 - every expert's mean output over ALL N tokens (HC-SMoE's feature), float32 products.

@@ -8,7 +8,7 @@ frequencies (a Dirichlet draw). G = E/2 groups. Both sides compute:
 - HC-SMoE: average linkage on Euclidean distances, cut to G clusters;
 - M-SMoE: the G most used experts dominant, the others joined by router-logit cosine;
 - permutation: every non-anchor member of every HC-SMoE cluster aligned onto the cluster's most
-  used member (SPEC §3's F×F cost, exact assignment).
+  used member (docs/methods.md §3's F×F cost, exact assignment).
 
 ``moelens``: :func:`hc_smoe_clusters` (Lance–Williams, vectorised over clusters),
 :func:`m_smoe_clusters` (one [E, E] similarity product) and :func:`layer_permutations` (one
@@ -194,7 +194,7 @@ def reference_m_smoe(logits, usage, groups: int) -> tuple[list[int], list[bool]]
 
 
 def reference_permutation(gate, up, down, a: int, b: int) -> list[int]:
-    """SPEC §3's cost row by row from the differences, float64, then SciPy's assignment."""
+    """docs/methods.md §3's cost row by row from the differences, float64, then SciPy's assignment."""
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 

@@ -125,7 +125,7 @@ TRIVIAL_ROWS = {"knockout": ("last",)}
 
 def headline(run: Run) -> str:
     """One line in numbers: where the run's largest mean lies, naming the site and the mode.
-    Attention-knockout rows (block_*, the seed figure's reading, SPEC.md §4) are preferred when the
+    Attention-knockout rows (block_*, the seed figure's reading, docs/methods.md §4) are preferred when the
     run has them; a row that is maximal by construction (last-token knockout) is not headlined."""
     from moelens.figures.trace import TOKEN_KINDS, resolve_mode, run_modes, site_label, token_kind_grids, trace_grid
 
