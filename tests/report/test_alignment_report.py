@@ -43,7 +43,7 @@ def check_structure(html: str, n_runs: int, n_null: int = 4, layer_heatmaps: int
     assert ids.index("plot-explanations") < ids.index("comparison") < ids.index("run-1")
     for name in EXPLAINED_FIGURES:
         assert f"explain-{name}" in doc.sections, f"no explanation of {name}"
-    assert doc.sections["plot-explanations"].headings[0] == "Plot explanations"
+    assert doc.sections["plot-explanations"].headings[0] .endswith("Plot explanations")
     assert doc.sections["comparison"].headings[0] == "1. Comparison across all runs"
     for section_id, figures in COMPARISON_SECTIONS.items():
         assert doc.sections[section_id].figures == figures, section_id
