@@ -43,14 +43,16 @@ def check_structure(html: str, n_runs: int, n_null: int = 4, layer_heatmaps: int
     assert ids.index("plot-explanations") < ids.index("comparison") < ids.index("run-1")
     for name in EXPLAINED_FIGURES:
         assert f"explain-{name}" in doc.sections, f"no explanation of {name}"
-    assert doc.sections["plot-explanations"].headings[0] .endswith("Plot explanations")
-    assert doc.sections["comparison"].headings[0] == "1. Comparison across all runs"
+    # One numbering for the table of contents and the headings: every TOC entry is numbered,
+    # Plot explanations first, so the comparison is part 2 and run N is part N + 2.
+    assert doc.sections["plot-explanations"].headings[0] == "1. Plot explanations"
+    assert doc.sections["comparison"].headings[0] == "2. Comparison across all runs"
     for section_id, figures in COMPARISON_SECTIONS.items():
         assert doc.sections[section_id].figures == figures, section_id
     assert doc.sections["comparison-null-distribution"].figures == ["null_distribution"] * n_null
     for number in range(1, n_runs + 1):
         run = doc.sections[f"run-{number}"]
-        assert run.headings[0].startswith(f"{number + 1}. Individual analysis: run {number},")
+        assert run.headings[0].startswith(f"{number + 2}. Individual analysis: run {number},")
         for sub in RUN_SUBSECTIONS:
             assert f"run-{number}-{sub}" in doc.sections, f"run {number} lacks {sub}"
         assert doc.sections[f"run-{number}-complete"].figures == ["complete_analysis"]
@@ -204,6 +206,3 @@ def test_cli_mistakes_are_one_line_and_status_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr
     assert "Traceback" not in done.stderr
-
-# Headings now carry section numbers; a few expectations here are being updated to match.
-pytestmark = pytest.mark.xfail(reason="headings carry section numbers", strict=False)

@@ -60,6 +60,3 @@ def test_report_of_a_tiny_mixtral_run(real_run_dir):
     setup = dict(row for row in outline(html).sections["run-1-setup"].tables[0][1:])
     assert setup["matrix"] == "gate" and setup["null"].startswith("derangement")
     assert setup["hidden size d"] == str(d)
-
-# Headings now carry section numbers; a few expectations here are being updated to match.
-pytestmark = pytest.mark.xfail(reason="headings carry section numbers", strict=False)
