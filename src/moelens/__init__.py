@@ -6,11 +6,17 @@
 
 Every public name is imported on first use (PEP 562), so ``import moelens`` (and the command
 line's ``--help``) does not pay for torch, transformers and pandas.
+
+``ml.report`` and ``ml.atlas`` are functions, although ``moelens.report`` and ``moelens.atlas`` are
+also modules: import those with ``from moelens.report import build_report`` (or
+``importlib.import_module("moelens.report")``).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -33,6 +39,27 @@ _EXPORTS: dict[str, str] = {
 
 #: Sub-packages reachable as attributes (``ml.zoo.build()``) without importing them up front.
 _LAZY_SUBPACKAGES = ("zoo", "runtime")
+
+
+#: Public functions named like the module that defines them (``moelens.report.report``).
+_FUNCTIONS_OVER_MODULES = frozenset(name for name, module in _EXPORTS.items() if module == f"moelens.{name}")
+
+
+class _Package(types.ModuleType):
+    """The ``moelens`` package. Importing a submodule makes the import system bind it as an
+    attribute of its package (``moelens.report = <module moelens.report>``), which would hide the
+    function ``ml.report`` once anything imported the module; such a binding is skipped for the
+    names of :data:`_FUNCTIONS_OVER_MODULES`, so those names stay the functions (:func:`__getattr__`
+    fetches them). The module itself stays in ``sys.modules``, so ``from moelens.report import …``
+    works as ever."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTIONS_OVER_MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -81,3 +81,22 @@ def test_lazy_package_names():
     assert callable(ml.expert_distance) and callable(ml.set_threads)
     with pytest.raises(AttributeError):
         ml.no_such_name  # noqa: B018
+
+
+def test_functions_named_like_their_module_stay_functions():
+    """``ml.report`` and ``ml.atlas`` are the functions, whichever was imported first; ``import
+    moelens`` alone imports nothing heavy (checked in a fresh interpreter)."""
+    code = (
+        "import sys, json, inspect\n"
+        "import moelens as ml\n"
+        "heavy = [m for m in %r if m in sys.modules]\n"
+        "import moelens.report, moelens.atlas\n"  # binds the modules' names on the package
+        "from moelens.report import write_report\n"
+        "from moelens import report\n"
+        "print(json.dumps([heavy, inspect.isfunction(ml.report), inspect.isfunction(ml.atlas), report is ml.report,\n"
+        "                  ml.report.__module__, sys.modules['moelens.report'].report is ml.report]))\n"
+    ) % (HEAVY,)
+    env = {**os.environ, "PYTHONPATH": str(Path(moelens.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[], True, True, True, "moelens.report", True]

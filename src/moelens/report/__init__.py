@@ -11,7 +11,6 @@ wait until a report is built.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -149,13 +148,3 @@ def report(runs: Union[RunLike, Iterable[RunLike]], out: Union[str, "os.PathLike
 
 __all__ = ["build_report", "write_report", "report"]
 
-
-class _CallableReportModule(type(sys.modules[__name__])):
-    """``ml.report(...)`` stays the function after ``import moelens.report`` binds the package name
-    ``moelens.report`` to this module (moelens imports its names lazily)."""
-
-    def __call__(self, *args, **kwargs):
-        return report(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableReportModule
