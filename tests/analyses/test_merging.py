@@ -176,7 +176,7 @@ def test_merge_cost_refuses_what_it_cannot_measure(lm_dir, m_run, files, tmp_pat
 # The commands
 # ----------------------------------------------------------------------------------------------
 def test_the_commands_write_what_the_api_computes(lm_dir, m_run, files, tmp_path):
-    from moelens.cli import app
+    from moelens.cli.app import app
 
     runner = CliRunner()
     calibration = tmp_path / "cal"

@@ -7,8 +7,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from moelens.cli import app
-from moelens.cli.app import LAZY_COMMANDS
+from moelens.cli.app import LAZY_COMMANDS, app
 
 PYTHON_TYPES = re.compile(r"<(bool|int|float|str|text|path|Path|file|directory|list\[?[^>]*|tuple[^>]*|[a-z]+ range)>")
 COMMANDS = [*LAZY_COMMANDS, "inspect", "tiny", "families", "zoo", "zoo build"]

@@ -331,7 +331,7 @@ def test_the_synthetic_summary_is_mean_std_and_count_of_the_rows(restore_run):
 def test_the_figure_command_draws_both(tmp_path):
     from typer.testing import CliRunner
 
-    from moelens.cli import app
+    from moelens.cli.app import app
 
     run = write_synthetic_trace_run(tmp_path / "restore", mode="restore", layers=range(3), n_prompts=2, moe=False)
     runner = CliRunner()

@@ -188,7 +188,7 @@ def test_report_api(tmp_path, six_run_report, six_run_html):
 
 
 def test_cli_report_and_figure(tmp_path, six_run_dirs):
-    from moelens.cli import app
+    from moelens.cli.app import app
 
     runner = CliRunner()
     small = synthetic_alignment_run(hidden_size=32, n_experts=4).save(tmp_path / "small")

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import sys
 
-from rich.markup import escape
-
-# inspect, tiny, families and zoo register here; the other commands' modules (which import torch,
-# pandas or matplotlib) are imported when their command runs: see moelens.cli.app.LAZY_COMMANDS
-from moelens.cli import checkpoint, zoo  # noqa: F401  (each registers its commands)
-from moelens.cli.app import app, err_console
-from moelens.errors import MoelensError
-
 
 def main() -> None:
-    """Entry point: run the app, turning moelens errors into one line and exit status 2."""
+    """Entry point: run the app, turning moelens errors into one line and exit status 2.
+    ``moelens --help`` and ``moelens --version`` alone are answered without typer (moelens.cli.quick)."""
+    if sys.argv[1:] == ["--version"]:
+        from moelens.cli import quick
+
+        return quick.print_version()
+    if sys.argv[1:] == ["--help"]:
+        from moelens.cli import quick
+
+        if quick.print_root_help():
+            return
+    from rich.markup import escape
+
+    from moelens.cli.app import app, err_console
+    from moelens.errors import MoelensError
+
     try:
         app()
     except MoelensError as exc:

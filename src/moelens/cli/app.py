@@ -12,39 +12,11 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+# LAZY_COMMANDS: commands whose module is imported only when the command runs (or shows its own
+# help); every command's help lives in moelens.cli.commands, once, so that ``moelens --help`` lists
+# them without importing anything heavy.
+from moelens.cli.commands import COMMAND_ORDER, LAZY_COMMANDS, ROOT_HELP, VERSION_HELP, command_help, package_version
 from moelens.progress import ProgressEvent
-
-#: Commands whose module is imported only when the command runs (or shows its own help): their
-#: options derive from analysis configs, whose modules import torch, pandas or matplotlib. Their help
-#: text lives here, once, so that ``moelens --help`` lists them without importing anything heavy.
-LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "align": ("moelens.cli.analyses", "Router–expert alignment: energy of each router vector in the top-k input subspace of its expert, against null models."),
-    "distance": ("moelens.cli.analyses", "Expert distance per layer: relative L2 and singular-vector alignment of base→tuned or within-layer pairs of experts."),
-    "modules": ("moelens.cli.analyses", "Per-module metrics of every layer: norms, ranks and α of each matrix; correlation, cosine, rel_l2, CKA and changed share between two models."),
-    "trace": ("moelens.cli.analyses", "Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "
-              "and measure how the next-token distribution changes (JS divergence, bits)."),
-    "atlas": ("moelens.cli.atlas", "Every analysis that applies to a model (and its fine-tune): router alignment, expert distance, module metrics, "
-              "interventions, clustering and merge costs, each as a run under DIR/runs, then one report DIR/report.html "
-              "and every figure under DIR/figures."),
-    "calibrate": ("moelens.cli.clustering", "Calibration pass: per MoE layer, every token's router logits and top-k experts, each expert's usage frequency "
-                  "and its mean output over all tokens (HC-SMoE's feature)."),
-    "cluster": ("moelens.cli.clustering", "Expert clustering per MoE layer as HC-SMoE (agglomerative, on the experts' mean outputs) or M-SMoE (around the G "
-                "most used experts, by router-logit similarity) would merge them; calibrates first unless given a calibration run."),
-    "merge": ("moelens.cli.clustering", "Merge each cluster's experts (usage-weighted average, after permutation alignment) into a checkpoint transformers loads."),
-    "merge-cost": ("moelens.cli.clustering", "What merging costs: fact recall and held-out perplexity of the model as it is and merged by each clustering run, "
-                   "with and without permutation alignment."),
-    "report": ("moelens.cli.reports", "Write one self-contained HTML report of runs of any analysis (one section each; figures and styles inline)."),
-    "figure": ("moelens.cli.reports", "Draw one figure of one or more runs and save it as PNG, SVG or PDF."),
-}
-
-#: The order of ``moelens --help`` (a command missing here is listed after these).
-COMMAND_ORDER = ("align", "distance", "modules", "trace", "atlas", "inspect", "tiny", "families", "calibrate", "cluster",
-                 "merge", "merge-cost", "report", "figure", "zoo")
-
-
-def command_help(name: str) -> str:
-    """The help text of a lazily imported command (its module registers it with this text)."""
-    return LAZY_COMMANDS[name][1]
 
 
 def placeholder(param: Any) -> str:
@@ -130,7 +102,7 @@ class LazyGroup(TyperGroup):
 
 app = typer.Typer(
     name="moelens",
-    help="Look inside Mixture-of-Experts language models.",
+    help=ROOT_HELP,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -139,27 +111,15 @@ app = typer.Typer(
 console = Console()
 
 
-def _package_version() -> str:
-    """The installed distribution's version, else the source tree's."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moelens")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        from moelens import __version__
-
-        return __version__
-
-
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"moelens {_package_version()}")
+        typer.echo(f"moelens {package_version()}")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version of moelens and exit."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help=VERSION_HELP),
 ) -> None:
     """moelens: the geometry of routers and experts, interventions, and shareable reports."""
 
@@ -265,3 +225,9 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
+
+
+# inspect, tiny, families and zoo register on ``app`` here (their modules import this one's names,
+# all defined above); the other commands' modules (which import torch, pandas or matplotlib) are
+# imported when their command runs: see moelens.cli.commands.LAZY_COMMANDS.
+from moelens.cli import checkpoint, zoo  # noqa: E402,F401

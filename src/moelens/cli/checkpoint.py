@@ -8,16 +8,16 @@ from typing import Optional
 
 import typer
 
-from moelens.cli.app import app, console, fail, human_bytes, human_count
+from moelens.cli.app import app, command_help, console, fail, human_bytes, human_count
 
 
-@app.command()
+@app.command(help=command_help("inspect"))
 def inspect(
     source: str = typer.Argument(..., metavar="MODEL", help="Checkpoint directory, or a repo id in the local Hugging Face cache."),
     revision: Optional[str] = typer.Option(None, help="Revision (branch, tag or commit) of a cached repo."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Summarise a checkpoint: family, layers, experts, top-k, sizes."""
+    """``moelens inspect`` (its help: moelens.cli.commands)."""
     from rich.table import Table
 
     from moelens.checkpoint import open_model
@@ -52,7 +52,7 @@ def inspect(
     console.print(table)
 
 
-@app.command()
+@app.command(help=command_help("tiny"))
 def tiny(
     family: str = typer.Argument(..., metavar="FAMILY", help="Family name, e.g. mixtral, qwen3_moe, gpt_oss (see `moelens families`)."),
     out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint into."),
@@ -61,7 +61,7 @@ def tiny(
     sharded: bool = typer.Option(False, help="Split into several safetensors shards."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
 ) -> None:
-    """Write a tiny random checkpoint of a family (for trying moelens without downloads)."""
+    """``moelens tiny`` (its help: moelens.cli.commands)."""
     from moelens.checkpoint.registry import families
     from moelens.testing.tiny import DTYPES, TinySpec, build_tiny_checkpoint
 
@@ -78,9 +78,9 @@ def tiny(
     console.print(f"wrote tiny {family} ({layout}, {dtype}) to [bold]{path}[/]")
 
 
-@app.command("families")
+@app.command("families", help=command_help("families"))
 def list_families() -> None:
-    """List the model families and architectures moelens reads."""
+    """``moelens families`` (its help: moelens.cli.commands)."""
     from rich.table import Table
 
     from moelens.checkpoint.registry import families

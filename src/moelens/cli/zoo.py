@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from moelens.cli.app import app, console, progress_bar
+from moelens.cli.app import app, command_help, console, progress_bar
 
-zoo_app = typer.Typer(help="Tiny MoE language models trained here on invented facts (base and tuned).", no_args_is_help=True)
+zoo_app = typer.Typer(help=command_help("zoo"), no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
 
