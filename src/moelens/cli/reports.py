@@ -18,7 +18,7 @@ def report_command(
     title: Optional[str] = typer.Option(None, help="Title of the report (default: from the runs)."),
     figure_format: str = typer.Option("svg", "--figures", help="Figure format inside the report: svg or png."),
 ) -> None:
-    """The ``report`` command (its help: :data:`moelens.cli.app.LAZY_COMMANDS`)."""
+    """The ``report`` command (its help: :data:`moelens.cli.commands.LAZY_COMMANDS`)."""
     from moelens.report import report
 
     path = report(runs, out, title=title, figure_format=figure_format)
@@ -49,7 +49,7 @@ def figure_command(
     token_kind: Optional[str] = typer.Option(None, "--token-kind", help="Token group of trace_heatmap for restore runs (default: last_subject)."),
     dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),
 ) -> None:
-    """The ``figure`` command (its help: :data:`moelens.cli.app.LAZY_COMMANDS`)."""
+    """The ``figure`` command (its help: :data:`moelens.cli.commands.LAZY_COMMANDS`)."""
     from moelens import figures
     from moelens.ranges import parse_ranges
     from moelens.results import load_runs
