@@ -31,7 +31,9 @@ test: install
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the browser test will be skipped"; }
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	@# Any failing status fails the target, 5 (no tests collected) included, with a line saying so.
+	$(PY) -m pytest -q -n 2 --dist loadfile || { status=$$?; [ $$status -ne 5 ] || \
+		echo "make test: pytest collected no tests (exit status 5)" >&2; exit $$status; }
 
 # Every benchmark, each against a plain reference at real shapes (hours on 2 cores in full; --quick
 # for minutes), e.g. make bench BENCH_ARGS="--shapes qwen3 --quick --threads 1"

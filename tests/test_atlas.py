@@ -8,19 +8,12 @@ import subprocess
 
 import matplotlib.image as mpimg
 import pytest
-import torch
 
 import moelens as ml
 from moelens.atlas import atlas, plan_atlas
 from moelens.errors import ConfigError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

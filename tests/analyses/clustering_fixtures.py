@@ -73,21 +73,10 @@ def config(tok: Any, family: str = "mixtral") -> Any:
 
 def save_model(out: Path, seed: int = 0, family: str = "mixtral") -> Path:
     """A random-init tiny model with the tokenizer, written into ``out`` (float32)."""
-    import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from moelens.zoo.tokenizer import save_tokenizer
+    from .interventions_fixtures import save_model as save_random_model
 
     hf_logging.disable_progress_bar()
     tok = tokenizer()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config(tok, family), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    save_tokenizer(tok, out)
-    return out
+    return save_random_model(config(tok, family), tok, out, seed=seed)

@@ -103,3 +103,19 @@ def random_layers(n_layers: int, n_experts: int, d: int, f: int, seed: int = 0) 
         for _ in range(n_layers)
     ]
     return routers, experts
+
+
+def write_shape_variants(root: Path) -> dict[str, Path]:
+    """Three random 2-layer Mixtral checkpoints (d = 32) that differ only in shape, for the
+    commands' mismatch errors: ``base`` (4 experts, F = 48), ``experts5`` (5 experts) and
+    ``ffn40`` (F = 40)."""
+    g = torch.Generator().manual_seed(0)
+
+    def write(name: str, n_experts: int = 4, f: int = 48) -> Path:
+        return write_checkpoint(
+            root / name, "mixtral", 2, n_experts, 32, f,
+            router=lambda L: torch.randn(n_experts, 32, generator=g),
+            expert=lambda L, e, role: torch.randn((32, f) if role == "down" else (f, 32), generator=g),
+        )
+
+    return {"base": write("base"), "experts5": write("experts5", n_experts=5), "ffn40": write("ffn40", f=40)}

@@ -23,13 +23,8 @@ from . import clustering_fixtures as fx
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return fx.save_model(tmp_path_factory.mktemp("calib") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return fx.write_text(tmp_path_factory.mktemp("text") / "calibration.txt")
+def text(lm_files):
+    return lm_files["text"]
 
 
 @pytest.fixture(scope="module")

@@ -1,44 +1,25 @@
-"""``moelens distance`` as a user runs it: ``python -m moelens distance ...`` in a subprocess.
+"""``moelens distance`` as a user types it, through the command line's entry point.
 
 A user's mistake exits with status 2 and exactly one non-empty line on stderr (no traceback),
-and leaves no run directory behind; a good command writes the run the API computes. Every
-command of this module is started at once by one fixture (a few at a time: each process pays
-the import of torch), then each test reads its result.
+and leaves no run directory behind; a good command writes the run the API computes. One fixture
+runs every command of this module, then each test reads its result: the default command as
+``python -m moelens distance ...`` in a process of its own, the others in the test process (a
+process each would pay the import of torch every time).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 import moelens as ml
+from tests.cli.helpers import run_cases
 
-from .synthetic import write_checkpoint
+from .synthetic import write_shape_variants
 
-pytestmark = pytest.mark.slow  # about 5 s of imports per process: two minutes on two cores
-
-PARALLEL = 4
-TIMEOUT_S = 300
-
-
-def _write_shapes(root: Path) -> dict[str, Path]:
-    g = torch.Generator().manual_seed(0)
-
-    def write(name: str, n_experts: int = 4, f: int = 48) -> Path:
-        return write_checkpoint(
-            root / name, "mixtral", 2, n_experts, 32, f,
-            router=lambda L: torch.randn(n_experts, 32, generator=g),
-            expert=lambda L, e, role: torch.randn((32, f) if role == "down" else (f, 32), generator=g),
-        )
-
-    return {"base": write("base"), "experts5": write("experts5", n_experts=5), "ffn40": write("ffn40", f=40)}
+pytestmark = pytest.mark.slow  # one process of its own: about 5 s of imports
 
 
 # case -> (arguments after "distance", {A} {B} {Q} {L} {S} {S5} {F40} standing for the checkpoints
@@ -68,43 +49,17 @@ def results(tiny_checkpoint, tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("distance-cli")
     from moelens.testing.tiny import TinySpec, build_tiny_checkpoint
 
-    shapes = _write_shapes(root / "shapes")
+    shapes = write_shape_variants(root / "shapes")
     paths = {
         "A": tiny_checkpoint("mixtral"), "Q": tiny_checkpoint("qwen3_moe"), "L": tiny_checkpoint("llama"),
         "B": build_tiny_checkpoint(TinySpec("mixtral"), root / "mixtral-seed1", seed=1),
         "S": shapes["base"], "S5": shapes["experts5"], "F40": shapes["ffn40"],
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "120", "NO_COLOR": "1"}
-    jobs = []
-    for kind, table in (("error", {k: v[0] for k, v in ERRORS.items()}), ("good", GOOD)):
-        for case, args in table.items():
-            out = root / "runs" / f"{kind}-{case}"
-            if case == "gamma0":
-                out.mkdir(parents=True)  # an empty directory that exists already stays empty
-            argv = [sys.executable, "-m", "moelens", "distance", *args.format(**{k: str(v) for k, v in paths.items()}).split(), "--out", str(out)]
-            jobs.append((f"{kind}-{case}", argv, out))
-    done: dict[str, dict] = {}
-    running: list[tuple[str, subprocess.Popen, Path, float]] = []
-    pending = list(jobs)
-    while pending or running:
-        while pending and len(running) < PARALLEL:
-            name, argv, out = pending.pop(0)
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            running.append((name, proc, out, time.monotonic()))
-        name, proc, out, started = running.pop(0)
-        try:
-            stdout, stderr = proc.communicate(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        done[name] = {"rc": proc.returncode, "stdout": stdout, "stderr": stderr, "out": out, "argv": argv_of(proc)}
+    cases = {f"error-{k}": v[0] for k, v in ERRORS.items()} | {f"good-{k}": v for k, v in GOOD.items()}
+    # an empty directory that exists already stays empty
+    done = run_cases("distance", cases, paths, root / "runs", fresh="good-defaults", empty="error-gamma0")
     done["_paths"] = paths  # type: ignore[assignment]
     return done
-
-
-def argv_of(proc: subprocess.Popen) -> str:
-    return " ".join(map(str, proc.args[3:]))  # type: ignore[index]
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

@@ -62,14 +62,7 @@ CASES = [pytest.param(f, lay, "float32", id=f"{f}-{lay}") for f, lay in LAYOUTS]
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: torch's own thread pool only fights the other processes for them, and
-    makes these tiny decompositions ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

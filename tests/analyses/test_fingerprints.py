@@ -18,7 +18,6 @@ from moelens.analyses.clustering import cluster, merge_cost
 from moelens.checkpoint import store as store_module
 from moelens.errors import ConfigError, RunDirectoryError
 
-from . import clustering_fixtures as fx
 from .synthetic import random_layers, write_from_tensors
 
 # Files over 4 x 16 bytes are fingerprinted by size, first and last 16 bytes only: every test
@@ -161,20 +160,9 @@ def test_a_change_in_a_layer_no_finished_unit_read_does_not_block_the_resume(thr
 # ----------------------------------------------------------------------------------------------
 # Reuse: a calibration of model A given to cluster model B; merge-cost resumed after an edit
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return fx.save_model(tmp_path_factory.mktemp("fingerprint") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("files")
-    return {"text": fx.write_text(root / "calibration.txt"), "facts": fx.write_facts(root / "facts.jsonl")}
-
-
-def test_a_calibration_of_other_weights_is_refused_even_where_only_the_middle_differs(lm_dir, files, tmp_path, small_window):
+def test_a_calibration_of_other_weights_is_refused_even_where_only_the_middle_differs(lm_dir, lm_files, tmp_path, small_window):
     cal = tmp_path / "cal"
-    calibrate(lm_dir, files["text"], out=cal)
+    calibrate(lm_dir, lm_files["text"], out=cal)
     files_a = json.loads((cal / "manifest.json").read_text())["inputs"]["a"]["files"]
     assert not any(h.startswith("sha256-sampled:") for h in files_a.values())  # a forward pass reads every byte
     twin = tmp_path / "twin"
@@ -188,10 +176,10 @@ def test_a_calibration_of_other_weights_is_refused_even_where_only_the_middle_di
     assert cluster(twin, cal, method="m-smoe", groups=3)["clusters"].shape[0] > 0
 
 
-def test_merge_cost_resumed_after_its_facts_changed_is_refused(lm_dir, files, tmp_path):
-    run = cluster(lm_dir, files["text"], method="m-smoe", groups=3, out=tmp_path / "m")
+def test_merge_cost_resumed_after_its_facts_changed_is_refused(lm_dir, lm_files, tmp_path):
+    run = cluster(lm_dir, lm_files["text"], method="m-smoe", groups=3, out=tmp_path / "m")
     facts = tmp_path / "facts.jsonl"
-    shutil.copy(files["facts"], facts)
+    shutil.copy(lm_files["facts"], facts)
     out = tmp_path / "cost"
     with pytest.raises(Killed):
         merge_cost(lm_dir, [run.path], facts=facts, out=out, permute="off", progress=_kill_when("variants", 1))
@@ -202,7 +190,7 @@ def test_merge_cost_resumed_after_its_facts_changed_is_refused(lm_dir, files, tm
     with pytest.raises(RunDirectoryError, match="facts_sha256") as err:
         merge_cost(lm_dir, [run.path], facts=facts, out=out, permute="off")
     assert "\n" not in str(err.value)
-    shutil.copy(files["facts"], facts)
+    shutil.copy(lm_files["facts"], facts)
     done = merge_cost(lm_dir, [run.path], facts=facts, out=out, permute="off")
     assert done["merge_cost"]["variant"].tolist() == ["original", "00-m-smoe"]
 
@@ -223,16 +211,16 @@ def test_atlas_does_not_reuse_a_finished_run_whose_weights_changed_in_the_middle
     assert _finished(out) is not None
 
 
-def test_a_calibration_resumed_on_weights_changed_in_the_middle_is_refused_naming_the_file(lm_dir, files, tmp_path, small_window):
+def test_a_calibration_resumed_on_weights_changed_in_the_middle_is_refused_naming_the_file(lm_dir, lm_files, tmp_path, small_window):
     model = tmp_path / "model"
     shutil.copytree(lm_dir, model)
     out = tmp_path / "cal"
     with pytest.raises(Killed):
-        calibrate(model, files["text"], out=out, progress=_kill_when("layers", 1))
+        calibrate(model, lm_files["text"], out=out, progress=_kill_when("layers", 1))
     assert json.loads((out / "manifest.json").read_text())["completed_units"]
     _, path, at = _flip_middle_of(model, "experts.")
     with pytest.raises(RunDirectoryError) as err:
-        calibrate(model, files["text"], out=out)
+        calibrate(model, lm_files["text"], out=out)
     assert "\n" not in str(err.value) and path.name in str(err.value) and "--out" in str(err.value)
     _flip_back(path, at)
-    assert calibrate(model, files["text"], out=out).manifest["status"] == "complete"
+    assert calibrate(model, lm_files["text"], out=out).manifest["status"] == "complete"

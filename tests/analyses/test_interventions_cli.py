@@ -8,20 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 import moelens as ml
 from moelens.cli import main
 from moelens.errors import UnsupportedArchitectureError
 from tests.analyses import interventions_fixtures as fx
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -49,14 +49,7 @@ def _key(name: str, mode: str, options: dict[str, Any]) -> tuple:
     return name, mode, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: two threads on a shared two-core machine spend more time in synchronisation
-    # than in arithmetic (a forward pass goes from ~15 ms to ~300 ms).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

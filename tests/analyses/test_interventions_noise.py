@@ -27,12 +27,7 @@ from tests.analyses.test_interventions_equal import assert_same_table
 RESTORE = {"mode": "restore", "layers": [1], "sites": ["restore_hidden", "restore_mlp"], "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

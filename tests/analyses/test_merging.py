@@ -5,8 +5,6 @@ distance --clusters, merge and merge-cost as a user types them."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,24 +14,14 @@ from typer.testing import CliRunner
 import moelens as ml
 from moelens.analyses.clustering import cluster, merge_clusters, merge_cost
 from moelens.errors import ConfigError, OutputExistsError
+from tests.cli.helpers import run_moelens
 
 from . import clustering_fixtures as fx
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return fx.save_model(tmp_path_factory.mktemp("merging") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("files")
-    return {"text": fx.write_text(root / "calibration.txt"), "facts": fx.write_facts(root / "facts.jsonl")}
-
-
-@pytest.fixture(scope="module")
-def m_run(lm_dir, files, tmp_path_factory):
-    return cluster(lm_dir, files["text"], method="m-smoe", groups=3, out=tmp_path_factory.mktemp("runs") / "m")
+def m_run(lm_dir, lm_files, tmp_path_factory):
+    return cluster(lm_dir, lm_files["text"], method="m-smoe", groups=3, out=tmp_path_factory.mktemp("runs") / "m")
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -101,10 +89,10 @@ def test_merge_writes_the_merged_checkpoint_of_the_clusters_and_refuses_other_mo
 # ----------------------------------------------------------------------------------------------
 # merge cost
 # ----------------------------------------------------------------------------------------------
-def test_merge_cost_equals_one_prompt_at_a_time_references(lm_dir, m_run, files, tmp_path):
+def test_merge_cost_equals_one_prompt_at_a_time_references(lm_dir, m_run, lm_files, tmp_path):
     from moelens.merge import export_merged
 
-    run = merge_cost(lm_dir, [m_run.path], facts=files["facts"], texts=files["text"], export="shared")
+    run = merge_cost(lm_dir, [m_run.path], facts=lm_files["facts"], texts=lm_files["text"], export="shared")
     cost = run["merge_cost"].set_index("variant")
     assert list(cost.index) == ["original", "00-m-smoe", "00-m-smoe-permuted"]
     references = {"original": lm_dir}
@@ -113,7 +101,7 @@ def test_merge_cost_equals_one_prompt_at_a_time_references(lm_dir, m_run, files,
         references[key] = export_merged(lm_dir, m_run["clusters"], tmp_path / key, export="shared", permute=permute)
     for key, path in references.items():
         assert cost.loc[key, "recall"] == pytest.approx(reference_recall(path), abs=1e-12), key
-        assert cost.loc[key, "perplexity"] == pytest.approx(reference_perplexity(path, files["text"]), rel=1e-5), key
+        assert cost.loc[key, "perplexity"] == pytest.approx(reference_perplexity(path, lm_files["text"]), rel=1e-5), key
     assert cost.loc["00-m-smoe", "groups_min"] == 3 and cost.loc["original", "groups_max"] == fx.EXPERTS
     summary = run["merge_cost_summary"].set_index("variant")
     np.testing.assert_allclose(summary["recall_delta"], cost["recall"] - cost.loc["original", "recall"], atol=1e-15)
@@ -151,7 +139,7 @@ def test_merge_cost_scratch_lives_under_out_and_is_gone_when_the_run_finishes(lm
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_merge_cost_refuses_what_it_cannot_measure(lm_dir, m_run, files, tmp_path):
+def test_merge_cost_refuses_what_it_cannot_measure(lm_dir, m_run, lm_files, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the river\nthe city\n")
     python_clusters = cluster(lm_dir, ["the river crossed the city"] * 3, method="m-smoe", groups=3, out=tmp_path / "py")
@@ -162,30 +150,30 @@ def test_merge_cost_refuses_what_it_cannot_measure(lm_dir, m_run, files, tmp_pat
         ({"clusters": [python_clusters.path]}, "nothing to measure"),
         ({"clusters": []}, "no clustering run given"),
         ({"clusters": [m_run.path], "export": "zip"}, "unknown export"),
-        ({"clusters": [global_run.path], "export": "compact", "facts": files["facts"]}, "same number of groups in every layer"),
+        ({"clusters": [global_run.path], "export": "compact", "facts": lm_files["facts"]}, "same number of groups in every layer"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             merge_cost(lm_dir, out=tmp_path / "never", **kwargs)
     with pytest.raises(ConfigError, match="was made from"):
-        merge_cost(other, [m_run.path], facts=files["facts"], out=tmp_path / "never")
+        merge_cost(other, [m_run.path], facts=lm_files["facts"], out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
 
 # ----------------------------------------------------------------------------------------------
 # The commands
 # ----------------------------------------------------------------------------------------------
-def test_the_commands_write_what_the_api_computes(lm_dir, m_run, files, tmp_path):
+def test_the_commands_write_what_the_api_computes(lm_dir, m_run, lm_files, tmp_path):
     from moelens.cli.app import app
 
     runner = CliRunner()
     calibration = tmp_path / "cal"
     steps = [
-        ["calibrate", str(lm_dir), "--texts", str(files["text"]), "--out", str(calibration), "--max-tokens", "60"],
+        ["calibrate", str(lm_dir), "--texts", str(lm_files["text"]), "--out", str(calibration), "--max-tokens", "60"],
         ["cluster", str(lm_dir), "--calibration", str(calibration), "--method", "hc-smoe", "--ratio", "0.5", "--out", str(tmp_path / "hc")],
         ["distance", str(lm_dir), "--clusters", str(tmp_path / "hc"), "--permute", "--out", str(tmp_path / "d")],
         ["merge", str(lm_dir), "--clusters", str(tmp_path / "hc"), "--out", str(tmp_path / "merged"), "--no-permute", "--export", "shared"],
-        ["merge-cost", str(lm_dir), "--clusters", str(tmp_path / "hc"), "--facts", str(files["facts"]), "--permute", "on", "--out", str(tmp_path / "cost")],
+        ["merge-cost", str(lm_dir), "--clusters", str(tmp_path / "hc"), "--facts", str(lm_files["facts"]), "--permute", "on", "--out", str(tmp_path / "cost")],
     ]
     for args in steps:
         result = runner.invoke(app, args)
@@ -209,11 +197,8 @@ def test_the_commands_write_what_the_api_computes(lm_dir, m_run, files, tmp_path
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow  # a process of its own: about 5 s of imports
-def test_a_mistake_is_one_line_and_status_2(lm_dir, files, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "moelens", "cluster", str(lm_dir), "--calibration", str(files["text"]),
-                           "--groups", str(fx.EXPERTS), "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 2, done.stderr
+def test_a_mistake_is_one_line_and_status_2(lm_dir, lm_files, tmp_path):
+    done = run_moelens("cluster", lm_dir, "--calibration", lm_files["text"], "--groups", str(fx.EXPERTS), "--out", tmp_path / "run")
+    assert done.code == 2, done.stderr
     assert done.stderr.strip().count("\n") == 0 and f"--groups {fx.EXPERTS} is outside 1..{fx.EXPERTS - 1}" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()

@@ -79,13 +79,10 @@ WORST: dict[str, list[float]] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: torch's own thread pool only fights the other processes for them. At the
-    end, prints (with -s) the largest disagreement with the reference seen per metric."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """Torch on one thread for the module (two shared cores). At the end, prints (with -s) the
+    largest disagreement with the reference seen per metric."""
     yield
-    torch.set_num_threads(before)
     for metric, (abs_err, rel_err) in sorted(WORST.items()):
         print(f"\n{metric:28s} max |Δ| {abs_err:.3e}  max rel {rel_err:.3e}", end="")
 

@@ -14,10 +14,18 @@ import pytest
 import moelens as ml
 from moelens.errors import ConfigError, RunDirectoryError
 from moelens.locks import DirectoryLock
+from tests.cli.helpers import run_moelens
 from tests.results.damage import MANIFEST_DAMAGE, assert_one_line_naming
 
 
-def _moelens(*args: str) -> subprocess.CompletedProcess:
+def _moelens(*args: str | Path) -> subprocess.CompletedProcess:
+    """``moelens *args`` through its entry point in this process (no import of torch per call)."""
+    done = run_moelens(*args)
+    return subprocess.CompletedProcess(["moelens", *map(str, args)], done.code, done.stdout, done.stderr)
+
+
+def _moelens_process(*args: str | Path) -> subprocess.CompletedProcess:
+    """``python -m moelens *args`` in a process of its own."""
     return subprocess.run([sys.executable, "-m", "moelens", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
@@ -72,7 +80,7 @@ def test_a_finished_run_is_not_overwritten_by_other_options(finished, tiny_check
 def test_a_second_process_is_refused_while_another_writes_the_directory(tiny_checkpoint, tmp_path):
     out = tmp_path / "busy"
     with DirectoryLock(out):
-        done = _moelens("align", tiny_checkpoint("mixtral"), "--out", out, "--layers", "0", "--k", "1")
+        done = _moelens_process("align", tiny_checkpoint("mixtral"), "--out", out, "--layers", "0", "--k", "1")
     import os
 
     _one_line_error(done, f"{out} is in use by another moelens process (pid {os.getpid()})")

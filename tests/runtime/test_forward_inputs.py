@@ -18,13 +18,7 @@ from safetensors.torch import load_file, save_file
 from moelens.cli import main
 from tests.analyses import interventions_fixtures as fx
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,7 @@ MOE_AND_DENSE = sorted(families())
 FAMILIES = MOE_AND_DENSE + list(TINY_CAUSAL_LMS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(family: str):
