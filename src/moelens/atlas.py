@@ -46,7 +46,7 @@ from moelens.results.run import Run, load_run
 GEVA_WINDOW, GEVA_LAYERS = 9, 48
 #: Prompts of the atlas's causal-tracing (restore) run: each prompt costs every token position ×
 #: 3 sites × every layer × 10 noise samples of forward rows, some 70 times a block prompt.
-RESTORE_PROMPTS = 24
+RESTORE_PROMPTS = 12
 
 
 @dataclass(frozen=True)

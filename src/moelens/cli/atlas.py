@@ -54,7 +54,7 @@ def _register_atlas() -> None:
         opt("calibration", Optional[Path], None, "--calibration", help="Text for clustering and merge costs, one sequence per line; a zoo model brings its own.", metavar="TEXT"),
         opt("trace_limit", Optional[int], None, "--trace-limit", help="Interventions on the first N prompts only (default: all).", metavar="N"),
         opt("restore_limit", Optional[int], None, "--restore-limit", metavar="N",
-            help="Causal tracing (restore) of the first model on its first N prompts (default 24, at most --trace-limit; 0: none); "
+            help="Causal tracing (restore) of the first model on its first N prompts (default 12, at most --trace-limit; 0: none); "
                  "attention knockout, the seed-003 figure, blocks round(9/48 × layers) layers around each layer."),
         opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N, for every analysis."),
         opt("title", Optional[str], None, "--title", help="Title of the report."),

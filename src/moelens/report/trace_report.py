@@ -198,7 +198,7 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
     # each mode's heat map under its own name: the seed's (trace_heatmap) is attention knockout
     name = figs.HEATMAP_FIGURES.get(grid.mode, "trace_heatmap")
     what = {"block": "Attention knockout (seed 003)", "knockout": "Knockout", "restore": "Restoration"}.get(grid.mode, "Interventions")
-    heatmap = embed(figs.trace_heatmap(run), name, f"{anchor}-heatmap", f"{what}: mean JS divergence per site and layer{at}",
+    heatmap = embed(figs.trace_heatmap(run), name, f"{anchor}-{name.replace('_', '-')}", f"{what}: mean JS divergence per site and layer{at}",
                     f"Sites × layers, colour = mean JSD (bits) over prompts, darker = larger, {run.label}", fmt, run=run)
     table = grid_table(grid, names, f"JS divergence (bits) per layer and site{at}: mean ± std over prompts")
     more = [grid_table(figs.trace_grid(run, measure="p_target", token_kind=grid.token_kind or None), names,
