@@ -126,3 +126,14 @@ def test_colour_bar_ends_are_the_data_range():
     labels = [t.get_text() for t in bar.ax.get_yticklabels()]
     # round values between (0.1, 0.2, …), the ends one decimal finer, so the range is read off the bar
     assert labels[0] == "0.03" and labels[-1] == "0.46" and len(labels) >= 3
+
+
+def test_tiny_values_are_never_written_as_zeros_everywhere():
+    """An untrained model's indirect effects are ~1e-4: 0.00 in every cell would say nothing, so
+    the cells get the decimals that tell them apart, or no number when that does not fit."""
+    run = synthetic_trace_run("block", layers=range(12), n_prompts=4)
+    summary = run.tables["interventions_summary"]
+    summary["mean"] = summary["mean"] * 1e-4
+    texts = [t.get_text() for t in cell_texts(figures.trace_heatmap(run))]
+    assert len(set(texts)) > 1 or not texts
+    assert "0.00" not in texts

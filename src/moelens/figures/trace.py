@@ -36,6 +36,7 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Patch
 
 from moelens.errors import ConfigError
+from moelens.figures.modules import cell_format
 from moelens.figures.style import cell_font_size, label_colour_bar_ends, new_figure, styled
 from moelens.results import Run
 
@@ -341,10 +342,6 @@ def _norm(values: np.ndarray, from_zero: bool) -> Normalize:
     return Normalize(low, high)
 
 
-def _cell_text(value: float) -> str:
-    return f"{value:.2f}".replace("-0.00", "0.00").replace("-", "−")
-
-
 def _panel(ax: Axes, values: np.ndarray, cmap_name: str, norm: Normalize, row_labels: Sequence[str],
            layers: Sequence[int], column_inches: float, row_inches: float, tick_labels: bool = True) -> AxesImage:
     """One rows × layers grid: first row on top, a label per row, layers labelled along x."""
@@ -359,14 +356,18 @@ def _panel(ax: Axes, values: np.ndarray, cmap_name: str, norm: Normalize, row_la
     ticks = layer_ticks(layers, column_inches, _fontsize("xtick.labelsize"))
     ax.set_xticks(ticks, [str(layers[i]) for i in ticks] if tick_labels else [""] * len(ticks))
     # a cell carries its value only where the number fits at a size the report keeps readable
+    # (with as many decimals as tell the grid's values apart: 0.00 everywhere would say nothing)
     fig = ax.get_figure()
-    size = cell_font_size(fig.get_figwidth(), column_inches, row_inches, 4) if len(layers) <= ANNOTATE_MAX_LAYERS else None
+    fmt = cell_format(values)
+    texts = [fmt(v) for v in values[np.isfinite(values)]]
+    longest = max((len(t) for t in texts), default=4)
+    size = cell_font_size(fig.get_figwidth(), column_inches, row_inches, longest) if len(layers) <= ANNOTATE_MAX_LAYERS else None
     if size is not None:
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
                 r, g, b, _ = cmap(norm(value))
                 colour = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-                ax.text(j, i, _cell_text(value), ha="center", va="center", fontsize=size, color=colour, gid="cell")
+                ax.text(j, i, fmt(value), ha="center", va="center", fontsize=size, color=colour, gid="cell")
     return image
 
 
