@@ -24,7 +24,8 @@ def zoo_atlas(small_zoo, tmp_path_factory):
 
 def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     runs = zoo_atlas.runs
-    expected = {"alignment-base", "alignment-tuned", "distance-base-tuned", "distance-within", "modules", "trace-base", "trace-tuned"}
+    expected = {"alignment-base", "alignment-tuned", "distance-base-tuned", "distance-within", "modules",
+                "trace-block-base", "trace-knockout-base", "trace-block-tuned", "trace-knockout-tuned", "trace-restore-base"}
     assert expected <= set(runs)
     assert {"cluster-hc-smoe", "cluster-m-smoe", "distance-hc-smoe-permuted", "distance-m-smoe"} <= set(runs)
     for name in runs:
@@ -36,7 +37,10 @@ def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     assert "How to reproduce" in html and "moelens trace" in html and "torch" in html
     assert zoo_atlas.notes == []
     stems = {p.stem for p in zoo_atlas.figures}
-    assert {"comparison_panels", "module_heatmap--modules-pair-corr", "trace_heatmap--trace-base", "trace_heatmap--trace-tuned"} <= stems
+    # the seed-003 figure is attention knockout; knockout and causal tracing are filed under their own names
+    assert {"comparison_panels", "module_heatmap--modules-pair-corr", "trace_heatmap--trace-block-base", "trace_heatmap--trace-block-tuned",
+            "trace_knockout--trace-knockout-base", "trace_knockout--trace-knockout-tuned", "trace_restore--trace-restore-base",
+            "trace_indirect_effect--trace-restore-base"} <= stems
     assert {p.suffix for p in zoo_atlas.figures} == {".png", ".svg"}
     assert all(p.stat().st_size > 1000 for p in zoo_atlas.figures)
     # the seed-001 figure holds the base-tuned line and the four cluster pairings
@@ -76,7 +80,7 @@ def test_a_dense_model_gets_module_metrics_and_interventions_and_a_note(tmp_path
     dense = fx.save_model(fx.llama_config(tok), tok, tmp_path / "dense")
     prompts = fx.write_prompts(tmp_path / "prompts.jsonl")
     result = atlas(dense, tmp_path / "atlas", prompts=prompts, device="cpu")
-    assert set(result.runs) == {"modules", "trace-model"}
+    assert set(result.runs) == {"modules", "trace-block-model", "trace-knockout-model", "trace-restore-model"}
     assert (tmp_path / "atlas" / ".moelens-atlas").is_file()  # marks the directory as an atlas a later call may update
     assert any("dense model" in n and "skipped" in n for n in result.notes)
     html = result.report.read_text()
@@ -90,8 +94,8 @@ def test_a_forward_only_causal_lm_gets_interventions_and_a_note(tmp_path):
     tok = fx.tokenizer()
     gpt2 = fx.save_model(fx.causal_lm_config(tok, "gpt2"), tok, tmp_path / "gpt2")
     prompts = fx.write_prompts(tmp_path / "prompts.jsonl")
-    result = atlas(gpt2, tmp_path / "atlas", prompts=prompts, device="cpu")
-    assert set(result.runs) == {"trace-model"}
+    result = atlas(gpt2, tmp_path / "atlas", prompts=prompts, device="cpu", restore_limit=0)
+    assert set(result.runs) == {"trace-block-model", "trace-knockout-model"}  # --restore-limit 0: no causal tracing
     assert any("forward passes only" in n and "module metrics" in n for n in result.notes)
     assert 'data-analysis="interventions"' in result.report.read_text()
 
@@ -159,3 +163,31 @@ def test_a_second_call_with_another_trace_limit_is_refused_before_anything_is_wr
         with pytest.raises(ConfigError, match="written with --trace-limit 6 but this call asks for"):
             atlas(small_zoo.base, zoo_atlas.out, tuned=small_zoo.tuned, device="cpu", trace_limit=limit)
     assert {p: p.stat().st_mtime_ns for p in zoo_atlas.out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(("layers", "window"), [(1, 1), (2, 1), (4, 1), (12, 2), (16, 3), (24, 5), (32, 6), (48, 9), (80, 15)])
+def test_the_attention_knockout_window_keeps_geva_et_al_s_share_of_the_depth(layers, window):
+    from moelens.atlas import block_window
+
+    assert block_window(layers) == window
+
+
+def test_the_trace_runs_say_what_they_traced(zoo_atlas, small_zoo):
+    from moelens.atlas import block_window
+
+    runs = zoo_atlas.runs
+    depth = runs["trace-block-base"].manifest["model"]["n_layers"]
+    options = {name: runs[name].manifest["options"] for name in runs if name.startswith("trace-")}
+    assert options["trace-block-base"]["mode"] == "block" and options["trace-block-base"]["window"] == block_window(depth)
+    assert options["trace-knockout-tuned"]["mode"] == "knockout" and "router" in options["trace-knockout-tuned"]["sites"]
+    assert options["trace-restore-base"]["mode"] == "restore" and options["trace-restore-base"]["limit"] == 6  # at most --trace-limit
+    html = zoo_atlas.report.read_text()
+    assert f"--mode block --window {block_window(depth)} --limit 6" in html and "--mode restore --limit 6" in html
+    assert f"attention knockout (window {block_window(depth)}): blocking" in html  # the headline names mode, window and site
+
+
+def test_a_second_call_with_another_restore_limit_is_refused(zoo_atlas, small_zoo):
+    with pytest.raises(ConfigError, match="written with --restore-limit 6 but this call asks for 3"):
+        atlas(small_zoo.base, zoo_atlas.out, tuned=small_zoo.tuned, device="cpu", trace_limit=6, restore_limit=3)
+    with pytest.raises(ConfigError, match="--restore-limit -1: give a whole number ≥ 0"):
+        plan_atlas(small_zoo.base, zoo_atlas.out, tuned=small_zoo.tuned, restore_limit=-1)

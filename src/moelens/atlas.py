@@ -11,13 +11,19 @@ as PNG and SVG under ``out/figures/``, named after the figure (and its run, laye
 | router alignment        | MoE models                              | ``alignment-<model>`` per model       |
 | expert distance         | MoE models                              | ``distance-base-tuned`` (two models), ``distance-within`` |
 | module metrics          | always                                  | ``modules`` (A vs B, or one model)    |
-| interventions           | prompts given, or a zoo model           | ``trace-<model>`` per model (MoE sites on MoE models) |
+| interventions           | prompts given, or a zoo model           | ``trace-block-<model>`` (attention knockout, seed 003), ``trace-knockout-<model>`` per model; ``trace-restore-<first model>`` |
 | clustering and merging  | MoE models with calibration text        | ``cluster-hc-smoe``, ``cluster-m-smoe``, their distances, ``merge-cost`` |
 
 ``--base A`` means MODEL is the fine-tune and A its base; ``--tuned B`` that MODEL is the base
 and B its fine-tune. A dense model gets module metrics and interventions, and a note on what was
 skipped and why. A zoo model (a checkpoint inside a directory built by ``moelens zoo build``)
 brings its own ``facts.jsonl`` and ``calibration.txt``.
+
+Interventions: the seed-003 figure is attention knockout (``--mode block``), over a window of
+round(9/48 × layers) layers (Geva et al. block 9 of GPT-2 XL's 48; at least 1); mean knockout
+of every site is drawn beside it; causal tracing (restore) runs on the first model only, on its
+first ``restore_limit`` prompts (default :data:`RESTORE_PROMPTS`; 0 skips it), since each prompt
+costs some 13 times a block prompt (12-layer zoo, measured).
 """
 
 from __future__ import annotations
@@ -33,6 +39,14 @@ from moelens.errors import ConfigError, RunDirectoryError
 from moelens.progress import ProgressCallback, report
 from moelens.results.manifest import read_manifest
 from moelens.results.run import Run, load_run
+
+
+#: Geva et al. (2023) block attention over a window of 9 of GPT-2 XL's 48 layers; the atlas keeps
+#: that share of the model's depth (:func:`block_window`).
+GEVA_WINDOW, GEVA_LAYERS = 9, 48
+#: Prompts of the atlas's causal-tracing (restore) run: each prompt costs every token position ×
+#: 3 sites × every layer × 10 noise samples of forward rows: 13 times a block prompt on a 12-layer zoo.
+RESTORE_PROMPTS = 12
 
 
 @dataclass(frozen=True)
@@ -96,6 +110,7 @@ def plan_atlas(
     executor: Any = None,
     device: str = "auto",
     trace_limit: int | None = None,
+    restore_limit: int | None = RESTORE_PROMPTS,
 ) -> tuple[list[Step], list[str]]:
     """The runs the atlas will make, and notes on what does not apply; every input is checked here,
     before anything is written."""
@@ -105,6 +120,9 @@ def plan_atlas(
     from moelens.runtime.prompts import read_prompts
     from moelens.spectral import resolve_device
 
+    for flag, value in (("--trace-limit", trace_limit), ("--restore-limit", restore_limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if flag == "--trace-limit" else 0)):
+            raise ConfigError(f"{flag} {value}: give a whole number ≥ {1 if flag == '--trace-limit' else 0}")
     if tuned is not None and base is not None:
         raise ConfigError("give --tuned B (MODEL is the base) or --base A (MODEL is the fine-tune), not both")
     out = Path(out)
@@ -177,15 +195,7 @@ def plan_atlas(
                           lambda d, p: module_metrics(main, device=device, out=d, progress=p, executor=executor)))
 
     if prompts_path is not None:
-        from moelens.analyses.interventions import trace
-
-        sites = ("subj", "attn", "last", "router", "moe") if moe else ("subj", "attn", "last")
-        limit_flag = f" --limit {trace_limit}" if trace_limit else ""
-        for key, m in models.items():
-            _check_kept_limit(out / "runs" / f"trace-{key}", trace_limit)
-            steps.append(Step(f"trace-{key}", "interventions",
-                              f"moelens trace {_q(m.path)} --prompts {_q(prompts_path)} --sites {','.join(sites)}{limit_flag} --out runs/trace-{key}{dev_flag}",
-                              lambda d, p, m=m: trace(m, str(prompts_path), sites=sites, limit=trace_limit, device=device, out=d, progress=p)))
+        steps.extend(_trace_steps(models, main, prompts_path, moe, trace_limit, restore_limit, out, device, dev_flag))
     else:
         notes.append("no prompts were given (--prompts FACTS.jsonl): interventions were skipped")
 
@@ -194,6 +204,45 @@ def plan_atlas(
     elif moe:
         notes.append("no calibration text was given (--calibration TEXT): clustering and merge costs were skipped")
     return steps, notes
+
+
+def block_window(n_layers: int) -> int:
+    """The attention-knockout window of the atlas: Geva et al.'s 9 of 48 layers scaled to the
+    model's depth, round(9/48 × layers), at least 1 (4 layers → 1, 12 → 2, 16 → 3, 32 → 6, 48 → 9)."""
+    return max(1, int(GEVA_WINDOW * n_layers / GEVA_LAYERS + 0.5))
+
+
+def _trace_steps(models: dict[str, Any], main: Any, prompts: Path, moe: bool, trace_limit: int | None,
+                 restore_limit: int | None, out: Path, device: str, dev_flag: str) -> list[Step]:
+    """Per model: attention knockout (block, the seed-003 figure, with a window scaled to the
+    depth) and knockout of every site beside it; causal tracing (restore) of the first model on
+    the first ``restore_limit`` prompts (0: none)."""
+    from moelens.analyses.interventions import trace
+
+    knockout_sites = ("subj", "attn", "last", "router", "moe") if moe else ("subj", "attn", "last")
+    window = block_window(main.n_layers)
+    limit_flag = f" --limit {trace_limit}" if trace_limit else ""
+    steps: list[Step] = []
+    for key, m in models.items():
+        block, knockout = f"trace-block-{key}", f"trace-knockout-{key}"
+        for name in (block, knockout):
+            _check_kept_limit(out / "runs" / name, trace_limit)
+        steps.append(Step(block, "interventions",
+                          f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --mode block --window {window}{limit_flag} --out runs/{block}{dev_flag}",
+                          lambda d, p, m=m: trace(m, str(prompts), mode="block", window=window, limit=trace_limit, device=device, out=d, progress=p)))
+        steps.append(Step(knockout, "interventions",
+                          f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --sites {','.join(knockout_sites)}{limit_flag} --out runs/{knockout}{dev_flag}",
+                          lambda d, p, m=m: trace(m, str(prompts), sites=knockout_sites, limit=trace_limit, device=device, out=d, progress=p)))
+    if restore_limit:
+        key = next(iter(models))
+        limit = min(restore_limit, trace_limit) if trace_limit else restore_limit
+        name = f"trace-restore-{key}"
+        _check_kept_limit(out / "runs" / name, limit, "--restore-limit")
+        m = models[key]
+        steps.append(Step(name, "interventions",
+                          f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --mode restore --limit {limit} --out runs/{name}{dev_flag}",
+                          lambda d, p: trace(m, str(prompts), mode="restore", limit=limit, device=device, out=d, progress=p)))
+    return steps
 
 
 def _check_forward_inputs(models: Any, prompts: Path, records: list[Any], facts: bool) -> None:
@@ -214,9 +263,10 @@ def _check_forward_inputs(models: Any, prompts: Path, records: list[Any], facts:
             check_facts(str(prompts), read_fact_lines(str(prompts)), tokenizer, max_positions(m.config))
 
 
-def _check_kept_limit(run_dir: Path, trace_limit: int | None) -> None:
+def _check_kept_limit(run_dir: Path, trace_limit: int | None, option: str = "--trace-limit") -> None:
     """A finished trace run is reused, so it must hold the prompts this call asks for: the same
-    ``--trace-limit`` (the one option of the atlas that changes a run's numbers)."""
+    ``--trace-limit`` (and ``--restore-limit`` for the restore run), the options of the atlas that
+    change a run's numbers."""
     manifest = run_dir / "manifest.json"
     if not manifest.is_file():
         return
@@ -225,8 +275,8 @@ def _check_kept_limit(run_dir: Path, trace_limit: int | None) -> None:
     except RunDirectoryError:
         return  # not a readable run: resuming the trace run says what is wrong, in one line
     if kept != trace_limit:
-        raise ConfigError(f"{run_dir} was written with --trace-limit {kept if kept is not None else '(none)'} but this call asks for "
-                          f"{trace_limit if trace_limit is not None else '(none)'}; give the same --trace-limit, or choose another --out directory")
+        raise ConfigError(f"{run_dir} was written with {option} {kept if kept is not None else '(none)'} but this call asks for "
+                          f"{trace_limit if trace_limit is not None else '(none)'}; give the same {option}, or choose another --out directory")
 
 
 def _clustering_steps(base_m: Any, tuned_m: Any, calibration: Path, prompts: Path | None, device: str, dev_flag: str) -> list[Step]:
@@ -372,6 +422,7 @@ def atlas(
     executor: Any = None,
     device: str = "auto",
     trace_limit: int | None = None,
+    restore_limit: int | None = RESTORE_PROMPTS,
     title: str | None = None,
     progress: ProgressCallback | None = None,
     command: str | None = None,
@@ -384,7 +435,7 @@ def atlas(
     """
     from moelens.report import build_report, write_report
 
-    steps, notes = plan_atlas(model, out, tuned, base, prompts, calibration, executor, device, trace_limit)
+    steps, notes = plan_atlas(model, out, tuned, base, prompts, calibration, executor, device, trace_limit, restore_limit)
     out = Path(out)
     from moelens.safe_files import atomic_write_bytes
 
@@ -417,4 +468,4 @@ def atlas(
     return Atlas(out, runs, path, figure_paths, notes, reused)
 
 
-__all__ = ["ATLAS_MARKER", "Atlas", "Step", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "write_figure_files"]
+__all__ = ["ATLAS_MARKER", "RESTORE_PROMPTS", "Atlas", "Step", "block_window", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "write_figure_files"]

@@ -131,10 +131,22 @@ def test_a_summary_known_by_construction_is_drawn_as_it_is():
 def test_block_heatmap_rows_and_values(block_run):
     fig = trace_heatmap(block_run)
     ax = images(fig)[0].axes
-    assert ytick_texts(ax) == ["Block subj.", "Block non-subj.", "Block last"]
+    # seed 003 is attention knockout: Subj. = block_subj, Attn. = block_nonsubj, Last. = block_last
+    assert ytick_texts(ax) == ["Subj.", "Attn.", "Last."]
     expected = expected_grid(reference_means(block_run, "jsd", "site"), ["block_subj", "block_nonsubj", "block_last"], list(range(6)))
     np.testing.assert_allclose(drawn(fig), expected, rtol=0, atol=1e-12)
-    assert "window 9" in subtitle(ax) and "ℓ−4 … ℓ+4" in subtitle(ax)
+    assert "window 9 of 6 layers; Geva et al.: 9 of 48" in subtitle(ax) and "ℓ−4 … ℓ+4" in subtitle(ax)
+    assert "subject (Subj.)" in subtitle(ax) and "itself (Last.)" in subtitle(ax)
+
+
+def test_knockout_and_restore_heat_maps_have_names_of_their_own(knockout_run, restore_run, block_run):
+    from moelens.figures.trace import HEATMAP_FIGURES, trace_knockout, trace_restore
+
+    assert HEATMAP_FIGURES == {"block": "trace_heatmap", "knockout": "trace_knockout", "restore": "trace_restore"}
+    np.testing.assert_array_equal(drawn(trace_knockout(knockout_run)), drawn(trace_heatmap(knockout_run)))
+    np.testing.assert_array_equal(drawn(trace_restore(restore_run)), drawn(trace_heatmap(restore_run)))
+    assert {"trace_knockout", "trace_restore"} <= set(figures.figures_of("interventions"))
+    one_line_error(lambda: trace_knockout(block_run), "no knockout rows", "--mode knockout")
 
 
 def test_restore_heatmap_reads_one_token_group(restore_run):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import moelens as ml
+from markupsafe import escape
 from moelens.report.trace_report import headline
 from moelens.testing.synthetic_trace import write_synthetic_trace_run
 
@@ -48,12 +49,16 @@ def cell(mean: float, std: float) -> str:
 def test_one_section_with_explanations_and_a_part_per_run(html):
     doc = outline(html)
     assert 'id="interventions"' in html and "Layer-wise interventions" in html
-    for anchor in ("trace-explanations", "explain-trace_heatmap", "explain-trace_indirect_effect", "trace-run-1", "trace-run-2", "trace-run-3"):
+    for anchor in ("trace-explanations", "explain-trace_heatmap", "explain-trace_knockout", "explain-trace_restore",
+                   "explain-trace_indirect_effect", "trace-run-1", "trace-run-2", "trace-run-3"):
         assert anchor in doc.sections, anchor
         assert f'href="#{anchor}"' in html or anchor.startswith("explain-")
-    assert doc.sections["trace-run-1"].figures == ["trace_heatmap"]
-    assert doc.sections["trace-run-2"].figures == ["trace_heatmap", "trace_indirect_effect"]
+    # each mode's heat map under its own name; the seed's name (trace_heatmap) is attention knockout
+    assert doc.sections["trace-run-1"].figures == ["trace_knockout"]
+    assert doc.sections["trace-run-2"].figures == ["trace_restore", "trace_indirect_effect"]
     assert doc.sections["trace-run-3"].figures == ["trace_heatmap"]
+    for name in ("trace_knockout", "trace_restore", "trace_heatmap"):
+        assert f'href="#explain-{name}"' in html
     assert 'href="#explain-trace_indirect_effect"' in html and "JSD(P, Q) = ½ KL(P‖M)" in html
     assert all(src.startswith("data:image/png;base64,") for src in doc.srcs)
 
@@ -99,27 +104,31 @@ def test_setup_says_what_was_done(html, runs):
     assert "layer 2 has no attn module" in html  # the run's notes
 
 
-def test_the_one_line_reading_names_the_largest_mean(html, runs):
-    from moelens.figures.trace import site_label
-
+def test_the_one_line_reading_names_the_mode_the_site_and_the_largest_mean(html, runs):
     jsd = runs[0]["interventions_summary"].query("measure == 'jsd'")
     kept = jsd[jsd["site"] != "last"]  # last-token knockout is near its maximum by construction: never headlined
     top = kept.loc[kept["mean"].idxmax()]
-    line = f"largest mean JSD (mean knockout): {site_label(runs[0], top['site'])} ({top['site']}) at layer {int(top['layer'])} ({top['mean']:.2f} bits)"
-    assert headline(runs[0]).startswith(line) and line in html
+    action = {"subj": "knocking out the subject's hidden state", "attn": "knocking out the attention output at the last token",
+              "router": "knocking out the router logits at the last token", "moe": "knocking out the MoE output at the last token"}
+    line = f"mean knockout: {action[top['site']]} ({top['site']}) matters most at layer {int(top['layer'])} ({top['mean']:.2f} bits)"
+    assert headline(runs[0]).startswith(line) and str(escape(line)) in html
     if jsd.loc[jsd["mean"].idxmax(), "site"] == "last":
         assert "last-token knockout left out" in headline(runs[0])
     block = runs[2]["interventions_summary"].query("measure == 'jsd'")
     top = block.loc[block["mean"].idxmax()]
-    assert headline(runs[2]).startswith(f"largest mean JSD (attention knockout): {site_label(runs[2], top['site'])} ({top['site']}) "
-                                        f"at layer {int(top['layer'])}")
+    action = {"block_subj": "blocking subject → last attention", "block_nonsubj": "blocking non-subject → last attention",
+              "block_last": "blocking the last token's attention to itself"}
+    assert headline(runs[2]).startswith(f"attention knockout (window 9): {action[top['site']]} ({top['site']}) "
+                                        f"matters most at layer {int(top['layer'])} ({top['mean']:.2f} bits)")
     ie = runs[1]["interventions_summary"].query("measure == 'indirect_effect'")
     best = ie.loc[ie["mean"].idxmax()]
     line = headline(runs[1])
-    assert line.startswith(f"largest mean indirect effect (restoration): {site_label(runs[1], best['site'])} ({best['site']}) "
-                           f"at layer {int(best['layer'])}, ")
+    restoring = {"restore_hidden": "restoring the hidden state", "restore_mlp": "restoring the MLP output",
+                 "restore_attn": "restoring the attention output"}
+    assert line.startswith(f"causal tracing (window 10): {restoring[best['site']]} ({best['site']}) at the ")
+    assert f"recovers most at layer {int(best['layer'])} (" in line
     assert math.isclose(float(re.search(r"= (−?[\d.]+)\)", line).group(1)), round(best["mean"], 2))
     # the report's first screen carries every run's line
     first_screen = html.split('<nav class="toc"')[0]
-    assert all(headline(run) in first_screen for run in runs)
+    assert all(str(escape(headline(run))) in first_screen for run in runs)
     assert np.isfinite(best["mean"])

@@ -15,7 +15,7 @@ from moelens.cli.options import command_from_parameters, executor_from_cli, exec
 
 
 def _atlas(values: dict) -> None:
-    from moelens.atlas import atlas, shell_quote
+    from moelens.atlas import RESTORE_PROMPTS, atlas, shell_quote
 
     limit = values.get("trace_limit")
     if limit is not None and limit < 1:
@@ -23,11 +23,13 @@ def _atlas(values: dict) -> None:
 
         raise ConfigError(f"--trace-limit {limit}: give a whole number ≥ 1")
     executor = executor_from_cli(values)
+    restore = values.get("restore_limit")
+    restore = RESTORE_PROMPTS if restore is None else restore
     command = "moelens " + " ".join(shell_quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["atlas"] else None
     with progress_bar() as callback:
         result = atlas(values["source"], values["out"], tuned=values.get("tuned"), base=values.get("base"),
                        prompts=values.get("prompts"), calibration=values.get("calibration"), executor=executor,
-                       device=values["device"], trace_limit=limit, title=values.get("title"), progress=callback, command=command)
+                       device=values["device"], trace_limit=limit, restore_limit=restore, title=values.get("title"), progress=callback, command=command)
     for name in result.runs:
         console.print(f"  {'reused' if name in result.reused else 'wrote '} runs/{escape(name)}", highlight=False)
     for note in result.notes:
@@ -51,6 +53,9 @@ def _register_atlas() -> None:
         opt("prompts", Optional[Path], None, "--prompts", help="Facts for interventions (JSONL: prompt, subject, target); a zoo model brings its own.", metavar="FACTS.jsonl"),
         opt("calibration", Optional[Path], None, "--calibration", help="Text for clustering and merge costs, one sequence per line; a zoo model brings its own.", metavar="TEXT"),
         opt("trace_limit", Optional[int], None, "--trace-limit", help="Interventions on the first N prompts only (default: all).", metavar="N"),
+        opt("restore_limit", Optional[int], None, "--restore-limit", metavar="N",
+            help="Causal tracing (restore) of the first model on its first N prompts (default 12, at most --trace-limit; 0: none); "
+                 "attention knockout, the seed-003 figure, blocks round(9/48 × layers) layers around each layer."),
         opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N, for every analysis."),
         opt("title", Optional[str], None, "--title", help="Title of the report."),
         *executor_parameters(),

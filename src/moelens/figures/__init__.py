@@ -27,6 +27,8 @@ _WHERE = {
     "module_lines": "moelens.figures.modules",
     "trace_heatmap": "moelens.figures.trace",
     "trace_indirect_effect": "moelens.figures.trace",
+    "trace_knockout": "moelens.figures.trace",
+    "trace_restore": "moelens.figures.trace",
     "cluster_map": "moelens.figures.clusters",
     "cluster_usage": "moelens.figures.clusters",
     "expert_usage": "moelens.figures.clusters",

@@ -13,8 +13,10 @@ import math
 import textwrap
 from typing import Iterable, Optional, Sequence, Union
 
+import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.font_manager import FontProperties
 from matplotlib.figure import Figure
 
 from moelens.errors import ConfigError
@@ -38,9 +40,12 @@ from moelens.figures.style import (
     REFERENCE_GREY,
     SEQUENTIAL_CMAP,
     axes_width_inches,
+    cell_font_size,
     fit_legend,
     k_column_ticks,
+    label_colour_bar_ends,
     layer_block_ticks,
+    layer_label_step,
     log2_k_axis,
     markevery_powers_of_two,
     new_figure,
@@ -360,14 +365,14 @@ def complete_analysis(run: Union[Run, AlignmentView], k: Optional[int] = None) -
     a_null.set_title(f"(i) Null distribution at k = {chosen}\n{summary}")
 
     image = draw_expert_heatmap(a_hal, view, "align")
-    fig.colorbar(image, ax=a_hal, label=METRICS["align"].axis, shrink=0.9)
+    label_colour_bar_ends(fig.colorbar(image, ax=a_hal, label=METRICS["align"].axis, shrink=0.9), 2.2)
     a_hal.set_title("(j) align, experts × k")
     image = draw_expert_heatmap(a_hde, view, "delta_vs_shuffle")
-    fig.colorbar(image, ax=a_hde, label=METRICS["delta_vs_shuffle"].axis, shrink=0.9)
+    label_colour_bar_ends(fig.colorbar(image, ax=a_hde, label=METRICS["delta_vs_shuffle"].axis, shrink=0.9), 2.2)
     a_hde.set_title("(k) Δ vs the null, experts × k")
     if view.pairs is not None:
         image = draw_energy_matrix(a_energy, view, chosen)
-        fig.colorbar(image, ax=a_energy, label=f"A[i,j,k = {chosen}]", shrink=0.9)
+        label_colour_bar_ends(fig.colorbar(image, ax=a_energy, label=f"A[i,j,k = {chosen}]", shrink=0.9), 2.2)
         a_energy.set_title(f"(l) Energy of router i in expert j, k = {chosen}" + ("\n(mean over layers)" if view.multi_layer else ""))
     else:
         a_energy.text(0.5, 0.5, "no alignment_pairs table", ha="center", va="center", transform=a_energy.transAxes)
@@ -405,7 +410,11 @@ def layer_k_heatmap(run: Union[Run, AlignmentView], metric: str = "align") -> Fi
     table = view.per_layer(metric).pivot_table(index="layer", columns="k", values=metric).reindex(columns=view.ks)
     values = table.to_numpy(float)
     n_layers, n_ks = values.shape
-    fig = new_figure(min(max(5.5, 0.62 * n_ks + 2.6), 11.5), min(max(2.6, 0.34 * n_layers + 1.6), 14.0))
+    # a row per layer: 0.34 in where cells carry numbers, down to 0.16 in (48 layers in 9 in)
+    row = 0.34 if n_layers <= 16 else max(0.12, min(0.34, 7.5 / n_layers))
+    plot_height = max(1.0, row * n_layers)
+    width = min(max(5.5, 0.62 * n_ks + 2.6), 11.5)
+    fig = new_figure(width, plot_height + 1.6)
     ax = fig.subplots()
     diverging = metric not in ("align", "argmax_accuracy", "shuffle_mean", "shuffle_std")
     norm = metric_norm([values], diverging)
@@ -413,17 +422,20 @@ def layer_k_heatmap(run: Union[Run, AlignmentView], metric: str = "align") -> Fi
     image = ax.imshow(values, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.grid(False)
     ax.set_xticks(*k_column_ticks(view.ks, axes_width_inches(ax), max_labels=16))
-    step_y = max(1, math.ceil(n_layers / 24))
+    step_y = layer_label_step(n_layers, row, 1.25 * FontProperties(size=mpl.rcParams["ytick.labelsize"]).get_size_in_points() / 72.0)
     ax.set_yticks(range(0, n_layers, step_y), [str(layer) for layer in table.index[::step_y]])
     ax.set_xlabel("k (leading singular directions of the expert)")
     ax.set_ylabel("layer")
-    if n_ks <= 16 and n_layers <= 32:
+    # numbers in the cells only where they fit at a size the report keeps readable
+    size = cell_font_size(width, (width - 2.6) / max(n_ks, 1), row, 4, largest=8.0) if n_ks <= 16 else None
+    if size is not None:
         cm = image.get_cmap()
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
                 r, g, b, _ = cm(norm(value))
                 text_colour = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=text_colour)
-    fig.colorbar(image, ax=ax, label=METRICS[metric].axis + ("" if metric in view.layers.columns else " (mean over experts)"))
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=size, color=text_colour)
+    bar = fig.colorbar(image, ax=ax, label=METRICS[metric].axis + ("" if metric in view.layers.columns else " (mean over experts)"))
+    label_colour_bar_ends(bar, plot_height)
     ax.set_title(f"{view.label}: {METRICS[metric].title} per layer and k")
     return fig

@@ -109,11 +109,16 @@ def draw_expert_heatmap(ax: Axes, view: AlignmentView, metric: str, norm: Option
     ax.set_xticks(*k_column_ticks(view.ks, axes_width_inches(ax), max_labels=7))
     ax.set_xlabel("k (leading singular directions)")
     if view.multi_layer:
-        starts, centres, names = layer_block_ticks(row_layers)
+        height = ax.get_position().height * ax.get_figure().get_figheight()
+        starts, centres, names = layer_block_ticks(row_layers, span_inches=height, along="y")
         ax.set_yticks(centres, names)
-        # White parts layers on the dark sequential map, dark grey on the white-centred diverging one.
-        for s in starts[1:]:
-            ax.axhline(s - 0.5, color="#333333" if diverging else "white", linewidth=1.0)
+        # White parts layers on the dark sequential map, dark grey on the white-centred diverging one;
+        # where a layer's rows are thinner than a few points the lines would hide them: thinner lines
+        # between the labelled layers only.
+        block_pt = height * 72.0 / max(len(starts), 1)
+        every = 1 if block_pt >= 6.0 else max(1, round(len(starts) / max(len(names), 1)))
+        for s in starts[every::every]:
+            ax.axhline(s - 0.5, color="#333333" if diverging else "white", linewidth=1.0 if block_pt >= 6.0 else 0.6)
         ax.set_ylabel("layer (experts within)")
     else:
         step_y = max(1, int(np.ceil(len(row_experts) / 16)))
@@ -194,7 +199,8 @@ def draw_cos_squared_bars(ax: Axes, view: AlignmentView, colour: str) -> None:
     ax.bar(x, table["cos_squared"], color=colour, width=0.8, label="cos²θ per expert")
     ax.axhline(1.0 / view.hidden_size, color=REFERENCE_GREY, linestyle=":", linewidth=1.2, label="random expectation 1/d")
     if view.multi_layer:
-        starts, centres, names = layer_block_ticks(table["layer"], max_labels=12)
+        starts, centres, names = layer_block_ticks(table["layer"], max_labels=12,
+                                                   span_inches=ax.get_position().width * ax.get_figure().get_figwidth())
         ax.set_xticks(centres, names)
         for s in starts[1:]:
             ax.axvline(s - 0.5, color="#cccccc", linewidth=0.8)

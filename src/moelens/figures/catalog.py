@@ -56,6 +56,8 @@ FIGURES: dict[str, FigureEntry] = {
     "module_heatmap": FigureEntry("modules:module_heatmap", "module_metrics", one_run=True, options=("metric", "model")),
     "module_lines": FigureEntry("modules:module_lines", "module_metrics", one_run=True, options=("metric", "model")),
     "trace_heatmap": FigureEntry("trace:trace_heatmap", "interventions", one_run=True, options=("mode", "measure", "token_kind")),
+    "trace_knockout": FigureEntry("trace:trace_knockout", "interventions", one_run=True, options=("measure",)),
+    "trace_restore": FigureEntry("trace:trace_restore", "interventions", one_run=True, options=("measure", "token_kind")),
     "trace_indirect_effect": FigureEntry("trace:trace_indirect_effect", "interventions", one_run=True),
     "cluster_map": FigureEntry("clusters:cluster_map", "clustering", one_run=True),
     "cluster_usage": FigureEntry("clusters:cluster_usage", "clustering", one_run=True, options=("layers",)),

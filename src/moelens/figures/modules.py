@@ -33,7 +33,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
 
 from moelens.errors import ConfigError
-from moelens.figures.style import DIVERGING_CMAP, SEQUENTIAL_CMAP, new_figure, styled
+from moelens.figures.style import DIVERGING_CMAP, SEQUENTIAL_CMAP, cell_font_size, label_colour_bar_ends, new_figure, styled
 from moelens.results import Run
 
 ANALYSIS = "module_metrics"
@@ -400,7 +400,11 @@ def module_heatmap(run: Run, metric: Optional[str] = None, model: Optional[str] 
             ax.axvline(j - 0.5, color="white", linewidth=2.0, gid="group")
     absent_cells = _hatch_absent(ax, present)
     if annotate:
-        _annotate(ax, values, cmap, norm, fontsize=7.0 if n_modules <= 8 else 6.5)
+        # the number only where it fits at a size the report keeps readable; else the colour bar tells it
+        texts = [cell_format(values)(v) for v in values[np.isfinite(values)]]
+        size = cell_font_size(width, column, row, max((len(t) for t in texts), default=1), largest=7.0 if n_modules <= 8 else 6.5)
+        if size is not None:
+            _annotate(ax, values, cmap, norm, fontsize=size)
 
     _module_labels(ax, grid.modules, column)
     fontsize = FontProperties(size=mpl.rcParams["ytick.labelsize"]).get_size_in_points()
@@ -415,6 +419,7 @@ def module_heatmap(run: Run, metric: Optional[str] = None, model: Optional[str] 
     formatter = ScalarFormatter(useOffset=False)
     bar.ax.yaxis.set_major_formatter(formatter)
     bar.outline.set_visible(False)
+    label_colour_bar_ends(bar, plot_height)
 
     notes = []
     if absent_cells:

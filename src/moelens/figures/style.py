@@ -193,17 +193,99 @@ def k_column_ticks(ks: Sequence[int], width_inches: float, max_labels: int = 8) 
     return [positions[i] for i in kept], [labels[i] for i in kept]
 
 
-def layer_block_ticks(layers: Sequence[int], max_labels: int = 16) -> tuple[list[int], list[float], list[str]]:
+#: The steps at which layers are labelled: every layer up to :data:`EVERY_LAYER_UP_TO` layers (and
+#: while the labels fit), then every 2nd, 4th, 8th, … (seed 001: 0, 8, …, 40).
+LAYER_STEPS = (1, 2, 4, 8, 16, 32, 64, 128)
+EVERY_LAYER_UP_TO = 16
+
+
+def layer_label_step(n_layers: int, inches_per_layer: float, label_inches: float) -> int:
+    """Label every n-th layer: the smallest n of :data:`LAYER_STEPS` (at least 2 above
+    :data:`EVERY_LAYER_UP_TO` layers) whose labels, each ``label_inches`` long along the axis,
+    keep :data:`TICK_LABEL_GAP` apart."""
+    need = label_inches + TICK_LABEL_GAP
+    for step in LAYER_STEPS:
+        if step * inches_per_layer >= need and (step >= 2 or n_layers <= EVERY_LAYER_UP_TO):
+            return step
+    return max(1, math.ceil(n_layers * need / max(inches_per_layer * n_layers, 1e-9)))
+
+
+def layer_block_ticks(layers: Sequence[int], max_labels: int = 16, span_inches: float | None = None,
+                      along: str = "x") -> tuple[list[int], list[float], list[str]]:
     """For rows (or bars) ordered by layer, one entry per (layer, expert): where each layer's
-    block starts, and tick positions at block centres labelled "L<layer>" (every n-th block
-    when there are more than ``max_labels``, so labels never overlap)."""
+    block starts, and tick positions at block centres labelled "L<layer>": every n-th block
+    (n = 1, 2, 4, 8, …) where there are more than ``max_labels`` or, with ``span_inches`` (the
+    axis's length), where the labels would otherwise touch (``along`` x: their width; y: their height)."""
     layers = list(layers)
     starts = [i for i in range(len(layers)) if i == 0 or layers[i - 1] != layers[i]]
     ends = starts[1:] + [len(layers)]
-    step = max(1, math.ceil(len(starts) / max_labels))
-    centres = [(s + e - 1) / 2 for s, e in zip(starts, ends)][::step]
-    labels = [f"L{layers[s]}" for s in starts][::step]
+    n = len(starts)
+    step = next(s for s in LAYER_STEPS + (n,) if math.ceil(n / s) <= max_labels)
+    if span_inches is not None and n:
+        fontsize = _tick_fontsize()
+        longest = max(len(f"L{layers[s]}") for s in starts)
+        size = _tick_label_width("0" * longest, fontsize) if along == "x" else 1.25 * fontsize / 72.0
+        step = max(step, layer_label_step(n, span_inches / n, size))
+    chosen = [k for k in range(n) if k % step == 0]
+    centres = [(starts[k] + ends[k] - 1) / 2 for k in chosen]
+    labels = [f"L{layers[starts[k]]}" for k in chosen]
     return starts, centres, labels
+
+
+#: The report draws every figure across its content width (1152 CSS px) and keeps text at 11 px
+#: or more at 100 % zoom: a figure w inches wide needs text of 11 · 72 · w / 1152 pt.
+REPORT_WIDTH_PX = 1152
+MIN_TEXT_PX = 11.0
+
+
+def report_min_pt(figure_width_inches: float) -> float:
+    """The smallest font size (points) that stays ≥ 11 px in the report for a figure this wide."""
+    return MIN_TEXT_PX * 72.0 * figure_width_inches / REPORT_WIDTH_PX
+
+
+def cell_font_size(figure_width_inches: float, cell_width_inches: float, cell_height_inches: float, characters: int,
+                   largest: float = 7.0) -> float | None:
+    """The font size for a number of ``characters`` written in a heat-map cell: the largest, up to
+    ``largest``, that fits the cell (digits 0.64 em wide, a line 1.25 em high, a little margin);
+    None when even the report's minimum (:func:`report_min_pt`, and at least 6 pt) does not fit,
+    and the colour bar alone tells the value."""
+    fits = min(largest, 0.9 * cell_width_inches * 72.0 / (0.64 * max(characters, 1)),
+               0.9 * cell_height_inches * 72.0 / 1.25)
+    return fits if fits >= max(report_min_pt(figure_width_inches), 6.0) else None
+
+
+def _bar_number(value: float, decimals: int) -> str:
+    text = f"{value:.{decimals}f}"
+    return ("0" if float(text) == 0 else text).replace("-", "−")
+
+
+def label_colour_bar_ends(bar: Any, length_inches: float) -> None:
+    """Ticks at both ends of a colour bar (its lowest and highest value, so the reader sees the
+    range) and round values between them, none nearer an end than a label's height."""
+    from matplotlib.ticker import MaxNLocator
+
+    low, high = float(bar.norm.vmin), float(bar.norm.vmax)
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        return
+    fontsize = FontProperties(size=mpl.rcParams["ytick.labelsize"]).get_size_in_points()
+    label = 1.6 * fontsize / 72.0  # inches a label needs along the bar, gap included
+    bins = max(1, int(length_inches / (2.0 * label)))
+    inner = [float(t) for t in MaxNLocator(nbins=bins).tick_values(low, high)]
+    margin = (high - low) * label / max(length_inches, 1e-9)
+    inner = [t for t in inner if low + margin < t < high - margin]
+    step = min((b - a for a, b in zip(inner, inner[1:])), default=(high - low) / 2)
+    decimals = max(0, min(6, -math.floor(math.log10(step)))) if step > 0 else 3
+    # round values between, the ends as they are: one decimal more where rounding would move them
+    ends = [e for e in (low, high)]
+    end_decimals = [decimals + (abs(round(e, decimals) - e) > 1e-9 * max(abs(e), 1.0)) for e in ends]
+    ticks = [low, *inner, high]
+    labels = ([_bar_number(low, end_decimals[0])] + [_bar_number(t, decimals) for t in inner]
+              + [_bar_number(high, end_decimals[1])])
+    while len(set(labels)) < len(labels) and decimals < 6:
+        decimals += 1
+        labels = [_bar_number(t, decimals + 1) for t in ticks]
+    bar.set_ticks(ticks, labels=labels)
+    bar.ax.minorticks_off()
 
 
 def _renderer(fig: Figure) -> RendererBase:

@@ -1,9 +1,12 @@
 """Figures of the interventions ("trace") analysis (docs/methods.md §4 and §7; the heat map of seed 003).
 
 :func:`trace_heatmap` draws one run as sites × layers, the seed's layout: a row per intervention
-site ("Subj.", "Attn.", "Last." and, for MoE models, "Router", "MoE"; the three attention-knockout
-rows of a block run), a column per layer, colour = the mean over prompts of the JS divergence
-JSD(p_clean, p_intervened) in bits, darker where larger.
+site, a column per layer, colour = the mean over prompts of the JS divergence JSD(p_clean,
+p_intervened) in bits, darker where larger. Seed 003 is attention knockout (``--mode block``,
+docs/methods.md §4): rows Subj. = ``block_subj``, Attn. = ``block_nonsubj``, Last. = ``block_last``.
+:func:`trace_knockout` draws a knockout run the same way (rows Subj., Attn., Last. and, for MoE
+models, Router, MoE: the sites themselves replaced), :func:`trace_restore` the restored sites of a
+restore run at one token group; the report files each under its own name (:data:`HEATMAP_FIGURES`).
 
 :func:`trace_indirect_effect` draws a restore run as ROME does (Meng et al. 2022, Fig. 1): one
 panel per restored site (the hidden state at one layer, the MLP/MoE output and the attention
@@ -33,7 +36,8 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Patch
 
 from moelens.errors import ConfigError
-from moelens.figures.style import new_figure, styled
+from moelens.figures.modules import cell_format
+from moelens.figures.style import cell_font_size, label_colour_bar_ends, new_figure, styled
 from moelens.results import Run
 
 ANALYSIS = "interventions"
@@ -50,7 +54,8 @@ SITE_ORDER = {
 }
 SITE_LABELS = {
     "subj": "Subj.", "attn": "Attn.", "last": "Last.", "router": "Router", "moe": "MoE",
-    "block_subj": "Block subj.", "block_nonsubj": "Block non-subj.", "block_last": "Block last",
+    # seed 003 is attention knockout (docs/methods.md §4): Subj. = block_subj, Attn. = block_nonsubj, Last. = block_last
+    "block_subj": "Subj.", "block_nonsubj": "Attn.", "block_last": "Last.",
     "restore_hidden": "Hidden", "restore_mlp": "MLP", "restore_attn": "Attn.",
 }
 #: ROME's token groups in ROME's order, with the names its figures give them.
@@ -83,8 +88,7 @@ MIN_COLUMN_INCHES = 0.1
 PLOT_WIDTH = (3.2, 8.0)
 #: Above this many layers every other layer is labelled at most (seed 003: 0, 2, …, 30).
 EVERY_LAYER_UP_TO = 16
-#: Cells carry their value when a column is at least this wide (inches) and at most this many layers.
-ANNOTATE_MIN_COLUMN = 0.3
+#: Cells carry their value up to this many layers, where it fits (:func:`moelens.figures.style.cell_font_size`).
 ANNOTATE_MAX_LAYERS = 24
 
 
@@ -338,12 +342,8 @@ def _norm(values: np.ndarray, from_zero: bool) -> Normalize:
     return Normalize(low, high)
 
 
-def _cell_text(value: float) -> str:
-    return f"{value:.2f}".replace("-0.00", "0.00").replace("-", "−")
-
-
 def _panel(ax: Axes, values: np.ndarray, cmap_name: str, norm: Normalize, row_labels: Sequence[str],
-           layers: Sequence[int], column_inches: float, tick_labels: bool = True) -> AxesImage:
+           layers: Sequence[int], column_inches: float, row_inches: float, tick_labels: bool = True) -> AxesImage:
     """One rows × layers grid: first row on top, a label per row, layers labelled along x."""
     cmap = mpl.colormaps[cmap_name].with_extremes(bad=ABSENT_GREY)
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest", origin="upper")
@@ -355,12 +355,19 @@ def _panel(ax: Axes, values: np.ndarray, cmap_name: str, norm: Normalize, row_la
     ax.set_yticks(range(len(row_labels)), list(row_labels))
     ticks = layer_ticks(layers, column_inches, _fontsize("xtick.labelsize"))
     ax.set_xticks(ticks, [str(layers[i]) for i in ticks] if tick_labels else [""] * len(ticks))
-    if column_inches >= ANNOTATE_MIN_COLUMN and len(layers) <= ANNOTATE_MAX_LAYERS:
+    # a cell carries its value only where the number fits at a size the report keeps readable
+    # (with as many decimals as tell the grid's values apart: 0.00 everywhere would say nothing)
+    fig = ax.get_figure()
+    fmt = cell_format(values)
+    texts = [fmt(v) for v in values[np.isfinite(values)]]
+    longest = max((len(t) for t in texts), default=4)
+    size = cell_font_size(fig.get_figwidth(), column_inches, row_inches, longest) if len(layers) <= ANNOTATE_MAX_LAYERS else None
+    if size is not None:
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
                 r, g, b, _ = cmap(norm(value))
                 colour = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
-                ax.text(j, i, _cell_text(value), ha="center", va="center", fontsize=6.5, color=colour, gid="cell")
+                ax.text(j, i, fmt(value), ha="center", va="center", fontsize=size, color=colour, gid="cell")
     return image
 
 
@@ -369,6 +376,7 @@ def _colour_bar(fig: Figure, image: AxesImage, ax: Axes, label: str, width: floa
     bar = fig.colorbar(image, ax=ax, fraction=0.14 / width, pad=0.12 / width, aspect=height / 0.14)
     bar.set_label(bar_label(label, height, _fontsize("axes.labelsize")))
     bar.outline.set_visible(False)
+    label_colour_bar_ends(bar, height)
 
 
 def _absent_note(fig: Figure, what: str) -> None:
@@ -387,7 +395,10 @@ def describe(run: Run, grid: TraceGrid) -> str:
         return f"Knockout: each site {how}, one layer at a time; {over}"
     if grid.mode == "block":
         window = window_of(run, "block")
-        return f"Attention knockout from the last token over layers {window_span(window)} (window {window}); {over}"
+        depth = (run.manifest.get("model") or {}).get("n_layers") or (max(grid.layers) + 1 if grid.layers else 0)
+        scale = f" of {depth} layers; Geva et al.: 9 of 48" if depth else ""
+        return (f"Attention knockout: the last position may not attend to the subject (Subj.), the other tokens (Attn.) "
+                f"or itself (Last.) in layers {window_span(window)} (window {window}{scale}); {over}")
     if grid.mode == "restore":
         kind = TOKEN_KINDS.get(grid.token_kind, grid.token_kind).lower()
         return f"Restoring clean states at the {kind} after corrupting the subject; {over}"
@@ -406,7 +417,7 @@ def trace_heatmap(run: Run, mode: Optional[str] = None, measure: Optional[str] =
     fig = new_figure(width + 2.5, height + 1.55 + (0.3 if absent else 0.0))
     ax = fig.subplots()
     image = _panel(ax, values, HEATMAP_CMAP, _norm(values, from_zero=grid.measure == "indirect_effect"),
-                   [site_label(grid.run, s) for s in grid.rows], grid.layers, width / n_layers)
+                   [site_label(grid.run, s) for s in grid.rows], grid.layers, width / n_layers, height / n_rows)
     ax.set_xlabel("Layer")
     _colour_bar(fig, image, ax, MEASURES.get(grid.measure, grid.measure), width, height)
     ax.set_title(_wrap(describe(grid.run, grid), width + 1.0, _fontsize("axes.titlesize") * 0.85), loc="left",
@@ -415,6 +426,22 @@ def trace_heatmap(run: Run, mode: Optional[str] = None, measure: Optional[str] =
         _absent_note(fig, "no such module in this layer (not traced)")
     fig.suptitle(_wrap(grid.run.label, width + 2.3, _fontsize("figure.titlesize")))
     return fig
+
+
+@styled
+def trace_knockout(run: Run, measure: Optional[str] = None) -> Figure:
+    """Sites × layers heat map of the knockout rows of an interventions run (drawn beside the seed figure)."""
+    return trace_heatmap(run, mode="knockout", measure=measure)
+
+
+@styled
+def trace_restore(run: Run, measure: Optional[str] = None, token_kind: Optional[str] = None) -> Figure:
+    """Restored sites × layers heat map of a restore run at one token group (default: the last subject token)."""
+    return trace_heatmap(run, mode="restore", measure=measure, token_kind=token_kind)
+
+
+#: The figure name of each mode's heat map: the seed's name for attention knockout (seed 003).
+HEATMAP_FIGURES = {"block": "trace_heatmap", "knockout": "trace_knockout", "restore": "trace_restore"}
 
 
 def panel_title(run: Run, site: str) -> str:
@@ -444,7 +471,8 @@ def trace_indirect_effect(run: Run) -> Figure:
         values = grid.mean.to_numpy(float)
         last = k == len(grids) - 1
         image = _panel(ax, values, RESTORE_CMAPS.get(grid.site, "Greys"), _norm(values, from_zero=True),
-                       [TOKEN_KINDS.get(kind, kind) for kind in grid.rows], layers, width / n_layers, tick_labels=last)
+                       [TOKEN_KINDS.get(kind, kind) for kind in grid.rows], layers, width / n_layers,
+                       heights[k] / max(len(grid.rows), 1), tick_labels=last)
         _colour_bar(fig, image, ax, MEASURES["indirect_effect"], width, heights[k])
         ax.set_title(_wrap(panel_title(grid.run, grid.site), width + 1.2, title_size), loc="left")
         if last:
@@ -457,5 +485,5 @@ def trace_indirect_effect(run: Run) -> Figure:
     return fig
 
 
-__all__ = ["MEASURES", "SITE_LABELS", "TOKEN_KINDS", "TraceGrid", "layer_ticks", "resolve_mode", "run_modes", "site_label",
-           "token_kind_grids", "trace_grid", "trace_heatmap", "trace_indirect_effect", "window_of", "window_span"]
+__all__ = ["HEATMAP_FIGURES", "MEASURES", "SITE_LABELS", "TOKEN_KINDS", "TraceGrid", "layer_ticks", "resolve_mode", "run_modes", "site_label",
+           "token_kind_grids", "trace_grid", "trace_heatmap", "trace_indirect_effect", "trace_knockout", "trace_restore", "window_of", "window_span"]

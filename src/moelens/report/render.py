@@ -22,6 +22,8 @@ EXPLANATION_TITLES = {
     "module_heatmap": "Layer × module heat maps",
     "module_lines": "Module lines",
     "trace_heatmap": "Intervention heat maps",
+    "trace_knockout": "Knockout heat maps",
+    "trace_restore": "Restoration heat maps",
     "trace_indirect_effect": "Indirect effect (causal tracing)",
     "cluster_map": "Cluster map",
     "cluster_usage": "Usage by cluster",

@@ -116,21 +116,52 @@ def _peak(grid) -> tuple[str, int, float]:
     return grid.rows[i], grid.layers[j], float(values[i, j])
 
 
-#: How a headline names each mode (briefly, in parentheses).
-HEADLINE_MODES = {"knockout": "mean knockout", "block": "attention knockout", "restore": "restoration"}
+#: How a headline names each mode.
+HEADLINE_MODES = {"knockout": "mean knockout", "block": "attention knockout", "restore": "causal tracing"}
+#: What a headline says was done at each site ("… matters most at layer ℓ").
+SITE_ACTIONS = {
+    "subj": "knocking out the subject's hidden state", "attn": "knocking out the attention output at the last token",
+    "last": "knocking out the last token's hidden state", "router": "knocking out the router logits at the last token",
+    "moe": "knocking out the MoE output at the last token",
+    "block_subj": "blocking subject → last attention", "block_nonsubj": "blocking non-subject → last attention",
+    "block_last": "blocking the last token's attention to itself",
+    "restore_hidden": "restoring the hidden state", "restore_mlp": "restoring the MLP output", "restore_attn": "restoring the attention output",
+}
 #: Rows left out of a headline's maximum: knocking out the last token's residual replaces the very
 #: state the prediction is read from, so its JSD is near its maximum at every layer by construction.
 TRIVIAL_ROWS = {"knockout": ("last",)}
 
 
+def _mode_words(run: Run, mode: str) -> str:
+    """The mode as a headline opens: ``attention knockout (window 3)``, ``mean knockout``."""
+    from moelens.figures.trace import window_of
+
+    words = HEADLINE_MODES.get(mode, mode)
+    if mode == "knockout":
+        ablation = (run.manifest.get("options") or {}).get("ablation")
+        return "zero knockout" if ablation == "zero" else words
+    window = window_of(run, mode)
+    return f"{words} (window {window})" if window else words
+
+
+def _action(run: Run, site: str) -> str:
+    from moelens.figures.trace import is_moe
+
+    action = SITE_ACTIONS.get(site, f"intervening on {site}")
+    return action.replace("MLP output", "MoE output") if site == "restore_mlp" and is_moe(run) else action
+
+
 def headline(run: Run) -> str:
-    """One line in numbers: where the run's largest mean lies, naming the site and the mode.
-    Attention-knockout rows (block_*, the seed figure's reading, docs/methods.md §4) are preferred when the
-    run has them; a row that is maximal by construction (last-token knockout) is not headlined."""
-    from moelens.figures.trace import TOKEN_KINDS, resolve_mode, run_modes, site_label, token_kind_grids, trace_grid
+    """One line in numbers naming the mode (and its window) and the site whose intervention matters
+    most, e.g. "attention knockout (window 3): blocking subject → last attention matters most at
+    layer 2 (0.41 bits)". Attention-knockout rows (block_*, the seed figure's reading,
+    docs/methods.md §4) are preferred when the run has them; a row that is maximal by construction
+    (last-token knockout) is not headlined."""
+    from moelens.figures.trace import TOKEN_KINDS, resolve_mode, run_modes, token_kind_grids, trace_grid
 
     modes = run_modes(run)
     mode = "block" if "block" in modes else resolve_mode(run, None, "the report")
+    opening = _mode_words(run, mode)
     if mode == "restore":
         best = ("", -1, -math.inf, "")
         for grid in token_kind_grids(run):
@@ -138,20 +169,21 @@ def headline(run: Run) -> str:
             if math.isfinite(value) and value > best[2]:
                 best = (grid.site, layer, value, kind)
         site, layer, value, kind = best
-        return (f"largest mean indirect effect ({HEADLINE_MODES[mode]}): {site_label(run, site)} ({site}) at layer {layer}, "
-                f"{TOKEN_KINDS.get(kind, kind).lower()} (Δp(target) = {value:.2f})")
+        if not site:
+            return f"{opening}: no finite indirect effect"
+        return (f"{opening}: {_action(run, site)} ({site}) at the {TOKEN_KINDS.get(kind, kind).lower()} recovers most "
+                f"at layer {layer} (Δp(target) = {value:.2f})")
     grid = trace_grid(run, mode=mode)
     left_out = [r for r in grid.rows if r in TRIVIAL_ROWS.get(mode, ())]
     kept = [i for i, r in enumerate(grid.rows) if r not in left_out] or list(range(len(grid.rows)))
     values = grid.mean.to_numpy(float)[kept]
     if not np.isfinite(values).any():
-        return f"no finite JSD ({HEADLINE_MODES.get(mode, mode)})"
+        return f"{opening}: no finite JSD"
     i, j = np.unravel_index(np.nanargmax(values), values.shape)
     site = grid.rows[kept[i]]
-    line = (f"largest mean JSD ({HEADLINE_MODES.get(mode, mode)}): {site_label(run, site)} ({site}) at layer {grid.layers[j]} "
-            f"({float(values[i, j]):.2f} bits)")
+    line = f"{opening}: {_action(run, site)} ({site}) matters most at layer {grid.layers[j]} ({float(values[i, j]):.2f} bits)"
     if left_out and len(kept) < len(grid.rows):
-        line += ", last-token knockout left out (near its maximum at every layer by construction)"
+        line += "; last-token knockout left out (near its maximum at every layer by construction)"
     return line
 
 
@@ -163,7 +195,10 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
     names = [f"{figs.site_label(run, s)} ({s})" for s in grid.rows]
     kind = figs.TOKEN_KINDS.get(grid.token_kind, "").lower()
     at = f" at the {kind}" if kind else ""
-    heatmap = embed(figs.trace_heatmap(run), "trace_heatmap", f"{anchor}-heatmap", f"Mean JS divergence per site and layer{at}",
+    # each mode's heat map under its own name: the seed's (trace_heatmap) is attention knockout
+    name = figs.HEATMAP_FIGURES.get(grid.mode, "trace_heatmap")
+    what = {"block": "Attention knockout (seed 003)", "knockout": "Knockout", "restore": "Restoration"}.get(grid.mode, "Interventions")
+    heatmap = embed(figs.trace_heatmap(run), name, f"{anchor}-{name.replace('_', '-')}", f"{what}: mean JS divergence per site and layer{at}",
                     f"Sites × layers, colour = mean JSD (bits) over prompts, darker = larger, {run.label}", fmt, run=run)
     table = grid_table(grid, names, f"JS divergence (bits) per layer and site{at}: mean ± std over prompts")
     more = [grid_table(figs.trace_grid(run, measure="p_target", token_kind=grid.token_kind or None), names,
