@@ -182,14 +182,19 @@ class RowSampler:
     def batch(self, rows: int) -> dict[str, torch.Tensor]:
         built = [self.row() for _ in range(rows)]
         width = max(len(ids) for ids, _ in built)
-        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((rows, width), dtype=torch.long)
-        weights = torch.zeros((rows, width), dtype=torch.float32)
-        for r, (ids, answers) in enumerate(built):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            mask[r, :len(ids)] = 1
-            weights[r, :len(ids)] = 1.0
-            weights[r, answers] = self.answer_weight
+        # padded Python lists, then one tensor each (a tensor per row costs more than the row)
+        ids_rows, mask_rows, weight_rows = [], [], []
+        for ids, answers in built:
+            pad = width - len(ids)
+            ids_rows.append(ids + [self.pad_id] * pad)
+            mask_rows.append([1] * len(ids) + [0] * pad)
+            w = [1.0] * len(ids) + [0.0] * pad
+            for a in answers:
+                w[a] = self.answer_weight
+            weight_rows.append(w)
+        input_ids = torch.tensor(ids_rows, dtype=torch.long)
+        mask = torch.tensor(mask_rows, dtype=torch.long)
+        weights = torch.tensor(weight_rows, dtype=torch.float32)
         labels = input_ids.masked_fill(mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
 
