@@ -87,14 +87,14 @@ def bench_shape(layers: int, args: argparse.Namespace) -> dict[str, float]:
         m = copy.deepcopy(model)
         runs[name] = (m, make_optimizer(m, recipe.base, fused=fused), impl, {"wall": [], "cpu": [], "first": None})
     one_thread = torch.get_num_threads() == 1
-    for name, (m, opt, impl, rec) in runs.items():
+    for m, opt, impl, rec in runs.values():
         with training_experts(m, impl):
             for b in batches[:args.warmup]:
                 loss = one_step(m, opt, b, aux, recipe.base.clip_norm)
                 rec["first"] = loss if rec["first"] is None else rec["first"]
     for r in range(args.rounds):
         chunk = batches[args.warmup + r * per_round: args.warmup + (r + 1) * per_round]
-        for name, (m, opt, impl, rec) in runs.items():
+        for m, opt, impl, rec in runs.values():
             with training_experts(m, impl):
                 wall, cpu = time.perf_counter(), time.thread_time()
                 for b in chunk:
