@@ -14,10 +14,11 @@ from typing import Any
 
 from moelens.errors import ConfigError
 from moelens.zoo.corpus import WorldSize
+from moelens.zoo.experts import EXPERTS_IMPLEMENTATIONS, SORTED
 from moelens.zoo.models import FAMILIES, ModelShape
 from moelens.zoo.train import Schedule
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 ZOO_DTYPES = ("float32", "bfloat16")
 
 
@@ -31,7 +32,9 @@ class Recipe:
     and the same share of filler. A fact's answer token weighs ``answer_weight`` in the loss
     (see :mod:`moelens.zoo.train`). ``threads`` is fixed because the result of a float
     reduction depends on how it is split across threads: same recipe, same threads, same
-    weights."""
+    weights. ``experts`` is how the experts are computed in training (see
+    :mod:`moelens.zoo.experts`): every implementation computes the same function, but their
+    float sums differ in rounding, so it is part of the recipe too."""
 
     family: str = "mixtral"
     world: WorldSize = field(default_factory=WorldSize)
@@ -52,12 +55,15 @@ class Recipe:
     dtype: str = "float32"
     threads: int = 1
     small: bool = False
+    experts: str = SORTED
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"the zoo has no family {self.family!r}; choose one of {', '.join(FAMILIES)}")
         if self.dtype not in ZOO_DTYPES:
             raise ConfigError(f"zoo dtype {self.dtype!r} is not supported; choose one of {', '.join(ZOO_DTYPES)}")
+        if self.experts not in EXPERTS_IMPLEMENTATIONS:
+            raise ConfigError(f"unknown experts implementation {self.experts!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
         if self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
 
