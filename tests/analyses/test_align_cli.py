@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import moelens as ml
 from moelens import cli
+from moelens.cli.app import app as cli_app
 
 
 def _cells(output: str, k: int) -> list[str]:
@@ -25,7 +26,7 @@ def test_align_writes_the_run_and_prints_the_summary(tiny_checkpoint, tmp_path, 
     out = tmp_path / "run"
     args = ["align", str(tiny_checkpoint("mixtral")), "--out", str(out), "--layers", "0-1", "--k", "1,2,4,32",
             "--null", "shuffle", "--device", "cpu", "--cache"]
-    result = CliRunner().invoke(cli.app, args)
+    result = CliRunner().invoke(cli_app, args)
     assert result.exit_code == 0, result.output
     for header in ("align", "delta_vs_shuffle", "z_vs_shuffle", "effect_over_random", "cos_squared", "z_layer", "p_layer"):
         assert header in result.output
@@ -39,13 +40,13 @@ def test_align_writes_the_run_and_prints_the_summary(tiny_checkpoint, tmp_path, 
     assert "nan" not in result.output.lower()
     assert (tmp_path / "cache" / "spectra").is_dir()
     # a second call resumes the finished run and prints the same table
-    again = CliRunner().invoke(cli.app, args)
+    again = CliRunner().invoke(cli_app, args)
     assert again.exit_code == 0 and _cells(again.output, 4) == _cells(result.output, 4)
 
 
 def test_per_layer_tables(tiny_checkpoint, tmp_path):
     args = ["align", str(tiny_checkpoint("mixtral")), "--out", str(tmp_path / "r"), "--k", "1,8", "--per-layer", "--no-cache"]
-    result = CliRunner().invoke(cli.app, args)
+    result = CliRunner().invoke(cli_app, args)
     assert result.exit_code == 0, result.output
     assert "(layer 0)" in result.output and "(layer 1)" in result.output
 

@@ -247,9 +247,9 @@ def test_an_all_zero_router_row_or_expert_is_warned_about_not_silently_scored(tm
     assert (a[(a.layer == 0) & (a.expert == 2) & (a.k < 16)]["align"] == 0).all()  # what the warning is about
     from typer.testing import CliRunner
 
-    from moelens import cli
+    from moelens.cli.app import app as cli_app
 
-    result = CliRunner().invoke(cli.app, ["align", str(path), "--out", str(tmp_path / "run2"), "--k", "1,4,16"])
+    result = CliRunner().invoke(cli_app, ["align", str(path), "--out", str(tmp_path / "run2"), "--k", "1,4,16"])
     assert result.exit_code == 0
     assert "warning: layer 0: router rows [2] are all zero" in result.output.replace("\n", " ")
 
