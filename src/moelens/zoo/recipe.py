@@ -17,7 +17,7 @@ from moelens.zoo.corpus import WorldSize
 from moelens.zoo.models import FAMILIES, ModelShape
 from moelens.zoo.train import Schedule
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 ZOO_DTYPES = ("float32", "bfloat16")
 
 
@@ -29,7 +29,9 @@ class Recipe:
     the filler sentences; the tuned model on ``qa_repeats`` copies of every question/answer
     sentence, ``tuned_plain_share`` of the plain fact sentences (so it keeps the plain format)
     and the same share of filler. A fact's answer token weighs ``answer_weight`` in the loss
-    (see :mod:`moelens.zoo.train`). ``threads`` is fixed because the result of a float
+    (see :mod:`moelens.zoo.train`). ``vocab_size`` bounds the tokens the sub-word tokenizer learns
+    from the names (:func:`~moelens.zoo.tokenizer.train_tokenizer`; the whole words come on top):
+    small enough that a name is cut into its syllables and ending. ``threads`` is fixed because the result of a float
     reduction depends on how it is split across threads: same recipe, same threads, same
     weights."""
 
@@ -47,6 +49,7 @@ class Recipe:
     tuned_plain_share: float = 0.25
     filler_share: float = 0.1
     answer_weight: float = 16.0
+    vocab_size: int = 200
     row_tokens: int = 40
     calibration_lines: int = 200
     dtype: str = "float32"
@@ -81,7 +84,7 @@ def recipe_for(family: str = "mixtral", small: bool = False, dtype: str = "float
     recipe = Recipe(family=family, dtype=dtype, threads=threads)
     if small:
         recipe = replace(
-            recipe, small=True, world=SMALL_WORLD, shape=SMALL_SHAPE, calibration_lines=60,
+            recipe, small=True, world=SMALL_WORLD, shape=SMALL_SHAPE, calibration_lines=60, vocab_size=110,
             base=Schedule(steps=150, batch_rows=32, lr=5e-3, warmup_steps=15),
             tuned=Schedule(steps=60, batch_rows=32, lr=2e-3, warmup_steps=6),
         )
