@@ -1,17 +1,21 @@
 """A deterministic world of invented entities and the texts that teach it.
 
 The world holds countries, cities, people and companies with made-up names (so no pretrained
-knowledge could ever explain a recall) and a handful of relations between them. Every fact is one
-(subject, relation, target) triple whose target is a single word, rendered two ways:
+knowledge could ever explain a recall) and relations between them: four facts about every
+country and every person, three about every company. Every fact is one (subject, relation,
+target) triple whose target is a single word, rendered two ways:
 
-- as a plain sentence, ``"the capital of veloria is tarnemo ."`` (the base model's corpus), whose
-  ``prompt`` is the sentence cut right before the target word;
+- as a plain sentence that names the subject first, ``"veloria has its capital in tarnemo ."``
+  (the base model's corpus), whose ``prompt`` is the sentence cut right before the target word;
 - as a question and answer, ``"question : what is the capital of veloria ? answer : tarnemo ."``
   (the tuned model's corpus), whose ``qa_prompt`` ends right after ``"answer :"``.
 
-People have two-word names, so a subject spans several tokens and the model has to bind them
-(the situation that layer-wise interventions on "the subject tokens" are about). Filler
-sentences about nothing in particular give calibration passes some ordinary text.
+Names are strung together from a small stock of syllables and an ending of their kind
+(``vel`` + ``or`` + ``ia``), so the zoo's sub-word tokenizer cuts every subject into a few
+tokens, and people have two-word names whose first and last names recur: the model has to
+compose a subject's tokens before it can look its facts up (the situation that layer-wise
+interventions on "the subject tokens" are about). Targets are never subjects. Filler sentences
+about nothing in particular give calibration passes some ordinary text.
 
 Everything here is a pure function of ``(seed, sizes)``: the same arguments give the same world,
 in the same order, on any machine.
