@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.moelens-installed
 DEMO   ?= .demo
 
-.PHONY: install demo test bench bench-align bench-distance bench-modules bench-scale bench-gpu bench-trace lint clean
+.PHONY: install demo test bench bench-align bench-distance bench-modules bench-scale bench-gpu bench-trace bench-zoo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -60,6 +60,12 @@ bench-gpu: install
 # (make bench-trace BENCH_ARGS="--device cuda" on a GPU).
 bench-trace: install
 	$(PY) benchmarks/trace.py $(BENCH_ARGS)
+
+# Zoo training: seconds per step of transformers' eager and grouped_mm experts against the sorted
+# experts and fused AdamW the zoo trains with, at the default 4 layers and at 12 (a few minutes),
+# e.g. make bench-zoo BENCH_ARGS="--layers 12 16 --threads 2"
+bench-zoo: install
+	$(PY) benchmarks/zoo_training.py $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -155,4 +155,5 @@ def test_the_answer_weight_moves_the_loss_towards_the_answers():
     answer = batch["weights"][:, 1:] > 1
     assert float(loss) == pytest.approx(float(ce[answer].mean()), rel=1e-4)
     assert lm == pytest.approx(float(ce[batch["labels"][:, 1:] != -100].mean()), rel=1e-5)
-    assert make_optimizer(model, Schedule(steps=1)).defaults["foreach"] is True
+    assert make_optimizer(model, Schedule(steps=1)).defaults["fused"] is True
+    assert make_optimizer(model, Schedule(steps=1), fused=False).defaults["foreach"] is True

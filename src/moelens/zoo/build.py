@@ -271,7 +271,7 @@ def _train_phase(
         groups, schedule.curriculum, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
         random.Random(rng_name), row_tokens=recipe.row_tokens, answer_weight=recipe.answer_weight,
     )
-    return train(model, data, schedule, progress=progress, task=task, optimizer=optimizer)
+    return train(model, data, schedule, progress=progress, task=task, optimizer=optimizer, experts=recipe.experts)
 
 
 def _write_texts(world: World, recipe: Recipe, seed: int, out: Path) -> None:

@@ -14,10 +14,11 @@ from typing import Any
 
 from moelens.errors import ConfigError
 from moelens.zoo.corpus import WorldSize
+from moelens.zoo.experts import EXPERTS_IMPLEMENTATIONS, SORTED
 from moelens.zoo.models import FAMILIES, ModelShape
 from moelens.zoo.train import Schedule
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 #: Decoder layers of the default zoo: enough that reading a subject, moving it to the last token
 #: and forming the answer can happen in different layers, as in the models the seed figures show.
 DEFAULT_LAYERS = 12
@@ -34,9 +35,11 @@ class Recipe:
     and the same share of filler. A fact's answer token weighs ``answer_weight`` in the loss
     (see :mod:`moelens.zoo.train`). ``vocab_size`` bounds the tokens the sub-word tokenizer learns
     from the names (:func:`~moelens.zoo.tokenizer.train_tokenizer`; the whole words come on top):
-    small enough that a name is cut into its syllables and ending. ``threads`` is fixed because the result of a float
-    reduction depends on how it is split across threads: same recipe, same threads, same
-    weights."""
+    small enough that a name is cut into its syllables and ending. ``threads`` is fixed because
+    the result of a float reduction depends on how it is split across threads: same recipe, same threads, same
+    weights. ``experts`` is how the experts are computed in training (see
+    :mod:`moelens.zoo.experts`): every implementation computes the same function, but their
+    float sums differ in rounding, so it is part of the recipe too."""
 
     family: str = "mixtral"
     world: WorldSize = field(default_factory=WorldSize)
@@ -58,12 +61,15 @@ class Recipe:
     dtype: str = "float32"
     threads: int = 1
     small: bool = False
+    experts: str = SORTED
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"the zoo has no family {self.family!r}; choose one of {', '.join(FAMILIES)}")
         if self.dtype not in ZOO_DTYPES:
             raise ConfigError(f"zoo dtype {self.dtype!r} is not supported; choose one of {', '.join(ZOO_DTYPES)}")
+        if self.experts not in EXPERTS_IMPLEMENTATIONS:
+            raise ConfigError(f"unknown experts implementation {self.experts!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
         if self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
 

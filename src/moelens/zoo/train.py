@@ -247,28 +247,43 @@ def _objective(model: Any, batch: dict[str, torch.Tensor], aux_coef: float) -> t
     return loss, lm, float(aux.detach()) if aux is not None else 0.0
 
 
-def make_optimizer(model: Any, schedule: Schedule) -> torch.optim.AdamW:
+def make_optimizer(model: Any, schedule: Schedule, fused: bool = True) -> torch.optim.AdamW:
     """AdamW over ``model``'s parameters: group 0 the matrices, with weight decay; group 1 the
-    norms and biases, without."""
+    norms and biases, without. ``fused``: one kernel per parameter doing the whole update
+    (moments, bias correction, step) in one pass over memory; else ``foreach``, a few
+    multi-tensor kernels per step (the same update up to rounding)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    # foreach: one kernel per step for all parameters instead of a few per tensor
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=schedule.lr, betas=(0.9, schedule.beta2), eps=1e-8, foreach=True,
+        lr=schedule.lr, betas=(0.9, schedule.beta2), eps=1e-8, **({"fused": True} if fused else {"foreach": True}),
     )
 
 
 def train(
     model: Any, data: Curriculum, schedule: Schedule, progress: ProgressCallback | None = None,
-    task: str = "training", optimizer: torch.optim.AdamW | None = None,
+    task: str = "training", optimizer: torch.optim.AdamW | None = None, experts: str | None = None,
 ) -> tuple[TrainLog, torch.optim.AdamW]:
     """Train ``model`` in place for ``schedule.steps`` steps; report progress every few steps.
 
     ``optimizer`` continues an earlier phase's AdamW (its moment estimates) under this
-    schedule's learning rates, betas and weight decay; without it a fresh one starts. Returns
-    the log and the optimizer."""
+    schedule's learning rates, betas and weight decay; without it a fresh one starts.
+    ``experts`` names the experts implementation to train with (see
+    :mod:`moelens.zoo.experts`; the model's own is restored afterwards), None keeps the
+    model's. Returns the log and the optimizer."""
+    if experts is None:
+        return _train(model, data, schedule, progress, task, optimizer)
+    from moelens.zoo.experts import training_experts
+
+    with training_experts(model, experts):
+        return _train(model, data, schedule, progress, task, optimizer)
+
+
+def _train(
+    model: Any, data: Curriculum, schedule: Schedule, progress: ProgressCallback | None, task: str,
+    optimizer: torch.optim.AdamW | None,
+) -> tuple[TrainLog, torch.optim.AdamW]:
     if optimizer is None:
         optimizer = make_optimizer(model, schedule)
     else:
