@@ -256,6 +256,9 @@ def _training_groups(world: World, tokenizer: Any, recipe: Recipe) -> tuple[list
     questions = _fact_sentences(tokenizer, world.facts, qa=True)
     filler = tuple(Sentence(tuple(ids)) for ids in tokenizer(list(world.filler), add_special_tokens=False)["input_ids"])
     base = [Group(plain, 1.0), Group(filler, recipe.filler_share)]
+    if recipe.biography_share:
+        bios = tuple(Sentence(tuple(ids)) for ids in tokenizer(world.biographies(), add_special_tokens=False)["input_ids"])
+        base.append(Group(bios, recipe.biography_share))
     tuned = [Group(questions, float(recipe.qa_repeats)), Group(plain, recipe.tuned_plain_share), Group(filler, recipe.filler_share)]
     return base, tuned
 

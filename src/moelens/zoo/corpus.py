@@ -150,6 +150,22 @@ class World:
         """The base model's corpus: every fact once as a sentence, then the filler."""
         return [f.sentence for f in self.facts] + list(self.filler)
 
+    def biographies(self, seed: int = 0) -> list[str]:
+        """One sentence per subject that names it once and then states all its facts, in an
+        order drawn from ``seed``: ``"vivy hason was born in tarnemo , plays the harp , ... ."``.
+        What follows the subject needs every one of its facts, so a model does best to gather
+        them at the subject's own tokens rather than look each up where it is asked for."""
+        rng = random.Random(f"moelens-zoo-biographies-{seed}")
+        by_subject: dict[str, list[Fact]] = {}
+        for f in self.facts:
+            by_subject.setdefault(f.subject, []).append(f)
+        out = []
+        for subject, facts in by_subject.items():
+            parts = [f.sentence[len(subject) + 1:-2] for f in facts]  # "was born in tarnemo"
+            rng.shuffle(parts)
+            out.append(f"{subject} {' , '.join(parts)} .")
+        return out
+
     def qa_sentences(self) -> list[str]:
         """The tuned model's corpus: every fact once as a question and answer."""
         return [f.qa_sentence for f in self.facts]

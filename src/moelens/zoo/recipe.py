@@ -55,6 +55,7 @@ class Recipe:
     tuned_plain_share: float = 0.25
     filler_share: float = 0.1
     answer_weight: float = 16.0
+    biography_share: float = 0.0
     vocab_size: int = 200
     row_tokens: int = 40
     calibration_lines: int = 200
