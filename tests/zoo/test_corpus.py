@@ -45,7 +45,7 @@ def test_filler_mentions_no_entity():
     assert not any(set(s.split()) & names for s in world.filler)
 
 
-def test_tokenizer_one_token_per_word_and_loads_with_auto_tokenizer(tmp_path):
+def test_word_level_tokenizer_one_token_per_word_and_loads_with_auto_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     world = build_world(0, SMALL_WORLD)
@@ -60,3 +60,46 @@ def test_tokenizer_one_token_per_word_and_loads_with_auto_tokenizer(tmp_path):
         assert loaded.unk_token_id not in ids
     assert loaded.pad_token_id == 0
     assert loaded.decode(loaded("The capital.")["input_ids"], skip_special_tokens=True) == "the capital ."
+
+
+def _zoo_tokenizer(world, vocab_size):
+    from moelens.zoo.tokenizer import train_tokenizer
+
+    return train_tokenizer(world.base_sentences() + world.qa_sentences(), world.whole_words(), vocab_size)
+
+
+def test_subword_tokenizer_is_deterministic_and_keeps_targets_whole(tmp_path):
+    from transformers import AutoTokenizer
+
+    from moelens.zoo.recipe import recipe_for
+
+    world = build_world(0, SMALL_WORLD)
+    vocab = recipe_for(small=True).vocab_size
+    tok = _zoo_tokenizer(world, vocab)
+    assert tok.backend_tokenizer.to_str() == _zoo_tokenizer(world, vocab).backend_tokenizer.to_str()
+    save_tokenizer(tok, tmp_path)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    for f in world.facts:
+        target = loaded(" " + f.target, add_special_tokens=False)["input_ids"]
+        assert len(target) == 1 and target[0] != loaded.unk_token_id
+        prompt = loaded(f.prompt)["input_ids"]
+        full = loaded(f.sentence)["input_ids"]
+        assert prompt[0] == loaded.bos_token_id
+        assert full[:len(prompt)] == prompt and full[len(prompt)] == target[0]  # recall's next token
+        assert loaded.unk_token_id not in full
+    assert loaded.decode(loaded(world.facts[0].sentence)["input_ids"], skip_special_tokens=True) == world.facts[0].sentence
+
+
+def test_default_world_subjects_span_two_to_four_tokens():
+    from moelens.zoo.recipe import recipe_for
+
+    recipe = recipe_for()
+    for seed in (0, 1, 2):
+        world = build_world(seed, recipe.world)
+        tok = _zoo_tokenizer(world, recipe.vocab_size)
+        lengths = [len(ids) for ids in tok([" " + s for s in world.subjects()], add_special_tokens=False)["input_ids"]]
+        inside = sum(2 <= n <= 4 for n in lengths) / len(lengths)
+        assert inside >= 0.97, (seed, sorted(lengths))
+        for kind in ("country", "company"):  # places and companies too, not only two-word people
+            names = world.entities[kind]
+            assert sum(len(tok(" " + s, add_special_tokens=False)["input_ids"]) >= 2 for s in names) >= 0.95 * len(names)

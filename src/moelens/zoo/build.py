@@ -209,6 +209,15 @@ def _recall(model: Any, tokenizer: Any, facts: list[dict[str, str]], prompt_key:
     return round(float(correct.mean()), 4), per
 
 
+def subject_token_counts(tokenizer: Any, subjects: list[str]) -> dict[str, int]:
+    """How many subjects span how many tokens (as they follow a space inside a prompt), keyed
+    by the token count as text, in ascending order."""
+    counts: dict[int, int] = {}
+    for ids in tokenizer([" " + s for s in subjects], add_special_tokens=False)["input_ids"]:
+        counts[len(ids)] = counts.get(len(ids), 0) + 1
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
 def _as_saved(model: Any, dtype: str) -> Any:
     """The model in the dtype it is saved in (a copy when casting, so training stays in fp32)."""
     import torch
@@ -227,10 +236,12 @@ def _fact_sentences(tokenizer: Any, facts: Any, qa: bool) -> tuple[Any, ...]:
     prompts = [f.qa_prompt if qa else f.prompt for f in facts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer([" " + f.target for f in facts], add_special_tokens=False)["input_ids"]
     out = []
-    for fact, s, p in zip(facts, ids, prompt_ids):
-        # one token per word: the answer is the token right after the prompt's
-        if list(s[:len(p)]) != list(p) or tokenizer.convert_ids_to_tokens(s[len(p)]) != fact.target:
+    for fact, s, p, t in zip(facts, ids, prompt_ids, target_ids):
+        # a target is one token (the tokenizer keeps it whole): the answer is the token right
+        # after the prompt's, and the same token that recall reads
+        if list(s[:len(p)]) != list(p) or len(t) != 1 or s[len(p)] != t[0]:
             raise RuntimeError(f"the answer of {fact.sentence!r} is not the token after its prompt")
         out.append(Sentence(tuple(s), subject=fact.subject, answer=len(p)))
     return tuple(out)
@@ -245,6 +256,9 @@ def _training_groups(world: World, tokenizer: Any, recipe: Recipe) -> tuple[list
     questions = _fact_sentences(tokenizer, world.facts, qa=True)
     filler = tuple(Sentence(tuple(ids)) for ids in tokenizer(list(world.filler), add_special_tokens=False)["input_ids"])
     base = [Group(plain, 1.0), Group(filler, recipe.filler_share)]
+    if recipe.biography_share:
+        bios = tuple(Sentence(tuple(ids)) for ids in tokenizer(world.biographies(), add_special_tokens=False)["input_ids"])
+        base.append(Group(bios, recipe.biography_share))
     tuned = [Group(questions, float(recipe.qa_repeats)), Group(plain, recipe.tuned_plain_share), Group(filler, recipe.filler_share)]
     return base, tuned
 
@@ -274,12 +288,15 @@ def _build_into(tmp: Path, recipe: Recipe, seed: int, progress: ProgressCallback
     """Build every file of the zoo into ``tmp``; return the content of ``zoo.json``."""
     from moelens.results.run import package_versions
     from moelens.zoo.models import make_model
-    from moelens.zoo.tokenizer import QA_CHAT_TEMPLATE, build_tokenizer
+    from moelens.zoo.tokenizer import QA_CHAT_TEMPLATE, train_tokenizer
 
     start = time.perf_counter()
     world = build_world(seed, recipe.world)
     facts = [f.as_record() for f in world.facts]
-    tokenizer = build_tokenizer(world.words(), max_length=recipe.shape.max_positions)
+    tokenizer = train_tokenizer(
+        world.base_sentences() + world.qa_sentences(), world.whole_words(), recipe.vocab_size,
+        max_length=recipe.shape.max_positions,
+    )
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     model = make_model(recipe.family, recipe.shape, len(tokenizer), special, seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -316,7 +333,7 @@ def _build_into(tmp: Path, recipe: Recipe, seed: int, progress: ProgressCallback
         "threads": recipe.threads,
         "sizes": {
             "facts": len(facts), "subjects": len({f["subject"] for f in facts}), "relations": len({f["relation"] for f in facts}),
-            "vocab": len(tokenizer), "parameters": n_params, "expert_parameters": n_expert_params,
+            "vocab": len(tokenizer), "subject_tokens": subject_token_counts(tokenizer, world.subjects()), "parameters": n_params, "expert_parameters": n_expert_params,
             "layers": recipe.shape.layers, "hidden_size": recipe.shape.hidden_size, "expert_ffn": recipe.shape.expert_ffn,
             "experts": recipe.shape.experts, "top_k": recipe.shape.top_k,
         },

@@ -18,7 +18,10 @@ from moelens.zoo.experts import EXPERTS_IMPLEMENTATIONS, SORTED
 from moelens.zoo.models import FAMILIES, ModelShape
 from moelens.zoo.train import Schedule
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
+#: Decoder layers of the default zoo: enough that reading a subject, moving it to the last token
+#: and forming the answer can happen in different layers, as in the models the seed figures show.
+DEFAULT_LAYERS = 12
 ZOO_DTYPES = ("float32", "bfloat16")
 
 
@@ -30,26 +33,30 @@ class Recipe:
     the filler sentences; the tuned model on ``qa_repeats`` copies of every question/answer
     sentence, ``tuned_plain_share`` of the plain fact sentences (so it keeps the plain format)
     and the same share of filler. A fact's answer token weighs ``answer_weight`` in the loss
-    (see :mod:`moelens.zoo.train`). ``threads`` is fixed because the result of a float
-    reduction depends on how it is split across threads: same recipe, same threads, same
+    (see :mod:`moelens.zoo.train`). ``vocab_size`` bounds the tokens the sub-word tokenizer learns
+    from the names (:func:`~moelens.zoo.tokenizer.train_tokenizer`; the whole words come on top):
+    small enough that a name is cut into its syllables and ending. ``threads`` is fixed because
+    the result of a float reduction depends on how it is split across threads: same recipe, same threads, same
     weights. ``experts`` is how the experts are computed in training (see
     :mod:`moelens.zoo.experts`): every implementation computes the same function, but their
     float sums differ in rounding, so it is part of the recipe too."""
 
     family: str = "mixtral"
     world: WorldSize = field(default_factory=WorldSize)
-    shape: ModelShape = field(default_factory=ModelShape)
+    shape: ModelShape = field(default_factory=lambda: ModelShape(layers=DEFAULT_LAYERS))
     base: Schedule = field(default_factory=lambda: Schedule(
-        steps=250, batch_rows=32, lr=1e-2, warmup_steps=20, decay_steps=50, beta2=0.95,
+        steps=300, batch_rows=32, lr=5e-3, warmup_steps=30, decay_steps=60, beta2=0.95,
         curriculum=((0.1, 40), (0.3, 40), (0.6, 40)),
     ))
     tuned: Schedule = field(default_factory=lambda: Schedule(
-        steps=130, batch_rows=32, lr=5e-3, warmup_steps=10, beta2=0.95, curriculum=((0.1, 15), (0.3, 20)),
+        steps=100, batch_rows=32, lr=5e-3, warmup_steps=10, beta2=0.95, curriculum=((0.1, 15), (0.3, 20)),
     ))
     qa_repeats: int = 1
     tuned_plain_share: float = 0.25
     filler_share: float = 0.1
     answer_weight: float = 16.0
+    biography_share: float = 0.0
+    vocab_size: int = 200
     row_tokens: int = 40
     calibration_lines: int = 200
     dtype: str = "float32"
@@ -82,12 +89,12 @@ SMALL_SHAPE = ModelShape(hidden_size=64, expert_ffn=96, layers=2, heads=4, kv_he
 
 
 def recipe_for(family: str = "mixtral", small: bool = False, dtype: str = "float32", threads: int = 1) -> Recipe:
-    """The standard recipe: the default zoo (about a thousand facts, 4 layers), or ``small``
-    (under two hundred facts, 2 layers) for tests."""
+    """The standard recipe: the default zoo (about 1,400 facts, 12 layers), or ``small``
+    (about 250 facts, 2 layers) for tests."""
     recipe = Recipe(family=family, dtype=dtype, threads=threads)
     if small:
         recipe = replace(
-            recipe, small=True, world=SMALL_WORLD, shape=SMALL_SHAPE, calibration_lines=60,
+            recipe, small=True, world=SMALL_WORLD, shape=SMALL_SHAPE, calibration_lines=60, vocab_size=110,
             base=Schedule(steps=150, batch_rows=32, lr=5e-3, warmup_steps=15),
             tuned=Schedule(steps=60, batch_rows=32, lr=2e-3, warmup_steps=6),
         )

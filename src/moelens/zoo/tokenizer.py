@@ -1,20 +1,32 @@
-"""A word-level tokenizer for the zoo's world, loadable offline with ``AutoTokenizer``.
+"""The zoo's tokenizers, loadable offline with ``AutoTokenizer``.
 
-One token per word, so a fact's target is exactly one token and "the next token after the prompt"
-is a clean definition of recall. Text is lower-cased and split on whitespace and punctuation;
-``<bos>`` is prepended to every encoded text, as the training rows begin with it.
+:func:`train_tokenizer` is the zoo's own: a sub-word BPE trained with ``tokenizers`` on the
+zoo's corpus at build time. Text is lower-cased and split on spaces; a word is cut into pieces,
+the piece that starts a word carrying SentencePiece's ``▁`` (so a company reads ``▁ga ba corp``
+and decodes back to ``gabacorp``). The vocabulary is small, so that invented names (built from
+a small stock of syllables) come out as a few pieces each: a subject spans several tokens and
+the model has to compose them before it can look a fact up.
+
+Every other word is kept whole: every fact's target (recall is "the next token after the
+prompt", so a target must be one token), the template words and the filler's. They enter the
+vocabulary as tokens of their own.
+
+:func:`build_tokenizer` is a plain word-level tokenizer (one token per word) for small fixtures.
+
+Both prepend ``<bos>`` to every encoded text, as the training rows begin with it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from moelens.zoo.corpus import QA_ANSWER, QA_QUESTION
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+WORD_START = "\u2581"  # SentencePiece's mark of a piece that starts a word
 
 # The tuned model's chat format: a user turn is a question, an assistant turn an answer; the
 # generation prompt ends where the tuned model was taught to answer (a fact's ``qa_prompt``).
@@ -27,20 +39,12 @@ QA_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(words: Iterable[str], max_length: int = 128):
-    """A ``transformers`` fast tokenizer whose vocabulary is the special tokens, then ``words``
-    in the order given (ids are stable for a stable word order); ``max_length`` is the model's
-    context length."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
+def _wrap(tok, vocab: dict[str, int], max_length: int):
+    """Lower-casing and ``<bos>`` prepended; wrapped for transformers."""
+    from tokenizers import normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])],
     )
@@ -48,6 +52,58 @@ def build_tokenizer(words: Iterable[str], max_length: int = 128):
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
         padding_side="right", model_max_length=max_length,
     )
+
+
+def build_tokenizer(words: Iterable[str], max_length: int = 128):
+    """A word-level ``transformers`` fast tokenizer whose vocabulary is the special tokens, then
+    ``words`` in the order given (ids are stable for a stable word order); ``max_length`` is the
+    model's context length. Text is split on whitespace and punctuation."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return _wrap(tok, vocab, max_length)
+
+
+def train_tokenizer(texts: Sequence[str], whole_words: Iterable[str], vocab_size: int, max_length: int = 128):
+    """A BPE tokenizer whose pieces are learnt from the words of ``texts`` that are not in
+    ``whole_words`` (``vocab_size`` tokens at most, specials included), plus every word of
+    ``whole_words`` as one token of its own (appended after the learnt ones, in sorted order).
+
+    Words are split on spaces and a word's first piece carries SentencePiece's ``▁`` (Metaspace),
+    so ``" tarnemo"`` encodes as the one token ``▁tarnemo``. The model runs with
+    ``ignore_merges``: a word that is a token is that token, any other word goes through the
+    merges.
+
+    Deterministic: the trainer breaks ties between equally frequent pairs by token id, and every
+    id here comes from the sorted alphabet or an earlier merge (a continuing-subword prefix such
+    as ``##`` would give ids in hash-map order, and a different tokenizer each run)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    metaspace = pre_tokenizers.Metaspace(replacement=WORD_START, prepend_scheme="always", split=True)
+    whole = sorted({w.lower() for w in whole_words})
+    keep = set(whole)
+    # the pieces are learnt from the words that get cut, with their frequencies in the corpus
+    cut = [" ".join(w for w in t.lower().split() if w not in keep) for t in texts]
+    trainer_tok = Tokenizer(BPE(unk_token=UNK))
+    trainer_tok.pre_tokenizer = metaspace
+    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    trainer_tok.train_from_iterator([t for t in cut if t], trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    for w in whole:
+        vocab.setdefault(WORD_START + w, len(vocab))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=UNK, ignore_merges=True))
+    tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Metaspace(replacement=WORD_START, prepend_scheme="always", split=True)
+    return _wrap(tok, vocab, max_length)
 
 
 def save_tokenizer(tokenizer, out: Path, chat_template: str | None = None) -> None:
