@@ -58,19 +58,10 @@ def test_no_heavy_import(args: tuple[str, ...], code: int):
     assert loaded == [], f"moelens {' '.join(args)} imported {loaded}"
 
 
-#: Commands whose options are derived from an analysis config defined next to the analysis, in a
-#: module that imports torch (and pandas): their ``--help`` still imports it.
-CONFIG_IN_TORCH_MODULE = {"align", "distance", "modules", "trace", "calibrate", "cluster", "merge", "merge-cost"}
-
-
-def _every_help() -> list:
+def _every_help() -> list[str]:
     from moelens.cli.commands import listed_commands
 
-    cases = []
-    for name in [*listed_commands(), "zoo build"]:
-        marks = [pytest.mark.xfail(strict=True, reason="its config lives in a module that imports torch")] if name in CONFIG_IN_TORCH_MODULE else []
-        cases.append(pytest.param(name, marks=marks, id=name))
-    return cases
+    return [*listed_commands(), "zoo build"]
 
 
 @pytest.mark.parametrize("command", _every_help())
@@ -81,12 +72,77 @@ def test_help_of_every_command_imports_nothing_heavy(command: str):
     assert loaded == [], f"moelens {command} --help imported {loaded}"
 
 
-@pytest.mark.xfail(strict=True, reason="the family modules import torch (tensor reading), and families() imports them all")
 def test_families_imports_nothing_heavy():
     loaded, exit_code, out, err = _run("families")
     assert exit_code == 0, err
     assert "mixtral" in out
     assert loaded == [], f"moelens families imported {loaded}"
+
+
+#: Every command that computes from a model, with the arguments it needs besides the model (MODEL
+#: first): a mistyped model is found missing before torch is imported.
+COMPUTING = {
+    "align": ("--out", "OUT"),
+    "distance": ("--out", "OUT"),
+    "modules": ("--out", "OUT"),
+    "trace": ("--prompts", "facts.jsonl", "--out", "OUT"),
+    "calibrate": ("--texts", "calibration.txt", "--out", "OUT"),
+    "cluster": ("--calibration", "calibration.txt", "--groups", "2", "--out", "OUT"),
+    "merge": ("--clusters", "RUN", "--out", "OUT"),
+    "merge-cost": ("--clusters", "RUN", "--out", "OUT"),
+    "atlas": ("--out", "OUT"),
+}
+#: A second model where a command takes one (distance B, modules B and --base, atlas --tuned).
+SECOND = {"distance": (), "modules": ("--base",), "atlas": ("--tuned",)}
+#: Commands that read run directories: a mistyped RUN is found missing before pandas is imported.
+READING = {"report": (), "figure": ("layer_k_heatmap",)}
+
+
+def _mistyped(tmp_path: Path, kind: str) -> str:
+    """A model path that does not exist: a local directory, or an org/name absent from the cache."""
+    return str(tmp_path / "no-such-checkpoint") if kind == "local" else "no-such-org/no-such-model"
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error:"), err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("kind", ["local", "repo-id"])
+@pytest.mark.parametrize("command", sorted(COMPUTING))
+def test_mistyped_model_is_one_line_and_imports_nothing_heavy(command: str, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, whatever this machine has
+    model = _mistyped(tmp_path, kind)
+    args = [str(tmp_path / a) if a == "OUT" else a for a in COMPUTING[command]]
+    loaded, code, _out, err = _run(command, model, *args)
+    assert code == 2, err
+    _one_error_line(err, model, "does not exist" if kind == "local" else "Hugging Face cache")
+    assert loaded == [], f"moelens {command} with a mistyped model imported {loaded}"
+    assert not (tmp_path / "OUT").exists()  # nothing written
+
+
+@pytest.mark.parametrize("command", sorted(SECOND))
+def test_mistyped_second_model_is_one_line(command: str, tmp_path: Path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    missing = _mistyped(tmp_path, "local")
+    flag = SECOND[command]
+    loaded, code, _out, err = _run(command, str(real), *flag, missing, "--out", str(tmp_path / "out"))
+    assert code == 2, err
+    _one_error_line(err, missing, "does not exist")
+    assert loaded == [], f"moelens {command} with a mistyped second model imported {loaded}"
+
+
+@pytest.mark.parametrize("command", sorted(READING))
+def test_mistyped_run_is_one_line_and_imports_nothing_heavy(command: str, tmp_path: Path):
+    missing = str(tmp_path / "no-such-run")
+    extra = ("--out", str(tmp_path / "figure.png")) if command == "figure" else ()
+    loaded, code, _out, err = _run(command, *READING[command], missing, *extra)
+    assert code == 2, err
+    _one_error_line(err, missing, "does not exist")
+    assert loaded == [], f"moelens {command} with a mistyped run imported {loaded}"
 
 
 def test_version_and_help_list_every_command():

@@ -2,41 +2,35 @@
 
 Every analysis has the shape of :class:`~moelens.analyses.base.Analysis` and runs through
 :func:`~moelens.analyses.runner.run_analysis`; :data:`ANALYSES` lists them by name.
+
+Names are imported on first use (PEP 562, :mod:`moelens.lazy`): a config (``<analysis>/config.py``,
+torch-free) costs neither torch nor pandas, and the command line derives its options from the
+configs without importing the analyses.
 """
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, option
-from moelens.analyses.calibration import Calibration, CalibrationConfig, calibrate, load_calibration
-from moelens.analyses.clustering import (
-    Clustering,
-    ClusteringConfig,
-    MergeCost,
-    MergeCostConfig,
-    cluster,
-    merge_clusters,
-    merge_cost,
-)
-from moelens.analyses.expert_distance import ExpertDistance, ExpertDistanceConfig, expert_distance
-from moelens.analyses.interventions import Interventions, InterventionsConfig, trace
-from moelens.analyses.module_metrics import ModuleMetrics, ModuleMetricsConfig, module_metrics
-from moelens.analyses.router_alignment import RouterAlignment, RouterAlignmentConfig, default_ks, router_alignment
-from moelens.analyses.runner import run_analysis
+from moelens.lazy import lazy_package
 
-#: Every analysis by its manifest name.
-ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance, ModuleMetrics, Interventions, Calibration, Clustering, MergeCost)}
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("Analysis", "Plan", "Unit", "UnitContext"), "moelens.analyses.base"),
+    "option": "moelens.analyses.fields",
+    **dict.fromkeys(("ANALYSES", "get_analysis"), "moelens.analyses.registry"),
+    "run_analysis": "moelens.analyses.runner",
+    "CalibrationConfig": "moelens.analyses.calibration.config",
+    **dict.fromkeys(("Calibration", "calibrate", "load_calibration"), "moelens.analyses.calibration.analysis"),
+    **dict.fromkeys(("ClusteringConfig", "MergeCostConfig"), "moelens.analyses.clustering.config"),
+    **dict.fromkeys(("Clustering", "cluster"), "moelens.analyses.clustering.analysis"),
+    **dict.fromkeys(("MergeCost", "merge_cost"), "moelens.analyses.clustering.merge_cost"),
+    "merge_clusters": "moelens.analyses.clustering.merging",
+    "ExpertDistanceConfig": "moelens.analyses.expert_distance.config",
+    **dict.fromkeys(("ExpertDistance", "expert_distance"), "moelens.analyses.expert_distance.analysis"),
+    "InterventionsConfig": "moelens.analyses.interventions.config",
+    **dict.fromkeys(("Interventions", "trace"), "moelens.analyses.interventions.analysis"),
+    "ModuleMetricsConfig": "moelens.analyses.module_metrics.config",
+    **dict.fromkeys(("ModuleMetrics", "module_metrics"), "moelens.analyses.module_metrics.analysis"),
+    "RouterAlignmentConfig": "moelens.analyses.router_alignment.config",
+    **dict.fromkeys(("RouterAlignment", "default_ks", "router_alignment"), "moelens.analyses.router_alignment.analysis"),
+}
 
+__getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
-def get_analysis(name: str) -> Analysis:
-    """An analysis by name (``router_alignment``), or a ConfigError listing the known ones."""
-    from moelens.errors import ConfigError
-
-    if name not in ANALYSES:
-        raise ConfigError(f"no analysis named {name!r}; known: {', '.join(ANALYSES)}")
-    return ANALYSES[name]()
-
-
-__all__ = [
-    "ANALYSES", "Analysis", "Interventions", "InterventionsConfig", "trace", "ModuleMetrics", "ModuleMetricsConfig", "module_metrics", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "Plan", "RouterAlignment", "RouterAlignmentConfig", "Unit", "UnitContext",
-    "default_ks", "get_analysis", "option", "router_alignment", "run_analysis",
-    "Calibration", "CalibrationConfig", "calibrate", "load_calibration", "Clustering", "ClusteringConfig", "cluster",
-    "MergeCost", "MergeCostConfig", "merge_cost", "merge_clusters",
-]
+__all__ = sorted(_EXPORTS)

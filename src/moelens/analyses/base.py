@@ -18,67 +18,30 @@ one writer per run directory, resume at the next unfinished unit, timings, schem
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from moelens.analyses.fields import (
+    FORWARD_DTYPES,
+    MAX_SEED,
+    as_index_tuple,
+    check_seed,
+    config_fields,
+    make_config,
+    option,
+    positive_int,
+    resumable_fields,
+)
 from moelens.errors import ConfigError
 from moelens.progress import ProgressCallback
 from moelens.results.schema import TableSchema
 
-#: The largest seed: numpy's SeedSequence and torch's generators both take it.
-MAX_SEED = 2**63 - 1
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    parse: Callable[[str], Any] | None = None,
-    metavar: str | None = None,
-    resumable: bool = False,
-    cli: bool = True,
-    kind: type | None = None,
-) -> Any:
-    """A config field with its documentation.
-
-    ``help`` is the CLI help; ``parse`` turns the CLI's text into the field's value (e.g.
-    ``"0,5,10-13"`` -> a tuple of layers), making the CLI option a string; ``resumable`` fields may
-    differ between a run and its resumption (they do not change the numbers beyond rounding:
-    device, batch sizes); ``cli=False`` keeps a field out of the command line (an object only
-    Python can pass); ``kind`` is the CLI value's type where the default does not tell it (a
-    default of None)."""
-    if kind is None and default is not None and parse is None:
-        kind = type(default)
-    return field(default=default, metadata={
-        "help": help, "parse": parse, "metavar": metavar, "resumable": resumable, "cli": cli, "kind": kind,
-    })
-
-
-#: The dtypes a forward pass may run in: ``auto`` (float32 on the CPU, the checkpoint's own on CUDA) or one named.
-FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
-    """``value`` as an int ≥ 1 (or None when ``allow_none``), else one line naming ``name``."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ConfigError(f"{name}={value!r}: give a whole number ≥ 1")
-    return int(value)
-
-
-def check_seed(seed: Any) -> int:
-    """A seed is an integer in 0..2⁶³−1 (numpy refuses negative seeds)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ConfigError(f"seed {seed!r} is not an integer; give a whole number ≥ 0")
-    if not 0 <= int(seed) <= MAX_SEED:
-        raise ConfigError(f"seed={seed} is outside 0..{MAX_SEED}; give a whole number ≥ 0")
-    return int(seed)
+# The config helpers (option, the checks) live in the leaf module moelens.analyses.fields, so that
+# configs import neither torch nor pandas; they stay importable from here as before.
 
 
 def unit_seed(seed: int, key: str) -> int:
@@ -185,23 +148,6 @@ class Analysis:
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-def config_fields(config_type: type) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(config_type))
-
-
-def resumable_fields(config_type: type) -> set[str]:
-    return {f.name for f in config_fields(config_type) if f.metadata.get("resumable")}
-
-
-def make_config(config_type: type, values: Mapping[str, Any]) -> Any:
-    """Build a config from keyword values, naming an unknown keyword instead of a TypeError."""
-    names = {f.name for f in config_fields(config_type)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; {config_type.__name__} takes {', '.join(sorted(names))}")
-    return config_type(**values)
-
-
 def jsonable(value: Any) -> Any:
     """Tuples as lists, numpy scalars as Python numbers: what the manifest stores."""
     if isinstance(value, (tuple, list)):
@@ -216,29 +162,6 @@ def jsonable(value: Any) -> Any:
 def config_options(config: Any) -> dict[str, Any]:
     """Every field of a config as JSON values."""
     return {f.name: jsonable(getattr(config, f.name)) for f in config_fields(type(config))}
-
-
-def as_index_tuple(value: Any, what: str) -> tuple[int, ...] | None:
-    """None, an int, ``"0,5,10-13"`` or any iterable of ints -> a tuple of ints (or None)."""
-    from moelens.ranges import parse_ranges
-
-    if value is None:
-        return None
-    if isinstance(value, str):
-        items: Sequence[Any] = parse_ranges(value)
-    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        items = [value]
-    else:
-        try:
-            items = list(value)
-        except TypeError:
-            raise ConfigError(f"{what} {value!r} is neither an index nor a list of indices") from None
-    out = []
-    for v in items:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ConfigError(f"{what} {v!r} is not an integer")
-        out.append(int(v))
-    return tuple(out)
 
 
 def chosen_layers(requested: tuple[int, ...] | None, default: Sequence[int], what: str = "MoE layer") -> list[int]:

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from moelens.choices import DEFAULT_MAX_TOKENS
 from moelens.errors import ConfigError
 from moelens.textfiles import read_lines as read_text_lines
 
 #: Share of the non-empty lines held out for perplexity (the last ⌊n/10⌋).
 HOLDOUT_DIVISOR = 10
-DEFAULT_MAX_TOKENS = 65_536
 
 
 @dataclass(frozen=True)

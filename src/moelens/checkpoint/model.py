@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
-import torch
-
 from moelens.errors import ConfigError, IndexOutOfRangeError, NotMoEError
 from moelens.ranges import compact_ranges
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
+
     from moelens.checkpoint.families.base import Family
     from moelens.checkpoint.store import TensorStore
 

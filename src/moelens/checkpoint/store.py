@@ -31,11 +31,12 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from moelens.errors import CheckpointFormatError, ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -101,6 +102,8 @@ def tensor_digest(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's raw bytes (as stored: bf16 and fp8 bytes are hashed as such), its
     first 128 bits in hex. SHA-256 rather than BLAKE2b: with the SHA extensions of current x86
     and ARM cores it hashes about 2.4 times faster (``benchmarks/fingerprint.py``)."""
+    import torch
+
     h = hashlib.sha256()
     t = t.detach().contiguous()
     if t.numel():
@@ -452,6 +455,8 @@ def _pow2_at_least(n: int) -> int:
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """MXFP4 -> float32. blocks U8 [..., rows, G, 16], scales U8 [..., rows, G] -> [..., rows, G*32]."""
+    import torch
+
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     blocks = blocks.to(torch.uint8)
     lo = (blocks & 0x0F).long()
@@ -470,6 +475,8 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     clipped, as the reference GPT-OSS quantiser rounds its scales up), and each value is rounded
     to the nearest e2m1 code point, ties to the even code. The error of one value is then at most
     max(2^k, |w|) / 4. Used to write quantised test checkpoints; moelens itself only reads."""
+    import torch
+
     *lead, rows, cols = weight.shape
     if cols % 32:
         raise ConfigError(f"MXFP4 packs blocks of 32 values along the last axis, which has {cols}; pad it to a multiple of 32")

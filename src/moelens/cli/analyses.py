@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moelens.cli.app import app, command_help, console, progress_bar
+from moelens.cli.app import app, check_sources, command_help, console, progress_bar
 from moelens.cli.options import (
     command_from_parameters,
     config_from_cli,
@@ -52,11 +52,14 @@ REVISION = inspect.Parameter(
 
 
 def _align(values: dict) -> None:
-    from moelens.analyses import RouterAlignmentConfig, router_alignment
+    from moelens.analyses.router_alignment.config import RouterAlignmentConfig
+
+    config = config_from_cli(RouterAlignmentConfig, values)  # every option checked before anything is opened
+    check_sources(values, "source")
+    from moelens.analyses.router_alignment import router_alignment
     from moelens.analyses.router_alignment.tables import TABLES, summary_by_k
     from moelens.ranges import compact_ranges
 
-    config = config_from_cli(RouterAlignmentConfig, values)  # every option checked before anything is opened
     executor = executor_from_cli(values)
     model = _open(values["source"], values["revision"])
     out = values["out"]
@@ -103,7 +106,7 @@ def print_warnings(run) -> None:
 
 
 def _register_align() -> None:
-    from moelens.analyses import RouterAlignmentConfig
+    from moelens.analyses.router_alignment.config import RouterAlignmentConfig
 
     per_layer = inspect.Parameter(
         "per_layer", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
@@ -117,9 +120,12 @@ _register_align()
 
 
 def _distance(values: dict) -> None:
-    from moelens.analyses.expert_distance import ExpertDistanceConfig, expert_distance
+    from moelens.analyses.expert_distance.config import ExpertDistanceConfig
 
     config = config_from_cli(ExpertDistanceConfig, values)  # every option checked before anything is opened
+    check_sources(values, "source", "tuned")
+    from moelens.analyses.expert_distance import expert_distance
+
     executor = executor_from_cli(values)
     a = _open(values["source"], values["revision"])
     b = _open(values["tuned"], values["revision"]) if values.get("tuned") else None
@@ -142,7 +148,7 @@ def _distance(values: dict) -> None:
 
 
 def _register_distance() -> None:
-    from moelens.analyses.expert_distance import ExpertDistanceConfig
+    from moelens.analyses.expert_distance.config import ExpertDistanceConfig
 
     source = inspect.Parameter(
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
@@ -160,9 +166,12 @@ _register_distance()
 
 
 def _modules(values: dict) -> None:
-    from moelens.analyses.module_metrics import ModuleMetricsConfig, module_metrics
+    from moelens.analyses.module_metrics.config import ModuleMetricsConfig
 
     config = config_from_cli(ModuleMetricsConfig, values)  # every option checked before anything is opened
+    check_sources(values, "source", "model_b", "base")
+    from moelens.analyses.module_metrics import module_metrics
+
     executor = executor_from_cli(values)
     a = _open(values["source"], values["revision"])
     b = _open(values["model_b"], values["revision"]) if values.get("model_b") else None
@@ -190,7 +199,7 @@ def _modules(values: dict) -> None:
 
 
 def _register_modules() -> None:
-    from moelens.analyses.module_metrics import ModuleMetricsConfig
+    from moelens.analyses.module_metrics.config import ModuleMetricsConfig
 
     source = inspect.Parameter(
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
@@ -212,9 +221,12 @@ _register_modules()
 
 
 def _trace(values: dict) -> None:
-    from moelens.analyses.interventions import InterventionsConfig, trace
+    from moelens.analyses.interventions.config import InterventionsConfig
 
     config = config_from_cli(InterventionsConfig, values)  # every option checked before anything is opened
+    check_sources(values, "source")
+    from moelens.analyses.interventions import trace
+
     threads_from_cli(values)
     model = _open(values["source"], values["revision"])
     out = values["out"]
@@ -240,7 +252,7 @@ def _trace(values: dict) -> None:
 
 
 def _register_trace() -> None:
-    from moelens.analyses.interventions import InterventionsConfig
+    from moelens.analyses.interventions.config import InterventionsConfig
 
     source = inspect.Parameter(
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,

@@ -131,6 +131,17 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def check_sources(values: dict[str, Any], *names: str) -> None:
+    """Find every model the command names (``values[name]``, a directory or a repo id in the local
+    cache) before torch is imported, so that a mistyped path costs no start-up time: the same
+    check, and the same one-line error, as :func:`~moelens.checkpoint.open_model` makes first."""
+    from moelens.checkpoint.source import resolve_source
+
+    for name in names:
+        if values.get(name) is not None:
+            resolve_source(values[name], values.get("revision"))
+
+
 def clock(seconds: float) -> str:
     """``H:MM:SS``, as Rich's elapsed column shows it."""
     whole = int(seconds)

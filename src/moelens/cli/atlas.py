@@ -10,18 +10,19 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from moelens.cli.app import app, command_help, console, progress_bar
+from moelens.cli.app import app, check_sources, command_help, console, progress_bar
 from moelens.cli.options import command_from_parameters, executor_from_cli, executor_parameters
 
 
 def _atlas(values: dict) -> None:
-    from moelens.atlas import RESTORE_PROMPTS, atlas, shell_quote
-
     limit = values.get("trace_limit")
     if limit is not None and limit < 1:
         from moelens.errors import ConfigError
 
         raise ConfigError(f"--trace-limit {limit}: give a whole number ≥ 1")
+    check_sources(values, "source", "tuned", "base")
+    from moelens.atlas import RESTORE_PROMPTS, atlas, shell_quote
+
     executor = executor_from_cli(values)
     restore = values.get("restore_limit")
     restore = RESTORE_PROMPTS if restore is None else restore

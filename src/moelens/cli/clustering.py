@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from moelens.cli.analyses import OUT, REVISION, SOURCE, _cell, _open, print_warnings, print_wide
-from moelens.cli.app import app, command_help, console, progress_bar
+from moelens.cli.app import app, check_sources, command_help, console, progress_bar
 from moelens.cli.options import (
     command_from_parameters,
     config_from_cli,
@@ -20,10 +20,15 @@ from moelens.cli.options import (
 )
 
 
-def _run_analysis(values: dict, config_type: type, analysis, first: str):
-    """Check every option (before anything is opened), open the model, run ``analysis(model,
-    config.<first>, config=…, out=…)`` with a progress bar; return its run."""
+def _run_analysis(values: dict, config_type: type, analysis: str, first: str):
+    """Check every option and find the model (before torch is imported), open the model, run
+    ``analysis(model, config.<first>, config=…, out=…)`` (``analysis`` names the function in
+    :mod:`moelens.analyses`) with a progress bar; return its run."""
     config = config_from_cli(config_type, values)
+    check_sources(values, "source")
+    import moelens.analyses
+
+    analysis = getattr(moelens.analyses, analysis)
     threads_from_cli(values)
     model = _open(values["source"], values["revision"])
     with progress_bar() as callback:
@@ -56,16 +61,16 @@ def _usage_table(run, title: str) -> Table:
 
 
 def _calibrate(values: dict) -> None:
-    from moelens.analyses.calibration import CalibrationConfig, calibrate
+    from moelens.analyses.calibration.config import CalibrationConfig
 
-    run = _run_analysis(values, CalibrationConfig, calibrate, "texts")
+    run = _run_analysis(values, CalibrationConfig, "calibrate", "texts")
     print_wide(_usage_table(run, f"{run.label} · usage frequency f_e = share of the layer's top-k selections"), 90)
     print_warnings(run)
     _wrote(values["out"], ["calibration_usage", "calibration_layers", "calibration_tokens"], True)
 
 
 def _register_calibrate() -> None:
-    from moelens.analyses.calibration import CalibrationConfig
+    from moelens.analyses.calibration.config import CalibrationConfig
 
     _register("calibrate", CalibrationConfig, _calibrate, "calibrate")
 
@@ -77,10 +82,11 @@ _register_calibrate()
 # cluster
 # ----------------------------------------------------------------------------------------------
 def _cluster(values: dict) -> None:
-    from moelens.analyses.clustering import ClusteringConfig, cluster
+    from moelens.analyses.clustering.config import ClusteringConfig
+
+    run = _run_analysis(values, ClusteringConfig, "cluster", "calibration")
     from moelens.report.clustering_report import cluster_text
 
-    run = _run_analysis(values, ClusteringConfig, cluster, "calibration")
     clusters = run["clusters"]
     table = Table(title=escape(f"{run.label} · clusters ({{…}} one cluster, * its dominant expert)"), title_justify="left")
     for col, justify in (("layer", "right"), ("G", "right"), ("largest", "right"), ("singletons", "right"), ("clusters", "left")):
@@ -95,7 +101,7 @@ def _cluster(values: dict) -> None:
 
 
 def _register_cluster() -> None:
-    from moelens.analyses.clustering import ClusteringConfig
+    from moelens.analyses.clustering.config import ClusteringConfig
 
     _register("cluster", ClusteringConfig, _cluster, "cluster")
 
@@ -107,12 +113,15 @@ _register_cluster()
 # merge
 # ----------------------------------------------------------------------------------------------
 def _merge(values: dict) -> None:
-    from moelens.analyses.clustering import merge_clusters
+    from moelens.choices import EXPORTS
     from moelens.errors import ConfigError
-    from moelens.merge import EXPORTS, RECORD_NAME
 
     if values["export"] not in EXPORTS:
         raise ConfigError(f"unknown export {values['export']!r}; choose compact or shared")
+    check_sources(values, "source")
+    from moelens.analyses.clustering import merge_clusters
+    from moelens.merge import RECORD_NAME
+
     threads_from_cli(values)
     model = _open(values["source"], values["revision"])
     from moelens.threads import use_threads_for
@@ -156,9 +165,9 @@ _register_merge()
 # merge-cost
 # ----------------------------------------------------------------------------------------------
 def _merge_cost(values: dict) -> None:
-    from moelens.analyses.clustering import MergeCostConfig, merge_cost
+    from moelens.analyses.clustering.config import MergeCostConfig
 
-    run = _run_analysis(values, MergeCostConfig, merge_cost, "clusters")
+    run = _run_analysis(values, MergeCostConfig, "merge_cost", "clusters")
     summary = run["merge_cost_summary"]
     table = Table(title=escape(f"{run.label} · fact recall and held-out perplexity, before and after merging"), title_justify="left")
     for col in ("variant", "recall ↑", "Δ recall", "perplexity ↓", "× perplexity"):
@@ -172,7 +181,7 @@ def _merge_cost(values: dict) -> None:
 
 
 def _register_merge_cost() -> None:
-    from moelens.analyses.clustering import MergeCostConfig
+    from moelens.analyses.clustering.config import MergeCostConfig
 
     _register("merge-cost", MergeCostConfig, _merge_cost, "merge_cost")
 

@@ -1,5 +1,5 @@
 """Command-line options derived from an analysis's config dataclass, so that a field declared once
-(its default, help text and parser; see :func:`moelens.analyses.base.option`) is the API's keyword,
+(its default, help text and parser; see :func:`moelens.analyses.fields.option`) is the API's keyword,
 the manifest's option and the CLI's option alike."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def config_parameters(config_type: type, exclude: tuple[str, ...] = ()) -> list[
 
 def config_from_cli(config_type: type, values: Mapping[str, Any]) -> Any:
     """The config of the CLI's parsed ``values`` (fields it lacks keep their defaults)."""
-    from moelens.analyses.base import make_config
+    from moelens.analyses.fields import make_config
 
     kwargs = {}
     for f in dataclasses.fields(config_type):

@@ -11,6 +11,15 @@ from rich.markup import escape
 from moelens.cli.app import app, command_help, console, human_bytes
 
 
+def check_runs(runs: list[Path]) -> None:
+    """Every RUN is a run directory, checked before pandas and matplotlib are imported, so that a
+    mistyped path costs no start-up time (the same one-line error that loading it would give)."""
+    from moelens.results.manifest import check_run_directory
+
+    for run in runs:
+        check_run_directory(run)
+
+
 @app.command("report", help=command_help("report"))
 def report_command(
     runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (the --out of `moelens align`, `distance`, …), in this order; one section per analysis."),
@@ -19,6 +28,7 @@ def report_command(
     figure_format: str = typer.Option("svg", "--figures", help="Figure format inside the report: svg or png."),
 ) -> None:
     """The ``report`` command (its help: :data:`moelens.cli.commands.LAZY_COMMANDS`)."""
+    check_runs(runs)
     from moelens.report import report
 
     path = report(runs, out, title=title, figure_format=figure_format)
@@ -50,6 +60,7 @@ def figure_command(
     dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),
 ) -> None:
     """The ``figure`` command (its help: :data:`moelens.cli.commands.LAZY_COMMANDS`)."""
+    check_runs(runs)
     from moelens import figures
     from moelens.ranges import parse_ranges
     from moelens.results import load_runs

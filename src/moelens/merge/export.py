@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moelens.choices import EXPORTS
 from moelens.errors import ConfigError
 from moelens.merge.average import merge_layer, merge_rows
 from moelens.merge.families import (
@@ -47,7 +48,6 @@ from moelens.merge.families import (
 from moelens.merge.table import LayerClusters, read_clusters
 from moelens.safe_files import SCRATCH, link_refused, remove_dead_scratch, remove_tree, scratch_dir
 
-EXPORTS = ("compact", "shared")
 RECORD_NAME = "moelens_merge.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt",

@@ -51,10 +51,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from moelens.choices import DISTANCES, LINKAGES
 from moelens.errors import ConfigError
-
-LINKAGES = ("average", "single", "complete", "ward")
-DISTANCES = ("euclidean", "cosine")
 
 
 class Grouping(NamedTuple):

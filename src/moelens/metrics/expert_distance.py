@@ -22,21 +22,19 @@ expert is decomposed once per role, whatever the number of pairs it is in:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from moelens.choices import POOLS, check_options
 from moelens.errors import ConfigError
 from moelens.metrics.inner import DEFAULT_CHUNK_BYTES, pair_dots, squared_norms
 from moelens.metrics.pairs import check_pairs
 from moelens.metrics.singular import decompose
 from moelens.metrics.sv_align import projector_overlaps
 from moelens.spectral import full_precision, resolve_device, resolve_dtype
-
-POOLS = ("mean", "ito")
 
 
 @dataclass(frozen=True)
@@ -69,21 +67,6 @@ class RoleDistances:
     def undefined(self) -> np.ndarray:
         """[P] bool: pairs without an sv_align (NaN), for the caller to count and warn about."""
         return np.isnan(self.sv_align)
-
-
-def check_options(gamma: float, top_sv: int | None, shape: Sequence[int] | None = None) -> None:
-    """Raise :class:`ConfigError` unless 0 < γ ≤ 1 and 1 ≤ top_sv ≤ min(out, in)."""
-    if isinstance(gamma, bool) or not (isinstance(gamma, numbers.Real) and 0.0 < float(gamma) <= 1.0):
-        raise ConfigError(f"gamma must lie in (0, 1], got {gamma!r}; the default 0.3 keeps σ_i ≥ 0.3·σ_1")
-    if top_sv is None:
-        return
-    if isinstance(top_sv, bool) or not isinstance(top_sv, numbers.Integral) or top_sv < 1:
-        raise ConfigError(f"top_sv must be an integer ≥ 1, got {top_sv!r}; or leave it unset to cut at gamma")
-    if shape is not None and int(top_sv) > min(int(shape[0]), int(shape[1])):
-        raise ConfigError(
-            f"top_sv = {top_sv} exceeds min(rows, cols) = {min(int(shape[0]), int(shape[1]))} of the "
-            f"{int(shape[0])}×{int(shape[1])} matrices; choose top_sv ≤ {min(int(shape[0]), int(shape[1]))}"
-        )
 
 
 def rel_l2_from(dot: np.ndarray, norm_a2: np.ndarray, norm_b2: np.ndarray) -> np.ndarray:

@@ -84,39 +84,18 @@ import numpy as np
 import torch
 from scipy.linalg import blas
 
+from moelens.choices import PAIR_METRICS, SINGLE_METRICS, check_metric_names
 from moelens.errors import ConfigError
 from moelens.metrics.inner import DEFAULT_CHUNK_BYTES
 from moelens.metrics.power_law import EVALS_FLOOR, MIN_EVALS, power_law_alpha
 from moelens.spectral import full_precision, resolve_device
 
-PAIR_METRICS = ("corr", "cos", "rel_l2", "cka", "changed_frac")
-SINGLE_METRICS = ("fro_norm", "spectral_norm", "stable_rank", "effective_rank", "alpha")
-METRIC_KINDS = {"pair": PAIR_METRICS, "single": SINGLE_METRICS}
 SPECTRUM_DTYPES = ("float64", "float32")
 RANK_EPS = float(torch.finfo(torch.float32).eps)
 EPS64 = float(torch.finfo(torch.float64).eps)
 DEFAULT_TOL = 1e-3
 ZERO_SPREAD = 1e-20          # Σ(a − ā)² ≤ this · Σa²: a constant matrix, up to rounding
 DEFAULT_SVD_BYTES = 1 << 30  # dtype="float32" on CUDA: matrices per svdvals batch, in float32 bytes
-
-
-def check_metric_names(names: str | Iterable[str], kind: str) -> tuple[str, ...]:
-    """The metric names of ``kind`` ("pair" or "single") asked for, in the canonical order of
-    :data:`PAIR_METRICS` / :data:`SINGLE_METRICS`, duplicates dropped. ``names`` is an iterable
-    or one comma-separated string. Raises :class:`ConfigError` for an unknown or empty set."""
-    if kind not in METRIC_KINDS:
-        raise ConfigError(f"unknown metric kind {kind!r}; expected one of {', '.join(METRIC_KINDS)}")
-    known = METRIC_KINDS[kind]
-    asked = [str(n).strip() for n in (names.split(",") if isinstance(names, str) else names)]
-    asked = [n for n in asked if n]
-    for n in asked:
-        if n not in known:
-            other = "single" if kind == "pair" else "pair"
-            hint = f" ({n!r} is a {other} metric)" if n in METRIC_KINDS[other] else ""
-            raise ConfigError(f"unknown {kind} metric {n!r}{hint}; expected some of {', '.join(known)}")
-    if not asked:
-        raise ConfigError(f"no {kind} metric asked for; choose some of {', '.join(known)}")
-    return tuple(n for n in known if n in asked)
 
 
 def _check_tol(tol: float) -> float:

@@ -24,6 +24,9 @@ from typing import Any, Mapping
 
 from moelens.errors import RunDirectoryError
 
+#: The file that makes a directory a run.
+MANIFEST = "manifest.json"
+
 
 class ManifestFieldError(Exception):
     """One field that does not match its spec: ``path`` (``options.layers``) and what it must be."""
@@ -257,6 +260,18 @@ def check_manifest(manifest: Any, file: str | os.PathLike[str]) -> dict[str, Any
     return manifest
 
 
+def check_run_directory(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, if it is a run directory (it holds a :data:`MANIFEST`), else a
+    :class:`RunDirectoryError` saying what it is instead. Reads nothing, imports nothing heavy: the
+    command line checks its RUN arguments with it before loading any table."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunDirectoryError(f"run directory {path} does not exist; pass the --out directory of an analysis")
+    if not (path / MANIFEST).is_file():
+        raise RunDirectoryError(f"{path} has no {MANIFEST}; it is not a moelens run directory (or the run never started)")
+    return path
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checked manifest at ``path`` (the ``manifest.json`` file itself)."""
     from moelens.textfiles import read_json
@@ -265,4 +280,4 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return check_manifest(read_json(path, "manifest", RunDirectoryError), path)
 
 
-__all__ = ["MANIFEST_SPEC", "check_manifest", "read_manifest"]
+__all__ = ["MANIFEST", "MANIFEST_SPEC", "check_manifest", "check_run_directory", "read_manifest"]

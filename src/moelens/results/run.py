@@ -19,8 +19,7 @@ import pandas as pd
 
 from moelens.errors import RunDirectoryError
 from moelens.ranges import compact_ranges
-
-MANIFEST = "manifest.json"
+from moelens.results.manifest import MANIFEST
 
 
 def package_versions() -> dict[str, str]:
@@ -121,16 +120,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
 
     Every table the manifest declares must be present and readable and match its declared
     columns; anything else is a :class:`~moelens.errors.RunDirectoryError` that names the file."""
-    from moelens.results.manifest import read_manifest
+    from moelens.results.manifest import check_run_directory, read_manifest
     from moelens.results.schema import schemas_from_json
 
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not path.is_dir():
-        raise RunDirectoryError(f"run directory {path} does not exist; pass the --out directory of an analysis")
-    if not manifest_path.is_file():
-        raise RunDirectoryError(f"{path} has no {MANIFEST}; it is not a moelens run directory (or the run never started)")
-    manifest = read_manifest(manifest_path)
+    path = check_run_directory(path)
+    manifest = read_manifest(path / MANIFEST)
     if manifest.get("status") == "running":
         done = len(manifest.get("completed_units") or manifest.get("completed_layers") or [])
         raise RunDirectoryError(

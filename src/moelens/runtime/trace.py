@@ -49,6 +49,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from moelens.choices import (
+    ABLATIONS,
+    BLOCK_SITES,
+    DEFAULT_SITES,
+    DEFAULT_WINDOW,
+    KNOCKOUT_SITES,
+    MODES,
+    NOISE_DRAWS,
+    NOISE_SAMPLES,
+    NOISE_SCALES,
+    RESTORE_SITES,
+    SITES,
+)
 from moelens.metrics.jsd import js_divergence
 from moelens.progress import ProgressCallback, report
 from moelens.runtime.architecture import Architecture
@@ -56,18 +69,7 @@ from moelens.runtime.checks import check_logits
 from moelens.runtime.interventions import Batch, Edit, InterventionHooks, last_logits, lower_index_ties
 from moelens.runtime.prompts import TokenisedPrompt
 
-MODES = ("knockout", "restore", "block")
-KNOCKOUT_SITES = ("subj", "attn", "last", "router", "moe")
-RESTORE_SITES = ("restore_hidden", "restore_mlp", "restore_attn")
-BLOCK_SITES = ("block_subj", "block_nonsubj", "block_last")
-SITES = {"knockout": KNOCKOUT_SITES, "restore": RESTORE_SITES, "block": BLOCK_SITES}
-DEFAULT_SITES = {"knockout": ("subj", "attn", "last"), "restore": RESTORE_SITES, "block": BLOCK_SITES}
-DEFAULT_WINDOW = {"knockout": 1, "restore": 10, "block": 9}
-ABLATIONS = ("mean", "zero")
-NOISE_SAMPLES = 10
 NOISE_SCALE = 3.0  # s = 3σ for the noise scales "embedding" and "subject"
-NOISE_SCALES = ("embedding", "subject")  # or a positive number: the std itself
-NOISE_DRAWS = ("per-prompt", "shared")
 # The module each site needs in a layer.
 SITE_MODULE = {
     "subj": "layer", "last": "layer", "attn": "attention", "moe": "mlp", "router": "router",

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from scipy.linalg import blas, lapack
 
+from moelens.choices import SPECTRAL_METHODS as METHODS
 from moelens.errors import ConfigError
 
-METHODS = ("eigh", "svd")
 INPUT_SIDE = "input"    # basis columns are v_m ∈ R^d
 OUTPUT_SIDE = "output"  # basis columns are u_m ∈ R^F, v_m = Xᵀ u_m / σ_m
 

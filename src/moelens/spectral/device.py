@@ -12,9 +12,10 @@ from contextlib import contextmanager
 
 import torch
 
+from moelens.choices import check_compute_dtype
 from moelens.errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the torch dtype of each of COMPUTE_DTYPES
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -44,10 +45,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     """``"float32"`` or ``"float64"`` -> the torch dtype; anything else is a :class:`ConfigError`."""
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown compute dtype {dtype!r}; expected {' or '.join(DTYPES)}") from None
+    return DTYPES[check_compute_dtype(dtype)]
 
 
 @contextmanager

@@ -31,17 +31,17 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, as_index_tuple, chosen_layers, option, positive_int
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers
 from moelens.analyses.calibration.analysis import (
     CalibrationRun,
     calibrate_unit,
     calibration_extra,
-    check_texts,
     layer_units,
     load_calibration,
     plan_calibration,
 )
 from moelens.analyses.calibration.tables import LAYERS_SCHEMA, TOKENS_SCHEMA, USAGE_SCHEMA, token_rows
+from moelens.analyses.clustering.config import BUDGETS, METHODS, ClusteringConfig
 from moelens.analyses.clustering.tables import CLUSTER_LAYERS_SCHEMA, CLUSTERS_SCHEMA, cluster_rows, layer_summary
 from moelens.analyses.runner import run_analysis
 from moelens.calibration.store import MATRICES, MatrixStore
@@ -49,8 +49,6 @@ from moelens.calibration.texts import DEFAULT_MAX_TOKENS
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError
 from moelens.metrics.clustering import (
-    DISTANCES,
-    LINKAGES,
     global_group_budget,
     group_around_dominant,
     hc_smoe_clusters,
@@ -64,48 +62,6 @@ from moelens.ranges import compact_ranges, parse_ranges
 from moelens.results.run import MANIFEST, Run
 
 ANALYSIS = "clustering"
-METHODS = ("hc-smoe", "m-smoe")
-BUDGETS = ("layer", "global")
-
-
-@dataclass(frozen=True)
-class ClusteringConfig:
-    """Options of :func:`cluster` (each field's help says what it does)."""
-
-    calibration: Any = option(None, "A calibration text file (calibrated here, kept in the run; the last 10 % of its lines are held out) or a calibration run directory (reused).", kind=str, metavar="TEXT_FILE|RUN")
-    method: str = option("hc-smoe", "hc-smoe (agglomerative clustering of the experts' mean outputs) or m-smoe (the G most used experts dominant, the others join the one with the most similar router logits).")
-    groups: int | None = option(None, "Clusters per layer G, 1 ≤ G < E.", kind=int, metavar="G")
-    ratio: float | None = option(None, "Instead of --groups: the fraction of experts removed, G = E − round(R·E).", kind=float, metavar="R")
-    linkage: str = option("average", "hc-smoe linkage: average, single, complete or ward.")
-    distance: str = option("euclidean", "hc-smoe distance between features: euclidean (as HC-SMoE's hierarchical clustering computes it) or cosine (as REAP's paper states); see docs/peers.md.")
-    budget: str = option("layer", "m-smoe: layer (G in every layer) or global (MC-SMoE: one usage threshold across layers, G·L dominant experts in all).")
-    layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer, or every layer of the calibration run).", parse=parse_ranges, metavar="LIST")
-    max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most, when calibrating here.")
-    batch_tokens: int = option(4096, "Padded tokens per forward pass, when calibrating here.", resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N (calibration).", resumable=True)
-    dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "calibration", check_texts(self.calibration))
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose hc-smoe or m-smoe")
-        if (self.groups is None) == (self.ratio is None):
-            raise ConfigError("give exactly one of --groups G and --ratio R (the fraction of experts removed)")
-        if self.groups is not None and (isinstance(self.groups, bool) or not isinstance(self.groups, (int, np.integer))):
-            raise ConfigError(f"--groups must be a whole number, got {self.groups!r}")
-        if self.linkage not in LINKAGES:
-            raise ConfigError(f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}")
-        if self.distance not in DISTANCES:
-            raise ConfigError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
-        if self.linkage == "ward" and self.distance != "euclidean":
-            raise ConfigError("--linkage ward needs --distance euclidean (Ward's update is defined for Euclidean distances)")
-        if self.budget not in BUDGETS:
-            raise ConfigError(f"unknown budget {self.budget!r}; choose layer or global")
-        if self.budget == "global" and self.method != "m-smoe":
-            raise ConfigError("--budget global is MC-SMoE's way of choosing M-SMoE's dominant experts; use it with --method m-smoe")
-        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
-        object.__setattr__(self, "max_tokens", positive_int(self.max_tokens, "max_tokens"))
-        object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
 
 
 @dataclass

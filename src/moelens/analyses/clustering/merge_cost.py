@@ -34,19 +34,18 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.base import FORWARD_DTYPES, Analysis, Plan, Unit, UnitContext, option, positive_int, unit_seed
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, unit_seed
 from moelens.analyses.calibration.analysis import forward_dtype
+from moelens.analyses.clustering.config import MergeCostConfig
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError
-from moelens.merge.export import EXPORTS
 from moelens.progress import ProgressCallback
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
 from moelens.textfiles import read_jsonl
 
 ANALYSIS = "merge_cost"
-PERMUTE = ("both", "on", "off")
 COST_SCHEMA = TableSchema(ANALYSIS, (
     ("variant", "str"), ("method", "str"), ("clusters_run", "str"), ("permute", "bool"), ("export", "str"),
     ("groups_min", "int"), ("groups_max", "int"), ("recall", "float"), ("perplexity", "float"), ("n_facts", "int"), ("n_tokens", "int"),
@@ -55,43 +54,6 @@ SUMMARY_SCHEMA = TableSchema("merge_cost_summary", (
     ("variant", "str"), ("method", "str"), ("permute", "bool"), ("recall", "float"), ("recall_delta", "float"),
     ("perplexity", "float"), ("perplexity_ratio", "float"),
 ))
-
-
-def _paths(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-@dataclass(frozen=True)
-class MergeCostConfig:
-    """Options of :func:`merge_cost` (each field's help says what it does)."""
-
-    clusters: tuple[str, ...] = option((), "Clustering runs of this model (moelens cluster --out), comma-separated.", parse=_paths, metavar="RUN,RUN")
-    facts: Optional[str] = option(None, "Facts JSONL (prompt, target on every line): fact recall before and after merging.", kind=str, metavar="FACTS.jsonl")
-    texts: Optional[str] = option(None, "Calibration text file: perplexity on its held-out last 10 % of lines (default: the clustering runs' own calibration text).", kind=str, metavar="TEXT_FILE")
-    export: str = option("shared", "Form measured: shared (E experts, members given their cluster's merged weights, as HC-SMoE and MC-SMoE evaluate) or compact (G experts, router rows averaged).")
-    permute: str = option("both", "Permutation alignment before averaging: both (each clustering with and without), on or off.")
-    batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
-    dtype: str = option("auto", "Forward passes in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
-
-    def __post_init__(self) -> None:
-        clusters = _paths(self.clusters) if isinstance(self.clusters, str) else tuple(os.fspath(c) for c in self.clusters)
-        if not clusters:
-            raise ConfigError("no clustering run given: --clusters RUN[,RUN…] (the --out directories of moelens cluster)")
-        if len(set(clusters)) != len(clusters):
-            raise ConfigError(f"clustering runs {list(clusters)} name a run twice; list each once")
-        object.__setattr__(self, "clusters", clusters)
-        for name in ("facts", "texts"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, os.fspath(value))
-        if self.export not in EXPORTS:
-            raise ConfigError(f"unknown export {self.export!r}; choose shared or compact")
-        if self.permute not in PERMUTE:
-            raise ConfigError(f"permute {self.permute!r}: choose both, on or off")
-        object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
-        if self.dtype not in FORWARD_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
 
 
 def read_fact_lines(path: str) -> list[tuple[int, dict[str, str]]]:

@@ -30,27 +30,25 @@ from moelens.analyses.base import (
     Plan,
     Unit,
     UnitContext,
-    as_index_tuple,
     chosen_layers,
     layer_unit_key,
-    option,
     unit_seed,
 )
 from moelens.analyses.executors import Executor
+from moelens.analyses.module_metrics.config import ModuleMetricsConfig, as_names
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import CheckpointFormatError, ConfigError, IndexOutOfRangeError
 from moelens.metrics.module import (
     PAIR_METRICS,
     SINGLE_METRICS,
-    check_metric_names,
     pair_and_single_metrics,
     pair_metrics,
     single_metrics,
 )
 from moelens.module_names import ATTENTION, ROLES, mlp_module, module_rank, shared_module
 from moelens.progress import ProgressCallback
-from moelens.ranges import compact_ranges, parse_ranges
+from moelens.ranges import compact_ranges
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
 from moelens.spectral import resolve_device
@@ -64,38 +62,6 @@ EXPERT_SCHEMA = TableSchema("module_metrics_experts", (
 ))
 #: Experts are read and measured this many bytes (float32) at a time.
 CHUNK_BYTES = 512 * 2**20
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-@dataclass(frozen=True)
-class ModuleMetricsConfig:
-    """Options of :func:`module_metrics` (each field's help says what it does)."""
-
-    layers: tuple[int, ...] | None = option(None, "Layers, e.g. 0,5,10-13 (default: every layer).", parse=parse_ranges, metavar="LIST")
-    metrics: tuple[str, ...] | None = option(None, f"Pair metrics: {','.join(PAIR_METRICS)} (default: all, when a second model or a base is given).", parse=_names, metavar="LIST")
-    single: tuple[str, ...] | None = option(None, f"Single-model metrics: {','.join(SINGLE_METRICS)} (default: all).", parse=_names, metavar="LIST")
-    tol: float = option(1e-3, "changed_frac counts entries with |A − B| > tol·std(A).")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
-        # None: every metric that applies; an empty list: none of that kind
-        for name, kind in (("metrics", "pair"), ("single", "single")):
-            value = getattr(self, name)
-            if value is not None:
-                names = _as_tuple(value)
-                object.__setattr__(self, name, check_metric_names(names, kind) if names else ())
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 < float(self.tol) < float("inf"):
-            raise ConfigError(f"tol={self.tol!r}: give a positive number, e.g. 1e-3")
-        object.__setattr__(self, "tol", float(self.tol))
-
-
-def _as_tuple(value: Any) -> tuple[str, ...]:
-    """A metric list: ``"corr,cka"``, ``"cka"`` or any iterable of names."""
-    return _names(value) if isinstance(value, str) else tuple(value)
 
 
 @dataclass(frozen=True)
@@ -390,8 +356,8 @@ def module_metrics(
     >>> run["module_metrics"].query("model == 'pair' and metric == 'corr'")
     """
     if config is None:
-        config = ModuleMetricsConfig(layers=layers, metrics=None if metrics is None else _as_tuple(metrics),
-                                     single=None if single is None else _as_tuple(single), tol=tol, device=device)
+        config = ModuleMetricsConfig(layers=layers, metrics=None if metrics is None else as_names(metrics),
+                                     single=None if single is None else as_names(single), tol=tol, device=device)
     from moelens.checkpoint import open_model
 
     def opened(m):

@@ -31,23 +31,16 @@ import math
 import numpy as np
 import torch
 
+from moelens.analyses.router_alignment.config import MIN_P_DRAWS, NULLS, check_null  # noqa: F401 (their home is the torch-free config)
 from moelens.errors import ConfigError
 
-NULLS = ("derangement", "shuffle", "shuffle-sampled")
 GALEMOE_EPSILON = 1e-12
 EXACT_P_MAX_EXPERTS = 8
-MIN_P_DRAWS = 10_000
 # Energies come from float32 (or float64) arithmetic; sums of E of them that differ by less than
 # this are ties for the permutation test (counted as ≥, which keeps p conservative).
 TIE_TOLERANCE = 1e-6
 # A null spread below this is rounding, not signal (A = 1 for every pair at k = d): z is undefined.
 ZERO_SPREAD = {"float32": 1e-5, "float64": 1e-10}
-
-
-def check_null(null: str) -> str:
-    if null not in NULLS:
-        raise ConfigError(f"unknown null model {null!r}; expected one of {', '.join(NULLS)}")
-    return null
 
 
 def exact_null_moments(a: np.ndarray, null: str) -> tuple[np.ndarray, np.ndarray]:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from moelens.checkpoint.model import ExpertWeights, RouterWeights
 from moelens.checkpoint.store import TensorStore
 from moelens.errors import CheckpointFormatError, ConfigError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
 
 
 def first_key(config: dict[str, Any], keys: Sequence[str], default: Any = None) -> Any:
@@ -36,6 +37,8 @@ def first_key(config: dict[str, Any], keys: Sequence[str], default: Any = None) 
 
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """NaN or inf in a weight makes every downstream number meaningless: refuse it."""
+    import torch
+
     if t.is_floating_point() and not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointFormatError(f"tensor {name!r} holds {bad} NaN/inf values; the checkpoint is corrupt or was saved mid-divergence")
@@ -80,6 +83,8 @@ class ExpertLayout:
         return None
 
     def stack(self, store: TensorStore, L: int, role: str) -> torch.Tensor:
+        import torch
+
         mats = [self.matrix(store, L, e, role) for e in range(self.n_experts(store, L))]
         return torch.stack(mats)
 
@@ -209,6 +214,8 @@ class FusedGateUp(ExpertLayout):
 
     def _split(self, gu: torch.Tensor, role: str, axis: int) -> torch.Tensor:
         """Take gate or up out of the 2F axis ``axis`` of ``gu``."""
+        import torch
+
         two_f = gu.shape[axis]
         if self.split == "interleaved":
             idx = torch.arange(0 if role == "gate" else 1, two_f, 2)

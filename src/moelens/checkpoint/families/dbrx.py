@@ -13,13 +13,14 @@ The config spells things its own way: ``d_model``, ``n_layers``, ``n_heads``, an
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from moelens.checkpoint.families.base import FlatExperts, StandardFamily, check_finite, positive_int
 from moelens.checkpoint.registry import register
 from moelens.errors import CheckpointFormatError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
 
 WQKV = "norm_attn_norm.attn.Wqkv.weight"
 OUT_PROJ = "norm_attn_norm.attn.out_proj.weight"

@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from moelens.checkpoint.families.base import PerExpert, StandardFamily
 from moelens.checkpoint.families.qwen import QWEN_EXPERT_LAYOUTS
 from moelens.checkpoint.registry import register
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
 
 SHARED_EXPERTS = PerExpert(
     gate="mlp.shared_experts.gate_proj.weight",
@@ -140,6 +141,8 @@ def is_fp8_linear(name: str, shape: tuple[int, ...]) -> bool:
 def quantize_fp8_blocks(weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block FP8 e4m3 quantisation: ``scale_inv`` [ceil(out/b), ceil(in/b)] is each block's
     absolute maximum over 448, and ``weight ≈ fp8 * scale_inv`` block by block."""
+    import torch
+
     rows, cols = weight.shape
     nr, nc = math.ceil(rows / block), math.ceil(cols / block)
     w = weight.float()

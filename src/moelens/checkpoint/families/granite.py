@@ -12,13 +12,14 @@ Under ``model.layers.{L}.``, as published: ``block_sparse_moe.router.layer.weigh
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from moelens.checkpoint.families.base import FusedGateUp, StandardFamily, check_finite, positive_int, shape_problem
 from moelens.checkpoint.model import ExpertWeights
 from moelens.checkpoint.registry import register
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
 
 SHARED_GATE_UP = "shared_mlp.input_linear.weight"
 SHARED_DOWN = "shared_mlp.output_linear.weight"

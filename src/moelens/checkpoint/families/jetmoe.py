@@ -13,10 +13,13 @@ matrices and are left out.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from moelens.checkpoint.families.base import FusedGateUp, StandardFamily, check_finite
 from moelens.checkpoint.registry import register
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
 
 
 @register

@@ -5,10 +5,13 @@ renames the block ``mlp`` (and PhiMoE's router ``mlp.router``). Every layer is M
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from moelens.checkpoint.families.base import FusedGateUp, PerExpert, StandardFamily
 from moelens.checkpoint.registry import register
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
+    import torch
 
 MIXTRAL_LAYOUTS = (
     PerExpert(

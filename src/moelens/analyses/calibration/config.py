@@ -1,0 +1,53 @@
+"""The options of the calibration pass (docs/methods.md §3): a frozen config, checked when made.
+
+Torch-free (the standard library and moelens' leaf modules only), so that the command line shows
+and checks these options without importing the analysis.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, option, positive_int
+from moelens.choices import DEFAULT_MAX_TOKENS
+from moelens.errors import ConfigError
+from moelens.ranges import parse_ranges
+
+
+def check_texts(texts: Any) -> Any:
+    """A path as a string, a list of texts as a tuple; nothing is read yet."""
+    if texts is None:
+        raise ConfigError("no calibration text: give a text file (--texts FILE) with one sequence per line")
+    if isinstance(texts, os.PathLike):
+        return os.fspath(texts)
+    if isinstance(texts, str):
+        return texts
+    try:
+        return tuple(t if isinstance(t, str) else tuple(t) for t in texts)
+    except TypeError:
+        raise ConfigError(f"calibration texts must be a text file or a list of strings, got {type(texts).__name__}") from None
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Options of :func:`calibrate` (each field's help says what it does)."""
+
+    texts: Any = option(None, "Calibration text: one sequence per non-empty line; the last 10 % of the lines are held out (perplexity) and not used.", kind=str, metavar="TEXT_FILE")
+    max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most (lines in file order, the last sequence cut).")
+    layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer).", parse=parse_ranges, metavar="LIST")
+    batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", check_texts(self.texts))
+        object.__setattr__(self, "max_tokens", positive_int(self.max_tokens, "max_tokens"))
+        object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
+        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        if self.dtype not in FORWARD_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+
+
+__all__ = ["CalibrationConfig", "check_texts"]

@@ -1,0 +1,99 @@
+"""The options of expert clustering and of its merge costs (docs/methods.md §3): frozen configs,
+checked when made.
+
+Torch-free (the standard library and moelens' leaf modules only), so that the command line shows
+and checks these options without importing the analyses.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from moelens.analyses.calibration.config import check_texts
+from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, comma_names, is_integer, option, positive_int
+from moelens.choices import DEFAULT_MAX_TOKENS, DISTANCES, EXPORTS, LINKAGES
+from moelens.errors import ConfigError
+from moelens.ranges import parse_ranges
+
+METHODS = ("hc-smoe", "m-smoe")
+BUDGETS = ("layer", "global")
+#: merge-cost's --permute: each clustering with and without permutation alignment, or one of them.
+PERMUTE = ("both", "on", "off")
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Options of :func:`cluster` (each field's help says what it does)."""
+
+    calibration: Any = option(None, "A calibration text file (calibrated here, kept in the run; the last 10 % of its lines are held out) or a calibration run directory (reused).", kind=str, metavar="TEXT_FILE|RUN")
+    method: str = option("hc-smoe", "hc-smoe (agglomerative clustering of the experts' mean outputs) or m-smoe (the G most used experts dominant, the others join the one with the most similar router logits).")
+    groups: int | None = option(None, "Clusters per layer G, 1 ≤ G < E.", kind=int, metavar="G")
+    ratio: float | None = option(None, "Instead of --groups: the fraction of experts removed, G = E − round(R·E).", kind=float, metavar="R")
+    linkage: str = option("average", "hc-smoe linkage: average, single, complete or ward.")
+    distance: str = option("euclidean", "hc-smoe distance between features: euclidean (as HC-SMoE's hierarchical clustering computes it) or cosine (as REAP's paper states); see docs/peers.md.")
+    budget: str = option("layer", "m-smoe: layer (G in every layer) or global (MC-SMoE: one usage threshold across layers, G·L dominant experts in all).")
+    layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer, or every layer of the calibration run).", parse=parse_ranges, metavar="LIST")
+    max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most, when calibrating here.")
+    batch_tokens: int = option(4096, "Padded tokens per forward pass, when calibrating here.", resumable=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (calibration).", resumable=True)
+    dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calibration", check_texts(self.calibration))
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose hc-smoe or m-smoe")
+        if (self.groups is None) == (self.ratio is None):
+            raise ConfigError("give exactly one of --groups G and --ratio R (the fraction of experts removed)")
+        if self.groups is not None and not is_integer(self.groups):
+            raise ConfigError(f"--groups must be a whole number, got {self.groups!r}")
+        if self.linkage not in LINKAGES:
+            raise ConfigError(f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}")
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if self.linkage == "ward" and self.distance != "euclidean":
+            raise ConfigError("--linkage ward needs --distance euclidean (Ward's update is defined for Euclidean distances)")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"unknown budget {self.budget!r}; choose layer or global")
+        if self.budget == "global" and self.method != "m-smoe":
+            raise ConfigError("--budget global is MC-SMoE's way of choosing M-SMoE's dominant experts; use it with --method m-smoe")
+        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        object.__setattr__(self, "max_tokens", positive_int(self.max_tokens, "max_tokens"))
+        object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
+
+
+@dataclass(frozen=True)
+class MergeCostConfig:
+    """Options of :func:`merge_cost` (each field's help says what it does)."""
+
+    clusters: tuple[str, ...] = option((), "Clustering runs of this model (moelens cluster --out), comma-separated.", parse=comma_names, metavar="RUN,RUN")
+    facts: Optional[str] = option(None, "Facts JSONL (prompt, target on every line): fact recall before and after merging.", kind=str, metavar="FACTS.jsonl")
+    texts: Optional[str] = option(None, "Calibration text file: perplexity on its held-out last 10 % of lines (default: the clustering runs' own calibration text).", kind=str, metavar="TEXT_FILE")
+    export: str = option("shared", "Form measured: shared (E experts, members given their cluster's merged weights, as HC-SMoE and MC-SMoE evaluate) or compact (G experts, router rows averaged).")
+    permute: str = option("both", "Permutation alignment before averaging: both (each clustering with and without), on or off.")
+    batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    dtype: str = option("auto", "Forward passes in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        clusters = comma_names(self.clusters) if isinstance(self.clusters, str) else tuple(os.fspath(c) for c in self.clusters)
+        if not clusters:
+            raise ConfigError("no clustering run given: --clusters RUN[,RUN…] (the --out directories of moelens cluster)")
+        if len(set(clusters)) != len(clusters):
+            raise ConfigError(f"clustering runs {list(clusters)} name a run twice; list each once")
+        object.__setattr__(self, "clusters", clusters)
+        for name in ("facts", "texts"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
+        if self.export not in EXPORTS:
+            raise ConfigError(f"unknown export {self.export!r}; choose shared or compact")
+        if self.permute not in PERMUTE:
+            raise ConfigError(f"permute {self.permute!r}: choose both, on or off")
+        object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
+        if self.dtype not in FORWARD_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+
+
+__all__ = ["BUDGETS", "METHODS", "PERMUTE", "ClusteringConfig", "MergeCostConfig"]

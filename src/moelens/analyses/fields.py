@@ -1,0 +1,129 @@
+"""The fields of an analysis config and the checks their ``__post_init__`` shares.
+
+A leaf module (the standard library and :mod:`moelens.errors` only), so that a config, and the
+command line's options derived from it, can be built without importing torch, pandas or numpy.
+Values that numpy made (``np.int64``, ``np.bool_``) are accepted as their Python kind: numpy
+registers its integers as :class:`numbers.Integral`, and a numpy bool can only exist once numpy is
+imported, so it is looked up in :data:`sys.modules` instead of importing numpy here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import sys
+from dataclasses import field
+from typing import Any, Callable, Mapping, Sequence
+
+from moelens.errors import ConfigError
+
+#: The largest seed: numpy's SeedSequence and torch's generators both take it.
+MAX_SEED = 2**63 - 1
+
+#: The dtypes a forward pass may run in: ``auto`` (float32 on the CPU, the checkpoint's own on CUDA) or one named.
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    resumable: bool = False,
+    cli: bool = True,
+    kind: type | None = None,
+) -> Any:
+    """A config field with its documentation.
+
+    ``help`` is the CLI help; ``parse`` turns the CLI's text into the field's value (e.g.
+    ``"0,5,10-13"`` -> a tuple of layers), making the CLI option a string; ``resumable`` fields may
+    differ between a run and its resumption (they do not change the numbers beyond rounding:
+    device, batch sizes); ``cli=False`` keeps a field out of the command line (an object only
+    Python can pass); ``kind`` is the CLI value's type where the default does not tell it (a
+    default of None)."""
+    if kind is None and default is not None and parse is None:
+        kind = type(default)
+    return field(default=default, metadata={
+        "help": help, "parse": parse, "metavar": metavar, "resumable": resumable, "cli": cli, "kind": kind,
+    })
+
+
+def is_integer(value: Any) -> bool:
+    """An int or a numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not is_bool(value)
+
+
+def is_bool(value: Any) -> bool:
+    """A bool or a numpy bool."""
+    np = sys.modules.get("numpy")
+    return isinstance(value, bool) or (np is not None and isinstance(value, np.bool_))
+
+
+def comma_names(text: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``: the CLI's comma-separated list of names."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def positive_int(value: Any, name: str, allow_none: bool = False) -> int | None:
+    """``value`` as an int ≥ 1 (or None when ``allow_none``), else one line naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if not is_integer(value) or int(value) < 1:
+        raise ConfigError(f"{name}={value!r}: give a whole number ≥ 1")
+    return int(value)
+
+
+def check_seed(seed: Any) -> int:
+    """A seed is an integer in 0..2⁶³−1 (numpy refuses negative seeds)."""
+    if not is_integer(seed):
+        raise ConfigError(f"seed {seed!r} is not an integer; give a whole number ≥ 0")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError(f"seed={seed} is outside 0..{MAX_SEED}; give a whole number ≥ 0")
+    return int(seed)
+
+
+def as_index_tuple(value: Any, what: str) -> tuple[int, ...] | None:
+    """None, an int, ``"0,5,10-13"`` or any iterable of ints -> a tuple of ints (or None)."""
+    from moelens.ranges import parse_ranges
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: Sequence[Any] = parse_ranges(value)
+    elif is_integer(value):
+        items = [value]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise ConfigError(f"{what} {value!r} is neither an index nor a list of indices") from None
+    out = []
+    for v in items:
+        if not is_integer(v):
+            raise ConfigError(f"{what} {v!r} is not an integer")
+        out.append(int(v))
+    return tuple(out)
+
+
+def config_fields(config_type: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(config_type))
+
+
+def resumable_fields(config_type: type) -> set[str]:
+    return {f.name for f in config_fields(config_type) if f.metadata.get("resumable")}
+
+
+def make_config(config_type: type, values: Mapping[str, Any]) -> Any:
+    """Build a config from keyword values, naming an unknown keyword instead of a TypeError."""
+    names = {f.name for f in config_fields(config_type)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}; {config_type.__name__} takes {', '.join(sorted(names))}")
+    return config_type(**values)
+
+
+__all__ = [
+    "FORWARD_DTYPES", "MAX_SEED", "as_index_tuple", "check_seed", "comma_names", "config_fields", "is_bool", "is_integer",
+    "make_config", "option", "positive_int", "resumable_fields",
+]

@@ -1,0 +1,118 @@
+"""The options of layer-wise interventions (docs/methods.md §4): a frozen config, checked when made.
+
+Torch-free (the standard library and moelens' leaf modules only), so that the command line shows
+and checks these options without importing the analysis.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from moelens.analyses.fields import (
+    FORWARD_DTYPES,
+    as_index_tuple,
+    check_seed,
+    comma_names,
+    is_bool,
+    option,
+    positive_int,
+)
+from moelens.choices import (
+    ABLATIONS,
+    DEFAULT_SITES,
+    DEFAULT_WINDOW,
+    MODES,
+    NOISE_DRAWS,
+    NOISE_SAMPLES,
+    NOISE_SCALES,
+    SITES,
+)
+from moelens.errors import ConfigError
+from moelens.ranges import parse_ranges
+
+
+@dataclass(frozen=True)
+class InterventionsConfig:
+    """Options of :func:`trace` (each field's help says what it does)."""
+
+    prompts: Any = option(None, "JSONL file, one object per line with prompt, subject and optionally target.", kind=str, metavar="FACTS.jsonl")
+    limit: int | None = option(None, "Use only the first N prompts of the file.", kind=int, metavar="N")
+    mode: str = option("knockout", f"{' | '.join(MODES)}: knock a site out, restore it into a corrupted run (causal tracing), or block attention to it.")
+    sites: tuple[str, ...] | None = option(None, "Sites, comma-separated: knockout subj,attn,last,router,moe; restore restore_hidden,restore_mlp,restore_attn; block block_subj,block_nonsubj,block_last (default: subj,attn,last or all three of the mode).", parse=comma_names, metavar="LIST")
+    ablation: str = option("mean", "knockout: replace a site by zero or by its mean over the prompt set (mean|zero).")
+    layers: tuple[int, ...] | None = option(None, "Layers, e.g. 0,5,10-13 (default: every layer).", parse=parse_ranges, metavar="LIST")
+    window: int | None = option(None, "restore/block: layers restored or blocked around each layer (default 10 for restore, 9 for block).", kind=int)
+    noise_samples: int = option(NOISE_SAMPLES, "restore: noise samples per prompt.")
+    seed: int = option(0, "restore: the noise of prompt i is drawn with seed + i (with --noise-draw shared: with seed).")
+    noise_scale: Any = option("embedding", "restore: the noise std: embedding = 3 × std of all embedding entries (default); subject = 3 × std of the subject tokens' embeddings over the prompts (ROME); or a number, the std itself.", kind=str, metavar="embedding|subject|STD")
+    noise_draw: str = option("per-prompt", "restore: per-prompt = each prompt draws its own noise (default); shared = one draw from the seed for every prompt of the same subject length (ROME).", metavar="per-prompt|shared")
+    correct_only: bool = option(False, "Skip prompts whose clean top-1 token is not the target's first token (ROME); the count goes to the manifest and the report.")
+    batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.ablation not in ABLATIONS:
+            raise ConfigError(f"ablation {self.ablation!r}: choose mean or zero")
+        sites = self.sites
+        if sites is not None:
+            sites = comma_names(sites) if isinstance(sites, str) else tuple(sites)
+            valid = SITES[self.mode]
+            bad = [s for s in sites if s not in valid]
+            if bad:
+                raise ConfigError(f"site {bad[0]!r} is not a {self.mode} site; choose from {', '.join(valid)}")
+            if not sites:
+                raise ConfigError("no sites given; name at least one")
+            object.__setattr__(self, "sites", tuple(dict.fromkeys(sites)))
+        object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        object.__setattr__(self, "window", positive_int(self.window, "window", allow_none=True))
+        object.__setattr__(self, "limit", positive_int(self.limit, "limit", allow_none=True))
+        object.__setattr__(self, "noise_samples", positive_int(self.noise_samples, "noise_samples"))
+        object.__setattr__(self, "batch_size", positive_int(self.batch_size, "batch_size", allow_none=True))
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "noise_scale", _noise_scale(self.noise_scale))
+        if self.noise_draw not in NOISE_DRAWS:
+            raise ConfigError(f"noise_draw {self.noise_draw!r}: choose {' or '.join(NOISE_DRAWS)}")
+        if not is_bool(self.correct_only):
+            raise ConfigError(f"correct_only={self.correct_only!r}: give True or False")
+        object.__setattr__(self, "correct_only", bool(self.correct_only))
+        if self.dtype not in FORWARD_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+        if self.prompts is None:
+            raise ConfigError("no prompts: give a JSONL file (--prompts FACTS.jsonl) with prompt and subject on every line")
+        if isinstance(self.prompts, os.PathLike):
+            object.__setattr__(self, "prompts", os.fspath(self.prompts))
+        elif not isinstance(self.prompts, str):
+            object.__setattr__(self, "prompts", tuple(dict(p) if isinstance(p, Mapping) else p for p in self.prompts))
+
+    @property
+    def chosen_sites(self) -> tuple[str, ...]:
+        return self.sites if self.sites is not None else DEFAULT_SITES[self.mode]
+
+    @property
+    def chosen_window(self) -> int:
+        return self.window if self.window is not None else DEFAULT_WINDOW[self.mode]
+
+
+def _noise_scale(value: Any) -> str | float:
+    """``"embedding"``, ``"subject"`` or a finite std > 0 (a number, or its text from the CLI)."""
+    if isinstance(value, str) and value in NOISE_SCALES:
+        return value
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"noise_scale {value!r}: give {', '.join(NOISE_SCALES)} or a positive number (the noise std itself)")
+    return number
+
+
+__all__ = ["InterventionsConfig"]
