@@ -40,7 +40,6 @@ from moelens.progress import ProgressCallback, report
 from moelens.results.manifest import read_manifest
 from moelens.results.run import Run, load_run
 
-
 #: Geva et al. (2023) block attention over a window of 9 of GPT-2 XL's 48 layers; the atlas keeps
 #: that share of the model's depth (:func:`block_window`).
 GEVA_WINDOW, GEVA_LAYERS = 9, 48

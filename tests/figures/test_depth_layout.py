@@ -11,7 +11,13 @@ import pytest
 from matplotlib.figure import Figure
 
 from moelens import figures
-from moelens.figures.style import cell_font_size, label_colour_bar_ends, layer_block_ticks, layer_label_step, report_min_pt
+from moelens.figures.style import (
+    cell_font_size,
+    label_colour_bar_ends,
+    layer_block_ticks,
+    layer_label_step,
+    report_min_pt,
+)
 from moelens.results import Run
 from moelens.testing.synthetic_clusters import synthetic_clustering_run
 from moelens.testing.synthetic_runs import synthetic_alignment_run

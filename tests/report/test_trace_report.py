@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from markupsafe import escape
 
 import moelens as ml
-from markupsafe import escape
 from moelens.report.trace_report import headline
 from moelens.testing.synthetic_trace import write_synthetic_trace_run
 

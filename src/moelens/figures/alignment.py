@@ -16,8 +16,8 @@ from typing import Iterable, Optional, Sequence, Union
 import matplotlib as mpl
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.font_manager import FontProperties
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 
 from moelens.errors import ConfigError
 from moelens.figures.alignment_data import METRICS, AlignmentView, alignment_views

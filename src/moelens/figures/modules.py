@@ -33,7 +33,14 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
 
 from moelens.errors import ConfigError
-from moelens.figures.style import DIVERGING_CMAP, SEQUENTIAL_CMAP, cell_font_size, label_colour_bar_ends, new_figure, styled
+from moelens.figures.style import (
+    DIVERGING_CMAP,
+    SEQUENTIAL_CMAP,
+    cell_font_size,
+    label_colour_bar_ends,
+    new_figure,
+    styled,
+)
 from moelens.results import Run
 
 ANALYSIS = "module_metrics"
