@@ -11,6 +11,14 @@ import torch
 from moelens.runtime import fact_recall, load_causal_lm, load_tokenizer, next_token_predictions
 
 
+def word_id(tok, word: str) -> int:
+    """The id of a target word as it follows a prompt: the zoo's sub-word tokenizer marks a word's
+    start, and keeps every target whole, as one token."""
+    ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, (word, ids)
+    return ids[0]
+
+
 @pytest.fixture(scope="module")
 def base(small_zoo):
     return load_causal_lm(small_zoo.base), load_tokenizer(small_zoo.base)
@@ -27,7 +35,7 @@ def test_batched_right_padded_predictions_match_one_prompt_at_a_time(base, small
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, -1]
         assert batched.predicted_ids[i] == int(logits.argmax())
-        target_id = tok.convert_tokens_to_ids(targets[i])
+        target_id = word_id(tok, targets[i])
         assert batched.target_ids[i] == target_id
         assert batched.target_probs[i] == pytest.approx(float(torch.softmax(logits, -1)[target_id]), rel=1e-4, abs=1e-6)
 
@@ -40,7 +48,7 @@ def greedy_hits_one_at_a_time(model, tok, facts, prompt_key: str) -> np.ndarray:
         ids = tok(fact[prompt_key], return_tensors="pt")["input_ids"]
         with torch.no_grad():
             top = int(model(input_ids=ids).logits[0, -1].argmax())
-        hits.append(top == tok.convert_tokens_to_ids(fact["target"]))
+        hits.append(top == word_id(tok, fact["target"]))
     return np.array(hits)
 
 
@@ -104,7 +112,7 @@ def test_recall_of_a_model_whose_top_1_is_forced(base, small_zoo):
     records = [{"prompt": f[key], "target": f["target"]} for f in facts for key in ("prompt", "qa_prompt")]  # mixed lengths
     ids = [tuple(tok(r["prompt"])["input_ids"]) for r in records]
     assert len(set(ids)) == len(ids)
-    target_ids = [tok.convert_tokens_to_ids(r["target"]) for r in records]
+    target_ids = [word_id(tok, r["target"]) for r in records]
     wrong_ids = [next(t for t in target_ids if t != own) for own in target_ids]
     should_hit = np.array([i % 3 != 0 for i in range(len(records))])
     table = {key: (t if hit else w) for key, t, w, hit in zip(ids, target_ids, wrong_ids, should_hit)}
