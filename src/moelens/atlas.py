@@ -119,9 +119,9 @@ def plan_atlas(
     from moelens.runtime.prompts import read_prompts
     from moelens.spectral import resolve_device
 
-    for flag, value in (("--trace-limit", trace_limit), ("--restore-limit", restore_limit)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if flag == "--trace-limit" else 0)):
-            raise ConfigError(f"{flag} {value}: give a whole number ≥ {1 if flag == '--trace-limit' else 0}")
+    for flag, value, low in (("--trace-limit", trace_limit, 1), ("--restore-limit", restore_limit, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{flag} {value}: give a whole number ≥ {low}")
     if tuned is not None and base is not None:
         raise ConfigError("give --tuned B (MODEL is the base) or --base A (MODEL is the fine-tune), not both")
     out = Path(out)
