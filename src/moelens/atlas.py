@@ -56,6 +56,10 @@ class Step:
     analysis: str
     command: str
     run: Callable[[Path, ProgressCallback | None], Run] = field(repr=False)
+    #: runs this one reads (it starts after they finish)
+    needs: tuple[str, ...] = ()
+    #: its rough cost relative to the others (seconds on the 12-layer zoo), to start long runs first
+    cost: float = 1.0
 
 
 @dataclass
@@ -110,9 +114,11 @@ def plan_atlas(
     device: str = "auto",
     trace_limit: int | None = None,
     restore_limit: int | None = RESTORE_PROMPTS,
+    checks: bool = True,
 ) -> tuple[list[Step], list[str]]:
     """The runs the atlas will make, and notes on what does not apply; every input is checked here,
-    before anything is written."""
+    before anything is written (``checks=False``: the weights, prompts and calibration text are
+    not read again, for a worker process planning what its parent has checked)."""
     from moelens.calibration.texts import read_lines
     from moelens.checkpoint import open_model
     from moelens.runtime.checks import check_checkpoint_finite
@@ -141,19 +147,19 @@ def plan_atlas(
         models = {"base": other, "tuned": main}
     if tuned_m is not None:
         _check_pair(base_m, tuned_m)
-    for m in models.values():
+    for m in models.values() if checks else ():
         m.check()
     moe = bool(main.moe_layers)
     resolve_device(device)  # an unknown device is refused before any directory is made
     prompts_path = Path(prompts) if prompts is not None else _zoo_file(main.path, "facts.jsonl")
     calibration_path = Path(calibration) if calibration is not None else _zoo_file(main.path, "calibration.txt")
-    if prompts_path is not None:
+    if prompts_path is not None and checks:
         records = read_prompts(prompts_path)  # a bad prompts file is named now, line and all
         _check_forward_inputs(models.values(), prompts_path, records[:trace_limit] if trace_limit else records,
                               moe and calibration_path is not None)
-    if calibration_path is not None:
+    if calibration_path is not None and checks:
         read_lines(calibration_path)  # a missing, empty or undecodable file is named now
-    for m in models.values():
+    for m in models.values() if checks else ():
         check_checkpoint_finite(m)  # NaN weights named now, not after the first runs are written
     exec_flag = ""
     if executor is not None and str(getattr(executor, "name", executor)) not in ("local",):
@@ -168,16 +174,16 @@ def plan_atlas(
         for key, m in models.items():
             steps.append(Step(f"alignment-{key}", "router alignment",
                               f"moelens align {_q(m.path)} --out runs/alignment-{key}{dev_flag}{exec_flag}",
-                              lambda d, p, m=m: router_alignment(m, device=device, out=d, progress=p, executor=executor)))
+                              lambda d, p, m=m: router_alignment(m, device=device, out=d, progress=p, executor=executor), cost=3))
         from moelens.analyses.expert_distance import expert_distance
 
         if tuned_m is not None:
             steps.append(Step("distance-base-tuned", "expert distance",
                               f"moelens distance {_q(base_m.path)} {_q(tuned_m.path)} --out runs/distance-base-tuned{dev_flag}{exec_flag}",
-                              lambda d, p: expert_distance(base_m, tuned_m, device=device, out=d, progress=p, executor=executor)))
+                              lambda d, p: expert_distance(base_m, tuned_m, device=device, out=d, progress=p, executor=executor), cost=3))
         steps.append(Step("distance-within", "expert distance",
                           f"moelens distance {_q(base_m.path)} --out runs/distance-within{dev_flag}{exec_flag}",
-                          lambda d, p: expert_distance(base_m, device=device, out=d, progress=p, executor=executor)))
+                          lambda d, p: expert_distance(base_m, device=device, out=d, progress=p, executor=executor), cost=2))
     else:
         notes.append(f"{main.name} is a dense model: router alignment, expert distance and clustering need experts and were skipped")
 
@@ -188,10 +194,10 @@ def plan_atlas(
     elif tuned_m is not None:
         steps.append(Step("modules", "module metrics",
                           f"moelens modules {_q(base_m.path)} {_q(tuned_m.path)} --out runs/modules{dev_flag}{exec_flag}",
-                          lambda d, p: module_metrics(base_m, tuned_m, device=device, out=d, progress=p, executor=executor)))
+                          lambda d, p: module_metrics(base_m, tuned_m, device=device, out=d, progress=p, executor=executor), cost=4))
     else:
         steps.append(Step("modules", "module metrics", f"moelens modules {_q(main.path)} --out runs/modules{dev_flag}{exec_flag}",
-                          lambda d, p: module_metrics(main, device=device, out=d, progress=p, executor=executor)))
+                          lambda d, p: module_metrics(main, device=device, out=d, progress=p, executor=executor), cost=2))
 
     if prompts_path is not None:
         steps.extend(_trace_steps(models, main, prompts_path, moe, trace_limit, restore_limit, out, device, dev_flag))
@@ -228,10 +234,12 @@ def _trace_steps(models: dict[str, Any], main: Any, prompts: Path, moe: bool, tr
             _check_kept_limit(out / "runs" / name, trace_limit)
         steps.append(Step(block, "interventions",
                           f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --mode block --window {window}{limit_flag} --out runs/{block}{dev_flag}",
-                          lambda d, p, m=m: trace(m, str(prompts), mode="block", window=window, limit=trace_limit, device=device, out=d, progress=p)))
+                          lambda d, p, m=m: trace(m, str(prompts), mode="block", window=window, limit=trace_limit, device=device, out=d, progress=p),
+                          cost=12))
         steps.append(Step(knockout, "interventions",
                           f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --sites {','.join(knockout_sites)}{limit_flag} --out runs/{knockout}{dev_flag}",
-                          lambda d, p, m=m: trace(m, str(prompts), sites=knockout_sites, limit=trace_limit, device=device, out=d, progress=p)))
+                          lambda d, p, m=m: trace(m, str(prompts), sites=knockout_sites, limit=trace_limit, device=device, out=d, progress=p),
+                          cost=22))
     if restore_limit:
         key = next(iter(models))
         limit = min(restore_limit, trace_limit) if trace_limit else restore_limit
@@ -240,7 +248,8 @@ def _trace_steps(models: dict[str, Any], main: Any, prompts: Path, moe: bool, tr
         m = models[key]
         steps.append(Step(name, "interventions",
                           f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --mode restore --limit {limit} --out runs/{name}{dev_flag}",
-                          lambda d, p: trace(m, str(prompts), mode="restore", limit=limit, device=device, out=d, progress=p)))
+                          lambda d, p: trace(m, str(prompts), mode="restore", limit=limit, device=device, out=d, progress=p),
+                          cost=5 * limit))  # some 13 block prompts' worth each
     return steps
 
 
@@ -290,13 +299,15 @@ def _clustering_steps(base_m: Any, tuned_m: Any, calibration: Path, prompts: Pat
         name = f"cluster-{method}"
         steps.append(Step(name, "clustering",
                           f"moelens cluster {_q(base_m.path)} --calibration {_q(calibration)} --method {method} --groups {groups} --out runs/{name}{dev_flag}",
-                          lambda d, p, method=method: cluster(base_m, str(calibration), method=method, groups=groups, device=device, out=d, progress=p)))
+                          lambda d, p, method=method: cluster(base_m, str(calibration), method=method, groups=groups, device=device, out=d, progress=p),
+                          cost=12))
         for permute in (False, True):
             dname = f"distance-{method}{'-permuted' if permute else ''}"
             steps.append(Step(dname, "expert distance",
                               f"moelens distance {_q(base_m.path)} --clusters runs/{name}{' --permute' if permute else ''} --out runs/{dname}{dev_flag}",
                               lambda d, p, name=name, permute=permute: expert_distance(
-                                  base_m, clusters=d.parent / name, permute=permute, device=device, out=d, progress=p)))
+                                  base_m, clusters=d.parent / name, permute=permute, device=device, out=d, progress=p),
+                              needs=(name,), cost=2))
     from moelens.analyses.clustering import merge_cost
 
     facts_flag = f" --facts {_q(prompts)}" if prompts is not None else ""
@@ -305,7 +316,8 @@ def _clustering_steps(base_m: Any, tuned_m: Any, calibration: Path, prompts: Pat
                       f"--texts {_q(calibration)} --out runs/merge-cost{dev_flag}",
                       lambda d, p: merge_cost(base_m, [d.parent / "cluster-hc-smoe", d.parent / "cluster-m-smoe"],
                                               facts=None if prompts is None else str(prompts), texts=str(calibration),
-                                              device=device, out=d, progress=p)))
+                                              device=device, out=d, progress=p),
+                      needs=("cluster-hc-smoe", "cluster-m-smoe"), cost=15))
     return steps
 
 
@@ -411,6 +423,27 @@ def reproduce_box(steps: list[Step], runs: dict[str, Run], atlas_command: str | 
     return {"atlas": atlas_command, "commands": [s.command for s in steps if s.name in runs], "versions": versions}
 
 
+def _workers_for(requested: int | None, pending: list[Step], plan: dict[str, Any]) -> int:
+    """Worker processes for the ``pending`` runs (:func:`moelens.atlas_pool.choose_workers`):
+    several only with the local executor (another executor places the work itself); by default
+    only on the CPU, where each run gets its share of the cores."""
+    from moelens.atlas_pool import choose_workers
+
+    executor = plan["executor"]
+    if executor is not None and str(getattr(executor, "name", executor)) != "local":
+        return 1
+    if requested is not None or len(pending) < 2:
+        return choose_workers(requested, len(pending), True)
+    from moelens.checkpoint import open_model
+    from moelens.spectral import resolve_device
+
+    if resolve_device(plan["device"]).type != "cpu":
+        return 1
+    paths = [plan[k] for k in ("model", "tuned", "base") if plan[k] is not None]
+    largest = max(open_model(p).size_on_disk() for p in paths)
+    return choose_workers(None, len(pending), True, largest)
+
+
 def atlas(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -425,16 +458,25 @@ def atlas(
     title: str | None = None,
     progress: ProgressCallback | None = None,
     command: str | None = None,
+    jobs: int | None = None,
 ) -> Atlas:
     """Run every analysis that applies to ``model`` (and its fine-tune or base) under ``out`` and
     write one report; a second call reuses the finished runs.
+
+    ``jobs``: analyses run at once, each in a worker process (:mod:`moelens.atlas_pool`); None:
+    one per core this process may use, when every run computes on the CPU with the local executor
+    and memory holds a model per worker; 1 runs them one after another in this process.
 
     >>> result = atlas("zoo/base", "atlas", tuned="zoo/tuned")
     >>> result.report          # atlas/report.html
     """
     from moelens.report import build_report, write_report
 
-    steps, notes = plan_atlas(model, out, tuned, base, prompts, calibration, executor, device, trace_limit, restore_limit)
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ConfigError(f"--jobs {jobs}: give a whole number ≥ 1")
+    plan = dict(model=model, out=out, tuned=tuned, base=base, prompts=prompts, calibration=calibration, executor=executor,
+                device=device, trace_limit=trace_limit, restore_limit=restore_limit)
+    steps, notes = plan_atlas(**plan)
     out = Path(out)
     from moelens.safe_files import atomic_write_bytes
 
@@ -442,15 +484,24 @@ def atlas(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict[str, Run] = {}
     reused: list[str] = []
-    for i, step in enumerate(steps, start=1):
-        report(progress, "atlas", i - 1, len(steps), f"{step.name} ({step.analysis})", step=True)
-        directory = out / "runs" / step.name
-        done = _finished(directory)
+    pending: list[Step] = []
+    for step in steps:
+        done = _finished(out / "runs" / step.name)
         if done is not None:
             runs[step.name] = done
             reused.append(step.name)
-            continue
-        runs[step.name] = step.run(directory, progress)
+        else:
+            pending.append(step)
+    n_workers = _workers_for(jobs, pending, plan)
+    if n_workers > 1:
+        from moelens.atlas_pool import run_steps
+
+        runs.update(run_steps(pending, out, {**plan, "executor": None}, n_workers, len(steps), load_run, progress, len(reused)))
+    else:
+        for step in pending:
+            report(progress, "atlas", len(runs), len(steps), f"{step.name} ({step.analysis})", step=True)
+            runs[step.name] = step.run(out / "runs" / step.name, progress)
+    runs = {s.name: runs[s.name] for s in steps}  # the report's order is the plan's
     report(progress, "atlas", len(steps), len(steps), "report", step=True)
     report_path = out / "report.html"
     figure_dir = out / "figures"

@@ -30,7 +30,8 @@ def _atlas(values: dict) -> None:
     with progress_bar() as callback:
         result = atlas(values["source"], values["out"], tuned=values.get("tuned"), base=values.get("base"),
                        prompts=values.get("prompts"), calibration=values.get("calibration"), executor=executor,
-                       device=values["device"], trace_limit=limit, restore_limit=restore, title=values.get("title"), progress=callback, command=command)
+                       device=values["device"], trace_limit=limit, restore_limit=restore, title=values.get("title"), progress=callback, command=command,
+                       jobs=values.get("jobs"))
     for name in result.runs:
         console.print(f"  {'reused' if name in result.reused else 'wrote '} runs/{escape(name)}", highlight=False)
     for note in result.notes:
@@ -59,6 +60,8 @@ def _register_atlas() -> None:
                  "attention knockout, the seed-003 figure, blocks round(9/48 × layers) layers around each layer."),
         opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N, for every analysis."),
         opt("title", Optional[str], None, "--title", help="Title of the report."),
+        opt("jobs", Optional[int], None, "--jobs", metavar="N",
+            help="Analyses run at once, each in its own process (default: one per CPU core on the CPU with the local executor, as memory allows; 1: one at a time, in this process)."),
         *executor_parameters(),
     ]
     app.command("atlas")(command_from_parameters(params, _atlas, command_help("atlas"), "atlas"))
