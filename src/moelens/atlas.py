@@ -14,6 +14,9 @@ as PNG and SVG under ``out/figures/``, named after the figure (and its run, laye
 | interventions           | prompts given, or a zoo model           | ``trace-block-<model>`` (attention knockout, seed 003), ``trace-knockout-<model>`` per model; ``trace-restore-<first model>`` |
 | clustering and merging  | MoE models with calibration text        | ``cluster-hc-smoe``, ``cluster-m-smoe``, their distances, ``merge-cost`` |
 
+The runs go to worker processes, several at once on the CPU (``jobs``, :mod:`moelens.atlas_pool`),
+each run written by one of them; the parent reads the finished runs and writes the report.
+
 ``--base A`` means MODEL is the fine-tune and A its base; ``--tuned B`` that MODEL is the base
 and B its fine-tune. A dense model gets module metrics and interventions, and a note on what was
 skipped and why. A zoo model (a checkpoint inside a directory built by ``moelens zoo build``)
