@@ -1,0 +1,285 @@
+"""Router-row edits measured in batched forward passes (docs/methods.md §8).
+
+A cell edits one row of one router: r_e ← r'_e at layer ℓ (every position of the prompt), nothing
+else. Its logits are recomputed at the interventions' ``router`` site
+(:class:`~moelens.runtime.interventions.InterventionHooks`): column e of every token's logits
+becomes x_t · r'_e + b_e (x_t the router's input, b_e its bias where it has one), every other
+column keeps its value, and routing is recomputed with the family's own rule (softmax or sigmoid,
+score-correction bias, group limits, renormalisation; ties to the lower index).
+
+Many cells share one forward pass: row i of a batch is (prompt, cell) and carries its own edited
+row, so a batch holds rows of many cells and prompts at once. Each batch records
+
+- the top-k set S'_t the family chose at the cell's layer for every real position t (the expert
+  indices its MoE block handed to its experts module, as calibration reads them), and
+- the next-token distribution q at the prompt's last position,
+
+and a clean pass gives S_t and p. Per cell, summed over its prompts: the positions where e ∈ S'_t,
+the positions where S'_t ≠ S_t (as sets), JSD(p, q) and KL(p‖q) in bits, and, for every expert j,
+the positions where e ∈ S_t and j ∈ S'_t (the migration of e's former tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moelens.calibration.capture import _topk_of, topk_of_logits
+from moelens.errors import ConfigError
+from moelens.metrics.jsd import LN2, js_divergence
+from moelens.progress import ProgressCallback, report
+from moelens.runtime.architecture import Architecture, first_tensor, router_weight
+from moelens.runtime.checks import check_logits
+from moelens.runtime.interventions import Batch, Edit, InterventionHooks, last_logits, lower_index_ties
+from moelens.runtime.trace import memory_budget, row_bytes
+
+
+def kl_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) = Σ_i p_i log₂(p_i / q_i) over the last axis, float64 (0 · log 0 = 0)."""
+    p, q = p.double(), q.double()
+    return ((torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1) / LN2).clamp_min(0.0)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One router edit: row ``expert`` of layer ``layer``'s router becomes ``row`` [d]."""
+
+    layer: int
+    expert: int
+    row: torch.Tensor
+
+
+@dataclass
+class CellTotals:
+    """Sums over a cell's prompts (arrays indexed by cell)."""
+
+    routed_after: np.ndarray  # positions with e ∈ S'_t
+    changed: np.ndarray  # positions with S'_t ≠ S_t
+    jsd: np.ndarray  # Σ over prompts, bits
+    kl: np.ndarray  # Σ over prompts, bits
+    migration: np.ndarray  # [C, E] positions with e ∈ S_t and j ∈ S'_t
+
+
+@dataclass
+class CleanRouting:
+    """The clean pass: next-token distributions [P, V] and, per layer, top-k sets [P, T, k]."""
+
+    probs: torch.Tensor
+    topk: dict[int, torch.Tensor]
+    real: torch.Tensor  # [P, T] bool
+    width: int
+
+    def routed(self, layer: int, n_experts: int) -> np.ndarray:
+        """Positions (over every prompt) whose top-k set holds each expert, [E]."""
+        sel = self.topk[layer][self.real]  # [N, k]
+        return torch.bincount(sel.reshape(-1), minlength=n_experts).cpu().numpy()
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.real.sum())
+
+
+class RouterEditRunner:
+    """Hooks on a loaded causal LM that measure many router-row edits per forward pass."""
+
+    def __init__(self, model: Any, arch: Architecture, layers: Sequence[int], top_k: int, pad_id: int = 0,
+                 rows_per_batch: int | None = None):
+        self.model = model
+        self.arch = arch
+        self.layers = list(layers)
+        self.top_k = int(top_k)
+        self.pad_id = int(pad_id)
+        self.device = next(model.parameters()).device
+        self.hooks = InterventionHooks(model, arch)
+        self.rows_per_batch = rows_per_batch
+        self._seen: dict[int, torch.Tensor] = {}
+        self._router_out: dict[int, Any] = {}
+        self._handles: list[Any] = []
+        for L in self.layers:
+            if arch.layers[L].router is None:
+                raise ConfigError(f"layer {L} has no router")
+
+    # -- hooks --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def installed(self, sample_ids: Sequence[int]):
+        """The interventions' hooks, then (so they see the edited routing) hooks that record each
+        chosen layer's top-k sets."""
+        with self.hooks.installed():
+            ids = torch.tensor([list(sample_ids)], device=self.device)
+            self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            try:
+                for L in self.layers:
+                    points = self.arch.layers[L]
+                    self._handles.append(points.router.register_forward_hook(self._router_hook(L)))
+                    experts = getattr(points.mlp, "experts", None)
+                    if isinstance(experts, nn.Module):
+                        self._handles.append(experts.register_forward_pre_hook(self._experts_hook(L), with_kwargs=True))
+                yield self
+            finally:
+                for h in self._handles:
+                    h.remove()
+                self._handles.clear()
+
+    def _router_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._router_out[layer] = output
+        return hook
+
+    def _experts_hook(self, layer: int):
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            if isinstance(index, torch.Tensor) and index.ndim == 2 and not index.is_floating_point():
+                self._seen[layer] = index.detach()
+        return hook
+
+    def _selection(self, layer: int, R: int, T: int) -> torch.Tensor:
+        """[R, T, k] experts the family chose at ``layer`` in the last pass."""
+        n = R * T
+        sel = self._seen.get(layer)
+        if sel is None or tuple(sel.shape) != (n, self.top_k):
+            out = self._router_out.get(layer)
+            sel = _topk_of(out, n, self.top_k)
+            if sel is None:
+                if out is None:
+                    raise ConfigError(f"the forward pass never reached the router of layer {layer}")
+                sel = topk_of_logits(first_tensor(out).reshape(n, -1), self.top_k)
+        return sel.reshape(R, T, self.top_k).long()
+
+    # -- passes -------------------------------------------------------------------------------
+    def _forward(self, rows: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, Batch]:
+        batch = Batch.of(rows, self.pad_id, self.device, width)
+        self.hooks.attention_mask = batch.attention_mask
+        self.hooks.last = batch.last
+        self._seen, self._router_out = {}, {}
+        ties = lower_index_ties() if self.hooks.edits else contextlib.nullcontext()
+        with torch.no_grad(), ties:
+            logits = last_logits(self.model, batch, [len(r) for r in rows]).float()
+            check_logits(logits, self.model, "forward pass", input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return logits, batch
+
+    def batch_rows(self, width: int) -> int:
+        if self.rows_per_batch is not None:
+            return self.rows_per_batch
+        per_row = row_bytes(self.model, width, restore=False)
+        return int(max(1, min(1024, memory_budget(self.device) // max(per_row, 1))))
+
+    def clean(self, prompts: Sequence[Sequence[int]]) -> CleanRouting:
+        """Next-token distributions and every chosen layer's top-k sets of the unedited model."""
+        width = max(len(p) for p in prompts)
+        step = self.batch_rows(width)
+        self.hooks.edits = {}
+        probs, topk = [], {L: [] for L in self.layers}
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start:start + step]
+            logits, batch = self._forward(chunk, width)
+            probs.append(torch.softmax(logits, -1))
+            for L in self.layers:
+                topk[L].append(self._selection(L, len(chunk), width))
+        mask = Batch.of(prompts, self.pad_id, self.device, width).attention_mask
+        return CleanRouting(torch.cat(probs), {L: torch.cat(v) for L, v in topk.items()}, mask.bool(), width)
+
+    def _edits(self, layer_of_row: torch.Tensor, expert_of_row: torch.Tensor, rows: torch.Tensor, T: int) -> dict[tuple[int, str], list[Edit]]:
+        """Router edits of one batch: row i's logits column expert_of_row[i] at layer
+        layer_of_row[i] become x · rows[i] (+ the router's bias there)."""
+        edits: dict[tuple[int, str], list[Edit]] = {}
+        R = int(layer_of_row.shape[0])
+        for L in torch.unique(layer_of_row).tolist():
+            hit = layer_of_row == L
+            index = hit.nonzero().squeeze(1)
+            router = self.arch.layers[L].router
+            bias = getattr(router, "bias", None)
+            n_experts = int(router_weight(router).shape[0])
+            bias = bias.detach() if isinstance(bias, torch.Tensor) and bias.shape == (n_experts,) else None
+            experts = expert_of_row[index]
+            new_rows = rows[index]
+
+            def value(x: torch.Tensor, logits: torch.Tensor, index=index, experts=experts, new_rows=new_rows, bias=bias) -> torch.Tensor:
+                out = logits.clone().view(R, T, -1)
+                xs = x.view(R, T, -1)[index]  # [r, T, d]
+                col = torch.einsum("rtd,rd->rt", xs.float(), new_rows.to(device=xs.device, dtype=torch.float32))
+                if bias is not None:
+                    col = col + bias.float()[experts][:, None]
+                out[index[:, None], torch.arange(T, device=out.device)[None, :], experts[:, None]] = col.to(out.dtype)
+                return out.view_as(logits)
+
+            mask = hit[:, None].expand(R, T)
+            edits[(L, "router")] = [Edit(mask, value, of_input=True)]
+        return edits
+
+    def run(self, prompts: Sequence[Sequence[int]], cells: Sequence[Cell], clean: CleanRouting,
+            progress: ProgressCallback | None = None, noun: str = "router edits") -> CellTotals:
+        """Every (prompt, cell) as one batch row, prompts by length so that a batch pads little."""
+        C, P = len(cells), len(prompts)
+        n_experts = int(router_weight(self.arch.layers[cells[0].layer].router).shape[0]) if cells else 0
+        totals = CellTotals(np.zeros(C, np.int64), np.zeros(C, np.int64), np.zeros(C), np.zeros(C), np.zeros((C, n_experts), np.int64))
+        if not C:
+            return totals
+        dev = self.device
+        layer_of = torch.tensor([c.layer for c in cells], device=dev)
+        expert_of = torch.tensor([c.expert for c in cells], device=dev)
+        rows_all = torch.stack([c.row.double() for c in cells]).to(dev)
+        order = sorted(range(P), key=lambda i: len(prompts[i]))
+        items = [(p, c) for p in order for c in range(C)]  # prompt-major: one prompt's cells side by side
+        lengths = [len(p) for p in prompts]
+        step = self.batch_rows(max(lengths))
+        done = 0
+        while done < len(items):
+            part = items[done:done + step]
+            width = max(len(prompts[p]) for p, _ in part)
+            p_idx = torch.tensor([p for p, _ in part], device=dev)
+            c_idx = torch.tensor([c for _, c in part], device=dev)
+            R = len(part)
+            self.hooks.edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], width)
+            logits, batch = self._forward([prompts[p] for p, _ in part], width)
+            q = torch.softmax(logits, -1)
+            p_clean = clean.probs[p_idx]
+            jsd = js_divergence(p_clean, q).cpu().numpy()
+            kl = kl_bits(p_clean, q).cpu().numpy()
+            real = batch.attention_mask.bool()  # [R, T]
+            after_all = torch.zeros(R, dtype=torch.long, device=dev)
+            changed_all = torch.zeros(R, dtype=torch.long, device=dev)
+            migration = torch.zeros(R, n_experts, dtype=torch.long, device=dev)
+            for L in torch.unique(layer_of[c_idx]).tolist():
+                hit = (layer_of[c_idx] == L).nonzero().squeeze(1)
+                sel = self._selection(L, R, width)[hit]  # [r, T, k]
+                before = clean.topk[L][p_idx[hit], :width]  # [r, T, k]
+                e = expert_of[c_idx[hit]][:, None, None]
+                ok = real[hit]
+                in_after = (sel == e).any(-1) & ok
+                in_before = (before == e).any(-1) & ok
+                differs = (sel.sort(-1).values != before.sort(-1).values).any(-1) & ok
+                after_all[hit] = in_after.sum(1)
+                changed_all[hit] = differs.sum(1)
+                onehot = torch.zeros(len(hit), width, n_experts, dtype=torch.long, device=dev)
+                onehot.scatter_(2, sel, 1)
+                migration[hit] = (onehot * in_before[..., None]).sum(1)
+            cells_np = c_idx.cpu().numpy()
+            np.add.at(totals.routed_after, cells_np, after_all.cpu().numpy())
+            np.add.at(totals.changed, cells_np, changed_all.cpu().numpy())
+            np.add.at(totals.jsd, cells_np, jsd)
+            np.add.at(totals.kl, cells_np, kl)
+            np.add.at(totals.migration, cells_np, migration.cpu().numpy())
+            done += R
+            report(progress, noun, done, len(items))
+        self.hooks.edits = {}
+        return totals
+
+
+def shares(totals: CellTotals, clean: CleanRouting, layer: int, top_k: int, n_prompts: int) -> dict[str, np.ndarray]:
+    """Per-cell measures from a layer's totals: shares of top-k slots and of positions, means over prompts."""
+    n = clean.n_positions
+    return {
+        "routed_after": totals.routed_after / (n * top_k),
+        "topk_changed": totals.changed / n,
+        "jsd": totals.jsd / n_prompts,
+        "kl": totals.kl / n_prompts,
+    }
+
+
+__all__ = ["Cell", "CellTotals", "CleanRouting", "RouterEditRunner", "kl_bits", "shares"]
