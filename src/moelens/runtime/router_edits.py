@@ -48,11 +48,16 @@ def kl_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Cell:
-    """One router edit: row ``expert`` of layer ``layer``'s router becomes ``row`` [d]."""
+    """One router edit: row ``expert`` of layer ``layer``'s router becomes ``row`` [d].
+
+    ``copy_of`` ≥ 0 (a transplant: ``row`` is that expert's row): column ``expert`` becomes a copy of
+    column ``copy_of`` (its bias swapped for the expert's own), so the two logits tie exactly, as
+    two equal rows of a weight matrix do, and ties go to the lower index."""
 
     layer: int
     expert: int
     row: torch.Tensor
+    copy_of: int = -1
 
 
 @dataclass
@@ -184,9 +189,11 @@ class RouterEditRunner:
         mask = Batch.of(prompts, self.pad_id, self.device, width).attention_mask
         return CleanRouting(torch.cat(probs), {L: torch.cat(v) for L, v in topk.items()}, mask.bool(), width)
 
-    def _edits(self, layer_of_row: torch.Tensor, expert_of_row: torch.Tensor, rows: torch.Tensor, T: int) -> dict[tuple[int, str], list[Edit]]:
+    def _edits(self, layer_of_row: torch.Tensor, expert_of_row: torch.Tensor, rows: torch.Tensor, copy_of_row: torch.Tensor,
+               T: int) -> dict[tuple[int, str], list[Edit]]:
         """Router edits of one batch: row i's logits column expert_of_row[i] at layer
-        layer_of_row[i] become x · rows[i] (+ the router's bias there)."""
+        layer_of_row[i] become x · rows[i] (+ the router's bias there), or a copy of column
+        copy_of_row[i] where that is ≥ 0."""
         edits: dict[tuple[int, str], list[Edit]] = {}
         R = int(layer_of_row.shape[0])
         for L in torch.unique(layer_of_row).tolist():
@@ -198,13 +205,20 @@ class RouterEditRunner:
             bias = bias.detach() if isinstance(bias, torch.Tensor) and bias.shape == (n_experts,) else None
             experts = expert_of_row[index]
             new_rows = rows[index]
+            copies = copy_of_row[index]
 
-            def value(x: torch.Tensor, logits: torch.Tensor, index=index, experts=experts, new_rows=new_rows, bias=bias) -> torch.Tensor:
+            def value(x: torch.Tensor, logits: torch.Tensor, index=index, experts=experts, new_rows=new_rows, copies=copies, bias=bias) -> torch.Tensor:
                 out = logits.clone().view(R, T, -1)
                 xs = x.view(R, T, -1)[index]  # [r, T, d]
                 col = torch.einsum("rtd,rd->rt", xs.float(), new_rows.to(device=xs.device, dtype=torch.float32))
                 if bias is not None:
                     col = col + bias.float()[experts][:, None]
+                copied = copies >= 0
+                if bool(copied.any()):
+                    source = out[index[copied]].gather(2, copies[copied][:, None, None].expand(-1, T, 1)).squeeze(2).float()
+                    if bias is not None:
+                        source = source - bias.float()[copies[copied]][:, None] + bias.float()[experts[copied]][:, None]
+                    col[copied] = source
                 out[index[:, None], torch.arange(T, device=out.device)[None, :], experts[:, None]] = col.to(out.dtype)
                 return out.view_as(logits)
 
@@ -224,6 +238,7 @@ class RouterEditRunner:
         layer_of = torch.tensor([c.layer for c in cells], device=dev)
         expert_of = torch.tensor([c.expert for c in cells], device=dev)
         rows_all = torch.stack([c.row.double() for c in cells]).to(dev)
+        copy_of = torch.tensor([c.copy_of for c in cells], device=dev)
         order = sorted(range(P), key=lambda i: len(prompts[i]))
         items = [(p, c) for p in order for c in range(C)]  # prompt-major: one prompt's cells side by side
         lengths = [len(p) for p in prompts]
@@ -235,7 +250,7 @@ class RouterEditRunner:
             p_idx = torch.tensor([p for p, _ in part], device=dev)
             c_idx = torch.tensor([c for _, c in part], device=dev)
             R = len(part)
-            self.hooks.edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], width)
+            self.hooks.edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], copy_of[c_idx], width)
             logits, batch = self._forward([prompts[p] for p, _ in part], width)
             q = torch.softmax(logits, -1)
             p_clean = clean.probs[p_idx]

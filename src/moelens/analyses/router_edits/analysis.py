@@ -217,18 +217,17 @@ def summarise(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return out[SUMMARY_SCHEMA.column_names]
 
 
-def headline(table: pd.DataFrame) -> dict[int, float]:
-    """Per k: mean |routed_before − routed_after| of project_out over that of random (every layer
-    and expert): how many times more removing the aligned part moves routing to its expert than
-    removing a random part of equal norm."""
-    change = (table["routed_before"] - table["routed_after"]).abs()
-    t = table.assign(change=change)
+def headline(table: pd.DataFrame) -> dict[int, tuple[float, float, float]]:
+    """Per k: (a, b, a / b), a and b the mean |routed_before − routed_after| of project_out and of
+    random over every layer, expert (and sample): how many times more removing the aligned part
+    moves routing to its expert than removing a random part of equal norm (NaN where b = 0)."""
+    t = table.assign(change=(table["routed_before"] - table["routed_after"]).abs())
     out = {}
     for k in sorted(set(t.loc[t["edit"] == "project_out", "k"])):
-        po = t[(t["edit"] == "project_out") & (t["k"] == k)]["change"].mean()
-        rnd = t[(t["edit"] == "random") & (t["k"] == k)]["change"].mean()
-        if rnd == rnd and rnd > 0:
-            out[int(k)] = float(po / rnd)
+        po = float(t[(t["edit"] == "project_out") & (t["k"] == k)]["change"].mean())
+        rnd = float(t[(t["edit"] == "random") & (t["k"] == k)]["change"].mean())
+        if rnd == rnd:
+            out[int(k)] = (po, rnd, po / rnd if rnd > 0 else float("nan"))
     return out
 
 
@@ -270,7 +269,13 @@ class RouterEdits(Analysis):
     def plan(self, models: Mapping[str, Any], config: RouterEditsConfig) -> Plan:
         from moelens.runtime import load_causal_lm, load_tokenizer
         from moelens.runtime.architecture import describe
-        from moelens.runtime.checks import check_checkpoint_finite, check_vocabulary, embedding_rows, max_positions, quiet_transformers
+        from moelens.runtime.checks import (
+            check_checkpoint_finite,
+            check_vocabulary,
+            embedding_rows,
+            max_positions,
+            quiet_transformers,
+        )
         from moelens.runtime.router_edits import RouterEditRunner
         from moelens.spectral import resolve_device
 
@@ -364,7 +369,7 @@ class RouterEdits(Analysis):
                     if e in wanted:
                         directions[e] = top_directions(weight, opts["matrix"], max(s.ks))
             specs = edit_rows(router, directions, s.experts, s.edits, s.ks, opts["samples"], opts["seed"], L, s.pairs)
-            cells = [Cell(L, spec.expert, spec.row) for spec in specs]
+            cells = [Cell(L, spec.expert, spec.row, spec.partner if spec.edit == "transplant" else -1) for spec in specs]
             totals = runner.run(s.prompts, cells, s.clean, context.progress, noun=f"router edits of layer {L}")
         n_experts = int(router.shape[0])
         n = s.clean.n_positions
