@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,11 @@ class CleanRouting:
     topk: dict[int, torch.Tensor]
     real: torch.Tensor  # [P, T] bool
     width: int
+    #: per layer, where the router can be re-run alone: its inputs [P, T, d] and its clean top-k
+    #: indices and weights [P, T, k] from that re-run
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def routed(self, layer: int, n_experts: int) -> np.ndarray:
         """Positions (over every prompt) whose top-k set holds each expert, [E]."""
@@ -105,6 +110,9 @@ class RouterEditRunner:
         self.rows_per_batch = rows_per_batch
         self._seen: dict[int, torch.Tensor] = {}
         self._router_out: dict[int, Any] = {}
+        self._router_in: dict[int, torch.Tensor] = {}
+        self._router_extra: dict[int, tuple[tuple, dict] | None] = {}
+        self._keep_inputs = False
         self._handles: list[Any] = []
         for L in self.layers:
             if arch.layers[L].router is None:
@@ -121,7 +129,7 @@ class RouterEditRunner:
             try:
                 for L in self.layers:
                     points = self.arch.layers[L]
-                    self._handles.append(points.router.register_forward_hook(self._router_hook(L)))
+                    self._handles.append(points.router.register_forward_hook(self._router_hook(L), with_kwargs=True))
                     experts = getattr(points.mlp, "experts", None)
                     if isinstance(experts, nn.Module):
                         self._handles.append(experts.register_forward_pre_hook(self._experts_hook(L), with_kwargs=True))
@@ -132,8 +140,13 @@ class RouterEditRunner:
                 self._handles.clear()
 
     def _router_hook(self, layer: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
             self._router_out[layer] = output
+            if self._keep_inputs and args and isinstance(args[0], torch.Tensor):
+                self._router_in[layer] = args[0].detach()
+                # the family's other inputs (e.g. MiniMax-M2's score-correction bias), for re-runs
+                per_token = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 1]
+                self._router_extra[layer] = None if per_token else (tuple(args[1:]), dict(kwargs))
         return hook
 
     def _experts_hook(self, layer: int):
@@ -175,19 +188,59 @@ class RouterEditRunner:
         return int(max(1, min(1024, memory_budget(self.device) // max(per_row, 1))))
 
     def clean(self, prompts: Sequence[Sequence[int]]) -> CleanRouting:
-        """Next-token distributions and every chosen layer's top-k sets of the unedited model."""
+        """Next-token distributions and every chosen layer's top-k sets of the unedited model; and,
+        where a router returns its top-k indices and weights, its inputs and that output."""
         width = max(len(p) for p in prompts)
         step = self.batch_rows(width)
         self.hooks.edits = {}
         probs, topk = [], {L: [] for L in self.layers}
-        for start in range(0, len(prompts), step):
-            chunk = prompts[start:start + step]
-            logits, batch = self._forward(chunk, width)
-            probs.append(torch.softmax(logits, -1))
-            for L in self.layers:
-                topk[L].append(self._selection(L, len(chunk), width))
+        inputs: dict[int, list[torch.Tensor]] = {L: [] for L in self.layers}
+        self._keep_inputs = True
+        try:
+            for start in range(0, len(prompts), step):
+                chunk = prompts[start:start + step]
+                self._router_in = {}
+                self._router_extra = {}
+                logits, batch = self._forward(chunk, width)
+                probs.append(torch.softmax(logits, -1))
+                for L in self.layers:
+                    topk[L].append(self._selection(L, len(chunk), width))
+                    x = self._router_in.get(L)
+                    if x is not None and x.numel() == len(chunk) * width * x.shape[-1]:
+                        inputs[L].append(x.reshape(len(chunk), width, -1))
+        finally:
+            self._keep_inputs = False
         mask = Batch.of(prompts, self.pad_id, self.device, width).attention_mask
-        return CleanRouting(torch.cat(probs), {L: torch.cat(v) for L, v in topk.items()}, mask.bool(), width)
+        clean = CleanRouting(torch.cat(probs), {L: torch.cat(v) for L, v in topk.items()}, mask.bool(), width)
+        for L in self.layers:
+            if len(inputs[L]) != len(topk[L]) or self._router_extra.get(L) is None:
+                continue
+            x = torch.cat(inputs[L])
+            routed = self._route_alone(L, x, None)
+            if routed is not None and torch.equal(routed[0], clean.topk[L]):
+                clean.inputs[L], clean.indices[L], clean.weights[L] = x, routed[0], routed[1]
+        return clean
+
+    def _route_alone(self, layer: int, x: torch.Tensor, edits: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(indices, weights) [R, T, k] of the router of ``layer`` run alone on its inputs x [R, T, d]
+        with ``edits``; None when its output holds no top-k indices and weights."""
+        R, T, d = x.shape
+        self.hooks.edits = edits or {}
+        self.hooks.attention_mask = torch.ones(R, T, dtype=torch.long, device=x.device)
+        ties = lower_index_ties() if edits else contextlib.nullcontext()
+        args, kwargs = self._router_extra[layer] or ((), {})
+        try:
+            with torch.no_grad(), ties:
+                out = self.arch.layers[layer].router(x.reshape(R * T, d), *args, **kwargs)
+        finally:
+            self.hooks.edits = {}
+        index = _topk_of(out, R * T, self.top_k)
+        if index is None or not isinstance(out, (tuple, list)):
+            return None
+        weights = [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) == (R * T, self.top_k)]
+        if not weights:
+            return None
+        return index.reshape(R, T, self.top_k).long(), weights[0].reshape(R, T, self.top_k)
 
     def _edits(self, layer_of_row: torch.Tensor, expert_of_row: torch.Tensor, rows: torch.Tensor, copy_of_row: torch.Tensor,
                T: int) -> dict[tuple[int, str], list[Edit]]:
@@ -226,9 +279,35 @@ class RouterEditRunner:
             edits[(L, "router")] = [Edit(mask, value, of_input=True)]
         return edits
 
+    def _routing(self, totals: CellTotals, sel: torch.Tensor, before: torch.Tensor, experts: torch.Tensor, real: torch.Tensor,
+                 cells: np.ndarray) -> None:
+        """Add one group of rows' routing counts: ``sel`` and ``before`` [r, T, k] (edited, clean
+        top-k), ``experts`` [r] the edited expert, ``real`` [r, T], ``cells`` [r] their cells."""
+        n_experts = totals.migration.shape[1]
+        e = experts[:, None, None]
+        in_after = (sel == e).any(-1) & real
+        in_before = (before == e).any(-1) & real
+        differs = (sel.sort(-1).values != before.sort(-1).values).any(-1) & real
+        onehot = torch.zeros(*sel.shape[:2], n_experts, dtype=torch.long, device=sel.device)
+        onehot.scatter_(2, sel, 1)
+        np.add.at(totals.routed_after, cells, in_after.sum(1).cpu().numpy())
+        np.add.at(totals.changed, cells, differs.sum(1).cpu().numpy())
+        np.add.at(totals.migration, cells, (onehot * in_before[..., None]).sum(1).cpu().numpy())
+
     def run(self, prompts: Sequence[Sequence[int]], cells: Sequence[Cell], clean: CleanRouting,
             progress: ProgressCallback | None = None, noun: str = "router edits") -> CellTotals:
-        """Every (prompt, cell) as one batch row, prompts by length so that a batch pads little."""
+        """Every (prompt, cell) as a row, in two steps.
+
+        Routing: where the router can be re-run alone (it returns its top-k indices and weights),
+        each row's edited routing at ℓ comes from the router on the clean inputs x of layer ℓ (the
+        edit changes nothing before ℓ's router), with no forward pass. A row whose routing is the
+        clean one at every position (the same experts in the same order, weights equal within
+        rtol 1e-6, atol 1e-7: rounding) sends every token through the same experts with the same
+        weights, so its next-token distribution is the clean one: JSD = KL = 0 without a pass.
+
+        Predictions: the other rows go through the model in batches of many cells, prompts by
+        length so that a batch pads little, each row with its own edited router row; routers that
+        cannot be re-run alone get their routing from this pass too."""
         C, P = len(cells), len(prompts)
         n_experts = int(router_weight(self.arch.layers[cells[0].layer].router).shape[0]) if cells else 0
         totals = CellTotals(np.zeros(C, np.int64), np.zeros(C, np.int64), np.zeros(C), np.zeros(C), np.zeros((C, n_experts), np.int64))
@@ -239,49 +318,56 @@ class RouterEditRunner:
         expert_of = torch.tensor([c.expert for c in cells], device=dev)
         rows_all = torch.stack([c.row.double() for c in cells]).to(dev)
         copy_of = torch.tensor([c.copy_of for c in cells], device=dev)
+        width = clean.width
         order = sorted(range(P), key=lambda i: len(prompts[i]))
-        items = [(p, c) for p in order for c in range(C)]  # prompt-major: one prompt's cells side by side
-        lengths = [len(p) for p in prompts]
-        step = self.batch_rows(max(lengths))
+        # routing first, without forward passes, for the layers whose router runs alone
+        fast = [c for c in range(C) if cells[c].layer in clean.inputs]
+        slow = [c for c in range(C) if cells[c].layer not in clean.inputs]
+        forward: list[tuple[int, int]] = [(p, c) for p in order for c in slow]
+        step = max(1, min(8192, self.batch_rows(width) * 8))
+        items = [(p, c) for c in fast for p in order]
         done = 0
-        while done < len(items):
-            part = items[done:done + step]
-            width = max(len(prompts[p]) for p, _ in part)
+        for start in range(0, len(items), step):
+            part = items[start:start + step]
+            p_idx = torch.tensor([p for p, _ in part], device=dev)
+            c_idx = torch.tensor([c for _, c in part], device=dev)
+            for L in torch.unique(layer_of[c_idx]).tolist():
+                hit = (layer_of[c_idx] == L).nonzero().squeeze(1)
+                ps, cs = p_idx[hit], c_idx[hit]
+                edits = self._edits(layer_of[cs], expert_of[cs], rows_all[cs], copy_of[cs], width)
+                sel, weights = self._route_alone(L, clean.inputs[L][ps], edits)
+                real = clean.real[ps]
+                self._routing(totals, sel, clean.topk[L][ps], expert_of[cs], real, cs.cpu().numpy())
+                same_w = torch.isclose(weights.float(), clean.weights[L][ps].float(), rtol=1e-6, atol=1e-7).all(-1)
+                moved = (((sel != clean.indices[L][ps]).any(-1) | ~same_w) & real).any(1)
+                forward.extend(zip(ps[moved].tolist(), cs[moved].tolist()))
+            done += len(part)
+            report(progress, f"{noun}: routing", done, len(items))
+        forward.sort(key=lambda pc: (len(prompts[pc[0]]), pc[0], pc[1]))
+        step = self.batch_rows(width)
+        done = 0
+        while done < len(forward):
+            part = forward[done:done + step]
+            w = max(len(prompts[p]) for p, _ in part)
             p_idx = torch.tensor([p for p, _ in part], device=dev)
             c_idx = torch.tensor([c for _, c in part], device=dev)
             R = len(part)
-            self.hooks.edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], copy_of[c_idx], width)
-            logits, batch = self._forward([prompts[p] for p, _ in part], width)
+            self.hooks.edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], copy_of[c_idx], w)
+            logits, batch = self._forward([prompts[p] for p, _ in part], w)
             q = torch.softmax(logits, -1)
             p_clean = clean.probs[p_idx]
-            jsd = js_divergence(p_clean, q).cpu().numpy()
-            kl = kl_bits(p_clean, q).cpu().numpy()
-            real = batch.attention_mask.bool()  # [R, T]
-            after_all = torch.zeros(R, dtype=torch.long, device=dev)
-            changed_all = torch.zeros(R, dtype=torch.long, device=dev)
-            migration = torch.zeros(R, n_experts, dtype=torch.long, device=dev)
-            for L in torch.unique(layer_of[c_idx]).tolist():
-                hit = (layer_of[c_idx] == L).nonzero().squeeze(1)
-                sel = self._selection(L, R, width)[hit]  # [r, T, k]
-                before = clean.topk[L][p_idx[hit], :width]  # [r, T, k]
-                e = expert_of[c_idx[hit]][:, None, None]
-                ok = real[hit]
-                in_after = (sel == e).any(-1) & ok
-                in_before = (before == e).any(-1) & ok
-                differs = (sel.sort(-1).values != before.sort(-1).values).any(-1) & ok
-                after_all[hit] = in_after.sum(1)
-                changed_all[hit] = differs.sum(1)
-                onehot = torch.zeros(len(hit), width, n_experts, dtype=torch.long, device=dev)
-                onehot.scatter_(2, sel, 1)
-                migration[hit] = (onehot * in_before[..., None]).sum(1)
             cells_np = c_idx.cpu().numpy()
-            np.add.at(totals.routed_after, cells_np, after_all.cpu().numpy())
-            np.add.at(totals.changed, cells_np, changed_all.cpu().numpy())
-            np.add.at(totals.jsd, cells_np, jsd)
-            np.add.at(totals.kl, cells_np, kl)
-            np.add.at(totals.migration, cells_np, migration.cpu().numpy())
+            np.add.at(totals.jsd, cells_np, js_divergence(p_clean, q).cpu().numpy())
+            np.add.at(totals.kl, cells_np, kl_bits(p_clean, q).cpu().numpy())
+            real = batch.attention_mask.bool()
+            for L in torch.unique(layer_of[c_idx]).tolist():
+                if L in clean.inputs:
+                    continue  # counted from the router alone
+                hit = (layer_of[c_idx] == L).nonzero().squeeze(1)
+                sel = self._selection(L, R, w)[hit]
+                self._routing(totals, sel, clean.topk[L][p_idx[hit], :w], expert_of[c_idx[hit]], real[hit], c_idx[hit].cpu().numpy())
             done += R
-            report(progress, noun, done, len(items))
+            report(progress, f"{noun}: predictions", done, len(forward))
         self.hooks.edits = {}
         return totals
 
