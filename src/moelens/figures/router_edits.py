@@ -15,7 +15,7 @@ unchanged (means over experts, and over samples for random).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -88,6 +88,7 @@ def route_jsd_heatmap(run: Run) -> Figure:
     fig = new_figure(1.6 + 1.3 * len(ks), 1.4 + 0.32 * len(layers))
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="Purples", vmin=0)
+    ax.grid(False)
     ax.set_xticks(range(len(ks)), [str(k) for k in ks])
     ax.set_yticks(range(len(layers)), [str(L) for L in layers])
     ax.set_xlabel("k (top singular directions removed)")
@@ -105,12 +106,17 @@ def route_jsd_heatmap(run: Run) -> Figure:
 
 
 @styled
-def route_migration(run: Run, layers: Optional[int] = None) -> Figure:
+def route_migration(run: Run, layers: Optional[int | Sequence[int]] = None) -> Figure:
     """Transplant's expert-migration matrix: where the edited expert's former tokens go (one layer)."""
     run = _check(run, "route_migration")
     m = run["router_edits_migration"]
     if m.empty:
         raise ConfigError("route_migration needs transplant rows; run with --edits including transplant")
+    if layers is not None and not isinstance(layers, int):
+        layers = list(layers)
+        if len(layers) != 1:
+            raise ConfigError(f"route_migration draws one layer; got {len(layers)} (give --layers L)")
+        layers = layers[0]
     layer = int(layers) if layers is not None else int(sorted(set(m["layer"]))[0])
     part = m[m["layer"] == layer]
     if part.empty:
@@ -120,6 +126,7 @@ def route_migration(run: Run, layers: Optional[int] = None) -> Figure:
     fig = new_figure(1.8 + 0.42 * n_to, 1.4 + 0.36 * len(grid))
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1)
+    ax.grid(False)
     ax.set_xticks(range(n_to), [str(j) for j in grid.columns])
     ax.set_yticks(range(len(grid)), [f"{e} ← {p}" for e, p in grid.index])
     ax.set_xlabel("expert holding the token after the transplant")
