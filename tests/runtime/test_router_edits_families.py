@@ -16,6 +16,8 @@ from moelens.runtime.router_edits import Cell, RouterEditRunner
 NO_ROUTER_EDIT = {"jetmoe", "llama4"}
 #: Families whose router is not re-run alone (checked below, so the list stays true).
 ROUTING_IN_BLOCK = {"dbrx"}  # its router returns no top-k weights of [tokens, k]
+#: Families whose decoder layers return tuples: their passes run every layer.
+TUPLE_LAYERS: set[str] = set()
 MOE = sorted(f for f, cls in families().items() if not cls.is_dense)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -44,11 +46,14 @@ def test_own_row_changes_nothing_and_zero_moves_routing(family):
         e = int(torch.bincount(clean.topk[L][clean.real].reshape(-1)).argmax())  # the busiest expert
         cells = [Cell(L, e, w[e].clone()), Cell(L, e, torch.zeros_like(w[e])), Cell(L, e, w[e] * 0.5 + w[(e + 1) % w.shape[0]] * 0.5)]
         totals = runner.run(prompts, cells, clean)
-        # routing from the router alone (where it runs alone) equals routing read off full passes
-        fast = L in clean.inputs
+        # routing from the router alone (where it runs alone) equals routing read off full passes,
+        # and passes that start at the edited layer equal passes through every layer
+        fast, skipped = L in clean.inputs, L in clean.layer_inputs
         clean.inputs.clear()
+        clean.layer_inputs.clear()
         slow = runner.run(prompts, cells, clean)
     assert fast == (family not in ROUTING_IN_BLOCK), family
+    assert skipped == (family not in TUPLE_LAYERS), family
     for name in ("routed_after", "changed", "migration"):
         np.testing.assert_array_equal(getattr(totals, name), getattr(slow, name), err_msg=name)
     np.testing.assert_allclose(totals.jsd, slow.jsd, atol=1e-6)

@@ -84,6 +84,8 @@ class CleanRouting:
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
     weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: per layer whose earlier decoder layers may be skipped: the decoder layer's clean input [P, T, d]
+    layer_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def routed(self, layer: int, n_experts: int) -> np.ndarray:
         """Positions (over every prompt) whose top-k set holds each expert, [E]."""
@@ -99,8 +101,9 @@ class RouterEditRunner:
     """Hooks on a loaded causal LM that measure many router-row edits per forward pass."""
 
     def __init__(self, model: Any, arch: Architecture, layers: Sequence[int], top_k: int, pad_id: int = 0,
-                 rows_per_batch: int | None = None):
+                 rows_per_batch: int | None = None, skip_layers: bool = True):
         self.model = model
+        self.skip_layers = skip_layers
         self.arch = arch
         self.layers = list(layers)
         self.top_k = int(top_k)
@@ -181,6 +184,32 @@ class RouterEditRunner:
             check_logits(logits, self.model, "forward pass", input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         return logits, batch
 
+    @contextlib.contextmanager
+    def _start_at(self, layer: int, states: torch.Tensor):
+        """Decoder layers before ``layer`` return their input unchanged (no work), and ``layer``
+        reads ``states`` [R, T, d] (the clean inputs of its rows) instead: a router edit at ``layer``
+        changes nothing before it, so the pass starts there."""
+        layers = [p.layer for p in self.arch.layers[:layer]]
+
+        def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return hidden_states
+
+        def swap(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+            if args:
+                return (states.to(args[0].dtype), *args[1:]), kwargs
+            kwargs["hidden_states"] = states.to(kwargs["hidden_states"].dtype)
+            return args, kwargs
+
+        for m in layers:
+            m.forward = passthrough  # an instance attribute: Module.__call__ (and its hooks) calls it
+        handle = self.arch.layers[layer].layer.register_forward_pre_hook(swap, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for m in layers:
+                del m.forward
+
     def batch_rows(self, width: int) -> int:
         if self.rows_per_batch is not None:
             return self.rows_per_batch
@@ -195,12 +224,31 @@ class RouterEditRunner:
         self.hooks.edits = {}
         probs, topk = [], {L: [] for L in self.layers}
         inputs: dict[int, list[torch.Tensor]] = {L: [] for L in self.layers}
+        layer_in: dict[int, list[torch.Tensor]] = {L: [] for L in self.layers}
+        plain = [True] * self.arch.n_layers  # decoder layers that return their hidden states as a plain tensor
+        seen_in: dict[int, torch.Tensor] = {}
+
+        def record_input(i: int):
+            def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+                x = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(x, torch.Tensor):
+                    seen_in[i] = x.detach()
+            return hook
+
+        def record_output(i: int):
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                plain[i] = plain[i] and isinstance(output, torch.Tensor)
+            return hook
+
+        handles = [p.layer.register_forward_hook(record_output(p.index)) for p in self.arch.layers]
+        handles += [self.arch.layers[L].layer.register_forward_pre_hook(record_input(L), with_kwargs=True) for L in self.layers]
         self._keep_inputs = True
         try:
             for start in range(0, len(prompts), step):
                 chunk = prompts[start:start + step]
                 self._router_in = {}
                 self._router_extra = {}
+                seen_in.clear()
                 logits, batch = self._forward(chunk, width)
                 probs.append(torch.softmax(logits, -1))
                 for L in self.layers:
@@ -208,10 +256,19 @@ class RouterEditRunner:
                     x = self._router_in.get(L)
                     if x is not None and x.numel() == len(chunk) * width * x.shape[-1]:
                         inputs[L].append(x.reshape(len(chunk), width, -1))
+                    h = seen_in.get(L)
+                    if h is not None and tuple(h.shape[:2]) == (len(chunk), width):
+                        layer_in[L].append(h)
         finally:
             self._keep_inputs = False
+            for h in handles:
+                h.remove()
         mask = Batch.of(prompts, self.pad_id, self.device, width).attention_mask
         clean = CleanRouting(torch.cat(probs), {L: torch.cat(v) for L, v in topk.items()}, mask.bool(), width)
+        if self.skip_layers:
+            for L in self.layers:
+                if L > 0 and len(layer_in[L]) == len(topk[L]) and all(plain[:L]):
+                    clean.layer_inputs[L] = torch.cat(layer_in[L])
         for L in self.layers:
             if len(inputs[L]) != len(topk[L]) or self._router_extra.get(L) is None:
                 continue
@@ -307,7 +364,9 @@ class RouterEditRunner:
 
         Predictions: the other rows go through the model in batches of many cells, prompts by
         length so that a batch pads little, each row with its own edited router row; routers that
-        cannot be re-run alone get their routing from this pass too."""
+        cannot be re-run alone get their routing from this pass too. A pass starts at the batch's
+        first edited layer from the clean inputs of that decoder layer (the layers before it would
+        compute exactly the clean states), where every earlier layer returns a plain tensor."""
         C, P = len(cells), len(prompts)
         n_experts = int(router_weight(self.arch.layers[cells[0].layer].router).shape[0]) if cells else 0
         totals = CellTotals(np.zeros(C, np.int64), np.zeros(C, np.int64), np.zeros(C), np.zeros(C), np.zeros((C, n_experts), np.int64))
@@ -353,7 +412,11 @@ class RouterEditRunner:
             c_idx = torch.tensor([c for _, c in part], device=dev)
             R = len(part)
             self.hooks.edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], copy_of[c_idx], w)
-            logits, batch = self._forward([prompts[p] for p, _ in part], w)
+            first = int(layer_of[c_idx].min())
+            start = (self._start_at(first, clean.layer_inputs[first][p_idx, :w]) if first in clean.layer_inputs
+                     else contextlib.nullcontext())
+            with start:
+                logits, batch = self._forward([prompts[p] for p, _ in part], w)
             q = torch.softmax(logits, -1)
             p_clean = clean.probs[p_idx]
             cells_np = c_idx.cpu().numpy()
