@@ -63,8 +63,8 @@ def route_routed_share(run: Run) -> Figure:
         r = rnd[rnd["layer"] == L]
         if not r.empty:
             per_sample = r.groupby(["k", "sample"])["routed_after"].mean().unstack("sample").reindex(ks)
-            ax.plot(ks, per_sample.mean(1).to_numpy(), color=colour, linestyle="--", linewidth=1.1)
-            ax.fill_between(ks, per_sample.min(1).to_numpy(), per_sample.max(1).to_numpy(), color=colour, alpha=0.15, linewidth=0)
+            ax.plot(ks, per_sample.mean(axis=1).to_numpy(), color=colour, linestyle="--", linewidth=1.1)
+            ax.fill_between(ks, per_sample.min(axis=1).to_numpy(), per_sample.max(axis=1).to_numpy(), color=colour, alpha=0.15, linewidth=0)
     _k_axis(ax, ks)
     ax.set_ylabel("share of top-k slots to the edited expert")
     n = int(run.manifest["options"].get("n_prompts", 0))
