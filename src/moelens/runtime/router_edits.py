@@ -216,9 +216,13 @@ class RouterEditRunner:
         per_row = row_bytes(self.model, width, restore=False)
         return int(max(1, min(1024, memory_budget(self.device) // max(per_row, 1))))
 
-    def clean(self, prompts: Sequence[Sequence[int]]) -> CleanRouting:
+    def clean(self, prompts: Sequence[Sequence[int]], keep: Sequence[int] | None = None) -> CleanRouting:
         """Next-token distributions and every chosen layer's top-k sets of the unedited model; and,
-        where a router returns its top-k indices and weights, its inputs and that output."""
+        for the layers of ``keep`` (default: every chosen layer), the inputs that let a pass start
+        there and, where the router returns its top-k indices and weights, its inputs and that
+        output. Those inputs are [P, T, d] per layer, so a caller that edits one layer at a time
+        keeps only that one."""
+        kept = set(self.layers if keep is None else keep)
         width = max(len(p) for p in prompts)
         step = self.batch_rows(width)
         self.hooks.edits = {}
@@ -241,7 +245,7 @@ class RouterEditRunner:
             return hook
 
         handles = [p.layer.register_forward_hook(record_output(p.index)) for p in self.arch.layers]
-        handles += [self.arch.layers[L].layer.register_forward_pre_hook(record_input(L), with_kwargs=True) for L in self.layers]
+        handles += [self.arch.layers[L].layer.register_forward_pre_hook(record_input(L), with_kwargs=True) for L in self.layers if L in kept]
         self._keep_inputs = True
         try:
             for start in range(0, len(prompts), step):
@@ -253,7 +257,7 @@ class RouterEditRunner:
                 probs.append(torch.softmax(logits, -1))
                 for L in self.layers:
                     topk[L].append(self._selection(L, len(chunk), width))
-                    x = self._router_in.get(L)
+                    x = self._router_in.get(L) if L in kept else None
                     if x is not None and x.numel() == len(chunk) * width * x.shape[-1]:
                         inputs[L].append(x.reshape(len(chunk), width, -1))
                     h = seen_in.get(L)

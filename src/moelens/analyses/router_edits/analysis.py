@@ -245,7 +245,6 @@ class RouterEditsState:
     edits: tuple[str, ...]
     pairs: list[tuple[int, int]]
     top_k: int
-    clean: Any = None
 
 
 def _dtype(choice: str, device: torch.device) -> str | None:
@@ -359,8 +358,9 @@ class RouterEdits(Analysis):
         L = int(unit.layer)
         runner = s.runner
         with runner.installed(s.prompts[0]):
-            if s.clean is None:
-                s.clean = runner.clean(s.prompts)
+            # the clean pass keeps this layer's inputs only ([P, T, d]); it costs P rows against
+            # the unit's P × cells
+            clean = runner.clean(s.prompts, keep=[L])
             router = router_weight(runner.arch.layers[L].router)
             directions: dict[int, torch.Tensor] = {}
             if any(e in s.edits for e in EDITS_WITH_K):
@@ -370,10 +370,10 @@ class RouterEdits(Analysis):
                         directions[e] = top_directions(weight, opts["matrix"], max(s.ks))
             specs = edit_rows(router, directions, s.experts, s.edits, s.ks, opts["samples"], opts["seed"], L, s.pairs)
             cells = [Cell(L, spec.expert, spec.row, spec.partner if spec.edit == "transplant" else -1) for spec in specs]
-            totals = runner.run(s.prompts, cells, s.clean, context.progress, noun=f"router edits of layer {L}")
+            totals = runner.run(s.prompts, cells, clean, context.progress, noun=f"router edits of layer {L}")
         n_experts = int(router.shape[0])
-        n = s.clean.n_positions
-        routed = s.clean.routed(L, n_experts)  # positions per expert, clean
+        n = clean.n_positions
+        routed = clean.routed(L, n_experts)  # positions per expert, clean
         P = len(s.prompts)
         rows = {c: [] for c in TABLE_SCHEMA.column_names}
         for i, spec in enumerate(specs):
