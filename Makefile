@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.moelens-installed
 DEMO   ?= .demo
 
-.PHONY: install demo test bench bench-align bench-distance bench-modules bench-scale bench-gpu bench-trace bench-zoo lint clean
+.PHONY: install demo test bench bench-align bench-distance bench-modules bench-scale bench-gpu bench-trace bench-route bench-zoo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,7 +37,7 @@ test: install
 
 # Every benchmark, each against a plain reference at real shapes (hours on 2 cores in full; --quick
 # for minutes), e.g. make bench BENCH_ARGS="--shapes qwen3 --quick --threads 1"
-bench: bench-align bench-distance bench-modules bench-scale bench-trace
+bench: bench-align bench-distance bench-modules bench-scale bench-trace bench-route
 
 bench-align: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
@@ -62,6 +62,11 @@ bench-gpu: install
 # (make bench-trace BENCH_ARGS="--device cuda" on a GPU).
 bench-trace: install
 	$(PY) benchmarks/trace.py $(BENCH_ARGS)
+
+# Router edits: batched rows against a plain loop (edit the weight, run, restore) on the demo zoo
+# (or the small zoo), e.g. make bench-route BENCH_ARGS="--prompts 32 --threads 1".
+bench-route: install
+	$(PY) benchmarks/router_edits.py $(BENCH_ARGS)
 
 # Zoo training: seconds per step of transformers' eager and grouped_mm experts against the sorted
 # experts and fused AdamW the zoo trains with, at the default 4 layers and at 12 (a few minutes),

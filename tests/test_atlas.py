@@ -25,14 +25,14 @@ def zoo_atlas(small_zoo, tmp_path_factory):
 def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     runs = zoo_atlas.runs
     expected = {"alignment-base", "alignment-tuned", "distance-base-tuned", "distance-within", "modules",
-                "trace-block-base", "trace-knockout-base", "trace-block-tuned", "trace-knockout-tuned", "trace-restore-base"}
+                "trace-block-base", "trace-knockout-base", "trace-block-tuned", "trace-knockout-tuned", "trace-restore-base", "route-base"}
     assert expected <= set(runs)
     assert {"cluster-hc-smoe", "cluster-m-smoe", "distance-hc-smoe-permuted", "distance-m-smoe"} <= set(runs)
     for name in runs:
         assert ml.load_run(zoo_atlas.out / "runs" / name).manifest["status"] == "complete"
     html = zoo_atlas.report.read_text()
     analyses = {r.manifest["analysis"] for r in runs.values()}
-    assert analyses == {"router_alignment", "expert_distance", "module_metrics", "interventions", "clustering", "merge_cost"}
+    assert analyses == {"router_alignment", "expert_distance", "module_metrics", "interventions", "router_edits", "clustering", "merge_cost"}
     assert len(re.findall(r'<section id="[^"]+" class="part"', html)) == len(analyses)  # one section per analysis
     assert "How to reproduce" in html and "moelens trace" in html and "torch" in html
     assert zoo_atlas.notes == []
@@ -40,7 +40,8 @@ def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     # the seed-003 figure is attention knockout; knockout and causal tracing are filed under their own names
     assert {"comparison_panels", "module_heatmap--modules-pair-corr", "trace_heatmap--trace-block-base", "trace_heatmap--trace-block-tuned",
             "trace_knockout--trace-knockout-base", "trace_knockout--trace-knockout-tuned", "trace_restore--trace-restore-base",
-            "trace_indirect_effect--trace-restore-base"} <= stems
+            "trace_indirect_effect--trace-restore-base", "route_routed_share--route-base", "route_jsd_heatmap--route-base",
+            "route_migration--route-base"} <= stems
     assert {p.suffix for p in zoo_atlas.figures} == {".png", ".svg"}
     assert all(p.stat().st_size > 1000 for p in zoo_atlas.figures)
     # the seed-001 figure holds the base-tuned line and the four cluster pairings
@@ -181,6 +182,7 @@ def test_the_trace_runs_say_what_they_traced(zoo_atlas, small_zoo):
     assert options["trace-block-base"]["mode"] == "block" and options["trace-block-base"]["window"] == block_window(depth)
     assert options["trace-knockout-tuned"]["mode"] == "knockout" and "router" in options["trace-knockout-tuned"]["sites"]
     assert options["trace-restore-base"]["mode"] == "restore" and options["trace-restore-base"]["limit"] == 6  # at most --trace-limit
+    assert runs["route-base"].manifest["options"]["limit"] == 6 and "moelens route" in zoo_atlas.report.read_text()
     html = zoo_atlas.report.read_text()
     assert f"--mode block --window {block_window(depth)} --limit 6" in html and "--mode restore --limit 6" in html
     assert f"attention knockout (window {block_window(depth)}): blocking" in html  # the headline names mode, window and site

@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys((
         "CalibrationConfig", "ClusteringConfig", "ExpertDistanceConfig", "InterventionsConfig", "MergeCostConfig",
-        "ModuleMetricsConfig", "RouterAlignmentConfig", "calibrate", "cluster", "expert_distance", "load_calibration",
-        "merge_clusters", "merge_cost", "module_metrics", "router_alignment", "trace",
+        "ModuleMetricsConfig", "RouterAlignmentConfig", "RouterEditsConfig", "calibrate", "cluster", "expert_distance", "load_calibration",
+        "merge_clusters", "merge_cost", "module_metrics", "router_alignment", "router_edits", "trace",
     ), "moelens.analyses"),
     "atlas": "moelens.atlas",
     **dict.fromkeys(("ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model"), "moelens.checkpoint"),
@@ -80,7 +80,7 @@ __all__ = [
     "ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model", "MoelensError",
     "Run", "load_run", "load_runs", "__version__",
     "RouterAlignmentConfig", "router_alignment", "ExpertDistanceConfig", "expert_distance", "ModuleMetricsConfig", "module_metrics",
-    "InterventionsConfig", "trace",
+    "InterventionsConfig", "trace", "RouterEditsConfig", "router_edits",
     "CalibrationConfig", "calibrate", "load_calibration", "ClusteringConfig", "cluster", "merge_clusters", "MergeCostConfig", "merge_cost",
     "build_report", "report", "atlas", "set_threads",
 ]

@@ -12,6 +12,7 @@ as PNG and SVG under ``out/figures/``, named after the figure (and its run, laye
 | expert distance         | MoE models                              | ``distance-base-tuned`` (two models), ``distance-within`` |
 | module metrics          | always                                  | ``modules`` (A vs B, or one model)    |
 | interventions           | prompts given, or a zoo model           | ``trace-block-<model>`` (attention knockout, seed 003), ``trace-knockout-<model>`` per model; ``trace-restore-<first model>`` |
+| router edits            | MoE models with prompts                 | ``route-<first model>`` on the first :data:`ROUTE_PROMPTS` prompts |
 | clustering and merging  | MoE models with calibration text        | ``cluster-hc-smoe``, ``cluster-m-smoe``, their distances, ``merge-cost`` |
 
 The runs go to worker processes, several at once on the CPU (``jobs``, :mod:`moelens.atlas_pool`),
@@ -27,6 +28,10 @@ round(9/48 × layers) layers (Geva et al. block 9 of GPT-2 XL's 48; at least 1);
 of every site is drawn beside it; causal tracing (restore) runs on the first model only, on its
 first ``restore_limit`` prompts (default :data:`RESTORE_PROMPTS`; 0 skips it), since each prompt
 costs some 13 times a block prompt (12-layer zoo, measured).
+
+Router edits run on the first model only, on its first :data:`ROUTE_PROMPTS` prompts (or fewer
+with ``--trace-limit``): every prompt is run once per (layer, expert, edit, k, sample), some 180
+times per layer with the defaults.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ GEVA_WINDOW, GEVA_LAYERS = 9, 48
 #: Prompts of the atlas's causal-tracing (restore) run: each prompt costs every token position ×
 #: 3 sites × every layer × 10 noise samples of forward rows: 13 times a block prompt on a 12-layer zoo.
 RESTORE_PROMPTS = 12
+#: Prompts of the atlas's router-edits run (each runs once per cell: ~180 cells per layer by default).
+ROUTE_PROMPTS = 16
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,9 @@ def plan_atlas(
     else:
         notes.append("no prompts were given (--prompts FACTS.jsonl): interventions were skipped")
 
+    if prompts_path is not None and moe:
+        steps.append(_route_step(models, prompts_path, trace_limit, out, device, dev_flag))
+
     if moe and calibration_path is not None:
         steps.extend(_clustering_steps(base_m, tuned_m, calibration_path, prompts_path, device, dev_flag))
     elif moe:
@@ -254,6 +264,19 @@ def _trace_steps(models: dict[str, Any], main: Any, prompts: Path, moe: bool, tr
                           lambda d, p: trace(m, str(prompts), mode="restore", limit=limit, device=device, out=d, progress=p),
                           cost=5 * limit))  # some 13 block prompts' worth each
     return steps
+
+
+def _route_step(models: dict[str, Any], prompts: Path, trace_limit: int | None, out: Path, device: str, dev_flag: str) -> Step:
+    """Router edits of the first model on the first :data:`ROUTE_PROMPTS` prompts (fewer with a smaller ``trace_limit``)."""
+    from moelens.analyses.router_edits import router_edits
+
+    key = next(iter(models))
+    m = models[key]
+    limit = min(ROUTE_PROMPTS, trace_limit) if trace_limit else ROUTE_PROMPTS
+    name = f"route-{key}"
+    _check_kept_limit(out / "runs" / name, limit, "--trace-limit")
+    return Step(name, "router edits", f"moelens route {_q(m.path)} --prompts {_q(prompts)} --limit {limit} --out runs/{name}{dev_flag}",
+                lambda d, p: router_edits(m, str(prompts), limit=limit, device=device, out=d, progress=p))
 
 
 def _check_forward_inputs(models: Any, prompts: Path, records: list[Any], facts: bool) -> None:

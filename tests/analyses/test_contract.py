@@ -52,6 +52,12 @@ def _interventions(tiny):
     return {"a": ml.open_model(_TRACE["model"])}, config
 
 
+def _router_edits(tiny):
+    _interventions(tiny)  # the same model with a tokenizer and prompts; two layers make two units
+    config = ml.RouterEditsConfig(prompts=_TRACE["prompts"], limit=8, layers=(0, 2), experts=(0, 1), k=(1, 4), samples=2, device="cpu")
+    return {"a": ml.open_model(_TRACE["model"])}, config
+
+
 #: Token ids of a few sequences for models without a tokenizer (the tiny checkpoints).
 TOKEN_IDS = [[1, 5, 9, 13, 17, 21], [1, 7, 3], [1, 2, 4, 8, 16, 32, 64], [1, 11, 22, 33]]
 
@@ -86,7 +92,7 @@ def _merge_cost(tiny):
 
 #: How to make a small example of each analysis: a new analysis is not done until it has one.
 CASES = {"router_alignment": _alignment, "expert_distance": _distance, "module_metrics": _modules, "interventions": _interventions,
-         "calibration": _calibration, "clustering": _clustering, "merge_cost": _merge_cost}
+         "router_edits": _router_edits, "calibration": _calibration, "clustering": _clustering, "merge_cost": _merge_cost}
 
 
 class Killed(Exception):

@@ -29,6 +29,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ModuleMetrics", "module_metrics"), "moelens.analyses.module_metrics.analysis"),
     "RouterAlignmentConfig": "moelens.analyses.router_alignment.config",
     **dict.fromkeys(("RouterAlignment", "default_ks", "router_alignment"), "moelens.analyses.router_alignment.analysis"),
+    "RouterEditsConfig": "moelens.analyses.router_edits.config",
+    **dict.fromkeys(("RouterEdits", "router_edits"), "moelens.analyses.router_edits.analysis"),
 }
 
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)

@@ -10,10 +10,11 @@ from moelens.analyses.expert_distance.analysis import ExpertDistance
 from moelens.analyses.interventions.analysis import Interventions
 from moelens.analyses.module_metrics.analysis import ModuleMetrics
 from moelens.analyses.router_alignment.analysis import RouterAlignment
+from moelens.analyses.router_edits.analysis import RouterEdits
 from moelens.errors import ConfigError
 
 #: Every analysis by its manifest name.
-ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance, ModuleMetrics, Interventions, Calibration, Clustering, MergeCost)}
+ANALYSES: dict[str, type[Analysis]] = {cls.name: cls for cls in (RouterAlignment, ExpertDistance, ModuleMetrics, Interventions, RouterEdits, Calibration, Clustering, MergeCost)}
 
 
 def get_analysis(name: str) -> Analysis:

@@ -263,3 +263,49 @@ def _register_trace() -> None:
 
 
 _register_trace()
+
+
+def _route(values: dict) -> None:
+    from moelens.analyses.router_edits.config import RouterEditsConfig
+
+    config = config_from_cli(RouterEditsConfig, values)  # every option checked before anything is opened
+    check_sources(values, "source")
+    from moelens.analyses.router_edits.analysis import headline, router_edits
+
+    threads_from_cli(values)
+    model = _open(values["source"], values["revision"])
+    out = values["out"]
+    with progress_bar() as callback:
+        run = router_edits(model, config.prompts, config=config, out=out, progress=callback)
+    table = run["router_edits"]
+    t = table.assign(change=(table["routed_before"] - table["routed_after"]).abs())
+    grid = t.groupby(["edit", "k"], sort=False).agg(removed=("removed_norm", "mean"), change=("change", "mean"),
+                                                  changed=("topk_changed", "mean"), jsd=("jsd", "mean")).reset_index()
+    opts = run.manifest["options"]
+    title = f"{run.label} · mean over layers, experts and samples · {opts['n_prompts']} prompts"
+    out_table = Table(title=escape(title), title_justify="left")
+    for col in ("edit", "k", "removed_norm", "|Δ routed to e|", "topk_changed", "jsd (bits)"):
+        out_table.add_column(col, justify="right", no_wrap=True)
+    for r in grid.itertuples(index=False):
+        out_table.add_row(r.edit, str(int(r.k)) if r.k else "", _cell(r.removed, ".4f"), _cell(r.change, ".4f"), _cell(r.changed, ".4f"), _cell(r.jsd, ".5f"))
+    print_wide(out_table, 90)
+    for k, (aligned, random, ratio) in headline(table).items():
+        times = f"{ratio:.2f}×" if ratio == ratio else "(random: no change)"
+        console.print(f"k={k}: removing the aligned part changes routing to its expert by {aligned:.4f} (mean |Δ share|), "
+                      f"{times} as much as a random part of equal norm ({random:.4f})", highlight=False, soft_wrap=True)
+    print_warnings(run)
+    console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, router_edits.parquet, router_edits_summary.parquet, router_edits_migration.parquet", highlight=False)
+
+
+def _register_route() -> None:
+    from moelens.analyses.router_edits.config import RouterEditsConfig
+
+    source = inspect.Parameter(
+        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+        default=typer.Argument(..., metavar="MODEL", help="MoE causal LM: checkpoint directory (with its tokenizer) or cached repo id."),
+    )
+    params = [source, OUT, *config_parameters(RouterEditsConfig), REVISION, threads_parameter()]
+    app.command("route")(command_from_parameters(params, _route, command_help("route"), "route"))
+
+
+_register_route()

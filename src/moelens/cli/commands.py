@@ -18,6 +18,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "modules": ("moelens.cli.analyses", "Per-module metrics of every layer: norms, ranks and α of each matrix; correlation, cosine, rel_l2, CKA and changed share between two models."),
     "trace": ("moelens.cli.analyses", "Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "
               "and measure how the next-token distribution changes (JS divergence, bits)."),
+    "route": ("moelens.cli.analyses", "Router edits: project the part of a router row aligned with its expert's top-k singular directions out (against random "
+              "parts of equal norm, zero and transplant controls) and measure routing to the expert and the next-token distribution."),
     "atlas": ("moelens.cli.atlas", "Every analysis that applies to a model (and its fine-tune): router alignment, expert distance, module metrics, "
               "interventions, clustering and merge costs, each as a run under DIR/runs, then one report DIR/report.html "
               "and every figure under DIR/figures."),
@@ -41,7 +43,7 @@ EAGER_COMMANDS: dict[str, str] = {
 }
 
 #: The order of ``moelens --help`` (a command missing here is listed after these).
-COMMAND_ORDER = ("align", "distance", "modules", "trace", "atlas", "inspect", "tiny", "families", "calibrate", "cluster",
+COMMAND_ORDER = ("align", "distance", "modules", "trace", "route", "atlas", "inspect", "tiny", "families", "calibrate", "cluster",
                  "merge", "merge-cost", "report", "figure", "zoo")
 
 

@@ -54,7 +54,7 @@ def figure_command(
     model: Optional[str] = typer.Option(None, help="Rows of module_heatmap / module_lines: pair, pair_delta, a or b (default: pair for a pair metric, a otherwise)."),
     matrix: Optional[str] = typer.Option(None, help="Matrix of the expert_distance figures: expert (default), gate, up or down."),
     measure: Optional[str] = typer.Option(None, help="Measure of expert_distance_heatmap: sv_align (default) or rel_l2."),
-    layers: Optional[str] = typer.Option(None, help="Layers of expert_distance_heatmap, e.g. 0,12,23 (default: first, middle, last)."),
+    layers: Optional[str] = typer.Option(None, help="Layers of expert_distance_heatmap, e.g. 0,12,23 (default: first, middle, last); the one layer of route_migration."),
     mode: Optional[str] = typer.Option(None, help="Mode of trace_heatmap: knockout, restore or block (default: the run's)."),
     token_kind: Optional[str] = typer.Option(None, "--token-kind", help="Token group of trace_heatmap for restore runs (default: last_subject)."),
     dpi: int = typer.Option(300, help="Resolution of PNG output (and of heat maps inside SVG and PDF)."),

@@ -61,6 +61,12 @@ def _interventions_section(runs: Sequence[Run], fmt: str) -> Section:
     return trace_section(runs, fmt)
 
 
+def _router_edits_section(runs: Sequence[Run], fmt: str) -> Section:
+    from moelens.report.router_edits_report import route_section
+
+    return route_section(runs, fmt)
+
+
 def _calibration_section(runs: Sequence[Run], fmt: str) -> Section:
     from moelens.report.clustering_report import calibration_section
 
@@ -84,6 +90,7 @@ SECTION_BUILDERS: dict[str, SectionBuilder] = {
     "expert_distance": _expert_distance_section,
     "module_metrics": _module_metrics_section,
     "interventions": _interventions_section,
+    "router_edits": _router_edits_section,
     "calibration": _calibration_section,
     "clustering": _clustering_section,
     "merge_cost": _merge_cost_section,

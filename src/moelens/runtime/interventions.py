@@ -43,19 +43,30 @@ class Edit:
     ``value``: None writes zeros; a tensor broadcastable to the output ([d], [R, 1, d] or
     [R, T, d]); or a function returning one, called only when the hook runs (to build large values
     lazily). ``add=True`` adds the value instead of writing it (noise). For point ``block`` the mask
-    holds the key positions the row's last position may not attend to."""
+    holds the key positions the row's last position may not attend to.
+
+    ``of_input=True`` (point ``router`` only): ``value`` is a function of the router's input and
+    its logits, ``value(x [R·T, d], logits [R·T, E]) -> [R·T, E]``, called when the hook runs; router
+    edits (:mod:`moelens.runtime.router_edits`) compute each row's logits from its own edited router
+    weight this way."""
 
     mask: torch.Tensor
     value: Value = None
     add: bool = False
+    of_input: bool = False
 
-    def resolve(self) -> torch.Tensor | None:
+    def resolve(self, inputs: torch.Tensor | None = None, output: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.of_input:
+            if inputs is None or output is None:
+                raise ValueError("an edit computed from its input needs the hook point's input and output (router only)")
+            return self.value(inputs, output)  # type: ignore[operator,misc]
         return self.value() if callable(self.value) else self.value
 
 
-def _apply(t: torch.Tensor, mask: torch.Tensor, edit: Edit) -> torch.Tensor:
-    """``t`` [R, T, d] (or [R·T, E] for router logits with ``mask`` flattened) with the edit applied."""
-    value = edit.resolve()
+def _apply(t: torch.Tensor, mask: torch.Tensor, edit: Edit, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` [R, T, d] (or [R·T, E] for router logits with ``mask`` flattened) with the edit applied;
+    ``inputs``: the hook point's input, for an edit computed from it."""
+    value = edit.resolve(inputs, t) if edit.of_input else edit.resolve()
     if t.dim() == 2 and mask.dim() == 2:  # tokens flattened to [R·T, ·] (router logits, some MoE blocks)
         mask = mask.reshape(-1)
         if isinstance(value, torch.Tensor) and value.dim() == 3:
@@ -112,7 +123,8 @@ class _Router:
 
     def reroute(self, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any, mask: torch.Tensor, edit: Edit) -> Any:
         logits = first_tensor(output)
-        new = _apply(logits, mask, edit)
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+        new = _apply(logits, mask, edit, None if x is None else x.reshape(-1, x.shape[-1]))
         if self.shadow is None:
             return replace_first(output, new)
         n, e = new.shape
