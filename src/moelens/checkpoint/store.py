@@ -277,6 +277,12 @@ class TensorStore:
             self._handles[file] = h
         return h
 
+    def release(self) -> None:
+        """Close the open files: their memory maps go, and with them the pages read through them,
+        which otherwise count as the process's resident memory until the kernel reclaims them. The
+        next read opens the file again (a header parse, milliseconds)."""
+        self._handles.clear()
+
     # -- reads -----------------------------------------------------------------------------------
     def read(self, name: str, index: int | slice | None = None) -> torch.Tensor:
         """Read a tensor, or ``tensor[index]`` along its first axis, dequantised if stored so.

@@ -157,9 +157,13 @@ def first_nonfinite_layer(lm: Any, **inputs: Any) -> int | None:
 def check_logits(logits: torch.Tensor, lm: Any, what: str, **inputs: Any) -> None:
     """Raise :class:`ConfigError` when ``logits`` hold NaN or inf, naming the first layer whose
     output is not finite (found by re-running ``inputs`` with hooks). The weights were checked
-    finite when loaded, so this is an overflow of the forward dtype."""
+    finite when loaded, so this is an overflow of the forward dtype. ``lm=None`` (a layer-streamed
+    model, whose layers are not all there to re-run) names no layer."""
     if bool(torch.isfinite(logits).all()):
         return
+    if lm is None:
+        raise ConfigError(f"{what}: the logits hold NaN/inf (the weights are finite, so the forward dtype overflowed); "
+                          "run with --dtype float32")
     layer = first_nonfinite_layer(lm, **inputs)
     dtype = str(next(lm.parameters()).dtype).replace("torch.", "")
     where = ("the embedding output" if layer == -1 else f"the output of decoder layer {layer}") if layer is not None else "the final norm or LM head"

@@ -191,25 +191,29 @@ class InterventionHooks:
             h.remove()
         self._handles.clear()
 
-    def prepare_routers(self, sample_input: dict[str, torch.Tensor]) -> None:
-        """Run one clean forward to learn each router's output form (done once)."""
-        forms: dict[int, Any] = {}
+    def prepare_routers(self, sample_input: dict[str, torch.Tensor], run: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        """Run one clean forward to learn each router's output form (done once). ``run`` makes the
+        call (default: the model itself); each router is prepared while its layer runs, so a
+        layer-streamed model copies its router while the weights are there."""
+        done: set[int] = set()
 
         def recorder(i: int) -> Callable[..., None]:
             def record(module: nn.Module, args: Any, output: Any) -> None:
-                forms.setdefault(i, (args, output))
+                if i not in done:
+                    done.add(i)
+                    self._routers[i].prepare(args, output)
             return record
 
         handles = [r.router.register_forward_hook(recorder(i)) for i, r in self._routers.items()]
         try:
             with torch.no_grad():
-                self.model(**sample_input, use_cache=False)
+                if run is None:
+                    self.model(**sample_input, use_cache=False)
+                else:
+                    run(sample_input)
         finally:
             for h in handles:
                 h.remove()
-        for i, r in self._routers.items():
-            if i in forms:
-                r.prepare(*forms[i])
 
     # -- hooks ----------------------------------------------------------------------------------
     def _output_hook(self, layer: int, point: str) -> Callable[..., Any]:
@@ -321,15 +325,26 @@ class Batch:
 def last_logits(model: nn.Module, batch: Batch, lengths: Sequence[int]) -> torch.Tensor:
     """Logits [R, V] at each row's last position. Only the distinct last positions go through the
     LM head (``logits_to_keep``), so a large vocabulary costs R·U·V, U = distinct lengths."""
+    kwargs, pick = logits_call(batch, lengths)
+    return pick(model(**kwargs))
+
+
+def logits_call(batch: Batch, lengths: Sequence[int]) -> tuple[dict[str, Any], Callable[[Any], torch.Tensor]]:
+    """The keyword arguments of :func:`last_logits`' model call, and the function that takes the
+    [R, V] last-position logits out of its output (for runtimes that make the call themselves)."""
     unique = sorted(set(int(n) - 1 for n in lengths))
     keep = torch.tensor(unique, dtype=torch.long, device=batch.input_ids.device)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=keep)
-    logits = out.logits  # [R, U, V]
-    if logits.shape[1] != len(unique):  # a model that ignores logits_to_keep returns every position
-        return logits[torch.arange(logits.shape[0], device=logits.device), batch.last]
-    index = {p: i for i, p in enumerate(unique)}
-    column = torch.tensor([index[int(n) - 1] for n in lengths], dtype=torch.long, device=logits.device)
-    return logits[torch.arange(logits.shape[0], device=logits.device), column]
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False, "logits_to_keep": keep}
+
+    def pick(out: Any) -> torch.Tensor:
+        logits = out.logits  # [R, U, V]
+        if logits.shape[1] != len(unique):  # a model that ignores logits_to_keep returns every position
+            return logits[torch.arange(logits.shape[0], device=logits.device), batch.last]
+        index = {p: i for i, p in enumerate(unique)}
+        column = torch.tensor([index[int(n) - 1] for n in lengths], dtype=torch.long, device=logits.device)
+        return logits[torch.arange(logits.shape[0], device=logits.device), column]
+
+    return kwargs, pick
 
 
-__all__ = ["Batch", "Edit", "InterventionHooks", "POINTS", "lower_index_ties", "blocked_mask", "last_logits"]
+__all__ = ["Batch", "Edit", "InterventionHooks", "POINTS", "lower_index_ties", "blocked_mask", "last_logits", "logits_call"]

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +66,13 @@ from moelens.metrics.jsd import js_divergence
 from moelens.progress import ProgressCallback, report
 from moelens.runtime.architecture import Architecture
 from moelens.runtime.checks import check_logits
-from moelens.runtime.interventions import Batch, Edit, InterventionHooks, last_logits, lower_index_ties
+from moelens.runtime.forward import Forward, InMemoryForward
+from moelens.runtime.interventions import Batch, Edit, InterventionHooks, logits_call, lower_index_ties
 from moelens.runtime.prompts import TokenisedPrompt
+from moelens.runtime.stream import Call
+
+# One batch of a pass: the call, and how to read each row's last-position logits from its output.
+Spec = tuple[Call, Callable[[Any], torch.Tensor]]
 
 NOISE_SCALE = 3.0  # s = 3σ for the noise scales "embedding" and "subject"
 # The module each site needs in a layer.
@@ -182,36 +187,69 @@ def memory_budget(device: torch.device) -> int:
 
 
 class Tracer:
-    """Runs one mode's cells for groups of prompts on a loaded model."""
+    """Runs one mode's cells for groups of prompts on a model, in memory or layer-streamed
+    (``forward``, :func:`moelens.runtime.forward.open_forward`; default: ``model`` as loaded).
 
-    def __init__(self, model: Any, arch: Architecture, settings: TraceSettings, pad_id: int = 0):
-        self.model = model
+    Every pass is a list of batches handed to the runtime at once, so a streamed model reads each
+    layer once for all of them; the hooks are the same either way."""
+
+    def __init__(self, model: Any, arch: Architecture, settings: TraceSettings, pad_id: int = 0, forward: Forward | None = None):
+        self.forward = forward if forward is not None else InMemoryForward(model)
+        self.model = self.forward.model
         self.arch = arch
         self.s = settings
         self.pad_id = pad_id
-        self.device = next(model.parameters()).device
-        self.hooks = InterventionHooks(model, arch)
+        self.device = self.forward.device
+        self.hooks = InterventionHooks(self.model, arch)
         self._routers_ready = False
 
     # -- forward passes ------------------------------------------------------------------------
-    def _forward(self, rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-        """Logits [R, V] at each row's last position, every row padded to ``width``."""
+    def _spec(self, rows: Sequence[Sequence[int]], width: int, edits: dict[tuple[int, str], list[Edit]],
+              captured: dict[tuple[int, str], torch.Tensor] | None = None) -> Spec:
+        """One batch: ``rows`` padded to ``width``, the ``edits`` its pass makes, where its captures go."""
         batch = Batch.of(rows, self.pad_id, self.device, width)
-        lengths = [len(r) for r in rows]
-        self.hooks.attention_mask = batch.attention_mask
-        self.hooks.last = batch.last
+        kwargs, pick = logits_call(batch, [len(r) for r in rows])
+
+        def enter() -> None:
+            self.hooks.attention_mask = batch.attention_mask
+            self.hooks.last = batch.last
+            self.hooks.edits = edits
+            if captured is not None:
+                self.hooks.captured = captured
+
+        return Call(kwargs, enter), pick
+
+    def _forward_many(self, specs: Sequence[Spec], progress: ProgressCallback | None = None) -> list[torch.Tensor]:
+        """Logits [R, V] (float32) at each row's last position, per batch."""
         # Recomputed routing breaks ties toward the lower expert (docs/methods.md §7); only router edits
         # create ties, so other runs keep the family's own top-k untouched.
-        ties = lower_index_ties() if any(key[1] == "router" for key in self.hooks.edits) else contextlib.nullcontext()
+        routed = False
+        for call, _ in specs:
+            call.begin()
+            routed = routed or any(key[1] == "router" for key in self.hooks.edits)
+        ties = lower_index_ties() if routed else contextlib.nullcontext()
         with torch.no_grad(), ties:
-            logits = last_logits(self.model, batch, lengths).float()
-            check_logits(logits, self.model, "forward pass", input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            return logits
+            outputs = self.forward.run([c for c, _ in specs], progress)
+            logits = [pick(out).float() for (_, pick), out in zip(specs, outputs)]
+            for (call, _), lg in zip(specs, logits):
+                if self.forward.streamed:
+                    check_logits(lg, None, "forward pass")
+                else:
+                    call.begin()
+                    check_logits(lg, self.model, "forward pass", **call.kwargs)
+        return logits
+
+    def _forward(self, rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+        """Logits [R, V] at each row's last position, every row padded to ``width``, with the
+        hooks' current edits."""
+        return self._forward_many([self._spec(rows, width, self.hooks.edits)])[0]
 
     def _ensure_routers(self, prompt: TokenisedPrompt) -> None:
         if not self._routers_ready:
             ids = torch.tensor([prompt.input_ids], device=self.device)
-            self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            self.hooks.edits = {}
+            self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                       run=lambda kwargs: self.forward.run([Call({**kwargs, "use_cache": False})]))
             self._routers_ready = True
 
     def check_block(self, prompt: TokenisedPrompt) -> None:
@@ -219,9 +257,9 @@ class Tracer:
         attention cannot take a blocked mask is found before any run is written."""
         empty = torch.zeros(1, prompt.length, dtype=torch.bool, device=self.device)
         with self.hooks.installed():
-            self.hooks.edits = {(p.index, "block"): [Edit(empty)] for p in self.arch.layers if p.attention is not None}
+            edits = {(p.index, "block"): [Edit(empty)] for p in self.arch.layers if p.attention is not None}
             try:
-                self._forward([prompt.input_ids], prompt.length)
+                self._forward_many([self._spec([prompt.input_ids], prompt.length, edits)])
             finally:
                 self.hooks.edits = {}
 
@@ -234,25 +272,33 @@ class Tracer:
     def clean(self, prompts: Sequence[TokenisedPrompt], capture: set[tuple[int, str]] | None = None) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
         """Clean next-token distributions [P, V] (float32) and, for ``capture`` keys, the outputs
         [P, T, ·] of those hook points, every prompt padded to the longest."""
-        width = max(p.length for p in prompts)
-        step = self.rows_per_batch(width)
-        probs, captured = [], {}
-        self.hooks.edits = {}
+        return self.clean_groups([prompts], capture)[0]
+
+    def clean_groups(self, groups: Sequence[Sequence[TokenisedPrompt]], capture: set[tuple[int, str]] | None = None,
+                     progress: ProgressCallback | None = None) -> list[tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]]:
+        """:meth:`clean` of every group (each padded to its own longest prompt) in one pass."""
         self.hooks.capture = set(capture or ())
-        parts: dict[tuple[int, str], list[torch.Tensor]] = {k: [] for k in self.hooks.capture}
-        try:
+        specs: list[Spec] = []
+        parts: list[list[dict[tuple[int, str], torch.Tensor]]] = []
+        for prompts in groups:
+            width = max(p.length for p in prompts)
+            step = self.rows_per_batch(width)
+            parts.append([])
             for start in range(0, len(prompts), step):
-                chunk = prompts[start:start + step]
-                self.hooks.captured = {}
-                probs.append(torch.softmax(self._forward([p.input_ids for p in chunk], width), -1))
-                for k in parts:
-                    parts[k].append(self.hooks.captured[k])
+                cap: dict[tuple[int, str], torch.Tensor] = {}
+                parts[-1].append(cap)
+                specs.append(self._spec([p.input_ids for p in prompts[start:start + step]], width, {}, cap))
+        try:
+            logits = iter(self._forward_many(specs, progress))
         finally:
             self.hooks.capture = set()
             self.hooks.captured = {}
-        for k, ts in parts.items():
-            captured[k] = torch.cat(ts)
-        return torch.cat(probs), captured
+            self.hooks.edits = {}
+        out = []
+        for caps in parts:
+            probs = torch.cat([torch.softmax(next(logits), -1) for _ in caps])
+            out.append((probs, {k: torch.cat([c[k] for c in caps]) for k in (capture or ())}))
+        return out
 
     # -- the prompt set's means (knockout, ablation mean) -----------------------------------------
     def means(self, prompts: Sequence[TokenisedPrompt], progress: ProgressCallback | None = None) -> dict[tuple[int, str], torch.Tensor]:
@@ -264,11 +310,15 @@ class Tracer:
         counts = {"subj": 0, "last": 0}
         order = sorted(prompts, key=lambda p: p.length)
         step = max(1, min(256, self.rows_per_batch(max(p.length for p in prompts))))
+        chunks = [order[start:start + step] for start in range(0, len(order), step)]
         with self.hooks.installed():
             self._ensure_routers(order[0])
-            for start in range(0, len(order), step):
-                chunk = order[start:start + step]
-                _, cap = self.clean(chunk, keys)
+            # a streamed model runs every chunk in one pass (each layer read once); in memory, a
+            # chunk at a time, so only one chunk's captures are held
+            together = self.clean_groups(chunks, keys) if self.forward.streamed else None
+            for c, chunk in enumerate(chunks):
+                start = c * step
+                _, cap = together[c] if together is not None else self.clean(chunk, keys)
                 width = max(p.length for p in chunk)
                 subj = torch.zeros(len(chunk), width, dtype=torch.bool, device=self.device)
                 for i, p in enumerate(chunk):
@@ -326,6 +376,15 @@ class Tracer:
             probs_target = np.zeros(len(cells))
             jsd = np.zeros(len(cells))
             start = 0
+            if self.forward.streamed:  # every batch in one pass: each layer read once for all cells
+                starts = list(range(0, len(cells), per_batch))
+                specs = [self._batch_spec(ctx, cells[a:a + per_batch], samples, width) for a in starts]
+                logits = self._forward_many(specs, progress)
+                for a, lg in zip(starts, logits):
+                    chunk = cells[a:a + per_batch]
+                    jsd[a:a + len(chunk)], probs_target[a:a + len(chunk)] = self._batch_result(ctx, chunk, samples, lg)
+                report(progress, noun, len(cells), len(cells))
+                start = len(cells)
             while start < len(cells):
                 chunk = cells[start:start + per_batch]
                 try:
@@ -344,6 +403,10 @@ class Tracer:
         return _collect(prompts, cells, jsd, probs_target, ctx, s.mode)
 
     def _run_batch(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        logits = self._forward_many([self._batch_spec(ctx, cells, samples, width)])[0]
+        return self._batch_result(ctx, cells, samples, logits)
+
+    def _batch_spec(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int) -> Spec:
         dev = self.device
         n = len(cells)
         prompt = torch.tensor([c[0] for c in cells], device=dev).repeat_interleave(samples)
@@ -351,11 +414,17 @@ class Tracer:
         site = np.repeat([c[2] for c in cells], samples)
         position = torch.tensor([c[3] for c in cells], device=dev).repeat_interleave(samples)
         sample = torch.arange(samples, device=dev).repeat(n)
-        self.hooks.edits = edits_for(self, ctx, prompt, layer, site, position, sample, width)
+        edits = edits_for(self, ctx, prompt, layer, site, position, sample, width)
         rows = [ctx.prompts[c[0]].input_ids for c in cells for _ in range(samples)]
-        probs = torch.softmax(self._forward(rows, width), -1)  # [R, V]
+        return self._spec(rows, width, edits)
+
+    def _batch_result(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int,
+                      logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        dev = self.device
+        n = len(cells)
+        probs = torch.softmax(logits, -1)  # [R, V]
         probs = probs.view(n, samples, -1).mean(1)  # restore: the mean over noise samples
-        cell_prompt = prompt.view(n, samples)[:, 0]
+        cell_prompt = torch.tensor([c[0] for c in cells], device=dev)
         j = js_divergence(ctx.p_clean[cell_prompt], probs)
         pt = probs[torch.arange(n, device=dev), ctx.target[cell_prompt]]
         return j.cpu().numpy(), pt.double().cpu().numpy()
@@ -389,9 +458,11 @@ class _UnitContext:
         target = torch.tensor([p.target_id if p.target_id is not None else int(argmax[i]) for i, p in enumerate(prompts)])
         noise = None
         if tracer.s.mode == "restore":
-            weight = tracer.arch.embedding.weight.detach().float()
-            sigma = tracer.s.noise_std if tracer.s.noise_std is not None else noise_std(tracer.arch.embedding, "embedding")
-            d = weight.shape[1]
+            sigma = tracer.s.noise_std
+            if sigma is None:
+                with tracer.forward.materialised(tracer.arch.embedding) as embedding:
+                    sigma = noise_std(embedding, "embedding")
+            d = tracer.arch.embedding.weight.shape[1]
             noise = torch.zeros(P, tracer.s.noise_samples, width, d)
             for i, p in enumerate(prompts):
                 shared = tracer.s.noise_draw == "shared"  # one draw for every prompt (per subject length)

@@ -1,0 +1,322 @@
+"""Forward passes layer by layer: one decoder layer's weights in memory at a time.
+
+The technique of llm-compressor's sequential pipeline and AirLLM. The model is built without
+weights (:func:`~moelens.runtime.weights.empty_model`); a pass over a list of batches (:class:`Call`)
+then runs in stages, each stage over every batch before the next begins:
+
+1. the embedding's weights are read; each batch runs the model's own forward with every decoder
+   layer replaced by a recorder that keeps the layer's inputs (the hidden states of layer 0, and
+   each layer's other arguments: attention mask, positions, rotary embeddings) and passes the
+   hidden states on unchanged; the last recorder ends the pass;
+2. for ℓ = 0 … n−1: layer ℓ's weights are read and set on the device, every batch's hidden states
+   go through the layer itself (``layer(h, **its recorded arguments)``, so every forward hook on it
+   and its children runs as in an ordinary pass), the outputs replace the hidden states, and the
+   layer's weights go back to ``meta``;
+3. the final norm and LM head's weights are read; each batch runs the model's forward once more,
+   with the embedding and the layers stubbed out and the last layer returning its stored states,
+   so the family's own head (logit scaling, ``logits_to_keep``) computes the output.
+
+So each layer's weights are read once per pass over all rows. A batch's ``enter`` callback runs
+before each of its stage calls, so per-batch hook state (the edits of an intervention, what to
+capture) is in place whenever that batch's rows go through a layer. A background thread reads
+layer ℓ+1 from the files while layer ℓ computes (``prefetch``).
+
+Memory: one layer's weights (two while prefetching: the next one as read, in the checkpoint's dtype)
+plus every row's hidden states and recorded arguments. When those do not fit the activation
+budget, the batches are split into several passes, each reading every layer once; the progress
+says so.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moelens.errors import ConfigError
+from moelens.progress import ProgressCallback, report
+from moelens.runtime.architecture import Architecture, describe
+
+
+@dataclass
+class Call:
+    """One batch of a pass: the model call's keyword arguments, and what to set before its rows go
+    through any part of the model (hook state); ``nbytes``: its hidden states' bytes, if known."""
+
+    kwargs: dict[str, Any]
+    enter: Callable[[], None] | None = None
+
+    def begin(self) -> None:
+        if self.enter is not None:
+            self.enter()
+
+
+class _Stop(Exception):
+    """Ends a recording forward after the last decoder layer."""
+
+
+class _Stub(nn.Module):
+    """Stands in for a decoder layer (or the embedding) during the recording and head stages."""
+
+    def __init__(self, inner: nn.Module, step: Callable[..., Any]):
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)  # not a child: its parameters stay out of sight
+        object.__setattr__(self, "_step", step)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._step(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # a model that reads a layer's attributes (layer_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+
+@dataclass
+class _Rows:
+    """One batch between stages: its hidden states and each layer's recorded arguments."""
+
+    hidden: torch.Tensor | None = None
+    args: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+
+
+def hidden_bytes(rows: int, width: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes a batch keeps between stages: its hidden states [R, T, d], and as much again for the
+    recorded arguments and one layer's output beside its input."""
+    return 2 * rows * width * hidden_size * dtype.itemsize
+
+
+class StreamedForward:
+    """A causal LM whose decoder layers are read one at a time (see the module docstring)."""
+
+    streamed = True
+
+    def __init__(self, directory: Any, device: torch.device, dtype: torch.dtype | None, activation_budget: int,
+                 prefetch: bool = True):
+        from moelens.checkpoint.store import TensorStore
+        from moelens.runtime.weights import WeightGroups, empty_model, layer_prefix, module_name
+
+        self.device = device
+        self.model = empty_model(directory, dtype, device)
+        self.arch: Architecture = describe(self.model)
+        self.dtype = next(self.model.parameters()).dtype
+        self.layers = _layer_list(self.model, self.arch)
+        self.groups_of = WeightGroups(self.model, TensorStore(directory), device)
+        prefix = layer_prefix(self.model, self.layers)
+        embed = module_name(self.model, self.arch.embedding)
+        head_module = self.model.get_output_embeddings()
+        head = module_name(self.model, head_module) if head_module is not None else None
+        self.layer_groups = [self.groups_of.group(f"layer {i}", [f"{prefix}.{i}."]) for i in range(len(self.layers))]
+        others = [n for n in self.groups_of.shapes if not n.startswith(f"{prefix}.")]
+        self.embed_group = self.groups_of.group("embedding", [n for n in others if not (head and n.startswith(f"{head}."))])
+        self.head_group = self.groups_of.group("head", [n for n in others if not n.startswith(f"{embed}.")]
+                                               + ([f"{head}."] if head else []))
+        self.activation_budget = activation_budget
+        self.prefetch = prefetch
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moelens-read")
+        self._embed_owner, self._embed_attr = _parent(self.model, self.arch.embedding)
+
+    # -- sizes ------------------------------------------------------------------------------------
+    @property
+    def largest_group_bytes(self) -> int:
+        return max(g.nbytes for g in (*self.layer_groups, self.embed_group, self.head_group))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.arch.embedding.weight.shape[1])
+
+    def call_bytes(self, call: Call) -> int:
+        ids = call.kwargs["input_ids"]
+        return hidden_bytes(int(ids.shape[0]), int(ids.shape[1]), self.hidden_size, self.dtype)
+
+    # -- weights ----------------------------------------------------------------------------------
+    def _read(self, group: Any) -> concurrent.futures.Future:
+        return self._pool.submit(self.groups_of.read, group)
+
+    @contextmanager
+    def materialised(self, module: nn.Module) -> Iterator[nn.Module]:
+        """``module`` with its weights read (the embedding, to measure its entries' spread)."""
+        from moelens.runtime.weights import module_name
+
+        name = module_name(self.model, module)
+        group = self.groups_of.group(name, [f"{name}."])
+        self.groups_of.load(group, self._read(group).result())
+        try:
+            yield module
+        finally:
+            self.groups_of.drop(group)
+
+    # -- passes -----------------------------------------------------------------------------------
+    def passes(self, calls: Sequence[Call]) -> list[list[Call]]:
+        """Consecutive batches grouped so each group's kept activations fit the budget (a batch
+        larger than the budget still makes a pass of its own)."""
+        out: list[list[Call]] = []
+        used = 0
+        for call in calls:
+            need = self.call_bytes(call)
+            if out and used + need <= self.activation_budget:
+                out[-1].append(call)
+                used += need
+            else:
+                out.append([call])
+                used = need
+        return out
+
+    def run(self, calls: Sequence[Call], progress: ProgressCallback | None = None) -> list[Any]:
+        """The model's output for every call, in order (see the module docstring)."""
+        outputs: list[Any] = []
+        groups = self.passes(calls)
+        for k, group in enumerate(groups):
+            note = (f"pass {k + 1}/{len(groups)}: the rows' activations exceed the "
+                    f"{self.activation_budget / 2**30:.1f} GiB budget") if len(groups) > 1 else ""
+            outputs.extend(self._pass(group, progress, note))
+        return outputs
+
+    def _pass(self, calls: Sequence[Call], progress: ProgressCallback | None, note: str) -> list[Any]:
+        rows = [_Rows() for _ in calls]
+        n = len(self.layers)
+        total = n + 2
+        task = "streamed layers"
+        with torch.no_grad():
+            pending = self._read(self.embed_group)
+            tensors = pending.result()
+            pending = self._read(self.layer_groups[0]) if self.prefetch and n else None
+            self._stage_embed(calls, rows, tensors)
+            report(progress, task, 1, total, note)
+            for i in range(n):
+                tensors = pending.result() if pending is not None else self._read(self.layer_groups[i]).result()
+                nxt = self.layer_groups[i + 1] if i + 1 < n else self.head_group
+                pending = self._read(nxt) if self.prefetch else None
+                self._stage_layer(i, calls, rows, tensors)
+                del tensors
+                report(progress, task, i + 2, total, note)
+            tensors = pending.result() if pending is not None else self._read(self.head_group).result()
+            outputs = self._stage_head(calls, rows, tensors)
+            report(progress, task, total, total, note)
+        return outputs
+
+    def _stage_embed(self, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> None:
+        self.groups_of.load(self.embed_group, tensors)
+        del tensors
+        n = len(self.layers)
+        try:
+            for call, r in zip(calls, rows):
+                r.args = []
+                previous: list[Any] = []
+
+                def record(i: int) -> Callable[..., Any]:
+                    def step(*args: Any, **kwargs: Any) -> Any:
+                        hidden = args[0] if args else kwargs.pop("hidden_states")
+                        if i == 0:
+                            r.hidden = hidden
+                        elif not previous or hidden is not previous[0]:
+                            raise ConfigError(f"{self.arch.model_type}: decoder layer {i} does not take layer {i - 1}'s "
+                                              "output as its input; layer streaming cannot run this model (use --stream off)")
+                        r.args.append((args[1:], kwargs))
+                        previous[:] = [hidden]
+                        if i == n - 1:
+                            raise _Stop
+                        return hidden
+                    return step
+
+                call.begin()
+                with self._layers_replaced(record):
+                    try:
+                        self.model(**call.kwargs)
+                    except _Stop:
+                        pass
+                if r.hidden is None or len(r.args) != n:
+                    raise ConfigError(f"{self.arch.model_type}: the forward pass did not run every decoder layer in order; "
+                                      "layer streaming cannot run this model (use --stream off)")
+        finally:
+            self.groups_of.drop(self.embed_group)
+
+    def _stage_layer(self, i: int, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> None:
+        group = self.layer_groups[i]
+        self.groups_of.load(group, tensors)
+        del tensors
+        layer = self.layers[i]
+        try:
+            for call, r in zip(calls, rows):
+                call.begin()
+                args, kwargs = r.args[i]
+                out = layer(r.hidden, *args, **kwargs)
+                if not isinstance(out, torch.Tensor):
+                    raise ConfigError(f"{self.arch.model_type}: decoder layer {i} returns {type(out).__name__}, not its hidden "
+                                      "states; layer streaming cannot run this model (use --stream off)")
+                r.hidden = out
+        finally:
+            self.groups_of.drop(group)
+
+    def _stage_head(self, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> list[Any]:
+        self.groups_of.load(self.head_group, tensors)
+        del tensors
+        n = len(self.layers)
+        outputs = []
+        try:
+            for call, r in zip(calls, rows):
+                final = r.hidden
+                r.hidden, r.args = None, None  # freed as the pass goes
+
+                def substitute(i: int) -> Callable[..., Any]:
+                    def step(*args: Any, **kwargs: Any) -> Any:
+                        return final if i == n - 1 else (args[0] if args else kwargs["hidden_states"])
+                    return step
+
+                ids = call.kwargs["input_ids"]
+                stub = _Stub(self.arch.embedding, lambda input_ids, *a, **k: final.new_zeros((*input_ids.shape, final.shape[-1])))
+                call.begin()
+                with self._layers_replaced(substitute), _swapped(self._embed_owner, self._embed_attr, stub):
+                    outputs.append(self.model(**{**call.kwargs, "input_ids": ids}))
+        finally:
+            self.groups_of.drop(self.head_group)
+        return outputs
+
+    @contextmanager
+    def _layers_replaced(self, make: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
+        originals = list(self.layers)
+        for i, layer in enumerate(originals):
+            self.layers._modules[str(i)] = _Stub(layer, make(i))
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers._modules[str(i)] = layer
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _layer_list(model: nn.Module, arch: Architecture) -> nn.ModuleList:
+    first = arch.layers[0].layer
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == arch.n_layers and module[0] is first:
+            return module
+    raise ConfigError(f"{type(model).__name__}: cannot find its list of decoder layers")
+
+
+def _parent(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is target:
+                return module, name
+    raise ConfigError(f"{type(model).__name__}: cannot find the parent of {type(target).__name__}")
+
+
+@contextmanager
+def _swapped(owner: nn.Module, attr: str, value: nn.Module) -> Iterator[None]:
+    original = owner._modules[attr]
+    owner._modules[attr] = value
+    try:
+        yield
+    finally:
+        owner._modules[attr] = original
+
+
+__all__ = ["Call", "StreamedForward", "hidden_bytes"]
