@@ -23,6 +23,24 @@ MAX_SEED = 2**63 - 1
 #: The dtypes a forward pass may run in: ``auto`` (float32 on the CPU, the checkpoint's own on CUDA) or one named.
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+#: How a forward pass holds the model: ``auto`` (whole when it fits the device's memory, else one
+#: decoder layer at a time), ``on`` (always layer by layer) or ``off`` (whole; refused up front when it
+#: does not fit). Tables are the same either way.
+STREAM_MODES = ("auto", "on", "off")
+
+
+def stream_option() -> Any:
+    """The ``stream`` field of every analysis that runs forward passes."""
+    return option("auto", "auto | on | off: run the model layer by layer, one decoder layer's weights in memory at a time "
+                  "(auto: when the whole model does not fit the device's memory; off: refuse such a model).",
+                  resumable=True, metavar="auto|on|off")
+
+
+def check_stream(value: Any) -> str:
+    if value not in STREAM_MODES:
+        raise ConfigError(f"stream {value!r}: choose one of {', '.join(STREAM_MODES)}")
+    return str(value)
+
 
 def option(
     default: Any,
@@ -124,6 +142,6 @@ def make_config(config_type: type, values: Mapping[str, Any]) -> Any:
 
 
 __all__ = [
-    "FORWARD_DTYPES", "MAX_SEED", "as_index_tuple", "check_seed", "comma_names", "config_fields", "is_bool", "is_integer",
+    "FORWARD_DTYPES", "MAX_SEED", "STREAM_MODES", "check_stream", "stream_option", "as_index_tuple", "check_seed", "comma_names", "config_fields", "is_bool", "is_integer",
     "make_config", "option", "positive_int", "resumable_fields",
 ]

@@ -25,6 +25,7 @@ tokens (attention mask 1) are kept, in row-major order: sequence by sequence, po
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,26 +102,7 @@ class LayerCapture:
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Routing:
         seen: dict[str, Any] = {}
-
-        def block_input(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs.get("hidden_states")
-            seen["x"] = x.detach()
-
-        def router_output(module: nn.Module, args: Any, output: Any) -> None:
-            seen["router"] = output
-            if self.experts is None:
-                raise _StopForward
-
-        def experts_input(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
-            if isinstance(index, torch.Tensor) and index.ndim == 2 and not index.is_floating_point():
-                seen["topk"] = index.detach()
-            raise _StopForward
-
-        handles = [self.mlp.register_forward_pre_hook(block_input, with_kwargs=True),
-                   self.router.register_forward_hook(router_output)]
-        if self.experts is not None:
-            handles.append(self.experts.register_forward_pre_hook(experts_input, with_kwargs=True))
+        handles = self.install(lambda: seen, stop=True)
         try:
             with torch.no_grad():
                 self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -129,6 +111,36 @@ class LayerCapture:
         finally:
             for h in handles:
                 h.remove()
+        return self.routing(seen, attention_mask)
+
+    def install(self, sink: Callable[[], dict[str, Any]], stop: bool) -> list[Any]:
+        """Hooks that record into ``sink()`` (the current batch's dictionary) and, with ``stop``,
+        end the pass once the routing is known. Returns their handles (the caller removes them)."""
+
+        def block_input(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs.get("hidden_states")
+            sink()["x"] = x.detach()
+
+        def router_output(module: nn.Module, args: Any, output: Any) -> None:
+            sink()["router"] = output
+            if stop and self.experts is None:
+                raise _StopForward
+
+        def experts_input(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            if isinstance(index, torch.Tensor) and index.ndim == 2 and not index.is_floating_point():
+                sink()["topk"] = index.detach()
+            if stop:
+                raise _StopForward
+
+        handles = [self.mlp.register_forward_pre_hook(block_input, with_kwargs=True),
+                   self.router.register_forward_hook(router_output)]
+        if self.experts is not None:
+            handles.append(self.experts.register_forward_pre_hook(experts_input, with_kwargs=True))
+        return handles
+
+    def routing(self, seen: dict[str, Any], attention_mask: torch.Tensor) -> Routing:
+        """One batch's :class:`Routing` from what the hooks recorded."""
         if "x" not in seen or "router" not in seen:
             raise ConfigError(f"the forward pass never reached the router of layer {self.layer}; "
                               f"this {self.arch.model_type} model routes in a way calibration does not read")

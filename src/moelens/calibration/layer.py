@@ -15,7 +15,7 @@ Sequences go through the model in batches of consecutive sequences, right-padded
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -72,7 +72,8 @@ def expert_weights(layer: MoELayer) -> dict[str, Optional[torch.Tensor]]:
 @dataclass
 class CalibrationSetup:
     """What every layer of one calibration shares: the checkpoint view, the tokens, where and in
-    which precision the model runs, and the model itself (loaded on first use)."""
+    which precision the model runs, and the model itself (loaded on first use: whole, or
+    layer-streamed when ``stream`` is ``on``, as the plan decided)."""
 
     model: MoEModel
     tokens: CalibrationTokens
@@ -81,21 +82,69 @@ class CalibrationSetup:
     dtype: Optional[str]
     batch_tokens: int
     pad_id: int
-    _loaded: Any = field(default=None, repr=False)
+    stream: str = "off"
+    _forward: Any = field(default=None, repr=False)
+    _walk: Any = field(default=None, repr=False)
+
+    def forward(self) -> Any:
+        """The forward runtime (:mod:`moelens.runtime.forward`), opened once."""
+        if self._forward is None:
+            from moelens.runtime.forward import open_forward
+
+            self._forward = open_forward(self.model.path, self.device, self.dtype, stream=self.stream, revision=self.model.revision)
+        return self._forward
 
     def loaded(self) -> tuple[Any, Any]:
         """(the transformers model, its hook points), loaded once."""
-        if self._loaded is None:
-            from moelens.runtime import load_causal_lm
-            from moelens.runtime.architecture import describe
+        fw = self.forward()
+        return fw.model, fw.arch
 
-            lm = load_causal_lm(self.model.path, device=self.device, dtype=self.dtype, revision=self.model.revision)
-            self._loaded = (lm, describe(lm))
-        return self._loaded
+
+def _streamed_routing(setup: CalibrationSetup, capture: LayerCapture, layer: int, plan: list[list[int]],
+                      report: Callable[[int, int], None] | None) -> Iterator[Any]:
+    """Each batch's :class:`Routing` at ``layer`` from a layer-streamed model.
+
+    When every batch's hidden states fit the activation budget, one pass over all batches is kept
+    between layers: calibrating layers in increasing order reads each decoder layer once in all.
+    Otherwise each pass of batches runs from the embedding up to ``layer``."""
+    from moelens.runtime.stream import Call
+
+    fw = setup.forward()
+    sequences = setup.tokens.sequences
+    masks = []
+    calls = []
+    seen: list[dict[str, Any]] = []
+    current = [0]
+    for b, rows in enumerate(plan):
+        ids, mask = right_padded([sequences[i] for i in rows], setup.pad_id, setup.device)
+        masks.append(mask)
+        seen.append({})
+        calls.append(Call({"input_ids": ids, "attention_mask": mask, "use_cache": False}, lambda b=b: current.__setitem__(0, b)))
+    passes = fw.passes(calls)
+    handles = capture.install(lambda: seen[current[0]], stop=False)
+    try:
+        if len(passes) == 1:
+            walk = setup._walk
+            if walk is None or walk.done > layer or len(walk.calls) != len(calls):
+                walk = setup._walk = fw.walk(calls)
+            walk.calls[:] = calls  # the same batches; this layer's enter callbacks
+            walk.through(layer)
+        else:
+            for group in passes:
+                fw.walk(group).through(layer)
+    finally:
+        for h in handles:
+            h.remove()
+    for b, mask in enumerate(masks):
+        yield capture.routing(seen[b], mask)
+        seen[b] = {}
+        if report is not None:
+            report(b + 1, len(plan))
 
 
 def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, int], None] | None = None) -> LayerCalibration:
-    """Layer ``layer``'s calibration record (one forward pass per batch, stopped after the router)."""
+    """Layer ``layer``'s calibration record (in memory: one forward pass per batch, stopped after
+    the router; layer-streamed: every batch through the layers up to this one)."""
     lm, arch = setup.loaded()
     view = setup.model.layer(layer)
     capture = LayerCapture(lm, arch, layer, view.top_k)
@@ -110,9 +159,13 @@ def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, 
     sequences = setup.tokens.sequences
     plan = list(batches(sequences, setup.batch_tokens))
     row = 0
+    streamed = _streamed_routing(setup, capture, layer, plan, None) if setup.forward().streamed else None
     for b, rows in enumerate(plan):
-        ids, mask = right_padded([sequences[i] for i in rows], setup.pad_id, setup.device)
-        routing = capture.run(ids, mask)
+        if streamed is not None:
+            routing = next(streamed)
+        else:
+            ids, mask = right_padded([sequences[i] for i in rows], setup.pad_id, setup.device)
+            routing = capture.run(ids, mask)
         m = routing.logits.shape[0]
         logits[row:row + m] = routing.logits.numpy()
         topk[row:row + m] = routing.topk.numpy()

@@ -179,27 +179,19 @@ class StreamedForward:
         return outputs
 
     def _pass(self, calls: Sequence[Call], progress: ProgressCallback | None, note: str) -> list[Any]:
-        rows = [_Rows() for _ in calls]
-        n = len(self.layers)
-        total = n + 2
-        task = "streamed layers"
-        with torch.no_grad():
-            pending = self._read(self.embed_group)
-            tensors = pending.result()
-            pending = self._read(self.layer_groups[0]) if self.prefetch and n else None
-            self._stage_embed(calls, rows, tensors)
-            report(progress, task, 1, total, note)
-            for i in range(n):
-                tensors = pending.result() if pending is not None else self._read(self.layer_groups[i]).result()
-                nxt = self.layer_groups[i + 1] if i + 1 < n else self.head_group
-                pending = self._read(nxt) if self.prefetch else None
-                self._stage_layer(i, calls, rows, tensors)
-                del tensors
-                report(progress, task, i + 2, total, note)
-            tensors = pending.result() if pending is not None else self._read(self.head_group).result()
-            outputs = self._stage_head(calls, rows, tensors)
-            report(progress, task, total, total, note)
+        walk = self.walk(calls)
+        total = len(self.layers) + 2
+        report(progress, "streamed layers", 1, total, note)
+        for i in range(len(self.layers)):
+            walk.through(i)
+            report(progress, "streamed layers", i + 2, total, note)
+        outputs = walk.head()
+        report(progress, "streamed layers", total, total, note)
         return outputs
+
+    def walk(self, calls: Sequence[Call]) -> "Walk":
+        """A pass over ``calls`` that has run the embedding and goes on layer by layer when told."""
+        return Walk(self, calls)
 
     def _stage_embed(self, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> None:
         self.groups_of.load(self.embed_group, tensors)
@@ -226,7 +218,7 @@ class StreamedForward:
                     return step
 
                 call.begin()
-                with self._layers_replaced(record):
+                with self._layers_replaced(record), self._no_router_outputs():
                     try:
                         self.model(**call.kwargs)
                     except _Stop:
@@ -272,11 +264,26 @@ class StreamedForward:
                 ids = call.kwargs["input_ids"]
                 stub = _Stub(self.arch.embedding, lambda input_ids, *a, **k: final.new_zeros((*input_ids.shape, final.shape[-1])))
                 call.begin()
-                with self._layers_replaced(substitute), _swapped(self._embed_owner, self._embed_attr, stub):
+                with self._layers_replaced(substitute), _swapped(self._embed_owner, self._embed_attr, stub), self._no_router_outputs():
                     outputs.append(self.model(**{**call.kwargs, "input_ids": ids}))
         finally:
             self.groups_of.drop(self.head_group)
         return outputs
+
+    @contextmanager
+    def _no_router_outputs(self) -> Iterator[None]:
+        """A model configured to return its routers' logits (for an auxiliary loss) collects them
+        from the routers during its forward; in the embedding and head stages the layers are stubs,
+        so nothing would be collected. Those stages return logits only."""
+        config = self.model.config
+        before = getattr(config, "output_router_logits", None)
+        if before:
+            config.output_router_logits = False
+        try:
+            yield
+        finally:
+            if before:
+                config.output_router_logits = before
 
     @contextmanager
     def _layers_replaced(self, make: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
@@ -291,6 +298,47 @@ class StreamedForward:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class Walk:
+    """A streamed pass in progress over a fixed list of batches: ``done`` layers have run.
+
+    :meth:`through` runs the layers up to one (a calibration of layer ℓ reads ℓ's block inputs
+    with its own hooks, and the next layer's calibration goes on from there); :meth:`head` ends
+    the pass with the model's output for every batch."""
+
+    def __init__(self, fw: StreamedForward, calls: Sequence[Call]):
+        self.fw = fw
+        self.calls = list(calls)
+        self.rows = [_Rows() for _ in self.calls]
+        self.done = 0
+        with torch.no_grad():
+            fw._stage_embed(self.calls, self.rows, fw._read(fw.embed_group).result())
+        self._pending = fw._read(fw.layer_groups[0]) if fw.prefetch and fw.layer_groups else None
+
+    def _tensors(self, group: Any) -> dict[str, torch.Tensor]:
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else self.fw._read(group).result()
+
+    def through(self, layer: int) -> None:
+        """Run layers ``done`` … ``layer`` over every batch."""
+        fw = self.fw
+        n = len(fw.layers)
+        with torch.no_grad():
+            while self.done <= layer:
+                i = self.done
+                tensors = self._tensors(fw.layer_groups[i])
+                if fw.prefetch:  # read the next layer while this one computes
+                    self._pending = fw._read(fw.layer_groups[i + 1] if i + 1 < n else fw.head_group)
+                fw._stage_layer(i, self.calls, self.rows, tensors)
+                del tensors
+                self.done += 1
+
+    def head(self) -> list[Any]:
+        """The model's output for every batch (runs any layers left first)."""
+        self.through(len(self.fw.layers) - 1)
+        with torch.no_grad():
+            return self.fw._stage_head(self.calls, self.rows, self._tensors(self.fw.head_group))
 
 
 def _layer_list(model: nn.Module, arch: Architecture) -> nn.ModuleList:
@@ -319,4 +367,4 @@ def _swapped(owner: nn.Module, attr: str, value: nn.Module) -> Iterator[None]:
         owner._modules[attr] = original
 
 
-__all__ = ["Call", "StreamedForward", "hidden_bytes"]
+__all__ = ["Call", "StreamedForward", "Walk", "hidden_bytes"]

@@ -245,7 +245,8 @@ class Tracer:
         return self._forward_many([self._spec(rows, width, self.hooks.edits)])[0]
 
     def _ensure_routers(self, prompt: TokenisedPrompt) -> None:
-        if not self._routers_ready:
+        """Learn how each router's logits are replaced (one forward pass), when a site edits them."""
+        if not self._routers_ready and "router" in self.s.sites:
             ids = torch.tensor([prompt.input_ids], device=self.device)
             self.hooks.edits = {}
             self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)},

@@ -175,8 +175,16 @@ class WeightGroups:
         os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # the reads already happened; no thread pool
         from moelens.runtime.checks import quiet_transformers
 
-        with quiet_transformers():
-            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+        from transformers.utils import logging as hf_logging
+
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a layer's load is a step of moelens' own progress
+        try:
+            with quiet_transformers():
+                info, _ = convert_and_load_state_dict_in_model(self.model, tensors, config)
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         for name in group.params:
             if self._get(name).device == META:
                 alias = next((a for a in self.aliases[name] if self._get(a).device != META), None)

@@ -99,7 +99,7 @@ class CalibrationPlan:
 
 
 def plan_calibration(model: MoEModel, texts: Any, max_tokens: int, layers: Optional[tuple[int, ...]], batch_tokens: int,
-                     device: str, dtype: str) -> CalibrationPlan:
+                     device: str, dtype: str, stream: str = "auto") -> CalibrationPlan:
     """Check everything a calibration needs (headers, the tokenizer and the text; no weights)."""
     from moelens.runtime.checks import check_checkpoint_finite, check_vocabulary, embedding_rows
     from moelens.spectral import resolve_device
@@ -126,7 +126,14 @@ def plan_calibration(model: MoEModel, texts: Any, max_tokens: int, layers: Optio
                       int(vocab) if isinstance(vocab, int) else None, max_tokens)
     check_checkpoint_finite(model)  # NaN weights named before a run directory exists
     fdtype = forward_dtype(dtype, resolved, model.config)
-    setup = CalibrationSetup(model, tokens, activation, resolved, fdtype, batch_tokens, pad_id_of(tokenizer, model.config))
+    # whole or layer by layer, decided now: a model that does not fit with streaming off is refused
+    # before a run directory exists
+    from moelens.runtime.forward import choose_stream, estimate
+    from moelens.runtime.load import resolve_dtype
+
+    streamed = choose_stream(stream, estimate(model.path, resolved, resolve_dtype(fdtype)), resolved)
+    setup = CalibrationSetup(model, tokens, activation, resolved, fdtype, batch_tokens, pad_id_of(tokenizer, model.config),
+                             stream="on" if streamed else "off")
     options = {
         "texts": lines.source, "texts_sha256": lines.digest(), "lines": len(lines.items), "heldout_lines": lines.n_heldout,
         "sequences": len(tokens.sequences), "tokens": tokens.n_tokens, "max_tokens": max_tokens, "layers": list(chosen),
@@ -179,7 +186,7 @@ class Calibration(Analysis):
     def plan(self, models: Mapping[str, Any], config: CalibrationConfig) -> Plan:
         model: MoEModel = models["a"]
         c = config
-        planned = plan_calibration(model, c.texts, c.max_tokens, c.layers, c.batch_tokens, c.device, c.dtype)
+        planned = plan_calibration(model, c.texts, c.max_tokens, c.layers, c.batch_tokens, c.device, c.dtype, c.stream)
         label = f"{model.name} · calibration ({planned.setup.tokens.n_tokens} tokens) · L{compact_ranges(planned.layers)}"
         return Plan(options=planned.options, units=layer_units(planned.layers), label=label, state=planned.setup)
 
@@ -261,6 +268,7 @@ def calibrate(
     device: str = "auto",
     dtype: str = "auto",
     *,
+    stream: str = "auto",
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: CalibrationConfig | None = None,
@@ -269,12 +277,13 @@ def calibrate(
     logits and top-k experts, every expert's usage frequency and mean output (docs/methods.md §3).
 
     ``texts``: a text file (one sequence per non-empty line; the last 10 % of the lines held out),
-    or a list of strings or of token-id lists. Returns a :class:`CalibrationRun` (tables
+    or a list of strings or of token-id lists. ``stream``: ``auto`` runs the model layer by layer
+    when it does not fit in memory, ``on`` always, ``off`` never (refusing a model too large). Returns a :class:`CalibrationRun` (tables
     ``calibration_usage``, ``calibration_layers``, ``calibration_tokens`` and the matrices). With
     ``out`` each layer is written when done and an interrupted run resumes at the next layer."""
     if config is None:
         config = CalibrationConfig(texts=texts, max_tokens=max_tokens, layers=parse_ranges(layers) if isinstance(layers, str) else layers,
-                                   batch_tokens=batch_tokens, device=device, dtype=dtype)
+                                   batch_tokens=batch_tokens, device=device, dtype=dtype, stream=stream)
     from moelens.checkpoint import open_model
 
     m = model if isinstance(model, MoEModel) else open_model(model)

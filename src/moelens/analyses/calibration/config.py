@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, option, positive_int
+from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, check_stream, option, positive_int, stream_option
 from moelens.choices import DEFAULT_MAX_TOKENS
 from moelens.errors import ConfigError
 from moelens.ranges import parse_ranges
@@ -40,12 +40,14 @@ class CalibrationConfig:
     batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
     dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+    stream: str = stream_option()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "texts", check_texts(self.texts))
         object.__setattr__(self, "max_tokens", positive_int(self.max_tokens, "max_tokens"))
         object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
+        object.__setattr__(self, "stream", check_stream(self.stream))
         if self.dtype not in FORWARD_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
 

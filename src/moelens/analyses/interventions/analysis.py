@@ -101,9 +101,11 @@ def correct_prompts(tracer: Tracer, prompts: Sequence[TokenisedPrompt], chunk: i
     is its own top-1, so it stays), and the ids of the others: ROME's ``calculate_hidden_flow``
     returns early on those."""
     kept, wrong = [], []
-    for start in range(0, len(prompts), chunk):
-        part = prompts[start:start + chunk]
-        top1 = tracer.clean(part)[0].argmax(-1).tolist()
+    parts = [prompts[start:start + chunk] for start in range(0, len(prompts), chunk)]
+    # streamed: every chunk in one pass over the layers
+    cleaned = tracer.clean_groups(parts) if tracer.forward.streamed else (tracer.clean(part) for part in parts)
+    for part, (probs, _) in zip(parts, cleaned):
+        top1 = probs.argmax(-1).tolist()
         for p, t in zip(part, top1):
             if p.target_id is None or p.target_id == t:
                 kept.append(p)
@@ -142,8 +144,8 @@ class Interventions(Analysis):
     derived_tables = (SUMMARY_SCHEMA,)
 
     def plan(self, models: Mapping[str, Any], config: InterventionsConfig) -> Plan:
-        from moelens.runtime import load_causal_lm, load_tokenizer
-        from moelens.runtime.architecture import describe
+        from moelens.runtime import load_tokenizer
+        from moelens.runtime.forward import open_forward
         from moelens.spectral import resolve_device
 
         model: MoEModel = models["a"]
@@ -169,8 +171,10 @@ class Interventions(Analysis):
         with quiet_transformers():
             prompts = tokenise_all(tokenizer, records, source, max_positions(model.config))
         check_checkpoint_finite(model)  # NaN/inf weights named as the checkpoint stores them, before any write
-        lm = load_causal_lm(model.path, device=device, dtype=_dtype(config.dtype, device))
-        arch = describe(lm)
+        # the whole model when it fits, else one decoder layer at a time; a model that does not fit
+        # with streaming off is refused here, before anything is written
+        forward = open_forward(model.path, device, _dtype(config.dtype, device), stream=config.stream, revision=model.revision)
+        lm, arch = forward.model, forward.arch
         max_pos = _max_positions(lm)
         if max_pos is not None:
             long = [p for p in prompts if p.length > max_pos]
@@ -182,12 +186,15 @@ class Interventions(Analysis):
             raise ConfigError(f"site {missing[0]}: no chosen layer of {model.name} has {what}; choose other sites or layers")
         skipped = sorted({f"{s}@{L}" for L in layers for s in sites if not site_available(arch, L, s)})
         # "subject": over the whole prompt set given, before --correct-only (ROME: every subject)
-        sigma = noise_std(arch.embedding, config.noise_scale, prompts) if config.mode == "restore" else None
+        sigma = None
+        if config.mode == "restore":
+            with forward.materialised(arch.embedding) as embedding:
+                sigma = noise_std(embedding, config.noise_scale, prompts)
         settings = TraceSettings(mode=config.mode, sites=sites, ablation=config.ablation, layers=tuple(layers),
                                  window=config.chosen_window, noise_samples=config.noise_samples, seed=config.seed,
                                  rows_per_batch=config.batch_size, noise_std=sigma, noise_draw=config.noise_draw)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        tracer = Tracer(lm, arch, settings, pad_id=int(pad_id))
+        tracer = Tracer(lm, arch, settings, pad_id=int(pad_id), forward=forward)
         skipped_wrong: list[int] = []
         if config.correct_only:
             prompts, skipped_wrong = correct_prompts(tracer, prompts)
@@ -210,7 +217,7 @@ class Interventions(Analysis):
             "noise_samples": config.noise_samples if config.mode == "restore" else None, "seed": config.seed,
             "noise_scale": config.noise_scale if config.mode == "restore" else None,
             "noise_draw": config.noise_draw if config.mode == "restore" else None, "correct_only": config.correct_only,
-            "device": str(device), "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
+            "device": str(device), "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""), "stream": config.stream,
         }
         notes = [f"{len(skipped)} (site, layer) cells skipped: the layer lacks the module ({', '.join(skipped[:12])}{' …' if len(skipped) > 12 else ''})"] if skipped else []
         if config.correct_only:
@@ -273,6 +280,7 @@ def trace(
     noise_draw: str = "per-prompt",
     correct_only: bool = False,
     dtype: str = "auto",
+    stream: str = "auto",
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: InterventionsConfig | None = None,
@@ -281,7 +289,8 @@ def trace(
     layer and measure how the next-token distribution changes (JSD in bits).
 
     Returns a :class:`~moelens.results.Run` with tables ``interventions`` (one row per prompt and
-    cell) and ``interventions_summary`` (mean, std, n per layer and site).
+    cell) and ``interventions_summary`` (mean, std, n per layer and site). ``stream``: ``auto``
+    runs the model layer by layer when it does not fit in memory, ``on`` always, ``off`` never.
 
     >>> run = trace("zoo/base", "zoo/facts.jsonl")                     # seed 003: subj/attn/last
     >>> run["interventions_summary"].query("measure == 'jsd'")
@@ -291,7 +300,7 @@ def trace(
             prompts=prompts, limit=limit, mode=mode, sites=sites, ablation=ablation,
             layers=parse_ranges(layers) if isinstance(layers, str) else layers, window=window,
             noise_samples=noise_samples, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-            noise_scale=noise_scale, noise_draw=noise_draw, correct_only=correct_only,
+            noise_scale=noise_scale, noise_draw=noise_draw, correct_only=correct_only, stream=stream,
         )
     from moelens.checkpoint import open_model
 

@@ -16,10 +16,12 @@ from moelens.analyses.fields import (
     FORWARD_DTYPES,
     as_index_tuple,
     check_seed,
+    check_stream,
     comma_names,
     is_bool,
     option,
     positive_int,
+    stream_option,
 )
 from moelens.choices import (
     ABLATIONS,
@@ -54,6 +56,7 @@ class InterventionsConfig:
     batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
     dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+    stream: str = stream_option()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -76,6 +79,7 @@ class InterventionsConfig:
         object.__setattr__(self, "noise_samples", positive_int(self.noise_samples, "noise_samples"))
         object.__setattr__(self, "batch_size", positive_int(self.batch_size, "batch_size", allow_none=True))
         object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "stream", check_stream(self.stream))
         object.__setattr__(self, "noise_scale", _noise_scale(self.noise_scale))
         if self.noise_draw not in NOISE_DRAWS:
             raise ConfigError(f"noise_draw {self.noise_draw!r}: choose {' or '.join(NOISE_DRAWS)}")
