@@ -28,6 +28,9 @@ from moelens.errors import CheckpointFormatError, ConfigError
 #: The longest input accepted from a model whose config names no number of positions.
 MAX_TOKENS = 32768
 
+#: Bytes read through a checkpoint's memory maps before they are closed (bounds resident memory).
+RELEASE_BYTES = 256 << 20
+
 _CORRUPT = "the checkpoint is corrupt or was saved mid-divergence; use an intact copy"
 
 
@@ -40,10 +43,18 @@ def check_checkpoint_finite(model: Any) -> None:
     :class:`~moelens.checkpoint.MoEModel`) that holds NaN or inf. Reads one tensor at a time from
     the memory-mapped files, so the cost is one pass over the weights and the memory one tensor."""
     store = model.store
-    for name in sorted(store.infos):
-        bad = _count_bad(store.read(name))
-        if bad:
-            raise CheckpointFormatError(f"tensor {name!r} of {model.path} holds {bad} NaN/inf values; {_CORRUPT}")
+    read = 0
+    try:
+        for name in sorted(store.infos):
+            bad = _count_bad(store.read(name))
+            if bad:
+                raise CheckpointFormatError(f"tensor {name!r} of {model.path} holds {bad} NaN/inf values; {_CORRUPT}")
+            read += store.infos[name].nbytes
+            if read > RELEASE_BYTES:  # pages read through the memory maps would otherwise stay resident
+                store.release()
+                read = 0
+    finally:
+        store.release()
 
 
 def check_parameters_finite(lm: Any, source: Any) -> None:

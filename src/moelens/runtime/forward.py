@@ -9,7 +9,7 @@ model's output for every :class:`~moelens.runtime.stream.Call`, in order) and
 loads the whole model (and refuses, before loading, a model that would not fit, naming the
 options that do), ``auto`` streams exactly when the model does not fit. Fitting means
 
-    in-memory peak ≈ IN_MEMORY_FACTOR × weight bytes (in the forward dtype) ≤ available memory,
+    in-memory peak ≈ IN_MEMORY_FACTOR × weight bytes (in the forward dtype) ≤ FIT_SHARE × available,
 
 the factor measured on a 24-layer Mixtral-shaped checkpoint loaded by transformers in float32
 (peak RSS 19.4 GB for 8.6 GB of weights: the loader holds converted copies beside the model). A
@@ -36,6 +36,9 @@ from moelens.runtime.stream import Call, StreamedForward
 
 STREAM_MODES = ("auto", "on", "off")
 IN_MEMORY_FACTOR = 2.3
+#: The share of the available memory an in-memory run may plan to use: "available" moves with
+#: other processes and the page cache, and running out on the CPU kills the process.
+FIT_SHARE = 0.75
 #: Weights held at once while streaming, in units of the largest layer: the layer in use, the next
 #: one as read (prefetch) and the conversion's copy.
 STREAM_WEIGHT_FACTOR = 3.0
@@ -114,7 +117,7 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.in_memory <= self.available
+        return self.in_memory <= FIT_SHARE * self.available
 
 
 def _gb(n: float) -> str:
@@ -138,10 +141,10 @@ def refusal(est: Estimate, device: torch.device) -> str:
     """The one line that refuses an in-memory run that does not fit, with the options that do."""
     name = str(est.dtype).replace("torch.", "")
     options = [f"--stream on or auto (layer by layer: about {_gb(est.streamed)} of weights at once plus the rows' activations)"]
-    if est.dtype == torch.float32 and est.in_memory / 2 <= est.available:
+    if est.dtype == torch.float32 and est.in_memory / 2 <= FIT_SHARE * est.available:
         options.append(f"--dtype bfloat16 (about {_gb(est.in_memory / 2)} in memory)")
     return (f"the model needs about {_gb(est.in_memory)} to run in memory in {name} ({_gb(est.weights)} of weights), "
-            f"but {_gb(est.available)} are available on {device}; use " + " or ".join(options))
+            f"but {_gb(est.available)} are available on {device} (at most {FIT_SHARE:.0%} planned); use " + " or ".join(options))
 
 
 def activation_budget(device: torch.device, layer_bytes: int) -> int:
