@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.moelens-installed
 DEMO   ?= .demo
 
-.PHONY: install demo test bench bench-align bench-distance bench-modules bench-scale bench-gpu bench-trace bench-route bench-zoo lint clean
+.PHONY: install demo test bench bench-align bench-distance bench-modules bench-scale bench-gpu bench-trace bench-route bench-forward bench-zoo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -62,6 +62,13 @@ bench-gpu: install
 # (make bench-trace BENCH_ARGS="--device cuda" on a GPU).
 bench-trace: install
 	$(PY) benchmarks/trace.py $(BENCH_ARGS)
+
+# Forward passes of a model larger than the memory budget: moelens layer-streamed against
+# transformers + accelerate device_map="auto" with CPU/disk offload under the same max_memory, side
+# by side in one run (a quick CPU shape; BENCH_ARGS="--shape medium" for the 9 GB float32 one, "--shape real"
+# for Mixtral-8x7B's, on a machine with the disk for it).
+bench-forward: install
+	$(PY) benchmarks/forward.py $(BENCH_ARGS)
 
 # Router edits: batched rows against a plain loop (edit the weight, run, restore) on the demo zoo
 # (or the small zoo), e.g. make bench-route BENCH_ARGS="--prompts 32 --threads 1".

@@ -152,6 +152,7 @@ def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, 
     features = ExpertFeatures(w["gate"], w["up"], w["down"], setup.activation, w["gate_bias"], w["up_bias"], w["down_bias"],
                               device=setup.device)
     del w
+    setup.model.store.release()  # the experts' pages read through the memory maps go with them
     n, e, k = setup.tokens.n_tokens, view.n_experts, view.top_k
     logits = np.empty((n, e), dtype=np.float32)
     topk = np.empty((n, k), dtype=np.int32)

@@ -46,7 +46,7 @@ from moelens.runtime.architecture import Architecture, describe
 @dataclass
 class Call:
     """One batch of a pass: the model call's keyword arguments, and what to set before its rows go
-    through any part of the model (hook state); ``nbytes``: its hidden states' bytes, if known."""
+    through any part of the model (hook state)."""
 
     kwargs: dict[str, Any]
     enter: Callable[[], None] | None = None
@@ -222,7 +222,7 @@ class StreamedForward:
                 r.args = []
                 previous: list[Any] = []
 
-                def record(i: int) -> Callable[..., Any]:
+                def record(i: int, r: _Rows = r, previous: list[Any] = previous) -> Callable[..., Any]:
                     def step(*args: Any, **kwargs: Any) -> Any:
                         hidden = args[0] if args else kwargs.pop("hidden_states")
                         if i == 0:
@@ -276,15 +276,16 @@ class StreamedForward:
                 final = r.hidden
                 r.hidden, r.args = None, None  # freed as the pass goes
 
-                def substitute(i: int) -> Callable[..., Any]:
+                def substitute(i: int, final: torch.Tensor = final) -> Callable[..., Any]:
                     def step(*args: Any, **kwargs: Any) -> Any:
                         return final if i == n - 1 else (args[0] if args else kwargs["hidden_states"])
                     return step
 
                 ids = call.kwargs["input_ids"]
-                stub = _Stub(self.arch.embedding, lambda input_ids, *a, **k: final.new_zeros((*input_ids.shape, final.shape[-1])))
+                stub = _Stub(self.arch.embedding, lambda input_ids, *a, final=final, **k: final.new_zeros((*input_ids.shape, final.shape[-1])))
                 call.begin()
-                with self._layers_replaced(substitute), _swapped(self._embed_owner, self._embed_attr, stub), self._no_router_outputs():
+                swapped = _swapped(self._embed_owner, self._embed_attr, stub)
+                with self._layers_replaced(substitute), swapped, self._no_router_outputs():
                     outputs.append(self.model(**{**call.kwargs, "input_ids": ids}))
         finally:
             self.groups_of.drop(self.head_group)

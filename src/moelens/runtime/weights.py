@@ -172,10 +172,9 @@ class WeightGroups:
 
         dtype = next((dt for _, dt in self.shapes.values()), None)
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=dtype, weight_mapping=self.mapping)
-        os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")  # the reads already happened; no thread pool
-        from moelens.runtime.checks import quiet_transformers
-
         from transformers.utils import logging as hf_logging
+
+        from moelens.runtime.checks import quiet_transformers
 
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a layer's load is a step of moelens' own progress
