@@ -470,6 +470,14 @@ def _workers_for(requested: int | None, pending: list[Step], plan: dict[str, Any
     return choose_workers(None, len(pending), True, largest)
 
 
+def _report_jobs(jobs: int | None) -> int:
+    """Worker processes drawing the report's sections: ``jobs`` as given, else one per core (the
+    report draws on the CPU whatever device the runs used)."""
+    from moelens.threads import available_cpus
+
+    return jobs if jobs is not None else available_cpus()
+
+
 def atlas(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -491,7 +499,8 @@ def atlas(
 
     ``jobs``: analyses run at once, each in a worker process (:mod:`moelens.atlas_pool`); None:
     one per core this process may use, when every run computes on the CPU with the local executor
-    and memory holds a model per worker; 1 runs them one after another in this process.
+    and memory holds a model per worker; 1 runs them one after another in this process. The
+    report's sections are drawn on as many processes (None: one per core).
 
     >>> result = atlas("zoo/base", "atlas", tuned="zoo/tuned")
     >>> result.report          # atlas/report.html
@@ -538,7 +547,8 @@ def atlas(
 
     box = reproduce_box(steps, runs, command)
     with collecting_files() as files:  # every figure the report shows, and only those, becomes a file
-        html = build_report(list(runs.values()), title=title or f"moelens atlas: {Path(model).name}", extra={"notes": notes, "reproduce": box})
+        html = build_report(list(runs.values()), title=title or f"moelens atlas: {Path(model).name}",
+                            extra={"notes": notes, "reproduce": box}, jobs=_report_jobs(jobs))
     figure_paths = write_figure_files(files, figure_dir)
     path = write_report(html, out / "report.html")
     return Atlas(out, runs, path, figure_paths, notes, reused)

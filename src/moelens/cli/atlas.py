@@ -61,7 +61,7 @@ def _register_atlas() -> None:
         opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N, for every analysis."),
         opt("title", Optional[str], None, "--title", help="Title of the report."),
         opt("jobs", Optional[int], None, "--jobs", metavar="N",
-            help="Analyses run at once, each in its own process (default: one per CPU core on the CPU with the local executor, as memory allows; 1: one at a time, in this process)."),
+            help="Analyses run at once, each in its own process (default: one per CPU core on the CPU with the local executor, as memory allows; 1: one at a time, in this process); the report's sections are drawn on as many processes (default: one per core)."),
         *executor_parameters(),
     ]
     app.command("atlas")(command_from_parameters(params, _atlas, command_help("atlas"), "atlas"))

@@ -46,7 +46,7 @@ def _group_by_analysis(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] = None, figure_format: str = "svg",
-                 extra: Optional[dict] = None) -> str:
+                 extra: Optional[dict] = None, jobs: int = 1) -> str:
     """The HTML text of the report of ``runs`` (Run objects or run directories of any analysis).
 
     Runs of router alignment alone give the seed report; runs of several analyses give one
@@ -54,6 +54,8 @@ def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] =
     ``figure_format``: ``"svg"`` (sharp at any zoom, the default) or ``"png"``. ``extra`` (the
     atlas's): ``notes`` (lines on what was skipped) and ``reproduce`` (``atlas``: the command,
     ``commands``: one per run, ``versions``), shown on the first screen of a sectioned report.
+    ``jobs``: sections drawn at once on worker processes (:mod:`moelens.report.parallel`; the
+    same report as one after another).
     """
     from moelens.errors import ConfigError
     from moelens.report.numbering import number_headings, numbered, numbers_of
@@ -61,6 +63,8 @@ def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] =
 
     if figure_format not in FIGURE_FORMATS:
         raise ConfigError(f"report figures are {' or '.join(FIGURE_FORMATS)}, not {figure_format!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs {jobs!r}: give a whole number ≥ 1")
     groups = _group_by_analysis(_as_runs(runs))
     if list(groups) == ["router_alignment"] and not extra:
         from moelens.figures.alignment_data import alignment_views
@@ -70,18 +74,18 @@ def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] =
         toc = numbered([("plot-explanations", "Plot explanations", []), ("comparison", "Comparison across all runs", [])]
                        + [(r.id, f"Individual analysis: run {r.number}, {r.label}", []) for r in context["runs"]])
         return number_headings(render("alignment_report.html", **context, toc=toc), numbers_of(toc))
-    context = {**report_context_of_sections(groups, title, figure_format), **(extra or {})}
+    context = {**report_context_of_sections(groups, title, figure_format, jobs), **(extra or {})}
     toc = numbered([(s.id, s.title, s.toc) for s in context["sections"]])
     return number_headings(render("report.html", **context, toc=toc), numbers_of(toc))
 
 
-def report_context_of_sections(groups: dict[str, list[Run]], title: Optional[str], fmt: str) -> dict:
+def report_context_of_sections(groups: dict[str, list[Run]], title: Optional[str], fmt: str, jobs: int = 1) -> dict:
     from datetime import datetime, timezone
 
     from moelens import __version__
-    from moelens.report.sections import SECTION_BUILDERS
+    from moelens.report.parallel import build_sections
 
-    sections = [SECTION_BUILDERS[name](group, fmt) for name, group in groups.items()]
+    sections = build_sections(groups, fmt, jobs)
     n_runs = sum(len(g) for g in groups.values())
     return {
         "title": title or ("moelens report: " + ", ".join(s.title.lower() for s in sections)),

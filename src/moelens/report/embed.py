@@ -67,6 +67,38 @@ def collecting_files() -> Iterator[list[FigureFile]]:
         _collector = previous
 
 
+def collecting_active() -> bool:
+    """Whether figures are being kept as files (inside :func:`collecting_files`)."""
+    return _collector is not None
+
+
+def collected_stems() -> set[str]:
+    """The file stems kept so far (none outside :func:`collecting_files`)."""
+    return {f.stem for f in _collector} if _collector is not None else set()
+
+
+def add_collected(files: list[FigureFile]) -> None:
+    """Keep ``files`` (another process's, in report order) as if their figures had been embedded here."""
+    if _collector is not None:
+        _collector.extend(files)
+
+
+@contextlib.contextmanager
+def _layout_fixed(fig: Figure) -> Iterator[None]:
+    """Save ``fig`` again without laying it out again: each save runs the layout engine in a draw
+    of its own before the real one, and after the first save the panels are where they belong (the
+    layout is in fractions of the figure, so another dpi or format keeps it)."""
+    engine = fig.get_layout_engine()
+    if engine is None:
+        yield
+        return
+    fig.set_layout_engine("none")
+    try:
+        yield
+    finally:
+        fig.set_layout_engine(engine)
+
+
 def file_stem(name: str, id: str, run_name: str = "") -> str:
     """The file name (without suffix) of figure ``name`` embedded as ``id``: the figure's registry
     name, then ``--`` and what tells this one apart (its run, layer or option), taken from the id
@@ -118,8 +150,9 @@ def embed(fig: Figure, name: str, id: str, title: str, alt: str, fmt: str = "svg
         while unique in taken:  # the same figure twice in one report: number the later ones
             unique, n = f"{stem}-{n}", n + 1
         stem = unique
-        files = {"svg": data["svg"] if fmt == "svg" else figure_bytes(fig, "svg", REPORT_DPI),
-                 "png": figure_bytes(fig, "png", FILE_DPI)}
+        with _layout_fixed(fig):  # laid out by the report's save above
+            files = {"svg": data["svg"] if fmt == "svg" else figure_bytes(fig, "svg", REPORT_DPI),
+                     "png": figure_bytes(fig, "png", FILE_DPI)}
         _collector.append(FigureFile(stem, files))
     uri = f"data:{MIME[fmt]};base64,{base64.b64encode(data[fmt]).decode('ascii')}"
     fig.clear()
