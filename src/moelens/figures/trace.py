@@ -37,6 +37,7 @@ from matplotlib.patches import Patch
 
 from moelens.choices import DEFAULT_WINDOW, MODES, SITES, TOKEN_KINDS
 from moelens.errors import ConfigError
+from moelens.figures.checks import checked_run, checked_table
 from moelens.figures.modules import cell_format
 from moelens.figures.style import cell_font_size, label_colour_bar_ends, new_figure, styled
 from moelens.results import Run
@@ -108,26 +109,13 @@ class TraceGrid:
 
 
 def _check_run(run: object, figure: str) -> Run:
-    if not isinstance(run, Run):
-        raise ConfigError(f"{figure} draws a moelens run; got a {type(run).__name__} (load one with moelens.load_run)")
-    analysis = run.manifest.get("analysis")
-    if analysis != ANALYSIS:
-        raise ConfigError(f"run {run.label!r} is a {analysis or 'unnamed'} run; {figure} draws interventions runs (moelens trace)")
-    return run
+    return checked_run(run, figure, ANALYSIS, "moelens trace")
 
 
 def summary_table(run: Run) -> pd.DataFrame:
     """The run's ``interventions_summary``, checked to hold the columns the figures read."""
-    if SUMMARY not in run.tables:
-        found = ", ".join(sorted(run.tables)) or "none"
-        raise ConfigError(f"run {run.label!r} has no {SUMMARY} table (it has {found}); run moelens trace again on its directory")
-    table = run.tables[SUMMARY]
-    missing = [c for c in SUMMARY_COLUMNS if c not in table.columns]
-    if missing:
-        raise ConfigError(f"run {run.label!r}: its {SUMMARY} table lacks column(s) {', '.join(missing)}; run moelens trace again")
-    if table.empty:
-        raise ConfigError(f"run {run.label!r} has an empty {SUMMARY} table: no cell was traced")
-    return table
+    return checked_table(run, SUMMARY, SUMMARY_COLUMNS, "run moelens trace again on its directory", "run moelens trace again",
+                         "no cell was traced")
 
 
 def run_modes(run: Run) -> list[str]:
