@@ -177,7 +177,7 @@ def test_the_trace_runs_say_what_they_traced(zoo_atlas, small_zoo):
     from moelens.atlas import block_window
 
     runs = zoo_atlas.runs
-    depth = runs["trace-block-base"].manifest["model"]["n_layers"]
+    depth = runs["trace-block-base"].model["n_layers"]
     options = {name: runs[name].manifest["options"] for name in runs if name.startswith("trace-")}
     assert options["trace-block-base"]["mode"] == "block" and options["trace-block-base"]["window"] == block_window(depth)
     assert options["trace-knockout-tuned"]["mode"] == "knockout" and "router" in options["trace-knockout-tuned"]["sites"]

@@ -19,8 +19,6 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
-
 #: Each public name and the module that defines it.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys((
@@ -63,6 +61,10 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # declared once, in pyproject.toml; read from the installed metadata
+        from moelens.version import package_version
+
+        return package_version()
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later look-ups skip this function
@@ -73,7 +75,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_LAZY_SUBPACKAGES})
+    return sorted({*globals(), *_EXPORTS, *_LAZY_SUBPACKAGES, "__version__"})
 
 
 __all__ = [

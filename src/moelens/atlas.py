@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moelens.choices import DEFAULT_DEVICE, DENSE_KNOCKOUT_SITES, KNOCKOUT_SITES
 from moelens.errors import ConfigError, RunDirectoryError
 from moelens.progress import ProgressCallback, report
 from moelens.results.manifest import read_manifest
@@ -121,7 +122,7 @@ def plan_atlas(
     prompts: str | os.PathLike[str] | None = None,
     calibration: str | os.PathLike[str] | None = None,
     executor: Any = None,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     trace_limit: int | None = None,
     restore_limit: int | None = RESTORE_PROMPTS,
     checks: bool = True,
@@ -174,7 +175,7 @@ def plan_atlas(
     exec_flag = ""
     if executor is not None and str(getattr(executor, "name", executor)) not in ("local",):
         exec_flag = f" --executor {_q(getattr(executor, 'name', executor))}"
-    dev_flag = f" --device {_q(device)}" if device != "auto" else ""
+    dev_flag = f" --device {_q(device)}" if device != DEFAULT_DEVICE else ""
 
     steps: list[Step] = []
     notes: list[str] = []
@@ -237,7 +238,7 @@ def _trace_steps(models: dict[str, Any], main: Any, prompts: Path, moe: bool, tr
     the first ``restore_limit`` prompts (0: none)."""
     from moelens.analyses.interventions import trace
 
-    knockout_sites = ("subj", "attn", "last", "router", "moe") if moe else ("subj", "attn", "last")
+    knockout_sites = KNOCKOUT_SITES if moe else DENSE_KNOCKOUT_SITES
     window = block_window(main.n_layers)
     limit_flag = f" --limit {trace_limit}" if trace_limit else ""
     steps: list[Step] = []
@@ -486,7 +487,7 @@ def atlas(
     prompts: str | os.PathLike[str] | None = None,
     calibration: str | os.PathLike[str] | None = None,
     executor: Any = None,
-    device: str = "auto",
+    device: str = DEFAULT_DEVICE,
     trace_limit: int | None = None,
     restore_limit: int | None = RESTORE_PROMPTS,
     title: str | None = None,
@@ -531,7 +532,7 @@ def atlas(
     if n_workers > 1:
         from moelens.atlas_pool import run_steps
 
-        runs.update(run_steps(pending, out, {**plan, "executor": None}, n_workers, len(steps), load_run, progress, len(reused)))
+        runs.update(run_steps(pending, out, plan_atlas, {**plan, "executor": None}, n_workers, len(steps), load_run, progress, len(reused)))
     else:
         for step in pending:
             report(progress, "atlas", len(runs), len(steps), f"{step.name} ({step.analysis})", step=True)

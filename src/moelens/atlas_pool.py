@@ -83,8 +83,10 @@ def critical_order(steps: Sequence[Any]) -> list[Any]:
     return sorted(steps, key=lambda s: (-chain(s), order[s.name]))
 
 
-def _init_worker(plan: dict[str, Any], threads: int | None, events: Any, counter: Any) -> None:
-    """A worker's start: its thread count, its slot number, and the plan's steps by name."""
+def _init_worker(planner: Callable[..., Any], plan: dict[str, Any], threads: int | None, events: Any, counter: Any) -> None:
+    """A worker's start: its thread count, its slot number, and the plan's steps by name
+    (``planner(**plan, checks=False)``: the atlas's own planner, handed down rather than imported,
+    so that this module stays below the atlas)."""
     global _events, _slot
     if threads is not None:
         from moelens.threads import set_threads
@@ -97,9 +99,7 @@ def _init_worker(plan: dict[str, Any], threads: int | None, events: Any, counter
         counter.value += 1
         _slot = counter.value
     _events = events
-    from moelens.atlas import plan_atlas
-
-    steps, _ = plan_atlas(**plan, checks=False)
+    steps, _ = planner(**plan, checks=False)
     _steps.update({s.name: s for s in steps})
 
 
@@ -113,12 +113,12 @@ def _run_step(name: str, directory: str) -> str:
     return name
 
 
-def run_steps(steps: Sequence[Any], out: Path, plan: dict[str, Any], workers: int, total: int,
+def run_steps(steps: Sequence[Any], out: Path, planner: Callable[..., Any], plan: dict[str, Any], workers: int, total: int,
               load: Callable[[Path], Any], progress: ProgressCallback | None = None, done_before: int = 0) -> dict[str, Any]:
     """Run ``steps`` (none finished yet) on ``workers`` processes; return their runs by name.
 
-    ``plan`` holds :func:`moelens.atlas.plan_atlas`'s arguments (the workers plan again from
-    them); ``load`` reads a finished run directory. The first error stops every worker (a run
+    ``planner`` is :func:`moelens.atlas.plan_atlas` and ``plan`` its arguments (the workers plan
+    again from them); ``load`` reads a finished run directory. The first error stops every worker (a run
     left unfinished resumes on the next call) and is raised here."""
     from moelens.threads import available_cpus, requested_threads
 
@@ -147,7 +147,7 @@ def run_steps(steps: Sequence[Any], out: Path, plan: dict[str, Any], workers: in
 
     relay = threading.Thread(target=drain, daemon=True)
     relay.start()
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(plan, threads, events, counter))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(planner, plan, threads, events, counter))
     running: dict[Future[str], str] = {}
     clean = False
     try:

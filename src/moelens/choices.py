@@ -13,6 +13,11 @@ from collections.abc import Iterable, Sequence
 
 from moelens.errors import ConfigError
 
+# --- where tensors live (moelens.spectral.device) ------------------------------------------------
+DEFAULT_DEVICE = "auto"
+#: The devices a --device option takes, as its help says them.
+DEVICE_HELP = "auto, cpu, cuda or cuda:N"
+
 # --- spectral ----------------------------------------------------------------------------------
 #: Decompositions and the arithmetic they run in (moelens.spectral).
 SPECTRAL_METHODS = ("eigh", "svd")
@@ -28,12 +33,14 @@ def check_compute_dtype(dtype: str) -> str:
 
 # --- expert distance (moelens.metrics.expert_distance) -----------------------------------------
 POOLS = ("mean", "ito")
+#: sv_align keeps σ_i ≥ γ·σ_1 of each matrix unless a fixed top-n is asked for.
+DEFAULT_GAMMA = 0.3
 
 
 def check_options(gamma: float, top_sv: int | None, shape: Sequence[int] | None = None) -> None:
     """Raise :class:`ConfigError` unless 0 < γ ≤ 1 and 1 ≤ top_sv ≤ min(out, in)."""
     if isinstance(gamma, bool) or not (isinstance(gamma, numbers.Real) and 0.0 < float(gamma) <= 1.0):
-        raise ConfigError(f"gamma must lie in (0, 1], got {gamma!r}; the default 0.3 keeps σ_i ≥ 0.3·σ_1")
+        raise ConfigError(f"gamma must lie in (0, 1], got {gamma!r}; the default {DEFAULT_GAMMA} keeps σ_i ≥ {DEFAULT_GAMMA}·σ_1")
     if top_sv is None:
         return
     if isinstance(top_sv, bool) or not isinstance(top_sv, numbers.Integral) or top_sv < 1:
@@ -78,6 +85,10 @@ BLOCK_SITES = ("block_subj", "block_nonsubj", "block_last")
 SITES = {"knockout": KNOCKOUT_SITES, "restore": RESTORE_SITES, "block": BLOCK_SITES}
 DEFAULT_SITES = {"knockout": ("subj", "attn", "last"), "restore": RESTORE_SITES, "block": BLOCK_SITES}
 DEFAULT_WINDOW = {"knockout": 1, "restore": 10, "block": 9}
+#: Knockout sites every model has (the default); an MoE model adds router and moe.
+DENSE_KNOCKOUT_SITES = DEFAULT_SITES["knockout"]
+#: ROME's token groups (Meng et al. 2022, Fig. 1), plus the tokens before the subject, in ROME's order.
+TOKEN_KINDS = ("before_subject", "first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
 ABLATIONS = ("mean", "zero")
 NOISE_SAMPLES = 10
 NOISE_SCALES = ("embedding", "subject")  # or a positive number: the std itself

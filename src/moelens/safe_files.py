@@ -193,7 +193,25 @@ def remove_dead_scratch(out: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def check_empty_output(out: str | os.PathLike[str], kept: tuple[str, ...] = ()) -> None:
+    """``out`` must be missing or a directory that holds nothing (its lock file and the names in
+    ``kept`` aside): a checkpoint written there is never mixed with, nor written over, files that
+    are already there."""
+    from moelens.errors import OutputExistsError
+    from moelens.locks import LOCK_NAME
+
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise OutputExistsError(f"{out} is a broken symbolic link; choose an empty or new --out directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory; choose an empty or new --out directory")
+    if any(entry.name not in (LOCK_NAME, *kept) for entry in out.iterdir()):
+        raise OutputExistsError(f"{out} exists and is not empty; choose an empty or new --out directory")
+
+
 __all__ = [
-    "SCRATCH", "LinkRefusedError", "atomic_write", "atomic_write_bytes", "check_no_links", "find_links", "is_temporary",
+    "SCRATCH", "LinkRefusedError", "atomic_write", "atomic_write_bytes", "check_empty_output", "check_no_links", "find_links", "is_temporary",
     "refuse_links_inside", "remove_dead_scratch", "remove_tree", "remove_temporaries", "scratch_dir", "temporary_name",
 ]

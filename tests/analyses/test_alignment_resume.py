@@ -45,7 +45,7 @@ def test_killed_after_layer_1_resumes_to_the_uninterrupted_tables(three_layers, 
         ml.router_alignment(three_layers, out=out, progress=_kill_when("layers", 2), **opts)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running"
-    assert manifest["completed_layers"] == [0, 1]
+    assert manifest["completed_units"] == ["L00000", "L00001"]
     assert not list(out.glob("*.parquet"))  # final tables only once every layer is done
     resumed = ml.router_alignment(three_layers, out=out, **opts)
     _assert_same_tables(full, resumed)
@@ -53,7 +53,7 @@ def test_killed_after_layer_1_resumes_to_the_uninterrupted_tables(three_layers, 
     assert not resumed["alignment"].duplicated(keys).any()
     assert not resumed["alignment_pairs"].duplicated(["layer", "matrix", "router", "expert", "k"]).any()
     assert resumed.manifest["status"] == "complete"
-    assert resumed.manifest["completed_layers"] == [0, 1, 2]
+    assert resumed.manifest["completed_units"] == ["L00000", "L00001", "L00002"]
     assert set(resumed.manifest["timings"]["per_unit_s"]) == {"L00000", "L00001", "L00002"}
     assert resumed.manifest["created"] == manifest["created"]
     assert not (out / "parts").exists()

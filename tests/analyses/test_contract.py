@@ -14,7 +14,7 @@ from moelens.analyses import ANALYSES, get_analysis, run_analysis
 from moelens.analyses.base import unit_seed
 from moelens.errors import RunDirectoryError
 from moelens.locks import DirectoryLock
-from moelens.results.manifest import read_manifest
+from moelens.results.manifest import SCHEMA_VERSION, read_manifest
 
 
 def _alignment(tiny):
@@ -137,7 +137,7 @@ def test_deterministic_tables_match_the_declared_schemas(case, capfd):
         assert list(first[name].columns) == schema.column_names
         assert len(first[name]) > 0, name
     m = first.manifest
-    assert m["analysis"] == analysis.name and m["status"] == "complete" and m["schema_version"] == 1
+    assert m["analysis"] == analysis.name and m["status"] == "complete" and m["schema_version"] == SCHEMA_VERSION == 2
     assert set(m["inputs"]) == {k for k, v in models.items() if v is not None}
     assert m["completed_units"] == m["units"]
 

@@ -704,7 +704,7 @@ def test_killed_after_the_first_layer_resumes_to_the_uninterrupted_tables(ckpt, 
         _distance(path, other, out=out, progress=_kill_when("layers", 1), **opts)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running"
-    assert manifest["completed_layers"] == [0]
+    assert manifest["completed_units"] == ["L00000"]
     assert not list(out.glob("*.parquet"))
     seen = []
     resumed = _distance(path, other, out=out, progress=lambda ev: seen.append((ev.task, ev.done, ev.message)), **opts)
@@ -712,7 +712,7 @@ def test_killed_after_the_first_layer_resumes_to_the_uninterrupted_tables(ckpt, 
     assert set(full.tables) == set(resumed.tables) == {"expert_distance", "expert_distance_layers"}
     for name in full.tables:
         pd.testing.assert_frame_equal(full[name], resumed[name])
-    assert resumed.manifest["status"] == "complete" and resumed.manifest["completed_layers"] == [0, 1, 3]
+    assert resumed.manifest["status"] == "complete" and resumed.manifest["completed_units"] == ["L00000", "L00001", "L00003"]
     assert not resumed["expert_distance"].duplicated(["layer", "expert_a", "expert_b", "matrix"]).any()
     loaded = ml.load_run(out)
     for name in full.tables:

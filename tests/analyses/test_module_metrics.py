@@ -855,7 +855,7 @@ def test_killed_after_the_first_layer_resumes_to_the_uninterrupted_tables(ckpt, 
     with pytest.raises(Killed):
         _modules(a, b, base, out=out, progress=_kill_when("layers", 1), **opts)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "running" and manifest["completed_layers"] == [0]
+    assert manifest["status"] == "running" and manifest["completed_units"] == ["L00000"]
     assert not list(out.glob("*.parquet"))
     seen = []
     resumed = _modules(a, b, base, out=out, progress=lambda ev: seen.append((ev.task, ev.done, ev.total)), **opts)
@@ -864,7 +864,7 @@ def test_killed_after_the_first_layer_resumes_to_the_uninterrupted_tables(ckpt, 
     assert set(full.tables) == set(resumed.tables) == {"module_metrics", "module_metrics_experts"}
     for name in full.tables:
         pd.testing.assert_frame_equal(full[name], resumed[name])
-    assert resumed.manifest["status"] == "complete" and resumed.manifest["completed_layers"] == [0, 1, 2, 3]
+    assert resumed.manifest["status"] == "complete" and resumed.manifest["completed_units"] == ["L00000", "L00001", "L00002", "L00003"]
     assert resumed.manifest["warnings"] == full.manifest["warnings"] and "L00000" in full.manifest["warnings"]
     loaded = ml.load_run(out)
     for name in full.tables:

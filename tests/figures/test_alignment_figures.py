@@ -98,7 +98,7 @@ def stored_ks(run: Run) -> list[int]:
 
 
 def hidden_size(run: Run) -> int:
-    return int(run.manifest["model"]["hidden_size"])
+    return int(run.model["hidden_size"])
 
 
 def assert_curve(ax: Axes, label: str, expected: pd.Series) -> None:
@@ -463,7 +463,7 @@ def test_a_run_without_pairs_still_draws(one_run):
 
 
 def test_errors_name_the_problem(tmp_path, one_run):
-    unfinished = Run(manifest={**one_run.manifest, "status": "running", "completed_layers": []}, tables={}, path=tmp_path)
+    unfinished = Run(manifest={**one_run.manifest, "status": "running", "completed_units": []}, tables={}, path=tmp_path)
     with pytest.raises(RunDirectoryError, match="unfinished"):
         figures.comparison_panels([unfinished])
     other = Run(manifest={"analysis": "expert_distance"}, tables={"distance": pd.DataFrame({"x": [1]})})

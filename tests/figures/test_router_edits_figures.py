@@ -60,8 +60,8 @@ def test_wrong_run_and_layer_are_one_line(run) -> None:
 
 
 def test_report_section(run, tmp_path) -> None:
-    from moelens.report.sections import SECTION_BUILDERS
+    from moelens.report.sections import section_builder
 
-    section = SECTION_BUILDERS["router_edits"]([run], "png")
+    section = section_builder("router_edits")([run], "png")
     assert "as a multiple of a random part of equal norm" in section.summary
     assert section.html.count("<img") == 3

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from moelens.checkpoint.model import ExpertWeights
+from moelens.checkpoint.weights import ExpertWeights
 from moelens.merge.families import LAYOUTS
 
 

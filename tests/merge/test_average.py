@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moelens.checkpoint.model import ExpertWeights
+from moelens.checkpoint.weights import ExpertWeights
 from moelens.errors import ConfigError
 from moelens.merge import merge_cluster, merge_layer, merge_rows, usage_weights
 from moelens.metrics.permutation import apply_permutation, cluster_anchors

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moelens.checkpoint.model import ExpertWeights
+from moelens.checkpoint.weights import ExpertWeights
 from moelens.errors import ConfigError
 from moelens.metrics.clustering import hc_smoe_clusters, most_used_members
 from moelens.metrics.permutation import (

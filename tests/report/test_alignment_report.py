@@ -43,16 +43,17 @@ def check_structure(html: str, n_runs: int, n_null: int = 4, layer_heatmaps: int
     assert ids.index("plot-explanations") < ids.index("comparison") < ids.index("run-1")
     for name in EXPLAINED_FIGURES:
         assert f"explain-{name}" in doc.sections, f"no explanation of {name}"
-    # One numbering for the table of contents and the headings: every TOC entry is numbered,
-    # Plot explanations first, so the comparison is part 2 and run N is part N + 2.
-    assert doc.sections["plot-explanations"].headings[0] == "1. Plot explanations"
-    assert doc.sections["comparison"].headings[0] == "2. Comparison across all runs"
+    # One numbering for the table of contents and the headings: every TOC entry is numbered; the
+    # alignment section is part 1, Plot explanations first in it, so the comparison is 1.2 and run N is 1.(N + 2).
+    assert doc.sections["router-alignment"].headings[0] == "1. Router–expert alignment"
+    assert doc.sections["plot-explanations"].headings[0] == "1.1. Plot explanations"
+    assert doc.sections["comparison"].headings[0] == "1.2. Comparison across all runs"
     for section_id, figures in COMPARISON_SECTIONS.items():
         assert doc.sections[section_id].figures == figures, section_id
     assert doc.sections["comparison-null-distribution"].figures == ["null_distribution"] * n_null
     for number in range(1, n_runs + 1):
         run = doc.sections[f"run-{number}"]
-        assert run.headings[0].startswith(f"{number + 2}. Individual analysis: run {number},")
+        assert run.headings[0].startswith(f"1.{number + 2}. Individual analysis: run {number},")
         for sub in RUN_SUBSECTIONS:
             assert f"run-{number}-{sub}" in doc.sections, f"run {number} lacks {sub}"
         assert doc.sections[f"run-{number}-complete"].figures == ["complete_analysis"]

@@ -48,7 +48,7 @@ def test_report_of_a_tiny_mixtral_run(real_run_dir):
     run = load_run(real_run_dir)
     layers = run["alignment_layers"]
     html = build_report([real_run_dir])
-    d = run.manifest["model"]["hidden_size"]
+    d = run.model["hidden_size"]
     null_ks = expected_null_ks([int(k) for k in run["alignment"]["k"].unique()], d)
     assert null_ks, f"the run stores no k below d = {d}"
     assert re.findall(r'id="fig-null-distribution-k(\d+)"', html) == [str(k) for k in null_ks]

@@ -72,10 +72,10 @@ WRONG_FIELDS: list[tuple[str, Any]] = [
     ("options", []), ("options", "fast"), ("options.layers", "x"), ("options.layers", [0, "1"]), ("options.layers", [0, 1.5]),
     ("options.seed", "0"), ("options.seed", True), ("options.device", 3), ("options.groups", 0), ("options.k", {"a": 1}),
     ("inputs", []), ("inputs.a", [1]), ("inputs.a.n_experts", "8"), ("inputs.a.files", ["x"]), ("inputs.a.top_k", -1),
-    ("model", "synthetic"), ("model.n_layers", 4.5), ("model.name", {}), ("versions", []), ("versions.moelens", 1),
+    ("inputs.a.n_layers", 4.5), ("inputs.a.name", {}), ("versions", []), ("versions.moelens", 1),
     ("timings", []), ("timings.total_s", "1"), ("timings.per_unit_s", [1]), ("timings.per_unit_s.L0", None),
     ("tables", []), ("tables.clusters", {"layer": "int"}), ("tables.clusters", [["layer"]]), ("tables.clusters", [["layer", "complex"]]),
-    ("warnings", []), ("warnings.L0", "slow"), ("completed_units", "L0"), ("completed_layers", ["0"]), ("units", [0]),
+    ("warnings", []), ("warnings.L0", "slow"), ("completed_units", "L0"), ("units", [0]),
     ("notes", "x"), ("executor", "local"), ("executor.name", "slurm"), ("seed", 1.5), ("threads", "2"), ("threads", 0), ("schema_version", "1"),
 ]
 
@@ -89,6 +89,9 @@ MANIFEST_DAMAGE: list[Damage] = [
     Damage("top-level-null", _write_bytes(b"null\n"), "manifest.json", "must be a JSON object"),
     Damage("missing-analysis", _drop_field("analysis"), "manifest.json", "analysis is missing"),
     Damage("missing-status", _drop_field("status"), "manifest.json", "status is missing"),
+    # a run of an older layout is no damage, but it is refused in the same one line, with what to do
+    Damage("old-schema", _set_field("schema_version", 1), "manifest.json", "written by another moelens version (manifest schema 1"),
+    Damage("no-schema", _drop_field("schema_version"), "manifest.json", "written by another moelens version (no schema version"),
 ]
 
 
@@ -171,37 +174,25 @@ TABLE_DAMAGE: list[Damage] = [
 ]
 
 
-_TEMPLATES: dict[bool, Path] = {}
+_TEMPLATE: list[Path] = []
 
 
-def _template(declare_tables: bool) -> Path:
-    """The synthetic clustering run, saved once per process (copied for each test: cheaper than
-    building and writing it again)."""
+def save_clustering_run(directory: Path) -> Path:
+    """A synthetic clustering run saved as ``directory``, its manifest as the runner writes it
+    (saved once per process and copied for each test: cheaper than building and writing it again)."""
     import atexit
     import shutil
     import tempfile
 
-    from moelens.analyses.clustering.analysis import Clustering
-    from moelens.results.schema import schemas_to_json
     from moelens.testing.synthetic_clusters import synthetic_clustering_run
 
-    if declare_tables not in _TEMPLATES:
+    if not _TEMPLATE:
         root = Path(tempfile.mkdtemp(prefix="moelens-damage-"))
         atexit.register(shutil.rmtree, root, True)
         run = synthetic_clustering_run()
-        run.manifest["model"]["n_layers"] = 4  # the runner records the model's layers (the synthetic run has 4, all MoE)
-        if declare_tables:
-            run.manifest["tables"] = schemas_to_json(Clustering.schemas())
-        _TEMPLATES[declare_tables] = run.save(root / "run")
-    return _TEMPLATES[declare_tables]
-
-
-def save_clustering_run(directory: Path, declare_tables: bool = True) -> Path:
-    """A synthetic clustering run saved as ``directory``, its manifest declaring its tables (as
-    the runner writes them) unless ``declare_tables`` is False (as older runs were)."""
-    import shutil
-
-    return Path(shutil.copytree(_template(declare_tables), directory))
+        run.manifest["inputs"]["a"]["n_layers"] = 4  # the runner records the model's layers (the synthetic run has 4, all MoE)
+        _TEMPLATE.append(run.save(root / "run"))
+    return Path(shutil.copytree(_TEMPLATE[0], directory))
 
 
 def assert_one_line_naming(message: str, damage: Damage, run: Path) -> None:

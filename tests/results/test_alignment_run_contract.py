@@ -41,15 +41,18 @@ def _is_str(s: pd.Series) -> bool:
 def test_manifest(run_dir):
     run = ml.load_run(run_dir)
     m = run.manifest
-    assert {"analysis", "label", "status", "completed_layers", "created", "model", "options", "seed", "versions", "timings"} <= set(m)
+    assert {"schema_version", "analysis", "label", "status", "completed_units", "created", "inputs", "options", "seed", "versions", "timings",
+            "tables"} <= set(m)
+    assert m["schema_version"] == 2 and "model" not in m and "completed_layers" not in m
     assert m["analysis"] == "router_alignment"
     assert m["status"] == "complete"
     assert m["label"] == "mixtral-per_expert-float32 L0-1"
-    assert m["completed_layers"] == [0, 1]
+    assert m["completed_units"] == ["L00000", "L00001"]
     assert dt.datetime.fromisoformat(m["created"]).utcoffset() == dt.timedelta(0)
-    assert set(m["model"]) == {"source", "name", "path", "family", "n_layers", "n_experts", "top_k", "hidden_size", "expert_ffn", "files"}
-    assert m["model"]["family"] == "mixtral" and m["model"]["hidden_size"] == 32 and m["model"]["n_experts"] == 4
-    assert set(m["model"]["files"]) >= {"config.json", "model.safetensors"}
+    assert set(m["inputs"]) == {"a"} and run.model == m["inputs"]["a"]
+    assert set(run.model) == {"source", "name", "path", "family", "n_layers", "n_experts", "top_k", "hidden_size", "expert_ffn", "files"}
+    assert run.model["family"] == "mixtral" and run.model["hidden_size"] == 32 and run.model["n_experts"] == 4
+    assert set(run.model["files"]) >= {"config.json", "model.safetensors"}
     assert {"layers", "matrix", "matrices", "k", "null", "shuffles", "seed", "method", "device", "dtype"} <= set(m["options"])
     assert m["options"]["matrices"] == ["gate", "up", "down"]
     assert m["options"]["matrix"] == "all" and m["options"]["null"] == "derangement"

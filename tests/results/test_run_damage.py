@@ -41,16 +41,18 @@ def test_a_damaged_table_is_one_line_naming_the_file(clustering_run, damage: Dam
     assert_one_line_naming(str(err.value), damage, clustering_run)
 
 
-@pytest.mark.parametrize("damage", [d for d in TABLE_DAMAGE if d.id in ("missing-dominant", "share-above-one", "expert-beyond-model")],
-                         ids=lambda d: d.id)
-def test_values_are_checked_in_runs_that_do_not_declare_their_tables(tmp_path, damage: Damage):
-    """Runs written before manifests declared their tables are still checked by the analysis's schemas."""
-    run = save_clustering_run(tmp_path / "old", declare_tables=False)
-    load_run(run)
-    damage.apply(run)
+def test_a_run_of_the_older_layout_is_refused_in_one_line(clustering_run):
+    """A manifest as versions before schema 2 wrote it (the first input again as ``model``, layers
+    as ``completed_layers``, tables undeclared) is not read with guesses: one line says what to do."""
+    manifest = json.loads((clustering_run / "manifest.json").read_text())
+    manifest.update({"schema_version": 1, "model": manifest["inputs"]["a"], "completed_layers": [0, 1, 2, 3]})
+    del manifest["tables"]
+    (clustering_run / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RunDirectoryError) as err:
-        load_run(run)
-    assert_one_line_naming(str(err.value), damage, run)
+        load_run(clustering_run)
+    message = str(err.value)
+    assert "\n" not in message and str(clustering_run / "manifest.json") in message
+    assert "manifest schema 1" in message and "run the analysis again into a new --out directory" in message
 
 
 def test_the_message_shows_the_field_path_and_the_value(clustering_run):

@@ -42,7 +42,7 @@ from moelens.analyses.base import Analysis, Plan, Unit, resumable_fields
 from moelens.checkpoint.store import is_sampled
 from moelens.errors import MoelensError, RunDirectoryError
 from moelens.progress import ProgressCallback
-from moelens.results.manifest import read_manifest
+from moelens.results.manifest import SCHEMA_VERSION, read_manifest
 from moelens.results.run import MANIFEST, Run, load_run, package_versions, read_table_file, write_json, write_table
 from moelens.results.schema import TableSchema, schemas_to_json
 from moelens.safe_files import remove_tree
@@ -50,7 +50,6 @@ from moelens.safe_files import remove_tree
 if TYPE_CHECKING:
     from moelens.analyses.executors import Executor
 
-SCHEMA_VERSION = 1
 PARTS = "parts"
 
 
@@ -75,8 +74,6 @@ def new_manifest(analysis: Analysis, models: Mapping[str, Any], plan: Plan) -> d
         "completed_units": [],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": inputs,
-        # the first input again under its historical name: most readers want just "the model"
-        "model": inputs[analysis.inputs[0]],
         "options": plan.options,
         "seed": plan.options.get("seed"),
         "versions": package_versions(),
@@ -88,8 +85,6 @@ def new_manifest(analysis: Analysis, models: Mapping[str, Any], plan: Plan) -> d
     }
     if plan.notes:
         manifest["notes"] = list(plan.notes)
-    if all(u.layer is not None for u in plan.units):
-        manifest["completed_layers"] = []
     return manifest
 
 
@@ -222,13 +217,13 @@ class RunDirectory:
         self.manifest["created"] = old.get("created", self.manifest.get("created"))
         timings = old.get("timings") or {}
         self._previous_total = float(timings.get("total_s", 0.0) or 0.0)
-        per_unit = timings.get("per_unit_s") or timings.get("per_layer_s") or {}
+        per_unit = timings.get("per_unit_s") or {}
         self.manifest["timings"] = {"total_s": self._previous_total, "per_unit_s": {str(k): v for k, v in per_unit.items()}}
         self.manifest["warnings"] = dict(old.get("warnings") or {})
         wanted = {u for u in self.manifest["units"]}
         if finished and all((self.path / f"{t}.parquet").is_file() for t in self.schemas):
             self.completed = [k for k in done if k in wanted]
-            self.manifest.update({k: old[k] for k in ("status", "completed_units", "completed_layers", "timings") if k in old})
+            self.manifest.update({k: old[k] for k in ("status", "completed_units", "timings") if k in old})
             remove_tree(self.path / PARTS)
             return
         self.completed = [
@@ -239,12 +234,7 @@ class RunDirectory:
         self._mark_running()
 
     def _completed_keys(self, old: Mapping[str, Any]) -> list[str]:
-        from moelens.analyses.base import layer_unit_key
-
-        if "completed_units" in old:
-            return [str(k) for k in old.get("completed_units") or []]
-        # manifests written before units had keys listed layers
-        return [layer_unit_key(int(L)) for L in old.get("completed_layers") or []]
+        return [str(k) for k in old.get("completed_units") or []]
 
     def _mismatch(self, old: Mapping[str, Any]) -> str:
         """Why ``old`` cannot be resumed by this run ("" when it can)."""
@@ -255,7 +245,7 @@ class RunDirectory:
         if differ:
             return (f"{self.path} was written with {_describe(theirs, differ)} but this run asks for "
                     f"{_describe(mine, differ)}; resume with the same options, or choose another --out directory")
-        old_inputs = old.get("inputs") or ({"a": old["model"]} if isinstance(old.get("model"), dict) else {})
+        old_inputs = old.get("inputs") or {}
         for name, info in self.manifest.get("inputs", {}).items():
             theirs_files = (old_inputs.get(name) or {}).get("files")
             mine_files = info.get("files") or {}
@@ -316,9 +306,6 @@ class RunDirectory:
         order = {k: i for i, k in enumerate(self.manifest["units"])}
         self.completed.sort(key=lambda k: order.get(k, len(order)))
         self.manifest["completed_units"] = list(self.completed)
-        if "completed_layers" in self.manifest:
-            layers = {u: int(u[1:]) for u in self.manifest["units"]}
-            self.manifest["completed_layers"] = [layers[k] for k in self.completed if k in layers]
 
     def write_unit(self, unit: Unit, tables: Mapping[str, pd.DataFrame], seconds: float, warnings: list[str],
                    reads: Mapping[str, Mapping[str, str]] | None = None) -> None:
@@ -463,8 +450,6 @@ def run_analysis(
             manifest.update(analysis.manifest_extra(plan))
             manifest["executor"] = session.info()
             manifest["status"] = "complete"
-            if "completed_layers" in manifest:
-                manifest["completed_layers"] = [u.layer for u in plan.units]
             manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
             return Run(manifest=manifest, tables=merged)
 

@@ -9,7 +9,8 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("ROLES", "ExpertWeights", "MoELayer", "MoEModel", "RouterWeights"), "moelens.checkpoint.model"),
+    **dict.fromkeys(("ROLES", "ExpertWeights", "RouterWeights"), "moelens.checkpoint.weights"),
+    **dict.fromkeys(("MoELayer", "MoEModel"), "moelens.checkpoint.model"),
     "open_model": "moelens.checkpoint.open",
     **dict.fromkeys(("families", "supported_architectures"), "moelens.checkpoint.registry"),
 }

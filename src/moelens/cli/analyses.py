@@ -270,7 +270,8 @@ def _route(values: dict) -> None:
 
     config = config_from_cli(RouterEditsConfig, values)  # every option checked before anything is opened
     check_sources(values, "source")
-    from moelens.analyses.router_edits.analysis import headline, router_edits
+    from moelens.analyses.router_edits.analysis import router_edits
+    from moelens.figures.router_edits import headline
 
     threads_from_cli(values)
     model = _open(values["source"], values["revision"])

@@ -15,8 +15,9 @@ from typer.core import TyperCommand, TyperGroup
 # LAZY_COMMANDS: commands whose module is imported only when the command runs (or shows its own
 # help); every command's help lives in moelens.cli.commands, once, so that ``moelens --help`` lists
 # them without importing anything heavy.
-from moelens.cli.commands import COMMAND_ORDER, LAZY_COMMANDS, ROOT_HELP, VERSION_HELP, command_help, package_version
+from moelens.cli.commands import COMMAND_ORDER, LAZY_COMMANDS, ROOT_HELP, VERSION_HELP, command_help
 from moelens.progress import ProgressEvent
+from moelens.version import package_version
 
 
 def placeholder(param: Any) -> str:
@@ -238,7 +239,9 @@ def human_count(n: float) -> str:
 
 
 
-# inspect, tiny, families and zoo register on ``app`` here (their modules import this one's names,
-# all defined above); the other commands' modules (which import torch, pandas or matplotlib) are
-# imported when their command runs: see moelens.cli.commands.LAZY_COMMANDS.
-from moelens.cli import checkpoint, zoo  # noqa: E402,F401
+# inspect, tiny, families and zoo register on ``app`` here: their modules import this one (a
+# command module depends on the app, never the reverse), so they are loaded by name, as the other
+# commands' modules (which import torch, pandas or matplotlib) are when their command runs: see
+# moelens.cli.commands.LAZY_COMMANDS.
+for _module in ("moelens.cli.checkpoint", "moelens.cli.zoo"):
+    importlib.import_module(_module)

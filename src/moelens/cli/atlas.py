@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from moelens.choices import DEFAULT_DEVICE, DEVICE_HELP
 from moelens.cli.app import app, check_sources, command_help, console, progress_bar
 from moelens.cli.options import command_from_parameters, executor_from_cli, executor_parameters
 
@@ -58,7 +59,7 @@ def _register_atlas() -> None:
         opt("restore_limit", Optional[int], None, "--restore-limit", metavar="N",
             help="Causal tracing (restore) of the first model on its first N prompts (default 12, at most --trace-limit; 0: none); "
                  "attention knockout, the seed-003 figure, blocks round(9/48 × layers) layers around each layer."),
-        opt("device", str, "auto", "--device", help="auto, cpu, cuda or cuda:N, for every analysis."),
+        opt("device", str, DEFAULT_DEVICE, "--device", help=f"{DEVICE_HELP}, for every analysis."),
         opt("title", Optional[str], None, "--title", help="Title of the report."),
         opt("jobs", Optional[int], None, "--jobs", metavar="N",
             help="Analyses run at once, each in its own process (default: one per CPU core on the CPU with the local executor, as memory allows; 1: one at a time, in this process); the report's sections are drawn on as many processes (default: one per core)."),

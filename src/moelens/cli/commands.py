@@ -56,15 +56,3 @@ def listed_commands() -> list[str]:
     """Every command, in the order ``moelens --help`` lists them."""
     names = dict.fromkeys([*COMMAND_ORDER, *LAZY_COMMANDS, *EAGER_COMMANDS])
     return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
-
-
-def package_version() -> str:
-    """The installed distribution's version, else the source tree's."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moelens")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        from moelens import __version__
-
-        return __version__

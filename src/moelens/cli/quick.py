@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import sys
 
-from moelens.cli.commands import HELP_HELP, ROOT_HELP, VERSION_HELP, command_help, listed_commands, package_version
+from moelens.cli.commands import HELP_HELP, ROOT_HELP, VERSION_HELP, command_help, listed_commands
+from moelens.version import package_version
 
 # typer.rich_utils's styles and switches (typer 0.2x).
 _THEME = {"option": "bold cyan", "switch": "bold green", "negative_option": "bold magenta", "negative_switch": "bold red",

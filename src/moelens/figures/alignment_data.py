@@ -12,9 +12,8 @@ A run of ``router_alignment`` (docs/methods.md §1) holds, each with a ``matrix`
 
 ``shuffle_mean``/``shuffle_std`` are μ and σ of the run's null (``options.null``: derangement,
 shuffle or shuffle-sampled), and ``delta_vs_shuffle``/``z_vs_shuffle`` are measured against it.
-A run with ``matrix = "all"`` becomes one view per matrix. Nothing that the analysis stored is
-recomputed; a missing layer-level column is taken from an identity (μ = align − Δ, argmax
-accuracy from the energies) or left out of the figure.
+A run with ``matrix = "all"`` becomes one view per matrix. Nothing is recomputed: every number
+a figure or a table shows is the one the analysis stored (load_run has checked the columns).
 """
 
 from __future__ import annotations
@@ -33,9 +32,6 @@ from moelens.results import Run
 EXPERT_TABLE = "alignment"
 LAYER_TABLE = "alignment_layers"
 PAIR_TABLE = "alignment_pairs"
-REQUIRED_EXPERT_COLUMNS = ("layer", "expert", "k", "align", "delta_vs_shuffle", "z_vs_shuffle")
-#: Columns of the layer table that are per (layer, k) by nature (not a mean over experts).
-LAYER_ONLY_COLUMNS = ("argmax_accuracy", "z_layer", "p_layer")
 #: Nulls whose pool contains the true pairs (the mean z over experts is then at most √(E−1)).
 POOLED_NULLS = ("shuffle", "shuffle-sampled")
 DEFAULT_NULL = "derangement"
@@ -68,13 +64,6 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("p_layer", "p_layer  ↓", "Layer permutation p"),
     Metric("argmax_accuracy", "argmax accuracy  ↑", "Argmax accuracy"),
 )}
-
-
-def _first(mapping: dict, *keys: str, default=None):
-    for key in keys:
-        if mapping.get(key) not in (None, ""):
-            return mapping[key]
-    return default
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,8 +116,8 @@ class AlignmentView:
 
     @property
     def model_name(self) -> str:
-        model = self.manifest.get("model", {}) or {}
-        return str(_first(model, "name", "source", default="model"))
+        model = self.run.model
+        return str(model.get("name") or model.get("source") or "model")
 
     def nearest_k(self, k: float, below_d: bool = False) -> int:
         """The stored k nearest to ``k`` on a log scale (``below_d``: never k = d, where every
@@ -158,21 +147,16 @@ class AlignmentView:
         return False
 
     def at_k(self, k: int) -> pd.DataFrame:
-        """Per-expert rows at ``k``, with ``shuffle_mean``/``shuffle_std`` of their layer."""
-        rows = self.experts[self.experts["k"] == k]
-        missing = [c for c in ("shuffle_mean", "shuffle_std") if c not in rows.columns]
-        if missing:
-            rows = rows.merge(self.layers[["layer", "k", *missing]], on=["layer", "k"], how="left")
-        return rows
+        """Per-expert rows at ``k`` (each with ``shuffle_mean``/``shuffle_std`` of its layer)."""
+        return self.experts[self.experts["k"] == k]
 
     def cos_squared(self) -> Optional[pd.DataFrame]:
         """layer, expert, cos_squared, align (at k = 1); None when k = 1 was not computed."""
         at_one = self.experts[self.experts["k"] == 1]
         if at_one.empty:
             return None
-        cos = at_one["cos_squared"] if "cos_squared" in at_one.columns else at_one["align"]
         table = pd.DataFrame({"layer": at_one["layer"], "expert": at_one["expert"],
-                              "cos_squared": cos.fillna(at_one["align"]), "align": at_one["align"]})
+                              "cos_squared": at_one["cos_squared"], "align": at_one["align"]})
         return table.sort_values(["layer", "expert"], ignore_index=True)
 
     def energies(self, layer: int, k: int) -> np.ndarray:
@@ -204,44 +188,12 @@ class AlignmentView:
         return float(rows["shuffle_mean"].mean()), float(rows["shuffle_std"].mean()), float(z)
 
 
-def _hidden_size(manifest: dict, experts: pd.DataFrame) -> int:
-    value = _first(manifest.get("model", {}) or {}, "hidden_size") or _first(manifest.get("shape", {}) or {}, "hidden_size")
-    if value:
-        return int(value)
-    if "random_expect_k_over_d" in experts.columns:
-        row = experts[experts["random_expect_k_over_d"] > 0].iloc[0]
-        return round(row["k"] / row["random_expect_k_over_d"])
-    return int(experts["k"].max())
-
-
-def _layer_table(stored: Optional[pd.DataFrame], experts: pd.DataFrame, pairs: Optional[pd.DataFrame]) -> pd.DataFrame:
-    """Per (layer, k) statistics: the stored table, completed where it is silent."""
-    keys = experts[["layer", "k"]].drop_duplicates().sort_values(["layer", "k"], ignore_index=True)
-    layers = keys.merge(stored.drop(columns=["matrix"], errors="ignore"), on=["layer", "k"], how="left") if stored is not None else keys
-    for column in ("shuffle_mean", "shuffle_std"):
-        if column not in layers.columns and column in experts.columns:
-            layers = layers.merge(experts.groupby(["layer", "k"], as_index=False)[column].first(), on=["layer", "k"], how="left")
-    if "shuffle_mean" not in layers.columns:
-        mu = (experts["align"] - experts["delta_vs_shuffle"]).groupby([experts["layer"], experts["k"]]).mean()
-        layers = layers.merge(mu.rename("shuffle_mean").reset_index(), on=["layer", "k"], how="left")
-    if "shuffle_std" not in layers.columns:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sigma = (experts["delta_vs_shuffle"] / experts["z_vs_shuffle"]).replace([np.inf, -np.inf], np.nan)
-        sigma = sigma.groupby([experts["layer"], experts["k"]]).median().fillna(0.0)
-        layers = layers.merge(sigma.rename("shuffle_std").reset_index(), on=["layer", "k"], how="left")
-    if "argmax_accuracy" not in layers.columns and pairs is not None:
-        layers = layers.merge(_argmax_accuracy(pairs), on=["layer", "k"], how="left")
-    for column in LAYER_ONLY_COLUMNS:
-        if column not in layers.columns:
-            layers[column] = np.nan
-    return layers
-
-
-def _argmax_accuracy(pairs: pd.DataFrame) -> pd.DataFrame:
-    """mean_i 1[argmax_j A[i,j,k] = i] per (layer, k), from the stored energies."""
-    best = pairs.loc[pairs.groupby(["layer", "k", "router"])["energy"].idxmax()]
-    hit = (best["expert"] == best["router"]).groupby([best["layer"], best["k"]]).mean()
-    return hit.rename("argmax_accuracy").reset_index()
+def _hidden_size(run: Run, experts: pd.DataFrame) -> int:
+    """d: the model's hidden size as recorded, else k / (k/d) from a row with k < d."""
+    if run.model.get("hidden_size"):
+        return int(run.model["hidden_size"])
+    row = experts[experts["random_expect_k_over_d"] > 0].iloc[0]
+    return round(row["k"] / row["random_expect_k_over_d"])
 
 
 def _check(run: Run) -> pd.DataFrame:
@@ -249,8 +201,8 @@ def _check(run: Run) -> pd.DataFrame:
     if EXPERT_TABLE not in run.tables:
         manifest = run.manifest
         if manifest.get("status") == "running":
-            done = len(manifest.get("completed_layers", []) or [])
-            total = len((manifest.get("options", {}) or {}).get("layers", []) or [])
+            done = len(manifest.get("completed_units", []) or [])
+            total = len(manifest.get("units", []) or [])
             raise RunDirectoryError(
                 f"the run{where} is unfinished ({done} of {total} layers); run `moelens align` again with the same --out to finish it"
             )
@@ -258,11 +210,7 @@ def _check(run: Run) -> pd.DataFrame:
             f"the run{where} has no {EXPERT_TABLE!r} table (analysis {manifest.get('analysis', 'unknown')!r}); "
             "pass the --out directory of `moelens align`"
         )
-    experts = run.tables[EXPERT_TABLE]
-    missing = [c for c in REQUIRED_EXPERT_COLUMNS if c not in experts.columns]
-    if missing:
-        raise RunDirectoryError(f"the {EXPERT_TABLE} table of the run{where} lacks columns {missing}; re-run `moelens align` with this version")
-    return experts
+    return run.tables[EXPERT_TABLE]
 
 
 def _for_matrix(table: Optional[pd.DataFrame], matrix: Optional[str]) -> Optional[pd.DataFrame]:
@@ -278,17 +226,12 @@ def views_of_run(run: Run) -> list[AlignmentView]:
     views = []
     for matrix in matrices:
         rows = _for_matrix(experts, matrix).sort_values(["layer", "expert", "k"], ignore_index=True)
-        d = _hidden_size(run.manifest, rows)
-        if "effect_over_random" not in rows.columns:
-            rows = rows.assign(effect_over_random=rows["align"] - rows["k"] / d)
-        pairs = _for_matrix(run.tables.get(PAIR_TABLE), matrix)
-        model = run.manifest.get("model", {}) or {}
-        n_experts = int(_first(model, "n_experts", default=rows["expert"].nunique()))
+        layers = _for_matrix(run.tables[LAYER_TABLE], matrix).sort_values(["layer", "k"], ignore_index=True)
         label = run.label if len(matrices) == 1 else f"{run.label} · {matrix}"
         views.append(AlignmentView(
-            run=run, label=label, matrix=matrix, experts=rows,
-            layers=_layer_table(_for_matrix(run.tables.get(LAYER_TABLE), matrix), rows, pairs),
-            pairs=pairs, n_experts=n_experts, hidden_size=d,
+            run=run, label=label, matrix=matrix, experts=rows, layers=layers,
+            pairs=_for_matrix(run.tables.get(PAIR_TABLE), matrix),
+            n_experts=int(run.model.get("n_experts") or rows["expert"].nunique()), hidden_size=_hidden_size(run, rows),
         ))
     return views
 

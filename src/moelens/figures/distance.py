@@ -28,7 +28,6 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.legend import Legend
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, MaxNLocator
 from matplotlib.transforms import offset_copy
 
 from moelens.errors import ConfigError
@@ -37,6 +36,7 @@ from moelens.figures.style import (
     SEQUENTIAL_CMAP,
     _renderer,
     axes_width_inches,
+    layer_axis,
     new_figure,
     styled,
     thin_tick_labels,
@@ -233,17 +233,6 @@ def coincident_with(curves: Sequence[tuple[int, str, pd.DataFrame]], span: float
     return found
 
 
-def _layer_axis(ax: Axes, layers: Sequence[int]) -> None:
-    low, high = min(layers), max(layers)
-    pad = max(0.5, 0.02 * (high - low))
-    ax.set_xlim(low - pad, high + pad)
-    if low == high:
-        ax.xaxis.set_major_locator(FixedLocator([low]))
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, steps=[1, 2, 4, 5, 8, 10]))
-    ax.set_xlabel("Layer")
-
-
 def _stacked_legends(fig: Figure, ax: Axes, groups: Sequence[tuple[str, list]]) -> list[Legend]:
     """Legends right of ``ax``, top-aligned, each below the one before (a gap of one line): they
     never cover data. Offsets are in points, so they hold at any size and dpi."""
@@ -317,7 +306,7 @@ def expert_distance(runs: Sequence[Run], matrix: str = "expert") -> Figure:
             handle = Patch(facecolor=colour, edgecolor="none", label=_wrap(label))
         cluster_handles.setdefault(pairing, []).append(handle)
 
-    _layer_axis(ax, sorted(layers))
+    layer_axis(ax, sorted(layers), nbins=8, steps=(1, 2, 4, 5, 8, 10))
     finite = np.asarray(values, float)
     finite = finite[np.isfinite(finite)]
     top = max(1.05, float(finite.max()) + Y_MARGIN) if finite.size else 1.05

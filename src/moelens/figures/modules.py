@@ -30,14 +30,16 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter
+from matplotlib.ticker import ScalarFormatter
 
 from moelens.errors import ConfigError
+from moelens.figures.checks import checked_run, checked_table
 from moelens.figures.style import (
     DIVERGING_CMAP,
     SEQUENTIAL_CMAP,
     cell_font_size,
     label_colour_bar_ends,
+    layer_axis,
     new_figure,
     styled,
 )
@@ -175,26 +177,12 @@ class ModuleGrid:
 
 
 def _check_run(run: object, figure: str) -> Run:
-    if not isinstance(run, Run):
-        raise ConfigError(f"{figure} draws a moelens run; got a {type(run).__name__} (load one with moelens.load_run)")
-    analysis = run.manifest.get("analysis")
-    if analysis != ANALYSIS:
-        raise ConfigError(f"run {run.label!r} is a {analysis or 'unnamed'} run; {figure} draws module_metrics runs "
-                          "(moelens modules)")
-    return run
+    return checked_run(run, figure, ANALYSIS, "moelens modules")
 
 
 def _table(run: Run) -> pd.DataFrame:
-    if TABLE not in run.tables:
-        found = ", ".join(sorted(run.tables)) or "none"
-        raise ConfigError(f"run {run.label!r} has no {TABLE} table (it has {found}); run the module_metrics analysis again")
-    table = run.tables[TABLE]
-    missing = [c for c in ("layer", "module", "metric", "model", "value") if c not in table.columns]
-    if missing:
-        raise ConfigError(f"run {run.label!r}: its {TABLE} table lacks column(s) {', '.join(missing)}; run the analysis again")
-    if table.empty:
-        raise ConfigError(f"run {run.label!r} has an empty {TABLE} table: no layer was measured")
-    return table
+    return checked_table(run, TABLE, ("layer", "module", "metric", "model", "value"), "run the module_metrics analysis again",
+                         "run the analysis again", "no layer was measured")
 
 
 def _ordered(values, key=None) -> list[str]:
@@ -444,17 +432,6 @@ def module_heatmap(run: Run, metric: Optional[str] = None, model: Optional[str] 
 # One line per module against the layer
 
 
-def _layer_axis(ax: Axes, layers: list[int]) -> None:
-    low, high = min(layers), max(layers)
-    pad = max(0.5, 0.02 * (high - low))
-    ax.set_xlim(low - pad, high + pad)
-    if low == high:
-        ax.xaxis.set_major_locator(FixedLocator([low]))
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True, steps=[1, 2, 4, 5, 10]))
-    ax.set_xlabel("Layer")
-
-
 @styled
 def module_lines(run: Run, metric: Optional[str] = None, model: Optional[str] = None) -> Figure:
     """One module metric against the layer: a line per module, colours fixed per module."""
@@ -473,7 +450,7 @@ def module_lines(run: Run, metric: Optional[str] = None, model: Optional[str] = 
         (line,) = ax.plot(layers, y, color=colour, marker=marker, linestyle=linestyle, markevery=markevery,
                           markersize=6 if marker == "*" else 4, label=module, zorder=3)
         line.set_gid(module)
-    _layer_axis(ax, grid.layers)
+    layer_axis(ax, grid.layers, nbins=10, steps=(1, 2, 4, 5, 10))
     ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
     ax.set_ylabel(grid.info.axis)
     handles = [Line2D([], [], color=c, marker=m, linestyle=s, label=module)

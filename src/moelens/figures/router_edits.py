@@ -15,7 +15,7 @@ unchanged (means over experts, and over samples for random).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -23,6 +23,9 @@ from matplotlib.figure import Figure
 from moelens.errors import ConfigError
 from moelens.figures.style import new_figure, run_style, styled
 from moelens.results import Run
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ANALYSIS = "router_edits"
 
@@ -142,10 +145,22 @@ def route_migration(run: Run, layers: Optional[int | Sequence[int]] = None) -> F
     return fig
 
 
+def headline(table: pd.DataFrame) -> dict[int, tuple[float, float, float]]:
+    """Per k: (a, b, a / b), a and b the mean |routed_before − routed_after| of project_out and of
+    random over every layer, expert (and sample): how many times more removing the aligned part
+    moves routing to its expert than removing a random part of equal norm (NaN where b = 0)."""
+    t = table.assign(change=(table["routed_before"] - table["routed_after"]).abs())
+    out = {}
+    for k in sorted(set(t.loc[t["edit"] == "project_out", "k"])):
+        po = float(t[(t["edit"] == "project_out") & (t["k"] == k)]["change"].mean())
+        rnd = float(t[(t["edit"] == "random") & (t["k"] == k)]["change"].mean())
+        if rnd == rnd:
+            out[int(k)] = (po, rnd, po / rnd if rnd > 0 else float("nan"))
+    return out
+
+
 def headline_text(run: Run) -> str:
     """The report's first sentence, from the run's table."""
-    from moelens.analyses.router_edits.analysis import headline
-
     parts = []
     for k, (aligned, random, ratio) in headline(run["router_edits"]).items():
         times = f"{ratio:.2f}×" if ratio == ratio else "(random moved nothing)"
@@ -156,4 +171,4 @@ def headline_text(run: Run) -> str:
             "(mean |Δ share of top-k slots|, over layers and experts): " + "; ".join(parts) + ".")
 
 
-__all__ = ["headline_text", "route_jsd_heatmap", "route_migration", "route_routed_share"]
+__all__ = ["headline", "headline_text", "route_jsd_heatmap", "route_migration", "route_routed_share"]

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.legend import Legend
-from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullFormatter
 
 RUN_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -306,3 +306,16 @@ def fit_legend(fig: Figure, make: Callable[[int], Legend], columns: int) -> Lege
         columns -= 1
         legend = make(columns)
     return legend
+
+
+def layer_axis(ax: Axes, layers: Sequence[int], nbins: int, steps: Sequence[int]) -> None:
+    """An x axis of layers: padded by half a layer (or 2 % of the span), whole-layer ticks
+    (at most ``nbins``, spaced by one of ``steps`` × a power of ten), labelled "Layer"."""
+    low, high = min(layers), max(layers)
+    pad = max(0.5, 0.02 * (high - low))
+    ax.set_xlim(low - pad, high + pad)
+    if low == high:
+        ax.xaxis.set_major_locator(FixedLocator([low]))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=nbins, integer=True, steps=list(steps)))
+    ax.set_xlabel("Layer")

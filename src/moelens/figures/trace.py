@@ -35,7 +35,9 @@ from matplotlib.font_manager import FontProperties
 from matplotlib.image import AxesImage
 from matplotlib.patches import Patch
 
+from moelens.choices import DEFAULT_WINDOW, MODES, SITES, TOKEN_KINDS
 from moelens.errors import ConfigError
+from moelens.figures.checks import checked_run, checked_table
 from moelens.figures.modules import cell_format
 from moelens.figures.style import cell_font_size, label_colour_bar_ends, new_figure, styled
 from moelens.results import Run
@@ -44,14 +46,8 @@ ANALYSIS = "interventions"
 TABLE = "interventions"
 SUMMARY = "interventions_summary"
 SUMMARY_COLUMNS = ("layer", "site", "mode", "token_kind", "measure", "mean", "std", "n")
-MODES = ("knockout", "restore", "block")
 
 #: Sites in the order they are drawn (seed 003: Subj., Attn., Last.), per mode.
-SITE_ORDER = {
-    "knockout": ("subj", "attn", "last", "router", "moe"),
-    "restore": ("restore_hidden", "restore_mlp", "restore_attn"),
-    "block": ("block_subj", "block_nonsubj", "block_last"),
-}
 SITE_LABELS = {
     "subj": "Subj.", "attn": "Attn.", "last": "Last.", "router": "Router", "moe": "MoE",
     # seed 003 is attention knockout (docs/methods.md §4): Subj. = block_subj, Attn. = block_nonsubj, Last. = block_last
@@ -59,15 +55,8 @@ SITE_LABELS = {
     "restore_hidden": "Hidden", "restore_mlp": "MLP", "restore_attn": "Attn.",
 }
 #: ROME's token groups in ROME's order, with the names its figures give them.
-TOKEN_KINDS = {
-    "before_subject": "Before subject",
-    "first_subject": "First subject token",
-    "middle_subject": "Middle subject tokens",
-    "last_subject": "Last subject token",
-    "first_after": "First subsequent token",
-    "further": "Further tokens",
-    "last": "Last token",
-}
+TOKEN_KIND_LABELS = dict(zip(TOKEN_KINDS, ("Before subject", "First subject token", "Middle subject tokens", "Last subject token",
+                                             "First subsequent token", "Further tokens", "Last token")))
 #: Where causal traces peak (ROME): the default token group of a restore run's heat map.
 DEFAULT_TOKEN_KIND = "last_subject"
 MEASURES = {
@@ -75,8 +64,6 @@ MEASURES = {
     "p_target": "Avg p(target)",
     "indirect_effect": "Avg indirect effect (Δ p(target))",
 }
-#: docs/methods.md §7: a window of w layers centred on ℓ; the defaults where a manifest names none.
-DEFAULT_WINDOW = {"restore": 10, "block": 9}
 #: ROME's colours: the hidden state purple, the MLP green, attention red.
 RESTORE_CMAPS = {"restore_hidden": "Purples", "restore_mlp": "Greens", "restore_attn": "Reds"}
 HEATMAP_CMAP = "Blues"  # seed 003: darker = larger divergence
@@ -122,26 +109,13 @@ class TraceGrid:
 
 
 def _check_run(run: object, figure: str) -> Run:
-    if not isinstance(run, Run):
-        raise ConfigError(f"{figure} draws a moelens run; got a {type(run).__name__} (load one with moelens.load_run)")
-    analysis = run.manifest.get("analysis")
-    if analysis != ANALYSIS:
-        raise ConfigError(f"run {run.label!r} is a {analysis or 'unnamed'} run; {figure} draws interventions runs (moelens trace)")
-    return run
+    return checked_run(run, figure, ANALYSIS, "moelens trace")
 
 
 def summary_table(run: Run) -> pd.DataFrame:
     """The run's ``interventions_summary``, checked to hold the columns the figures read."""
-    if SUMMARY not in run.tables:
-        found = ", ".join(sorted(run.tables)) or "none"
-        raise ConfigError(f"run {run.label!r} has no {SUMMARY} table (it has {found}); run moelens trace again on its directory")
-    table = run.tables[SUMMARY]
-    missing = [c for c in SUMMARY_COLUMNS if c not in table.columns]
-    if missing:
-        raise ConfigError(f"run {run.label!r}: its {SUMMARY} table lacks column(s) {', '.join(missing)}; run moelens trace again")
-    if table.empty:
-        raise ConfigError(f"run {run.label!r} has an empty {SUMMARY} table: no cell was traced")
-    return table
+    return checked_table(run, SUMMARY, SUMMARY_COLUMNS, "run moelens trace again on its directory", "run moelens trace again",
+                         "no cell was traced")
 
 
 def run_modes(run: Run) -> list[str]:
@@ -170,8 +144,7 @@ def resolve_mode(run: Run, mode: Optional[str], figure: str) -> str:
 
 def is_moe(run: Run) -> bool:
     """Whether the traced model routes to experts (its MLP block is an MoE block)."""
-    model = run.manifest.get("model") or {}
-    return bool(model.get("n_experts")) or bool(set(summary_table(run)["site"]) & {"router", "moe"})
+    return bool(run.model.get("n_experts")) or bool(set(summary_table(run)["site"]) & {"router", "moe"})
 
 
 def site_label(run: Run, site: str) -> str:
@@ -181,10 +154,11 @@ def site_label(run: Run, site: str) -> str:
 
 
 def window_of(run: Run, mode: str) -> Optional[int]:
-    """The run's window (manifest options), or the mode's default; None for knockout."""
+    """The run's window (manifest options), or the mode's default (docs/methods.md §7: w layers
+    centred on ℓ); None for knockout, which intervenes at one layer."""
     window = (run.manifest.get("options") or {}).get("window")
     if window is None:
-        return DEFAULT_WINDOW.get(mode)
+        return None if mode == "knockout" else DEFAULT_WINDOW.get(mode)
     return int(window)
 
 
@@ -248,7 +222,7 @@ def trace_grid(run: Run, mode: Optional[str] = None, measure: str = "jsd", token
     run = _check_run(run, figure)
     mode = resolve_mode(run, mode, figure)
     rows = _measure_rows(run, mode, measure)
-    kinds = _ordered(rows["token_kind"], tuple(TOKEN_KINDS))
+    kinds = _ordered(rows["token_kind"], TOKEN_KINDS)
     if mode == "restore":
         kinds = [k for k in kinds if k]
         if token_kind is None:
@@ -261,7 +235,7 @@ def trace_grid(run: Run, mode: Optional[str] = None, measure: str = "jsd", token
         token_kind = ""
     layers = sorted({int(layer) for layer in summary_table(run).query("mode == @mode")["layer"]})
     rows = rows[rows["token_kind"].astype(str) == token_kind]
-    mean, std, n = _grid(run, rows, "site", SITE_ORDER.get(mode, ()), layers, "site")
+    mean, std, n = _grid(run, rows, "site", SITES.get(mode, ()), layers, "site")
     return TraceGrid(run, mode, measure, mean, std, n, token_kind=token_kind)
 
 
@@ -276,9 +250,9 @@ def token_kind_grids(run: Run, measure: str = "indirect_effect", figure: str = "
     rows = _measure_rows(run, "restore", measure)
     rows = rows[rows["token_kind"].astype(str) != ""]
     layers = sorted({int(layer) for layer in summary_table(run).query("mode == 'restore'")["layer"]})
-    kinds = _ordered(rows["token_kind"], tuple(TOKEN_KINDS))
+    kinds = _ordered(rows["token_kind"], TOKEN_KINDS)
     grids = []
-    for site in _ordered(rows["site"], SITE_ORDER["restore"]):
+    for site in _ordered(rows["site"], SITES["restore"]):
         mean, std, n = _grid(run, rows[rows["site"] == site], "token_kind", kinds, layers, f"{site} token kind")
         # every panel shows the same token groups, also one a site lacks (grey)
         mean, std, n = mean.reindex(index=kinds), std.reindex(index=kinds), n.reindex(index=kinds).fillna(0).astype(int)
@@ -395,12 +369,12 @@ def describe(run: Run, grid: TraceGrid) -> str:
         return f"Knockout: each site {how}, one layer at a time; {over}"
     if grid.mode == "block":
         window = window_of(run, "block")
-        depth = (run.manifest.get("model") or {}).get("n_layers") or (max(grid.layers) + 1 if grid.layers else 0)
+        depth = run.model.get("n_layers") or (max(grid.layers) + 1 if grid.layers else 0)
         scale = f" of {depth} layers; Geva et al.: 9 of 48" if depth else ""
         return (f"Attention knockout: the last position may not attend to the subject (Subj.), the other tokens (Attn.) "
                 f"or itself (Last.) in layers {window_span(window)} (window {window}{scale}); {over}")
     if grid.mode == "restore":
-        kind = TOKEN_KINDS.get(grid.token_kind, grid.token_kind).lower()
+        kind = TOKEN_KIND_LABELS.get(grid.token_kind, grid.token_kind).lower()
         return f"Restoring clean states at the {kind} after corrupting the subject; {over}"
     return over
 
@@ -471,7 +445,7 @@ def trace_indirect_effect(run: Run) -> Figure:
         values = grid.mean.to_numpy(float)
         last = k == len(grids) - 1
         image = _panel(ax, values, RESTORE_CMAPS.get(grid.site, "Greys"), _norm(values, from_zero=True),
-                       [TOKEN_KINDS.get(kind, kind) for kind in grid.rows], layers, width / n_layers,
+                       [TOKEN_KIND_LABELS.get(kind, kind) for kind in grid.rows], layers, width / n_layers,
                        heights[k] / max(len(grid.rows), 1), tick_labels=last)
         _colour_bar(fig, image, ax, MEASURES["indirect_effect"], width, heights[k])
         ax.set_title(_wrap(panel_title(grid.run, grid.site), width + 1.2, title_size), loc="left")
@@ -485,5 +459,5 @@ def trace_indirect_effect(run: Run) -> Figure:
     return fig
 
 
-__all__ = ["HEATMAP_FIGURES", "MEASURES", "SITE_LABELS", "TOKEN_KINDS", "TraceGrid", "layer_ticks", "resolve_mode", "run_modes", "site_label",
+__all__ = ["HEATMAP_FIGURES", "MEASURES", "SITE_LABELS", "TOKEN_KIND_LABELS", "TraceGrid", "layer_ticks", "resolve_mode", "run_modes", "site_label",
            "token_kind_grids", "trace_grid", "trace_heatmap", "trace_indirect_effect", "trace_knockout", "trace_restore", "window_of", "window_span"]

@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from moelens.checkpoint.model import ExpertWeights
+from moelens.checkpoint.weights import ExpertWeights
 from moelens.errors import ConfigError
 from moelens.metrics.clustering import as_float64, usage_order
 from moelens.metrics.permutation import (

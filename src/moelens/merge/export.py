@@ -46,7 +46,7 @@ from moelens.merge.families import (
     set_path,
 )
 from moelens.merge.table import LayerClusters, read_clusters
-from moelens.safe_files import SCRATCH, link_refused, remove_dead_scratch, remove_tree, scratch_dir
+from moelens.safe_files import SCRATCH, check_empty_output, link_refused, remove_dead_scratch, remove_tree, scratch_dir
 
 RECORD_NAME = "moelens_merge.json"
 TOKENIZER_FILES = (
@@ -178,17 +178,7 @@ def export_merged(
 def _check_out(out: Path) -> None:
     """``out`` must be missing or empty (a lock file and scratch aside): a checkpoint is never
     mixed with, nor written over, files that are already there."""
-    from moelens.errors import OutputExistsError
-    from moelens.locks import LOCK_NAME
-
-    if out.is_symlink() and not out.exists():
-        raise OutputExistsError(f"{out} is a broken symbolic link; choose an empty or new --out directory")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory; choose an empty or new --out directory")
-    if any(entry.name not in (LOCK_NAME, SCRATCH) for entry in out.iterdir()):
-        raise OutputExistsError(f"{out} exists and is not empty; choose an empty or new --out directory")
+    check_empty_output(out, kept=(SCRATCH,))
     if (out / SCRATCH).is_symlink():
         raise link_refused(out / SCRATCH)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moelens.choices import POOLS, check_options
+from moelens.choices import DEFAULT_DEVICE, DEFAULT_GAMMA, POOLS, check_options
 from moelens.errors import ConfigError
 from moelens.metrics.inner import DEFAULT_CHUNK_BYTES, pair_dots, squared_norms
 from moelens.metrics.pairs import check_pairs
@@ -89,9 +89,9 @@ def role_distances(
     a: torch.Tensor,
     b: torch.Tensor | None,
     pairs: np.ndarray | torch.Tensor | Sequence[Sequence[int]],
-    gamma: float = 0.3,
+    gamma: float = DEFAULT_GAMMA,
     top_sv: int | None = None,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEFAULT_DEVICE,
     dtype: str = "float32",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> RoleDistances:

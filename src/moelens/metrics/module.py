@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from scipy.linalg import blas
 
-from moelens.choices import PAIR_METRICS, SINGLE_METRICS, check_metric_names
+from moelens.choices import DEFAULT_DEVICE, PAIR_METRICS, SINGLE_METRICS, check_metric_names
 from moelens.errors import ConfigError
 from moelens.metrics.inner import DEFAULT_CHUNK_BYTES
 from moelens.metrics.power_law import EVALS_FLOOR, MIN_EVALS, power_law_alpha
@@ -390,7 +390,7 @@ def metrics_from_spectra(sp: Spectra, metrics: str | Iterable[str] = SINGLE_METR
 
 def spectra(
     w: torch.Tensor,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEFAULT_DEVICE,
     dtype: str = "float64",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     svd_bytes: int = DEFAULT_SVD_BYTES,
@@ -434,7 +434,7 @@ def pair_metrics(
     b: torch.Tensor,
     metrics: str | Iterable[str] = PAIR_METRICS,
     tol: float = DEFAULT_TOL,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEFAULT_DEVICE,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, np.ndarray]:
     """Pair metrics of A[k] vs B[k] for each k of two stacks [B, out, in] (or two matrices [out, in]).
@@ -453,7 +453,7 @@ def pair_metrics(
 def single_metrics(
     w: torch.Tensor,
     metrics: str | Iterable[str] = SINGLE_METRICS,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEFAULT_DEVICE,
     dtype: str = "float64",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, np.ndarray]:
@@ -491,7 +491,7 @@ def pair_and_single_metrics(
     pair: str | Iterable[str] = PAIR_METRICS,
     single: str | Iterable[str] = SINGLE_METRICS,
     tol: float = DEFAULT_TOL,
-    device: str | torch.device = "auto",
+    device: str | torch.device = DEFAULT_DEVICE,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> PairAndSingleMetrics:
     """Pair metrics of A vs B and single metrics of A and of B for two stacks [B, out, in], in one

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from moelens.checkpoint.model import ExpertWeights
+from moelens.checkpoint.weights import ExpertWeights
 from moelens.errors import ConfigError
 
 ExpertLike = Union[ExpertWeights, Sequence[Optional[torch.Tensor]]]

@@ -49,57 +49,53 @@ def build_report(runs: Union[RunLike, Iterable[RunLike]], title: Optional[str] =
                  extra: Optional[dict] = None, jobs: int = 1) -> str:
     """The HTML text of the report of ``runs`` (Run objects or run directories of any analysis).
 
-    Runs of router alignment alone give the seed report; runs of several analyses give one
-    section per analysis (in the order each first appears), with one table of contents.
+    One section per analysis (in the order each first appears), with one table of contents.
     ``figure_format``: ``"svg"`` (sharp at any zoom, the default) or ``"png"``. ``extra`` (the
     atlas's): ``notes`` (lines on what was skipped) and ``reproduce`` (``atlas``: the command,
-    ``commands``: one per run, ``versions``), shown on the first screen of a sectioned report.
+    ``commands``: one per run, ``versions``), shown on the first screen.
     ``jobs``: sections drawn at once on worker processes (:mod:`moelens.report.parallel`; the
     same report as one after another).
     """
+    from datetime import datetime, timezone
+
     from moelens.errors import ConfigError
     from moelens.report.numbering import number_headings, numbered, numbers_of
+    from moelens.report.parallel import build_sections
     from moelens.report.render import render
+    from moelens.version import package_version
 
     if figure_format not in FIGURE_FORMATS:
         raise ConfigError(f"report figures are {' or '.join(FIGURE_FORMATS)}, not {figure_format!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs {jobs!r}: give a whole number ≥ 1")
     groups = _group_by_analysis(_as_runs(runs))
-    if list(groups) == ["router_alignment"] and not extra:
-        from moelens.figures.alignment_data import alignment_views
-        from moelens.report.alignment_report import report_context
-
-        context = report_context(alignment_views(groups["router_alignment"]), title, figure_format)
-        toc = numbered([("plot-explanations", "Plot explanations", []), ("comparison", "Comparison across all runs", [])]
-                       + [(r.id, f"Individual analysis: run {r.number}, {r.label}", []) for r in context["runs"]])
-        return number_headings(render("alignment_report.html", **context, toc=toc), numbers_of(toc))
-    context = {**report_context_of_sections(groups, title, figure_format, jobs), **(extra or {})}
-    toc = numbered([(s.id, s.title, s.toc) for s in context["sections"]])
-    return number_headings(render("report.html", **context, toc=toc), numbers_of(toc))
-
-
-def report_context_of_sections(groups: dict[str, list[Run]], title: Optional[str], fmt: str, jobs: int = 1) -> dict:
-    from datetime import datetime, timezone
-
-    from moelens import __version__
-    from moelens.report.parallel import build_sections
-
-    sections = build_sections(groups, fmt, jobs)
-    n_runs = sum(len(g) for g in groups.values())
-    return {
+    sections = build_sections(groups, figure_format, jobs)
+    context = {
         "title": title or ("moelens report: " + ", ".join(s.title.lower() for s in sections)),
         "sections": sections,
-        "n_runs": n_runs,
+        "n_runs": sum(len(g) for g in groups.values()),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "version": __version__,
+        "version": package_version(),
         "notes": [],
         "reproduce": None,
+        **(extra or {}),
     }
+    toc = numbered([(s.id, s.title, s.toc) for s in sections])
+    return number_headings(render("report.html", **context, toc=toc), numbers_of(toc))
 
 
 def write_report(html: str, out: Union[str, "os.PathLike[str]"]) -> Path:
     """Write ``html`` to ``out`` (parent folders created; replaced in one step, never half-written)."""
+    from moelens.safe_files import atomic_write_bytes
+
+    out = check_report_file(out)
+
+    return atomic_write_bytes(out, html.encode("utf-8"))  # a new file renamed into place: never through a link
+
+
+def check_report_file(out: Union[str, "os.PathLike[str]"]) -> Path:
+    """``out`` as a Path if a report may be written there: an HTML file name, not a directory,
+    missing or a report moelens wrote (:func:`check_replaceable`)."""
     from moelens.errors import ConfigError
 
     out = Path(out)
@@ -108,9 +104,7 @@ def write_report(html: str, out: Union[str, "os.PathLike[str]"]) -> Path:
     if out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"{out}: a report is an HTML file; give a name ending in .html")
     check_replaceable(out)
-    from moelens.safe_files import atomic_write_bytes
-
-    return atomic_write_bytes(out, html.encode("utf-8"))  # a new file renamed into place: never through a link
+    return out
 
 
 #: What every report moelens writes carries near its top (templates/base.html).
@@ -139,14 +133,7 @@ def report(runs: Union[RunLike, Iterable[RunLike]], out: Union[str, "os.PathLike
            figure_format: str = "svg") -> Path:
     """Build the report of ``runs`` and write it to ``out``; returns the path. ``out`` is checked
     before any work: a directory or a name not ending in .html is refused."""
-    from moelens.errors import ConfigError
-
-    target = Path(out)
-    if target.is_dir():
-        raise ConfigError(f"{target} is a directory; give the report a file name, e.g. --out {target / 'report.html'}")
-    if target.suffix.lower() not in (".html", ".htm"):
-        raise ConfigError(f"{target}: a report is an HTML file; give a name ending in .html")
-    check_replaceable(target)
+    check_report_file(out)
     return write_report(build_report(runs, title, figure_format), out)
 
 

@@ -1,6 +1,6 @@
-"""Everything the alignment report shows, gathered from runs: sections, tables, figures.
+"""The router–expert alignment section of a report: explanations, comparison, one part per run.
 
-The layout follows the seed report (plot explanations; comparison across runs; one section per
+The layout follows the seed report (plot explanations; comparison across runs; one part per
 run with setup, summary, cos²θ, detailed results by k and the complete-analysis figure) and
 adds the layer permutation test beside the expert z-scores, and layers × k heat maps for runs that
 cover several layers.
@@ -9,16 +9,15 @@ cover several layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Optional, Sequence
 
+from markupsafe import Markup
+
 from moelens.figures import alignment as figs
-from moelens.figures.alignment_data import AlignmentView, distribution_ks
-from moelens.report.embed import EmbeddedFigure, embed
-from moelens.report.tables import (
+from moelens.figures.alignment_data import AlignmentView, alignment_views, distribution_ks
+from moelens.report.alignment_tables import (
     CosSquaredStats,
     KDetail,
-    Table,
     cos_squared_stats,
     detail_by_k,
     permutation_table,
@@ -26,6 +25,10 @@ from moelens.report.tables import (
     setup_table,
     summary_table,
 )
+from moelens.report.cells import Table
+from moelens.report.embed import EmbeddedFigure, embed
+from moelens.report.section import Section, run_warnings
+from moelens.results import Run
 
 #: Metrics drawn as layers × k heat maps for a run with two layers or more.
 LAYER_HEATMAPS = (("align", "Mean align per layer and k"), ("delta_vs_shuffle", "Mean Δ vs shuffle per layer and k"))
@@ -122,31 +125,20 @@ def run_section(view: AlignmentView, number: int, fmt: str) -> RunSection:
     )
 
 
-def run_warnings(manifest: dict) -> list[str]:
-    """The warnings a run recorded (degenerate inputs), in unit order."""
-    found = manifest.get("warnings") or {}
-    return [message for key in sorted(found) for message in found[key]]
+def alignment_section(runs: Sequence[Run], fmt: str) -> Section:
+    """Router–expert alignment: explanations, the comparison across runs, one part per run."""
+    from moelens.report.render import render
 
-
-def default_title(views: Sequence[AlignmentView]) -> str:
-    if len(views) == 1:
-        return f"Router–expert alignment: {views[0].label}"
-    return f"Router–expert alignment: {len(views)} runs compared"
-
-
-def report_context(views: Sequence[AlignmentView], title: Optional[str], fmt: str) -> dict:
-    """The template's variables."""
-    from moelens import __version__
-
+    views = alignment_views(list(runs))
     comparison = comparison_section(views, fmt)
-    runs = [run_section(view, i, fmt) for i, view in enumerate(views, start=1)]
-    return {
-        "title": title or default_title(views),
-        "comparison": comparison,
-        "runs": runs,
-        "n_runs": len(views),
-        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "version": __version__,
-        "z_caps": sorted({round(v.z_cap, 2) for v in views}),
-        "experts": sorted({v.n_experts for v in views}),
-    }
+    parts = [run_section(view, i, fmt) for i, view in enumerate(views, start=1)]
+    html = render("alignment_section.html", comparison=comparison, runs=parts, n_runs=len(views),
+                  z_caps=sorted({round(v.z_cap, 2) for v in views}), experts=sorted({v.n_experts for v in views}))
+    toc = [("plot-explanations", "Plot explanations"), ("comparison", "Comparison across all runs")]
+    toc += [(r.id, f"Individual analysis: run {r.number}, {r.label}") for r in parts]
+    means = [float(v.run["alignment_layers"].query("k == 1")["align"].mean()) for v in views]
+    summary = f"{len(views)} run(s); mean cos²θ (k = 1) " + ", ".join(f"{m:.3f}" for m in means)
+    return Section("router-alignment", "Router–expert alignment", Markup(html), toc, summary)
+
+
+__all__ = ["alignment_section", "comparison_section", "run_section"]

@@ -11,39 +11,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from markupsafe import Markup
 
 from moelens.ranges import compact_ranges
-from moelens.report.alignment_report import run_warnings
-from moelens.report.embed import EmbeddedFigure, embed
-from moelens.report.sections import Section
-from moelens.report.tables import Cell, Table, integer, number, text
+from moelens.report.cells import Cell, Table, integer, number, settings_table, text
+from moelens.report.embed import embed
+from moelens.report.section import RunPart, Section, footer_items, run_warnings
 from moelens.results import Run
 
 METHOD_NAMES = {"hc-smoe": "HC-SMoE", "m-smoe": "M-SMoE", "none": "original (not merged)"}
 #: Clusters are listed member by member up to this many experts per layer.
 LIST_UP_TO = 16
-
-
-@dataclass
-class RunPart:
-    number: int
-    id: str
-    label: str
-    setup: Table
-    tables: list[Table] = field(default_factory=list)
-    figures: list[EmbeddedFigure] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-def _setup(items: Sequence[tuple[str, object]]) -> Table:
-    table = Table(headers=["setting", "value"])
-    for key, value in items:
-        table.rows.append([Cell(key, "key"), text(value)])
-    return table
 
 
 def _calibration_items(run: Run) -> list[tuple[str, object]]:
@@ -61,15 +41,9 @@ def _calibration_items(run: Run) -> list[tuple[str, object]]:
 
 
 def _model_items(run: Run) -> list[tuple[str, object]]:
-    model = (run.manifest.get("inputs") or {}).get("a") or run.manifest.get("model") or {}
+    model = run.model
     return [("model", model.get("name", "")), ("family", model.get("family", "")),
             ("experts, top-k", f"{model.get('n_experts', '')}, {model.get('top_k', '')}")]
-
-
-def _footer_items(run: Run) -> list[tuple[str, object]]:
-    m = run.manifest
-    return [("date", m.get("created", "")), ("moelens version", (m.get("versions") or {}).get("moelens", "")),
-            ("run directory", str(run.path) if run.path else "")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,11 +65,11 @@ def calibration_section(runs: Sequence[Run], fmt: str) -> Section:
     parts = []
     for i, run in enumerate(runs, start=1):
         o = run.manifest.get("options", {})
-        setup = _setup(_model_items(run) + [("layers", compact_ranges(o.get("layers", [])))] + _calibration_items(run) + _footer_items(run))
+        setup = settings_table(_model_items(run) + [("layers", compact_ranges(o.get("layers", [])))] + _calibration_items(run) + footer_items(run))
         fig = embed(figs.expert_usage(run), "expert_usage", f"calibration-run-{i}-usage", "Expert usage frequency",
                     f"Share of each layer's top-k selections per expert in {run.label}", fmt, run=run)
         parts.append(RunPart(i, f"calibration-run-{i}", run.label, setup, [usage_layers_table(run)], [fig], run_warnings(run.manifest)))
-    html = render("calibration_section.html", runs=parts)
+    html = render("parts_section.html", analysis="calibration", heading="Usage", table_class="detail", runs=parts)
     toc = [("calibration-explanations", "What calibration records")] + [(p.id, f"Run {p.number}: {p.label}") for p in parts]
     summary = "; ".join(f"{r.manifest.get('options', {}).get('tokens', '?')} tokens, mean usage entropy "
                         f"{r['calibration_layers']['usage_entropy'].mean():.2f} bits" for r in runs)
@@ -140,8 +114,8 @@ def clustering_setup(run: Run) -> Table:
     else:
         items += [("budget", "global (MC-SMoE's usage threshold across layers)" if o.get("budget") == "global" else "G in every layer"),
                   ("dominant", "the G most used experts")]
-    items += [("layers", compact_ranges(o.get("layers", [])))] + _calibration_items(run) + _footer_items(run)
-    return _setup(items)
+    items += [("layers", compact_ranges(o.get("layers", [])))] + _calibration_items(run) + footer_items(run)
+    return settings_table(items)
 
 
 def clustering_section(runs: Sequence[Run], fmt: str) -> Section:
@@ -158,7 +132,7 @@ def clustering_section(runs: Sequence[Run], fmt: str) -> Section:
         ]
         parts.append(RunPart(i, f"clustering-run-{i}", run.label, clustering_setup(run), [clusters_table(run)], figures,
                              run_warnings(run.manifest)))
-    html = render("clustering_section.html", runs=parts)
+    html = render("parts_section.html", analysis="clustering", heading="Clusters", table_class="detail", runs=parts)
     toc = [("clustering-explanations", "Plot explanations")] + [(p.id, f"Run {p.number}: {p.label}") for p in parts]
     summary = "; ".join(
         f"{METHOD_NAMES.get(r.manifest.get('options', {}).get('method'), '?')} G "
@@ -249,9 +223,9 @@ def merge_cost_section(runs: Sequence[Run], fmt: str) -> Section:
                              "compact": "compact: G experts per layer, router rows the members' usage-weighted mean"}.get(o.get("export"), o.get("export"))),
             ("facts", o.get("facts") or "none"), ("perplexity text", o.get("texts") or "none"),
             ("forward pass", f"{o.get('dtype', '')} on {o.get('device', '')}"),
-        ] + _footer_items(run)
-        parts.append(RunPart(i, f"merge-cost-run-{i}", run.label, _setup(items), [merge_cost_table(run)], [], run_warnings(run.manifest)))
-    html = render("merge_cost_section.html", runs=parts)
+        ] + footer_items(run)
+        parts.append(RunPart(i, f"merge-cost-run-{i}", run.label, settings_table(items), [merge_cost_table(run)], [], run_warnings(run.manifest)))
+    html = render("parts_section.html", analysis="merge_cost", heading="Before and after merging", table_class="summary", runs=parts)
     toc = [("merge-cost-explanations", "What is measured")] + [(p.id, f"Run {p.number}: {p.label}") for p in parts]
     pieces = [merge_cost_headline(run) for run in runs]
     return Section("merge-cost", "Merge cost", Markup(html), toc, "; ".join(pieces))

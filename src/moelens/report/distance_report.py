@@ -7,17 +7,15 @@ experts × experts heat maps of a within-layer run, and the warnings it recorded
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 from markupsafe import Markup
 
 from moelens.ranges import compact_ranges
-from moelens.report.alignment_report import run_warnings
-from moelens.report.embed import EmbeddedFigure, embed
-from moelens.report.sections import Section
-from moelens.report.tables import Cell, Table, integer, number, text
+from moelens.report.cells import Cell, Table, integer, number, settings_table, text
+from moelens.report.embed import embed
+from moelens.report.section import RunPart, Section, footer_items, run_warnings
 from moelens.results import Run
 
 MATRIX_ORDER = ("expert", "gate", "up", "down")
@@ -25,18 +23,6 @@ PAIRING_NAMES = {"base-tuned": "base → tuned (expert e with e)", "within": "wi
                  "hc-smoe": "HC-SMoE clusters (every pair of members)", "m-smoe": "M-SMoE clusters (each member with its dominant expert)",
                  "hc-smoe-permuted": "HC-SMoE clusters, members permuted onto the dominant expert",
                  "m-smoe-permuted": "M-SMoE clusters, members permuted onto the dominant expert"}
-
-
-@dataclass
-class DistanceRun:
-    number: int
-    id: str
-    label: str
-    setup: Table
-    summary: Table
-    per_layer: Table
-    heatmaps: list[EmbeddedFigure] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
 
 
 def _matrices(runs: Sequence[Run]) -> list[str]:
@@ -58,13 +44,9 @@ def setup_table(run: Run) -> Table:
         ("kept singular values", f"top {o['top_sv']}" if o.get("top_sv") else f"σ_i ≥ {o.get('gamma')}·σ_1"),
         ("sv_align of the expert", "mean over matrices" if o.get("pool") == "mean" else "Ito's pooled ratio Σ n_m R_m / Σ n_m"),
         ("dtype", o.get("dtype", "")), ("device", o.get("device", "")),
-        ("date", m.get("created", "")), ("moelens version", (m.get("versions") or {}).get("moelens", "")),
-        ("run directory", str(run.path) if run.path else ""),
+        *footer_items(run),
     ]
-    table = Table(headers=["setting", "value"])
-    for key, value in items:
-        table.rows.append([Cell(key, "key"), text(value)])
-    return table
+    return settings_table(items)
 
 
 def summary_table(run: Run) -> Table:
@@ -127,10 +109,8 @@ def distance_section(runs: Sequence[Run], fmt: str) -> Section:
                 heatmaps.append(embed(figs.expert_distance_heatmap(run, measure=measure), "expert_distance_heatmap",
                                       f"distance-run-{i}-heatmap-{measure}", f"Experts × experts ({measure})",
                                       f"{measure} of every pair of experts in selected layers of {run.label}", fmt, run=run))
-        sections.append(DistanceRun(
-            number=i, id=f"distance-run-{i}", label=run.label, setup=setup_table(run), summary=summary_table(run),
-            per_layer=per_layer_table(run), heatmaps=heatmaps, warnings=run_warnings(run.manifest),
-        ))
+        sections.append(RunPart(i, f"distance-run-{i}", run.label, setup_table(run), [summary_table(run), per_layer_table(run)], heatmaps,
+                                run_warnings(run.manifest)))
     html = render("distance_section.html", figures=figures, runs=sections, n_runs=n)
     toc = [("distance-explanations", "Plot explanations"), ("distance-comparison", "Distance per layer")]
     toc += [(s.id, f"Run {s.number}: {s.label}") for s in sections]

@@ -9,10 +9,9 @@ from typing import Sequence
 from markupsafe import Markup
 
 from moelens.ranges import compact_ranges
-from moelens.report.alignment_report import run_warnings
+from moelens.report.cells import Table, settings_table
 from moelens.report.embed import EmbeddedFigure, embed
-from moelens.report.sections import Section
-from moelens.report.tables import Cell, Table, text
+from moelens.report.section import Section, footer_items, run_warnings
 from moelens.results import Run
 
 PAIR_ORDER = ("corr", "cos", "rel_l2", "cka", "changed_frac")
@@ -48,14 +47,9 @@ def setup_table(run: Run) -> Table:
         ("pair metrics", ", ".join(o.get("metrics", [])) or "none (one model)"),
         ("single-model metrics", ", ".join(o.get("single", []))),
         ("changed_frac tolerance", o.get("tol", "")),
-        ("device", o.get("device", "")), ("date", m.get("created", "")),
-        ("moelens version", (m.get("versions") or {}).get("moelens", "")),
-        ("run directory", str(run.path) if run.path else ""),
+        ("device", o.get("device", "")), *footer_items(run),
     ]
-    table = Table(headers=["setting", "value"])
-    for key, value in items:
-        table.rows.append([Cell(f"{key}", "key"), text(value)])
-    return table
+    return settings_table(items)
 
 
 def _groups(run: Run, number: int, fmt: str) -> list[FigureGroup]:

@@ -2,7 +2,7 @@
 
 Drawing and encoding figures is nearly all of a report's time (the atlas of the default zoo: 62
 figures, each saved as SVG for the report and as PNG for ``figures/``), and the sections are
-independent: each is a function of its own runs (:data:`moelens.report.sections.SECTION_BUILDERS`).
+independent: each is a function of its own runs (:func:`moelens.report.sections.section_builder`).
 :func:`build_sections` hands each section to a worker process (``spawn``: a fresh interpreter,
 nothing inherited from a parent that may run threads), which loads the section's runs from their
 directories and builds it while keeping its figure files, costliest section first. The parent
@@ -36,14 +36,14 @@ SECTION_COST = {
 def _build_in_worker(name: str, paths: Sequence[str], fmt: str, collect: bool) -> tuple[Any, list[Any]]:
     """(section, figure files) of analysis ``name`` over the runs in ``paths``."""
     from moelens.report.embed import collecting_files
-    from moelens.report.sections import SECTION_BUILDERS
+    from moelens.report.sections import section_builder
     from moelens.results import load_run
 
     runs = [load_run(p) for p in paths]
     if not collect:
-        return SECTION_BUILDERS[name](runs, fmt), []
+        return section_builder(name)(runs, fmt), []
     with collecting_files() as files:
-        section = SECTION_BUILDERS[name](runs, fmt)
+        section = section_builder(name)(runs, fmt)
     return section, list(files)
 
 
@@ -60,12 +60,12 @@ def build_sections(groups: dict[str, list[Run]], fmt: str, workers: int = 1) -> 
     ``workers`` processes; serially when ``workers`` is 1, when there is one section, or when a
     run has no directory a worker could load it from."""
     from moelens.report.embed import add_collected, collected_stems, collecting_active
-    from moelens.report.sections import SECTION_BUILDERS
+    from moelens.report.sections import section_builder
 
     names = list(groups)
     workers = min(workers, len(names))
     if workers <= 1 or any(run.path is None for runs in groups.values() for run in runs):
-        return [SECTION_BUILDERS[name](runs, fmt) for name, runs in groups.items()]
+        return [section_builder(name)(runs, fmt) for name, runs in groups.items()]
     collect = collecting_active()
     order = sorted(names, key=lambda n: -SECTION_COST.get(n, 1.0) * len(groups[n]))
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
@@ -74,7 +74,7 @@ def build_sections(groups: dict[str, list[Run]], fmt: str, workers: int = 1) -> 
         for name in names:
             section, files = futures[name].result()
             if collect and {f.stem for f in files} & collected_stems():
-                section = SECTION_BUILDERS[name](groups[name], fmt)  # numbered after the earlier sections' names
+                section = section_builder(name)(groups[name], fmt)  # numbered after the earlier sections' names
             else:
                 add_collected(files)
             sections.append(section)

@@ -9,10 +9,9 @@ from typing import Sequence
 
 from markupsafe import Markup
 
-from moelens.report.alignment_report import run_warnings
+from moelens.report.cells import Cell, Table, settings_table, text
 from moelens.report.embed import EmbeddedFigure, embed
-from moelens.report.sections import Section
-from moelens.report.tables import Cell, Table, text
+from moelens.report.section import Section, run_warnings
 from moelens.results import Run
 
 
@@ -37,10 +36,7 @@ def setup_table(run: Run) -> Table:
              ("edits", ", ".join(o.get("edits", []))), ("k", ", ".join(str(k) for k in o.get("k", []))), ("matrix", o.get("matrix", "")),
              ("random samples", o.get("samples", "")), ("seed", o.get("seed", "")), ("device", o.get("device", "")), ("dtype", o.get("dtype", "")),
              ("date", m.get("created", "")), ("run directory", str(run.path) if run.path else "")]
-    table = Table(headers=["setting", "value"])
-    for key, value in items:
-        table.rows.append([Cell(key, "key"), text(value)])
-    return table
+    return settings_table(items)
 
 
 def summary_table(run: Run) -> Table:

@@ -1,97 +1,33 @@
-"""One report section per analysis, declared once: a builder from that analysis's runs to HTML.
+"""One report section per analysis: where its builder lives.
 
 A builder takes the runs of one analysis (in the order given) and the figure format and returns a
-:class:`Section`: its anchor, title, table-of-contents entries, the HTML of its body, and a
-one-line summary in numbers for the report's first screen. :data:`SECTION_BUILDERS` maps an
-analysis name (the manifest's ``analysis``) to its builder.
+:class:`~moelens.report.section.Section`. :data:`SECTION_BUILDERS` maps an analysis name (the
+manifest's ``analysis``) to its builder as ``"module:function"`` under :mod:`moelens.report`,
+imported when a report needs it, so that naming the sections imports none of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+import importlib
 
-from markupsafe import Markup
+from moelens.report.section import SectionBuilder
 
-from moelens.results import Run
-
-
-@dataclass
-class Section:
-    id: str
-    title: str
-    html: Markup
-    toc: list[tuple[str, str]] = field(default_factory=list)
-    summary: str = ""
-
-
-SectionBuilder = Callable[[Sequence[Run], str], Section]
-
-
-def alignment_section(runs: Sequence[Run], fmt: str) -> Section:
-    """Router–expert alignment: the seed report's body (explanations, comparison, one part per run)."""
-    from moelens.figures.alignment_data import alignment_views
-    from moelens.report.alignment_report import report_context
-    from moelens.report.render import render
-
-    views = alignment_views(list(runs))
-    context = report_context(views, None, fmt)
-    toc = [("plot-explanations", "Plot explanations"), ("comparison", "Comparison across all runs")]
-    toc += [(r.id, f"Individual analysis: run {r.number}, {r.label}") for r in context["runs"]]
-    means = [float(v.run["alignment_layers"].query("k == 1")["align"].mean()) for v in views if "alignment_layers" in v.run.tables]
-    summary = f"{len(views)} run(s); mean cos²θ (k = 1) " + ", ".join(f"{m:.3f}" for m in means)
-    return Section("router-alignment", "Router–expert alignment", Markup(render("alignment_body.html", **context)), toc, summary)
-
-
-def _expert_distance_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.distance_report import distance_section
-
-    return distance_section(runs, fmt)
-
-
-def _module_metrics_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.modules_report import modules_section
-
-    return modules_section(runs, fmt)
-
-
-def _interventions_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.trace_report import trace_section
-
-    return trace_section(runs, fmt)
-
-
-def _router_edits_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.router_edits_report import route_section
-
-    return route_section(runs, fmt)
-
-
-def _calibration_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.clustering_report import calibration_section
-
-    return calibration_section(runs, fmt)
-
-
-def _clustering_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.clustering_report import clustering_section
-
-    return clustering_section(runs, fmt)
-
-
-def _merge_cost_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.clustering_report import merge_cost_section
-
-    return merge_cost_section(runs, fmt)
-
-
-SECTION_BUILDERS: dict[str, SectionBuilder] = {
-    "router_alignment": alignment_section,
-    "expert_distance": _expert_distance_section,
-    "module_metrics": _module_metrics_section,
-    "interventions": _interventions_section,
-    "router_edits": _router_edits_section,
-    "calibration": _calibration_section,
-    "clustering": _clustering_section,
-    "merge_cost": _merge_cost_section,
+SECTION_BUILDERS: dict[str, str] = {
+    "router_alignment": "alignment_report:alignment_section",
+    "expert_distance": "distance_report:distance_section",
+    "module_metrics": "modules_report:modules_section",
+    "interventions": "trace_report:trace_section",
+    "router_edits": "router_edits_report:route_section",
+    "calibration": "clustering_report:calibration_section",
+    "clustering": "clustering_report:clustering_section",
+    "merge_cost": "clustering_report:merge_cost_section",
 }
+
+
+def section_builder(analysis: str) -> SectionBuilder:
+    """The builder of ``analysis``'s section (a KeyError for an analysis the report has none for)."""
+    module, function = SECTION_BUILDERS[analysis].split(":")
+    return getattr(importlib.import_module(f"moelens.report.{module}"), function)
+
+
+__all__ = ["SECTION_BUILDERS", "section_builder"]

@@ -12,10 +12,9 @@ import numpy as np
 from markupsafe import Markup
 
 from moelens.ranges import compact_ranges
-from moelens.report.alignment_report import run_warnings
+from moelens.report.cells import Cell, Table, settings_table
 from moelens.report.embed import EmbeddedFigure, embed
-from moelens.report.sections import Section
-from moelens.report.tables import Cell, Table, text
+from moelens.report.section import Section, footer_items, run_warnings
 from moelens.results import Run
 
 MODE_NAMES = {
@@ -23,7 +22,7 @@ MODE_NAMES = {
     "restore": "restore (ROME causal tracing): subject embeddings corrupted, one clean state restored",
     "block": "attention knockout (Geva et al. 2023): the last position kept from attending to some positions",
 }
-ABLATIONS = {"mean": "mean of the site over the prompt set", "zero": "zero"}
+ABLATION_NAMES = {"mean": "mean of the site over the prompt set", "zero": "zero"}
 #: Decimals of a table cell: JSD in bits and probabilities alike.
 DIGITS = 3
 
@@ -58,7 +57,7 @@ def setup_table(run: Run) -> Table:
         ("sites", ", ".join(str(s) for s in o.get("sites") or [])),
     ]
     if mode == "knockout":
-        items.append(("ablation", ABLATIONS.get(str(o.get("ablation")), o.get("ablation", ""))))
+        items.append(("ablation", ABLATION_NAMES.get(str(o.get("ablation")), o.get("ablation", ""))))
     if mode in ("restore", "block"):
         window = window_of(run, mode)
         span = "the restored layer only for restore_hidden; " if mode == "restore" else ""
@@ -70,14 +69,9 @@ def setup_table(run: Run) -> Table:
         ("layers", compact_ranges(o.get("layers") or sorted(set(run["interventions_summary"]["layer"])))),
         ("prompts", f"{prompts}" + (f" from {o['prompts']}" if o.get("prompts") else "")),
         ("seed", m.get("seed", o.get("seed", ""))), ("dtype", o.get("dtype", "")), ("device", o.get("device", "")),
-        ("date", m.get("created", "")), ("moelens version", (m.get("versions") or {}).get("moelens", "")),
-        ("run directory", str(run.path) if run.path else ""),
+        *footer_items(run),
     ]
-    table = Table(headers=["setting", "value"])
-    for key, value in items:
-        if value not in ("", None):
-            table.rows.append([Cell(key, "key"), text(value)])
-    return table
+    return settings_table(items, skip_empty=True)
 
 
 def mean_std(mean: float, std: float) -> Cell:
@@ -157,7 +151,7 @@ def headline(run: Run) -> str:
     layer 2 (0.41 bits)". Attention-knockout rows (block_*, the seed figure's reading,
     docs/methods.md §4) are preferred when the run has them; a row that is maximal by construction
     (last-token knockout) is not headlined."""
-    from moelens.figures.trace import TOKEN_KINDS, resolve_mode, run_modes, token_kind_grids, trace_grid
+    from moelens.figures.trace import TOKEN_KIND_LABELS, resolve_mode, run_modes, token_kind_grids, trace_grid
 
     modes = run_modes(run)
     mode = "block" if "block" in modes else resolve_mode(run, None, "the report")
@@ -171,7 +165,7 @@ def headline(run: Run) -> str:
         site, layer, value, kind = best
         if not site:
             return f"{opening}: no finite indirect effect"
-        return (f"{opening}: {_action(run, site)} ({site}) at the {TOKEN_KINDS.get(kind, kind).lower()} recovers most "
+        return (f"{opening}: {_action(run, site)} ({site}) at the {TOKEN_KIND_LABELS.get(kind, kind).lower()} recovers most "
                 f"at layer {layer} (Δp(target) = {value:.2f})")
     grid = trace_grid(run, mode=mode)
     left_out = [r for r in grid.rows if r in TRIVIAL_ROWS.get(mode, ())]
@@ -193,7 +187,7 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
     grid = figs.trace_grid(run)
     anchor = f"trace-run-{number}"
     names = [f"{figs.site_label(run, s)} ({s})" for s in grid.rows]
-    kind = figs.TOKEN_KINDS.get(grid.token_kind, "").lower()
+    kind = figs.TOKEN_KIND_LABELS.get(grid.token_kind, "").lower()
     at = f" at the {kind}" if kind else ""
     # each mode's heat map under its own name: the seed's (trace_heatmap) is attention knockout
     name = figs.HEATMAP_FIGURES.get(grid.mode, "trace_heatmap")
@@ -209,7 +203,7 @@ def _run_part(run: Run, number: int, fmt: str) -> TraceRun:
                          "Indirect effect per token group and layer",
                          f"Restored hidden state, MLP and attention output: mean Δp(target) per token group and layer, {run.label}", fmt, run=run)
         for kinds in figs.token_kind_grids(run):
-            more.append(grid_table(kinds, [figs.TOKEN_KINDS.get(k, k) for k in kinds.rows],
+            more.append(grid_table(kinds, [figs.TOKEN_KIND_LABELS.get(k, k) for k in kinds.rows],
                                    f"Indirect effect Δp(target) of {kinds.site} per layer and token group: mean ± std",
                                    over="prompt tokens of the group"))
     return TraceRun(number=number, id=anchor, label=run.label, mode=grid.mode, setup=setup_table(run), headline=headline(run),

@@ -26,6 +26,11 @@ from moelens.errors import RunDirectoryError
 
 #: The file that makes a directory a run.
 MANIFEST = "manifest.json"
+#: The layout this version writes and reads. 2: inputs by name only (no ``model`` copy of the
+#: first input), units by key only (no ``completed_layers``), every table declared in ``tables``.
+SCHEMA_VERSION = 2
+#: The kinds a table column may have; the manifest declares each table as ``[[column, kind], …]``.
+KINDS = ("int", "float", "str", "bool")
 
 
 class ManifestFieldError(Exception):
@@ -204,20 +209,17 @@ COLUMNS_SPEC = ListOf(ListOf(Str(), "strings"), "[column, kind] pairs")
 TIMINGS_SPEC = Obj({
     "total_s": _opt(Number()),
     "per_unit_s": _opt(MapOf(Number(), "numbers (unit → seconds)")),
-    "per_layer_s": _opt(MapOf(Number(), "numbers (layer → seconds)")),
 }, "an object (total_s, per_unit_s)")
 
 MANIFEST_SPEC = Obj({
-    "schema_version": _opt(Int(1)),
+    "schema_version": _opt(Int(1)),  # checked apart (check_schema_version): an old run is not a damaged one
     "analysis": Key(Str(), required=True),
     "status": Key(OneOf("running", "complete"), required=True),
     "label": _nullable(Str()),
     "created": _nullable(Str()),
     "completed_units": _opt(STRS),
-    "completed_layers": _opt(INTS),
     "units": _opt(STRS),
     "inputs": _opt(MapOf(MODEL_SPEC, "models (input name → model)")),
-    "model": _opt(MODEL_SPEC),
     "options": _opt(OPTIONS_SPEC),
     "seed": _nullable(Int()),
     "versions": _opt(MapOf(Str(), "strings (package → version)")),
@@ -227,8 +229,6 @@ MANIFEST_SPEC = Obj({
     "notes": _opt(STRS),
     "executor": _opt(Obj({"name": _opt(OneOf("local", "ray")), "threads": _nullable(Int(1))}, "an object (name, threads, …)")),
     "threads": _nullable(Int(1)),
-    "date": _nullable(Str()),
-    "shape": _opt(Obj({"hidden_size": _nullable(Int(1))}, "an object (hidden_size, …)")),
     # what analyses add when they finish (``manifest_extra``)
     "activation": _nullable(Str()),
     "matrices": _opt(Obj({"dir": _opt(Str())}, "an object (dir, features, router_logits, topk)")),
@@ -240,8 +240,6 @@ MANIFEST_SPEC = Obj({
 
 
 def _check_table_pairs(tables: Mapping[str, Any], file: str) -> None:
-    from moelens.results.schema import KINDS
-
     for name, columns in tables.items():
         for i, pair in enumerate(columns):
             if len(pair) != 2 or pair[1] not in KINDS:
@@ -257,7 +255,24 @@ def check_manifest(manifest: Any, file: str | os.PathLike[str]) -> dict[str, Any
     except ManifestFieldError as err:
         raise RunDirectoryError(f"{file}: {err}; the manifest is damaged: run the analysis again into a new --out directory") from None
     _check_table_pairs(manifest.get("tables") or {}, str(file))
+    check_schema_version(manifest, file)
     return manifest
+
+
+def check_schema_version(manifest: Mapping[str, Any], file: str | os.PathLike[str]) -> None:
+    """A manifest of another layout (a run written by an older moelens) is one line saying so;
+    such a run is neither read nor resumed: its tables are computed again by this version."""
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        found = "no schema version" if version is None else f"manifest schema {version}"
+        raise RunDirectoryError(f"{file}: this run was written by another moelens version ({found}; this version reads schema "
+                                f"{SCHEMA_VERSION}); run the analysis again into a new --out directory")
+
+
+def primary_input(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What the manifest records of the run's first input model (``inputs.a``: name, family,
+    n_layers, n_experts, hidden_size, …); empty when it records none."""
+    return dict((manifest.get("inputs") or {}).get("a") or {})
 
 
 def check_run_directory(path: str | os.PathLike[str]) -> Path:
@@ -280,4 +295,5 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     return check_manifest(read_json(path, "manifest", RunDirectoryError), path)
 
 
-__all__ = ["MANIFEST", "MANIFEST_SPEC", "check_manifest", "check_run_directory", "read_manifest"]
+__all__ = ["KINDS", "MANIFEST", "MANIFEST_SPEC", "SCHEMA_VERSION", "check_manifest", "check_run_directory", "check_schema_version",
+           "primary_input", "read_manifest"]

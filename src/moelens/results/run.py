@@ -19,19 +19,18 @@ import pandas as pd
 
 from moelens.errors import RunDirectoryError
 from moelens.ranges import compact_ranges
-from moelens.results.manifest import MANIFEST
+from moelens.results.manifest import MANIFEST, primary_input
 
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages whose behaviour can change a number."""
-    import importlib.metadata as md
+    from moelens.version import UNINSTALLED, package_version
 
     out = {"python": platform.python_version()}
     for name in ("moelens", "torch", "numpy", "scipy", "pandas", "safetensors", "transformers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
+        found = package_version(name)
+        if found != UNINSTALLED:
+            out[name] = found
     return out
 
 
@@ -69,11 +68,17 @@ class Run:
             raise KeyError(f"run has no table {name!r}; it has {sorted(self.tables)}") from None
 
     @property
+    def model(self) -> dict[str, Any]:
+        """What the manifest records of the run's first input model (name, family, n_layers,
+        n_experts, hidden_size, …); empty when it records none."""
+        return primary_input(self.manifest)
+
+    @property
     def label(self) -> str:
         """A short human label: the manifest's ``label`` or ``model name · layers``."""
         if self.manifest.get("label"):
             return str(self.manifest["label"])
-        model = self.manifest.get("model", {})
+        model = self.model
         name = model.get("name") or Path(str(model.get("source", "run"))).name
         layers = self.manifest.get("options", {}).get("layers")
         if isinstance(layers, list) and layers:
@@ -89,10 +94,6 @@ class Run:
         write_json(path / MANIFEST, self.manifest)
         self.path = path
         return path
-
-
-#: Tables of runs written before manifests declared their tables.
-LEGACY_TABLES = {"router_alignment": ("alignment", "alignment_layers", "alignment_pairs", "spectra")}
 
 
 def _read_table(path: Path, name: str) -> pd.DataFrame:
@@ -118,7 +119,8 @@ def read_table_file(file: Path, path: Path) -> pd.DataFrame:
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read a run directory written by :meth:`Run.save` or by the runner.
 
-    Every table the manifest declares must be present and readable and match its declared
+    The manifest must be of this version's layout (:data:`~moelens.results.manifest.SCHEMA_VERSION`),
+    and every table it declares must be present and readable and match its declared
     columns; anything else is a :class:`~moelens.errors.RunDirectoryError` that names the file."""
     from moelens.results.manifest import check_run_directory, read_manifest
     from moelens.results.schema import schemas_from_json
@@ -126,19 +128,13 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     path = check_run_directory(path)
     manifest = read_manifest(path / MANIFEST)
     if manifest.get("status") == "running":
-        done = len(manifest.get("completed_units") or manifest.get("completed_layers") or [])
+        done = len(manifest.get("completed_units") or [])
         raise RunDirectoryError(
             f"{path} holds an unfinished {manifest.get('analysis', 'analysis')} run ({done} unit(s) done); "
             "run the same command again to resume it, then use the run"
         )
-    declared = manifest.get("tables")
-    if isinstance(declared, dict):
-        schemas = schemas_from_json(declared)
-        tables = {name: schema.check(_read_table(path, name), str(path / f"{name}.parquet")) for name, schema in schemas.items()}
-    else:
-        names = LEGACY_TABLES.get(str(manifest.get("analysis")), ())
-        present = {p.stem for p in path.glob("*.parquet")}
-        tables = {name: _read_table(path, name) for name in sorted(set(names) | present)}
+    schemas = schemas_from_json(manifest.get("tables") or {})
+    tables = {name: schema.check(_read_table(path, name), str(path / f"{name}.parquet")) for name, schema in schemas.items()}
     for name, table in tables.items():
         _check_values(path / f"{name}.parquet", str(manifest["analysis"]), name, table, manifest)
     return Run(manifest=manifest, tables=tables, path=path)

@@ -23,8 +23,7 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 
 from moelens.errors import RunDirectoryError
-
-KINDS = ("int", "float", "str", "bool")
+from moelens.results.manifest import KINDS, primary_input
 
 
 def _kind_of(series: pd.Series) -> str:
@@ -172,8 +171,7 @@ def schemas_from_json(obj: Mapping[str, Any]) -> dict[str, TableSchema]:
 
 
 def _model_of(manifest: Mapping[str, Any]) -> Mapping[str, Any]:
-    model = manifest.get("model") or (manifest.get("inputs") or {}).get("a") or {}
-    return model if isinstance(model, Mapping) else {}
+    return primary_input(manifest)
 
 
 def within_model(layers: tuple[str, ...] = ("layer",), experts: tuple[str, ...] = ("expert",)) -> Relation:

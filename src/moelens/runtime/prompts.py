@@ -21,9 +21,6 @@ from typing import Any
 from moelens.errors import ConfigError
 from moelens.textfiles import read_jsonl
 
-# ROME's token groups (Meng et al. 2022, Fig. 1), plus the tokens before the subject.
-TOKEN_KINDS = ("before_subject", "first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
-
 
 @dataclass(frozen=True)
 class PromptRecord:
@@ -165,4 +162,4 @@ def tokenise_all(tokenizer: Any, records: Sequence[PromptRecord], source: str = 
     return [tokenise(tokenizer, r, source, max_length) for r in records]
 
 
-__all__ = ["TOKEN_KINDS", "PromptRecord", "TokenisedPrompt", "as_records", "parse_records", "read_prompts", "tokenise", "tokenise_all"]
+__all__ = ["PromptRecord", "TokenisedPrompt", "as_records", "parse_records", "read_prompts", "tokenise", "tokenise_all"]

@@ -102,7 +102,7 @@ class TraceSettings:
     """What to intervene on and how (validated by the analysis before any forward pass)."""
 
     mode: str = "knockout"
-    sites: tuple[str, ...] = ("subj", "attn", "last")
+    sites: tuple[str, ...] = DEFAULT_SITES["knockout"]
     ablation: str = "mean"
     layers: tuple[int, ...] = ()
     window: int = 1

@@ -12,13 +12,13 @@ from contextlib import contextmanager
 
 import torch
 
-from moelens.choices import check_compute_dtype
+from moelens.choices import DEFAULT_DEVICE, check_compute_dtype
 from moelens.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}  # the torch dtype of each of COMPUTE_DTYPES
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = DEFAULT_DEVICE) -> torch.device:
     """``"auto"`` -> ``cuda`` if available else ``cpu``; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given.
 
     Raises :class:`ConfigError` for a CUDA device that this machine does not have."""

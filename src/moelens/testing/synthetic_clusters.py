@@ -15,6 +15,8 @@ from moelens.analyses.calibration.tables import LAYERS_SCHEMA, TOKENS_SCHEMA, US
 from moelens.analyses.clustering.merge_cost import COST_SCHEMA, summarise
 from moelens.analyses.clustering.tables import CLUSTER_LAYERS_SCHEMA, CLUSTERS_SCHEMA, layer_summary
 from moelens.results import Run
+from moelens.results.manifest import SCHEMA_VERSION
+from moelens.results.schema import schemas_to_json
 
 
 def _calibration_tables(n_layers: int, n_experts: int, top_k: int, n_tokens: int, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
@@ -35,9 +37,16 @@ def _calibration_tables(n_layers: int, n_experts: int, top_k: int, n_tokens: int
 
 
 def _manifest(analysis: str, label: str, options: dict, n_experts: int, top_k: int) -> dict:
+    """The manifest the runner writes (its tables declared as the analysis declares them)."""
+    from moelens.analyses.calibration.analysis import Calibration
+    from moelens.analyses.clustering.analysis import Clustering
+    from moelens.analyses.clustering.merge_cost import MergeCost
+
+    schemas = {cls.name: cls.schemas() for cls in (Calibration, Clustering, MergeCost)}[analysis]
     model = {"name": "synthetic", "family": "mixtral", "n_experts": n_experts, "top_k": top_k, "path": "/synthetic", "files": {}}
-    return {"analysis": analysis, "label": label, "status": "complete", "options": options, "inputs": {"a": model}, "model": model,
-            "activation": "silu glu", "created": "2026-01-01T00:00:00+00:00", "versions": {"moelens": "0.1.0"}, "warnings": {}}
+    return {"schema_version": SCHEMA_VERSION, "analysis": analysis, "label": label, "status": "complete", "options": options,
+            "inputs": {"a": model}, "activation": "silu glu", "created": "2026-01-01T00:00:00+00:00",
+            "versions": {"moelens": "0.1.0"}, "warnings": {}, "tables": schemas_to_json(schemas)}
 
 
 def synthetic_calibration_run(n_layers: int = 4, n_experts: int = 8, top_k: int = 2, n_tokens: int = 256, seed: int = 0) -> Run:

@@ -30,8 +30,12 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from moelens.analyses.base import layer_unit_key
+from moelens.analyses.router_alignment.tables import SCHEMAS
 from moelens.ranges import compact_ranges
 from moelens.results import Run
+from moelens.results.manifest import SCHEMA_VERSION
+from moelens.results.schema import schemas_to_json
 
 #: Above this many experts the layer-level p-value is estimated from random permutations.
 EXACT_PERMUTATION_LIMIT = 8
@@ -147,16 +151,19 @@ def synthetic_alignment_run(
                 frames[name].append(table)
             frames["spectra"].append(synthetic_spectra(int(layer), matrix, n_experts, hidden_size, rng))
     layer_list = [int(x) for x in layers]
+    units = [layer_unit_key(layer) for layer in layer_list]
     manifest = {
+        "schema_version": SCHEMA_VERSION,
         "analysis": "router_alignment",
         "label": f"{model_name} L{compact_ranges(layer_list)}",
         "status": "complete",
-        "completed_layers": layer_list,
+        "completed_units": units,
+        "units": units,
         "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
+        "inputs": {"a": {
             "source": f"synthetic/{model_name}", "name": model_name, "family": "mixtral", "n_layers": max(layer_list) + 1,
             "n_experts": n_experts, "top_k": 2, "hidden_size": hidden_size, "expert_ffn": 4 * hidden_size, "files": {},
-        },
+        }},
         "options": {
             "layers": layer_list, "matrix": matrices[0] if len(matrices) == 1 else "all", "matrices": list(matrices),
             "k": ks, "null": null, "shuffles": 200, "seed": seed, "method": "eigh", "device": "cpu", "dtype": "float32",
@@ -164,6 +171,7 @@ def synthetic_alignment_run(
         "seed": seed,
         "versions": {"moelens": "synthetic"},
         "timings": {},
+        "tables": schemas_to_json({schema.name: schema for schema in SCHEMAS}),
     }
     return Run(manifest=manifest, tables={name: pd.concat(parts, ignore_index=True) for name, parts in frames.items()})
 

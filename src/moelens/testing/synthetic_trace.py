@@ -28,35 +28,16 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from moelens.analyses.interventions.analysis import SUMMARY_SCHEMA, TABLE_SCHEMA
+from moelens.choices import DEFAULT_WINDOW, DENSE_KNOCKOUT_SITES, MODES, NOISE_SAMPLES, SITES, TOKEN_KINDS
 from moelens.ranges import compact_ranges
 from moelens.results import Run
-from moelens.results.schema import TableSchema, schemas_to_json
+from moelens.results.manifest import SCHEMA_VERSION
+from moelens.results.schema import schemas_to_json
 
 ANALYSIS = "interventions"
-MODES = ("knockout", "restore", "block")
-#: The sites of each mode, in the order the analysis plans them.
-SITES = {
-    "knockout": ("subj", "attn", "last", "router", "moe"),
-    "restore": ("restore_hidden", "restore_mlp", "restore_attn"),
-    "block": ("block_subj", "block_nonsubj", "block_last"),
-}
-#: Knockout sites every model has; MoE models add router and moe.
-DENSE_KNOCKOUT_SITES = ("subj", "attn", "last")
-#: ROME's token groups, in ROME's order.
-TOKEN_KINDS = ("before_subject", "first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
-#: docs/methods.md §7: restore windows are 10 layers wide (ROME), attention knockout windows 9 (Geva et al.).
-DEFAULT_WINDOW = {"restore": 10, "block": 9}
-NOISE_SAMPLES = 10
-
-INTERVENTIONS_SCHEMA = TableSchema("interventions", (
-    ("prompt_id", "int"), ("layer", "int"), ("site", "str"), ("mode", "str"), ("position", "int"),
-    ("token_kind", "str"), ("jsd", "float"), ("target_id", "int"), ("p_target_clean", "float"),
-    ("p_target", "float"), ("p_target_corrupt", "float"), ("indirect_effect", "float"),
-))
-SUMMARY_SCHEMA = TableSchema("interventions_summary", (
-    ("layer", "int"), ("site", "str"), ("mode", "str"), ("token_kind", "str"), ("measure", "str"),
-    ("mean", "float"), ("std", "float"), ("n", "int"),
-))
+#: The analysis's own tables: the synthetic run is written as the analysis writes one.
+INTERVENTIONS_SCHEMA = TABLE_SCHEMA
 
 
 def _sigmoid(x: float) -> float:
@@ -199,7 +180,7 @@ def synthetic_trace_run(
     unknown = [s for s in sites if s not in SITES[mode]]
     if unknown:
         raise ValueError(f"sites {unknown} are not {mode} sites; {mode} has {SITES[mode]}")
-    window = DEFAULT_WINDOW.get(mode) if window is None else int(window)
+    window = (None if mode == "knockout" else DEFAULT_WINDOW[mode]) if window is None else int(window)
     missing_cells = {(int(layer), str(site)) for layer, site in missing}
     rng = np.random.default_rng(seed)
     table = _rows(mode, layer_list, list(sites), n_prompts, missing_cells, rng)
@@ -216,7 +197,7 @@ def synthetic_trace_run(
     }
     units = [f"P{start:05d}" for start in range(0, n_prompts, 16)]
     manifest = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "analysis": ANALYSIS,
         "label": label or f"{model_name} {mode} L{compact_ranges(layer_list)}",
         "status": "complete",
@@ -224,7 +205,6 @@ def synthetic_trace_run(
         "units": units,
         "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": {"a": model},
-        "model": model,
         "options": options,
         "seed": seed,
         "versions": {"moelens": "synthetic"},

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from moelens.safe_files import check_empty_output
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -74,27 +76,13 @@ def build_tiny_model(family: str, seed: int = 0) -> Any:
     return model.eval()
 
 
-def check_output_directory(out: Path) -> None:
-    """Refuse an ``out`` that exists and holds anything (a lock file aside): writing a checkpoint
-    there would mix its files with another checkpoint's, or overwrite someone's files."""
-    from moelens.errors import OutputExistsError
-    from moelens.locks import LOCK_NAME
-
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory; choose an empty or new --out directory")
-    if any(entry.name != LOCK_NAME for entry in out.iterdir()):
-        raise OutputExistsError(f"{out} exists and is not empty; choose an empty or new --out directory")
-
-
 def build_tiny_checkpoint(spec: TinySpec, out: Path, seed: int = 0) -> Path:
     """Write the tiny checkpoint of ``spec`` into ``out`` (created if missing) and return ``out``.
 
     Raises :class:`~moelens.errors.OutputExistsError`, before anything is written, if ``out``
     exists and is not an empty directory."""
     out = Path(out)
-    check_output_directory(out)
+    check_empty_output(out)
 
     import torch
     from transformers.utils import logging as hf_logging

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, check_stream, option, positive_int, stream_option
-from moelens.choices import DEFAULT_MAX_TOKENS
+from moelens.choices import DEFAULT_DEVICE, DEFAULT_MAX_TOKENS, DEVICE_HELP
 from moelens.errors import ConfigError
 from moelens.ranges import parse_ranges
 
@@ -38,7 +38,7 @@ class CalibrationConfig:
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most (lines in file order, the last sequence cut).")
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer).", parse=parse_ranges, metavar="LIST")
     batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
     dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
     stream: str = stream_option()
 

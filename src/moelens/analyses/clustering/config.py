@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from moelens.analyses.calibration.config import check_texts
 from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, comma_names, is_integer, option, positive_int
-from moelens.choices import DEFAULT_MAX_TOKENS, DISTANCES, EXPORTS, LINKAGES
+from moelens.choices import DEFAULT_DEVICE, DEFAULT_MAX_TOKENS, DEVICE_HELP, DISTANCES, EXPORTS, LINKAGES
 from moelens.errors import ConfigError
 from moelens.ranges import parse_ranges
 
@@ -37,7 +37,7 @@ class ClusteringConfig:
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer, or every layer of the calibration run).", parse=parse_ranges, metavar="LIST")
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most, when calibrating here.")
     batch_tokens: int = option(4096, "Padded tokens per forward pass, when calibrating here.", resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N (calibration).", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP} (calibration).", resumable=True)
     dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
@@ -73,7 +73,7 @@ class MergeCostConfig:
     export: str = option("shared", "Form measured: shared (E experts, members given their cluster's merged weights, as HC-SMoE and MC-SMoE evaluate) or compact (G experts, router rows averaged).")
     permute: str = option("both", "Permutation alignment before averaging: both (each clustering with and without), on or off.")
     batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
     dtype: str = option("auto", "Forward passes in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:

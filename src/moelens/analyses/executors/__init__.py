@@ -18,9 +18,8 @@ from moelens.analyses.executors.base import (
     Session,
     UnitResult,
     compute_unit,
-    executor_from_options,
-    resolve_executor,
 )
+from moelens.analyses.executors.choice import executor_from_options, resolve_executor
 
 
 def __getattr__(name: str):

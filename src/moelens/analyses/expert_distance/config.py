@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from moelens.analyses.fields import as_index_tuple, comma_names, option
-from moelens.choices import POOLS, check_compute_dtype, check_options
+from moelens.choices import DEFAULT_DEVICE, DEFAULT_GAMMA, DEVICE_HELP, POOLS, check_compute_dtype, check_options
 from moelens.errors import ConfigError
 from moelens.module_names import ROLES
 from moelens.ranges import parse_ranges
@@ -25,10 +25,10 @@ class ExpertDistanceConfig:
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer).", parse=parse_ranges, metavar="LIST")
     pairing: str | None = option(None, "base-tuned (expert e of A with e of B; the default with two models) or within (every pair i < j of a layer; the default with one).", kind=str)
     matrices: tuple[str, ...] = option(("gate", "up", "down"), "Expert matrices to compare, e.g. gate,up,down; the 'expert' row pools them.", parse=comma_names, metavar="LIST")
-    gamma: float = option(0.3, "Keep singular values σ_i ≥ γ·σ_1 for sv_align, 0 < γ ≤ 1.")
+    gamma: float = option(DEFAULT_GAMMA, "Keep singular values σ_i ≥ γ·σ_1 for sv_align, 0 < γ ≤ 1.")
     top_sv: int | None = option(None, "Keep a fixed number of singular values instead of cutting at gamma.", kind=int)
     pool: str = option("mean", "sv_align of the whole expert: mean of the matrices' R, or ito (Σ n_m R_m / Σ n_m).")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
     dtype: str = option("float32", "Decompositions in float32 (redone in float64 where a spectrum needs it) or float64.")
     clusters: str | None = option(None, "A clustering run (moelens cluster): pair the experts inside its clusters (pairing hc-smoe or m-smoe) instead.", kind=str, metavar="RUN")
     permute: bool = option(False, "With --clusters: align every member's neurons onto its cluster's dominant expert first (pairing …-permuted).")

@@ -25,8 +25,10 @@ from moelens.analyses.fields import (
 )
 from moelens.choices import (
     ABLATIONS,
+    DEFAULT_DEVICE,
     DEFAULT_SITES,
     DEFAULT_WINDOW,
+    DEVICE_HELP,
     MODES,
     NOISE_DRAWS,
     NOISE_SAMPLES,
@@ -54,7 +56,7 @@ class InterventionsConfig:
     noise_draw: str = option("per-prompt", "restore: per-prompt = each prompt draws its own noise (default); shared = one draw from the seed for every prompt of the same subject length (ROME).", metavar="per-prompt|shared")
     correct_only: bool = option(False, "Skip prompts whose clean top-1 token is not the target's first token (ROME); the count goes to the manifest and the report.")
     batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
     dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
     stream: str = stream_option()
 

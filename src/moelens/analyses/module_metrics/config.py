@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelens.analyses.fields import as_index_tuple, comma_names, option
-from moelens.choices import PAIR_METRICS, SINGLE_METRICS, check_metric_names
+from moelens.choices import DEFAULT_DEVICE, DEVICE_HELP, PAIR_METRICS, SINGLE_METRICS, check_metric_names
 from moelens.errors import ConfigError
 from moelens.ranges import parse_ranges
 
@@ -23,7 +23,7 @@ class ModuleMetricsConfig:
     metrics: tuple[str, ...] | None = option(None, f"Pair metrics: {','.join(PAIR_METRICS)} (default: all, when a second model or a base is given).", parse=comma_names, metavar="LIST")
     single: tuple[str, ...] | None = option(None, f"Single-model metrics: {','.join(SINGLE_METRICS)} (default: all).", parse=comma_names, metavar="LIST")
     tol: float = option(1e-3, "changed_frac counts entries with |A − B| > tol·std(A).")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))

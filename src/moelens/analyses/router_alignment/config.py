@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moelens.analyses.fields import as_index_tuple, check_seed, is_integer, option
+from moelens.choices import DEFAULT_DEVICE, DEVICE_HELP, check_compute_dtype
 from moelens.choices import SPECTRAL_METHODS as METHODS
-from moelens.choices import check_compute_dtype
 from moelens.errors import ConfigError
 from moelens.module_names import ROLES
 from moelens.ranges import parse_ranges
@@ -40,7 +40,7 @@ class RouterAlignmentConfig:
     shuffles: int = option(200, "Permutations per k for --null shuffle-sampled.")
     seed: int = option(0, "Seed of every random draw (≥ 0); shuffle-sampled restarts it in every layer, as GaleMoE's runs do.")
     method: str = option("eigh", "eigh (Gram eigendecomposition) or svd (slower; reproduces GaleMoE's z to 3e-6).")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
     dtype: str = option("float32", "Arithmetic: float32 or float64.")
     p_draws: int = option(MIN_P_DRAWS, "Monte Carlo draws of the layer permutation test when E > 8.")
     cache: bool | None = option(None, "Keep spectra on disk, keyed by tensor content, and reuse them (a basis is d·min(F,d)·4 bytes per expert: 16 GiB per matrix for Mixtral-8x7B).", kind=bool, resumable=True)

@@ -217,20 +217,6 @@ def summarise(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return out[SUMMARY_SCHEMA.column_names]
 
 
-def headline(table: pd.DataFrame) -> dict[int, tuple[float, float, float]]:
-    """Per k: (a, b, a / b), a and b the mean |routed_before − routed_after| of project_out and of
-    random over every layer, expert (and sample): how many times more removing the aligned part
-    moves routing to its expert than removing a random part of equal norm (NaN where b = 0)."""
-    t = table.assign(change=(table["routed_before"] - table["routed_after"]).abs())
-    out = {}
-    for k in sorted(set(t.loc[t["edit"] == "project_out", "k"])):
-        po = float(t[(t["edit"] == "project_out") & (t["k"] == k)]["change"].mean())
-        rnd = float(t[(t["edit"] == "random") & (t["k"] == k)]["change"].mean())
-        if rnd == rnd:
-            out[int(k)] = (po, rnd, po / rnd if rnd > 0 else float("nan"))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # The analysis
 # ----------------------------------------------------------------------------------------------
@@ -438,4 +424,4 @@ def router_edits(
 
 
 __all__ = ["ANALYSIS", "MIGRATION_SCHEMA", "RouterEdits", "RouterEditsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "edit_rows",
-           "headline", "random_basis", "read_prompt_texts", "router_edits", "sign_flip_p", "summarise", "top_directions"]
+           "random_basis", "read_prompt_texts", "router_edits", "sign_flip_p", "summarise", "top_directions"]

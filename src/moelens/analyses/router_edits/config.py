@@ -19,6 +19,7 @@ from moelens.analyses.fields import (
     option,
     positive_int,
 )
+from moelens.choices import DEFAULT_DEVICE, DEVICE_HELP
 from moelens.errors import ConfigError
 from moelens.module_names import ROLES
 from moelens.ranges import parse_ranges
@@ -72,7 +73,7 @@ class RouterEditsConfig:
     samples: int = option(5, "random: subspaces drawn per (layer, expert, k).")
     seed: int = option(0, "Seed of the random subspaces (each drawn from seed, layer, expert, k and sample).")
     batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
     dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from moelens.checkpoint.families.base import FlatExperts, StandardFamily, check_finite, positive_int
+from moelens.checkpoint.families.base import StandardFamily, positive_int
+from moelens.checkpoint.families.layouts import FlatExperts, check_finite
 from moelens.checkpoint.registry import register
 from moelens.errors import CheckpointFormatError
 

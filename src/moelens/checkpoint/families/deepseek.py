@@ -23,7 +23,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from moelens.checkpoint.families.base import PerExpert, StandardFamily
+from moelens.checkpoint.families.base import StandardFamily
+from moelens.checkpoint.families.layouts import PerExpert
 from moelens.checkpoint.families.qwen import QWEN_EXPERT_LAYOUTS
 from moelens.checkpoint.registry import register
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moelens.checkpoint.families.base import FusedGateUp, StandardFamily
+from moelens.checkpoint.families.base import StandardFamily
+from moelens.checkpoint.families.layouts import FusedGateUp
 from moelens.checkpoint.registry import register
 from moelens.checkpoint.store import INDEX_NAME, TensorStore, quantize_mxfp4
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from moelens.checkpoint.families.base import FusedGateUp, StandardFamily, check_finite, positive_int, shape_problem
-from moelens.checkpoint.model import ExpertWeights
+from moelens.checkpoint.families.base import StandardFamily, positive_int
+from moelens.checkpoint.families.layouts import FusedGateUp, check_finite, shape_problem
 from moelens.checkpoint.registry import register
+from moelens.checkpoint.weights import ExpertWeights
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed
     import torch

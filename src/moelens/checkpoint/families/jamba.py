@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from moelens.checkpoint.families.base import FusedGateUp, PerExpert, StandardFamily
+from moelens.checkpoint.families.base import StandardFamily
+from moelens.checkpoint.families.layouts import FusedGateUp, PerExpert
 from moelens.checkpoint.registry import register
 
 

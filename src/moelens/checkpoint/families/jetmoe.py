@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moelens.checkpoint.families.base import FusedGateUp, StandardFamily, check_finite
+from moelens.checkpoint.families.base import StandardFamily
+from moelens.checkpoint.families.layouts import FusedGateUp, check_finite
 from moelens.checkpoint.registry import register
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed

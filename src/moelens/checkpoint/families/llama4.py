@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from moelens.checkpoint.families.base import FusedGateUp, PerExpert, StandardFamily
+from moelens.checkpoint.families.base import StandardFamily
+from moelens.checkpoint.families.layouts import FusedGateUp, PerExpert
 from moelens.checkpoint.registry import register
 from moelens.checkpoint.store import TensorStore
 

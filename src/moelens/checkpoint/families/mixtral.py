@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moelens.checkpoint.families.base import FusedGateUp, PerExpert, StandardFamily
+from moelens.checkpoint.families.base import StandardFamily
+from moelens.checkpoint.families.layouts import FusedGateUp, PerExpert
 from moelens.checkpoint.registry import register
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not when a family is listed

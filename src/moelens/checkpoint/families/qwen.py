@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from moelens.checkpoint.families.base import FusedGateUp, PerExpert, StandardFamily
+from moelens.checkpoint.families.base import StandardFamily
+from moelens.checkpoint.families.layouts import FusedGateUp, PerExpert
 from moelens.checkpoint.registry import register
 
 QWEN_EXPERT_LAYOUTS = (

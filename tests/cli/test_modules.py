@@ -19,9 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import moelens as ml
+from tests.analyses.synthetic import write_shape_variants
 from tests.cli.helpers import run_cases
-
-from .synthetic import write_shape_variants
 
 pytestmark = pytest.mark.slow  # one process of its own: about 5 s of imports
 

@@ -1,4 +1,4 @@
-"""The tables of an alignment report, as formatted text cells (the template only lays them out).
+"""The tables of the router–expert alignment section, as formatted text cells (:mod:`moelens.report.cells`).
 
 Numbers print with 6 decimals, as in the seed report. A value that does not exist prints as
 an empty cell: cos²θ at k ≠ 1 (it is a k = 1 quantity, not 0), and z where σ = 0 (at k = d
@@ -8,7 +8,7 @@ every energy is 1, so z is undefined); the table's note says which.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -16,38 +16,7 @@ import pandas as pd
 
 from moelens.figures.alignment_data import NULL_DESCRIPTIONS, AlignmentView
 from moelens.ranges import compact_ranges
-
-
-@dataclass(frozen=True)
-class Cell:
-    text: str
-    css: str = "num"
-    title: Optional[str] = None
-
-
-@dataclass
-class Table:
-    """Headers, rows of cells, an optional caption and note (both plain text)."""
-
-    headers: list[str]
-    rows: list[list[Cell]] = field(default_factory=list)
-    caption: str = ""
-    note: str = ""
-
-
-def number(value: Any, digits: int = 6) -> Cell:
-    """A number with ``digits`` decimals; empty for a missing or undefined value."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)) or pd.isna(value):
-        return Cell("", "num empty")
-    return Cell(f"{float(value):.{digits}f}")
-
-
-def integer(value: Any) -> Cell:
-    return Cell(str(int(value)))
-
-
-def text(value: Any) -> Cell:
-    return Cell("" if value is None else str(value), "text")
+from moelens.report.cells import Cell, Table, integer, number, settings_table, text
 
 
 def _mean_by_k(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -105,8 +74,6 @@ def cos_squared_stats(view: AlignmentView) -> Optional[CosSquaredStats]:
 def permutation_table(view: AlignmentView, by_layer: bool) -> Table:
     """The z of the run's null (mean over experts) beside the layer permutation test, per k (and layer)."""
     layers = view.layers
-    if "z_vs_shuffle" not in layers.columns:
-        layers = layers.merge(view.per_layer("z_vs_shuffle"), on=["layer", "k"], how="left")
     if by_layer or not view.multi_layer:
         table = Table(headers=(["layer"] if view.multi_layer else []) + ["k", "mean z_vs_shuffle", "z_layer", "p_layer", "argmax accuracy"])
         for _, row in layers.sort_values(["layer", "k"]).iterrows():
@@ -125,8 +92,7 @@ def permutation_table(view: AlignmentView, by_layer: bool) -> Table:
 
 
 #: Per-expert columns of the detailed tables, in this order, where the run has them.
-DETAIL_COLUMNS = ("align", "random_expect_k_over_d", "effect_over_random", "delta_vs_shuffle", "z_vs_shuffle",
-                  "delta_vs_derangement", "z_vs_derangement", "margin")
+DETAIL_COLUMNS = ("align", "random_expect_k_over_d", "effect_over_random", "delta_vs_shuffle", "z_vs_shuffle", "margin")
 
 
 @dataclass
@@ -138,19 +104,11 @@ class KDetail:
 
 def detail_by_k(view: AlignmentView) -> list[KDetail]:
     """One per-expert table per k, headed by the null's μ, σ and the layer test."""
-    experts = view.experts
-    if "random_expect_k_over_d" not in experts.columns:
-        experts = experts.assign(random_expect_k_over_d=experts["k"] / view.hidden_size)
-    columns = [c for c in DETAIL_COLUMNS if c in experts.columns]
-    has_hit = "argmax_hit" in experts.columns
     out = []
-    for k, rows in experts.groupby("k", sort=True):
-        headers = (["layer"] if view.multi_layer else []) + ["expert", *columns] + (["argmax = own expert"] if has_hit else [])
-        table = Table(headers=headers)
+    for k, rows in view.experts.groupby("k", sort=True):
+        table = Table(headers=(["layer"] if view.multi_layer else []) + ["expert", *DETAIL_COLUMNS])
         for _, row in rows.sort_values(["layer", "expert"]).iterrows():
-            cells = ([integer(row["layer"])] if view.multi_layer else []) + [integer(row["expert"])] + [number(row[c]) for c in columns]
-            if has_hit:
-                cells.append(Cell("yes" if bool(row["argmax_hit"]) else "no", "text"))
+            cells = ([integer(row["layer"])] if view.multi_layer else []) + [integer(row["expert"])] + [number(row[c]) for c in DETAIL_COLUMNS]
             table.rows.append(cells)
         stats = view.layers[view.layers["k"] == k]
         parts = [f"mean align {rows['align'].mean():.6f}", f"null μ {stats['shuffle_mean'].mean():.6f}", f"σ {stats['shuffle_std'].mean():.6f}"]
@@ -172,7 +130,7 @@ def _short_hash(files: Any) -> str:
 def setup_table(view: AlignmentView) -> Table:
     """What the run is: model, layers, matrix, method, k list, null, shuffles, seed, experts, date."""
     manifest, options = view.manifest, view.options
-    model = manifest.get("model", {}) or {}
+    model = view.run.model
     versions = manifest.get("versions", {}) or {}
     ks = options.get("k") or view.ks
     items = [
@@ -191,16 +149,12 @@ def setup_table(view: AlignmentView) -> Table:
         ("hidden size d", view.hidden_size),
         ("expert FFN F", model.get("expert_ffn", "")),
         ("status", manifest.get("status", "")),
-        ("date", manifest.get("created") or manifest.get("date") or ""),
+        ("date", manifest.get("created") or ""),
         ("moelens version", versions.get("moelens", "")),
         ("input files", _short_hash(model.get("files"))),
         ("run directory", str(view.run.path) if view.run.path else ""),
     ]
-    table = Table(headers=["setting", "value"])
-    for key, value in items:
-        if value not in ("", None):
-            table.rows.append([Cell(key, "key"), text(value)])
-    return table
+    return settings_table(items, skip_empty=True)
 
 
 def runs_overview(views: Sequence[AlignmentView]) -> Table:

@@ -1,0 +1,46 @@
+"""Names are declared once, at the bottom (:mod:`moelens.choices`, the figure catalog), and every
+place that shows them labels exactly those names: no label for a name that does not exist, no
+name shown without its label, and every figure explained in the report under its catalog title."""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+
+from moelens import choices
+from moelens.figures.catalog import FIGURES
+
+
+def test_every_intervention_site_and_token_kind_has_its_label():
+    from moelens.figures.trace import SITE_LABELS, TOKEN_KIND_LABELS
+    from moelens.report.trace_report import ABLATION_NAMES, HEADLINE_MODES, MODE_NAMES, SITE_ACTIONS
+
+    every_site = {site for sites in choices.SITES.values() for site in sites}
+    assert set(choices.SITES) == set(choices.MODES) == set(MODE_NAMES) == set(HEADLINE_MODES)
+    assert set(SITE_LABELS) == set(SITE_ACTIONS) == every_site
+    assert set(choices.DEFAULT_SITES["knockout"]) <= set(choices.KNOCKOUT_SITES)
+    assert tuple(TOKEN_KIND_LABELS) == choices.TOKEN_KINDS
+    assert set(ABLATION_NAMES) == set(choices.ABLATIONS)
+
+
+def test_every_figure_has_a_title_and_an_explanation_under_it():
+    """The report's explanations (one template, one macro per analysis) hold one ``explain-NAME``
+    part per figure of the catalog, headed by the figure's catalog title."""
+    from moelens.report.sections import SECTION_BUILDERS
+
+    text = (files("moelens.report") / "templates" / "explanations.html").read_text(encoding="utf-8")
+    explained = re.findall(r'<section id="explain-(\w+)">\n<h3>\{\{ explain_title\("(\w+)"\) \}\}</h3>', text)
+    assert all(name == titled for name, titled in explained)
+    assert sorted(name for name, _ in explained) == sorted(FIGURES)
+    assert all(entry.title and entry.analysis in SECTION_BUILDERS for entry in FIGURES.values())
+    assert set(re.findall(r"\{% macro (\w+)\(", text)) == set(SECTION_BUILDERS)
+
+
+def test_the_defaults_shared_by_many_layers_are_the_bottom_ones():
+    import inspect
+
+    from moelens.metrics.expert_distance import role_distances
+
+    defaults = inspect.signature(role_distances).parameters
+    assert defaults["gamma"].default == choices.DEFAULT_GAMMA
+    assert defaults["device"].default == choices.DEFAULT_DEVICE
