@@ -14,11 +14,12 @@ the next unfinished unit), then :meth:`Calibration.assemble` adds the shards of 
 (rows concatenated in token order, features summed) into the run's ``matrices/`` directory
 (:mod:`moelens.calibration.store`), and :meth:`Calibration.finish` derives the tables from them.
 
-Shards and tolerance: rows, top-k and counts do not depend on the shards; the features are a
-float64 sum of float32 per-chunk sums, so another split changes them only by the order of
-summation (≤ :data:`SHARD_RTOL` relative to a feature's norm, tested), and router logits of a
-token by the float32 rounding of another batch composition. The same shards give the same bits
-on either executor.
+Shards and tolerance: the tokens, their order and their top-k do not depend on the shards; a
+token's router logits and block input change by the float32 rounding of another batch
+composition, and the features are float64 sums of float32 per-chunk sums taken in another order.
+So another split changes the features by at most :data:`SHARD_RTOL` of a feature's norm (measured
+≤ 1e-7 on the tests' model with shards of 13 to 100 tokens; logits ≤ 2e-6) and nothing else;
+the same shards give the same bits on either executor.
 
 >>> run = calibrate("zoo/base", "zoo/calibration.txt", out="runs/calibration")
 >>> run["calibration_usage"]                  # layer, expert, count, frequency, …
@@ -73,7 +74,7 @@ CALIBRATED = ("calibration", "clustering")
 #: What a calibration unit returns: its matrices' rows and shares, its counts and routing source.
 UNIT_ARRAYS = ("features", "router_logits", "topk", "counts", "routing")
 #: Features of two splits of the same tokens into shards agree within this, relative to the
-#: feature's norm (float64 sums of float32 chunk sums, in another order; tested).
+#: feature's norm (float32 rounding of other batches and chunk sums; tested).
 SHARD_RTOL = 1e-6
 
 
