@@ -272,7 +272,7 @@ class CalibrationRun(Run):
 
     @classmethod
     def of(cls, run: Run, matrices: MatrixStore) -> "CalibrationRun":
-        out = cls(manifest=run.manifest, tables=run.tables, path=run.path)
+        out = cls(manifest=run.manifest, tables=run.tables, path=run.path, arrays=run.arrays)
         out.matrices = matrices
         return out
 

@@ -51,10 +51,10 @@ from moelens.analyses.calibration.analysis import (
     load_calibration,
     plan_calibration,
 )
-from moelens.analyses.executors import Executor
 from moelens.analyses.calibration.tables import LAYERS_SCHEMA, TOKENS_SCHEMA, USAGE_SCHEMA, token_rows
 from moelens.analyses.clustering.config import BUDGETS, METHODS, ClusteringConfig
 from moelens.analyses.clustering.tables import CLUSTER_LAYERS_SCHEMA, CLUSTERS_SCHEMA, cluster_rows, layer_summary
+from moelens.analyses.executors import Executor
 from moelens.analyses.runner import run_analysis
 from moelens.calibration.store import MATRICES, MatrixStore, layer_key
 from moelens.calibration.texts import DEFAULT_MAX_TOKENS

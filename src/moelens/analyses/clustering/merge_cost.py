@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from moelens.analyses.base import Analysis, Plan, Unit, UnitContext
-from moelens.analyses.executors import Executor
 from moelens.analyses.calibration.analysis import forward_dtype
 from moelens.analyses.clustering.config import MergeCostConfig
+from moelens.analyses.executors import Executor
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError

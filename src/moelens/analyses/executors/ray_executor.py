@@ -119,8 +119,14 @@ class RemoteJob:
 _WORKER_PLANS: dict[str, Plan] = {}
 
 
+#: Config fields that name files or run directories (texts, prompts, facts, clustering and
+#: calibration runs, the spectrum cache): the only ones :func:`absolute_paths` touches, so that a
+#: value like ``cpu`` stays what it is even beside a folder of that name.
+PATH_FIELDS = frozenset({"texts", "calibration", "clusters", "facts", "prompts", "cache_dir"})
+
+
 def absolute_paths(config: Any) -> Any:
-    """``config`` with every relative path it names (a field holding the path of an existing
+    """``config`` with every relative path of its :data:`PATH_FIELDS` (the path of an existing
     file or directory, or a tuple of them) made absolute: a worker process need not share the
     driver's working directory. Other values are left as they are."""
     if not dataclasses.is_dataclass(config):
@@ -133,6 +139,8 @@ def absolute_paths(config: Any) -> Any:
 
     changes = {}
     for f in dataclasses.fields(config):
+        if f.name not in PATH_FIELDS:
+            continue
         value = getattr(config, f.name)
         if isinstance(value, str):
             new = fix(value)

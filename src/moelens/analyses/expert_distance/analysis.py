@@ -32,7 +32,6 @@ from moelens.analyses.base import (
     Unit,
     UnitContext,
     chosen_layers,
-    layer_unit_key,
     layer_units,
 )
 from moelens.analyses.executors import Executor

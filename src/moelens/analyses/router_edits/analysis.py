@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.executors import Executor
 from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units, stream_seed
+from moelens.analyses.executors import Executor
 from moelens.analyses.router_edits.config import DEFAULT_K, EDITS_WITH_K, RouterEditsConfig
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
