@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -245,7 +246,9 @@ def test_a_killed_run_resumes_and_reads_back_with_its_matrices(run, lm_dir, text
     with pytest.raises(Killed):
         calibrate(lm_dir, text, out=out, progress=kill)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["completed_units"] == ["L00000"] and (out / "matrices" / "L00000" / "features.npy").is_file()
+    # a finished unit's arrays are kept with its parts; the run's matrices are assembled at the end
+    assert manifest["completed_units"] == ["L00000"] and (out / "parts" / "L00000" / "features.npy").is_file()
+    assert not (out / "matrices").exists()
     resumed = calibrate(lm_dir, text, out=out)
     loaded = load_calibration(out)
     for name in run.tables:
@@ -268,3 +271,26 @@ def test_calibration_on_cuda_equals_the_cpu(run, lm_dir, text):
     bf16 = calibrate(lm_dir, text, device="cuda", dtype="bfloat16", layers=[0])  # the checkpoint dtype a real model runs in
     assert bf16.manifest["options"]["dtype"] == "bfloat16"
     np.testing.assert_allclose(bf16.features(0), run.features(0), rtol=0.05, atol=0.05 * np.abs(run.features(0)).max())
+
+
+def test_shards_add_up_to_the_whole_layer_within_float32_summation_order(run, lm_dir, text):
+    """The same tokens split into shards of whole sequences: identical rows, top-k and counts;
+    features (float64 sums of float32 chunk sums, added in another order) within SHARD_RTOL of
+    each feature's norm; router logits within float32 rounding of another batch."""
+    from moelens.analyses.calibration.analysis import SHARD_RTOL
+
+    sharded = calibrate(lm_dir, text, shard_tokens=50)
+    assert sharded.manifest["units"][:2] == ["L00000S00000", "L00000S00001"] and len(sharded.manifest["units"]) > 4
+    assert sharded.manifest["options"]["shard_tokens"] == 50 and "completed_layers" not in sharded.manifest
+    for layer in run.layers:
+        assert np.array_equal(sharded.topk(layer), run.topk(layer))
+        np.testing.assert_allclose(sharded.router_logits(layer), run.router_logits(layer), rtol=0, atol=1e-5)
+        whole = run.features(layer)
+        scale = np.linalg.norm(whole, axis=1, keepdims=True)
+        assert (np.abs(sharded.features(layer) - whole) <= SHARD_RTOL * scale).all()
+    for name in ("calibration_layers", "calibration_tokens"):
+        pd.testing.assert_frame_equal(sharded[name], run[name])
+    usage, whole_usage = sharded["calibration_usage"], run["calibration_usage"]
+    assert usage[["layer", "expert", "count"]].equals(whole_usage[["layer", "expert", "count"]])
+    np.testing.assert_array_equal(usage["frequency"], whole_usage["frequency"])
+    np.testing.assert_allclose(usage["feature_norm"], whole_usage["feature_norm"], rtol=SHARD_RTOL)

@@ -11,7 +11,7 @@ import pytest
 
 import moelens as ml
 from moelens.analyses import ANALYSES, get_analysis, run_analysis
-from moelens.analyses.base import unit_seed
+from moelens.analyses.base import config_seed
 from moelens.errors import RunDirectoryError
 from moelens.locks import DirectoryLock
 from moelens.results.manifest import SCHEMA_VERSION, read_manifest
@@ -189,9 +189,9 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_directory(case, tm
     run_analysis(analysis, models, config, out=out)  # free again once the holder is gone
 
 
-def test_unit_seeds_depend_on_the_unit_key_only(case):
+def test_every_unit_carries_the_seed_of_its_run(case):
+    """docs/methods.md "Seeds": a unit's seed is the config's (0 without one); what a compute draws
+    from it is tested per analysis in test_unit_seeds.py."""
     analysis, models, config = case
     plan = analysis.plan(models, config)
-    seed = getattr(config, "seed", 0)
-    assert [u.seed for u in plan.units] == [unit_seed(seed, u.key) for u in plan.units]
-    assert len({u.seed for u in plan.units}) == len(plan.units)
+    assert plan.units and {u.seed for u in plan.units} == {config_seed(config)}

@@ -1,5 +1,6 @@
-"""The Ray executor on a local cluster of 2 CPUs: the same tables as the local executor (every
-alignment null, expert distance, module metrics), a worker killed mid-run is retried, a run
+"""The Ray executor on a local cluster of 2 CPUs: the same tables as the local executor for every
+analysis (every alignment null, expert distance, module metrics, calibration in shards,
+clustering, merge cost, interventions, router edits), a worker killed mid-run is retried, a run
 interrupted on the driver resumes (on either executor), and a cluster without GPUs refuses
 ``--gpus-per-worker`` before anything is written.
 
@@ -15,12 +16,14 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import moelens as ml
 from moelens.analyses import RouterAlignment, run_analysis
+from moelens.analyses.calibration.analysis import Calibration, load_calibration
 from moelens.analyses.executors import RayExecutor
 
 from .synthetic import random_layers, write_from_tensors
@@ -60,17 +63,17 @@ def two_workers(**kwargs) -> RayExecutor:
 
 
 def assert_same_tables(local: ml.Run, remote: ml.Run) -> None:
-    assert list(local.tables) == list(remote.tables)
+    assert sorted(local.tables) == sorted(remote.tables)  # (a run read back from disk lists them by name)
     for name in local.tables:
         pd.testing.assert_frame_equal(
             local[name].reset_index(drop=True), remote[name].reset_index(drop=True), check_exact=False, rtol=TOL, atol=TOL, obj=name,
         )
 
 
-def assert_ran_on_ray(run: ml.Run, workers: int = 2) -> dict:
+def assert_ran_on_ray(run: ml.Run, workers: int = 2, devices: tuple[str, ...] = ("cpu",)) -> dict:
     info = run.manifest["executor"]
     assert info["name"] == "ray" and info["workers"] == workers and info["threads"] == 1
-    assert info["devices"] == ["cpu"] and info["cluster"]["CPU"] == 2
+    assert info["devices"] == list(devices) and info["cluster"]["CPU"] == 2
     # the units really ran in other processes, each of which reports its memory
     assert info["peak_rss_mib"] and all(not w.endswith(f":{os.getpid()}") for w in info["peak_rss_mib"])
     return info
@@ -219,3 +222,145 @@ def test_distance_within_clusters_equals_the_local_run(tmp_path, permute):
     assert_same_tables(local, remote)
     assert_ran_on_ray(remote)
     assert remote.manifest["options"]["pairing"] == ("hc-smoe-permuted" if permute else "hc-smoe")
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward-pass analyses: calibration in shards, clustering, merge cost, interventions, router
+# edits, on the clustering tests' tiny model (2 layers, 8 experts), the Ray runs on this module's
+# cluster. Ray and local run the same units with one thread each, so their tables agree bit for bit
+# in practice; TOL is what is asserted.
+# ----------------------------------------------------------------------------------------------
+SHARD_TOKENS = 60  # the 174 calibration tokens in 4 shards per layer
+
+
+def assert_same_matrices(local, remote) -> None:
+    assert local.layers == remote.layers
+    for layer in local.layers:
+        for name in ("features", "router_logits", "topk"):
+            a, b = getattr(local, name)(layer), getattr(remote, name)(layer)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=TOL, atol=TOL, err_msg=f"{name} of layer {layer}")
+
+
+@pytest.fixture(scope="module")
+def calibrated(lm_dir, lm_files, tmp_path_factory):
+    """The same sharded calibration locally (in memory) and on Ray (into a run directory)."""
+    out = tmp_path_factory.mktemp("ray-calibration") / "run"
+    local = ml.calibrate(lm_dir, lm_files["text"], shard_tokens=SHARD_TOKENS)
+    remote = ml.calibrate(lm_dir, lm_files["text"], shard_tokens=SHARD_TOKENS, out=out, executor=two_workers())
+    return local, remote, out
+
+
+def test_calibration_in_shards_equals_the_local_run(calibrated):
+    local, remote, out = calibrated
+    assert remote.manifest["units"] == [f"L0000{L}S0000{s}" for L in (0, 1) for s in range(4)]
+    assert_same_tables(local, remote)
+    assert_same_matrices(local, remote)
+    assert_same_matrices(local, load_calibration(out))
+    assert_ran_on_ray(remote)
+    assert not (out / "parts").exists()  # the driver assembled the shards into matrices/ and cleaned up
+
+
+@pytest.mark.parametrize("method", ["hc-smoe", "m-smoe"])
+def test_clustering_equals_the_local_run_calibrating_or_reusing_a_calibration(calibrated, lm_dir, lm_files, method, tmp_path):
+    _, _, calibration = calibrated
+    kwargs = dict(method=method, groups=4, **({"budget": "global"} if method == "m-smoe" else {}))
+    # calibrating itself, in shards
+    local = ml.cluster(lm_dir, lm_files["text"], shard_tokens=SHARD_TOKENS, **kwargs)
+    remote = ml.cluster(lm_dir, lm_files["text"], shard_tokens=SHARD_TOKENS, executor=two_workers(), out=tmp_path / "self", **kwargs)
+    assert_same_tables(local, remote)
+    assert_same_matrices(local, remote)
+    assert_ran_on_ray(remote)
+    # reusing the calibration run: one clustering unit per layer, each worker reading its matrices
+    local = ml.cluster(lm_dir, str(calibration), **kwargs)
+    remote = ml.cluster(lm_dir, str(calibration), executor=two_workers(), **kwargs)
+    assert remote.manifest["units"] == ["L00000", "L00001"]
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote, devices=())  # clustering a calibration's matrices is NumPy work, on no torch device
+
+
+def test_merge_cost_equals_the_local_run(lm_dir, lm_files, tmp_path):
+    clusters = tmp_path / "clusters"
+    ml.cluster(lm_dir, lm_files["text"], method="hc-smoe", groups=4, out=clusters)
+    kwargs = dict(facts=lm_files["facts"], texts=lm_files["text"], permute="on")
+    local = ml.merge_cost(lm_dir, [str(clusters)], **kwargs)
+    out = tmp_path / "cost"
+    remote = ml.merge_cost(lm_dir, [str(clusters)], out=out, executor=two_workers(), **kwargs)
+    assert remote.manifest["units"] == ["original", "00-hc-smoe-permuted"]
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote)
+    assert not (out / ".moelens-tmp").exists()  # the workers merged into their own temporary folders
+
+
+#: Prompts over the tiny model's vocabulary, a subject in each, one without a target.
+TRACE_PROMPTS = [
+    {"prompt": "the capital of france is", "subject": "france", "target": "paris"},
+    {"prompt": "the capital of italy is", "subject": "italy", "target": "rome"},
+    {"prompt": "a small dog crossed the", "subject": "small dog", "target": "river"},
+    {"prompt": "the quiet city of germany is", "subject": "quiet city"},
+]
+
+
+@pytest.fixture(scope="module")
+def trace_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ray-trace") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in TRACE_PROMPTS))
+    return path
+
+
+@pytest.mark.parametrize("mode, kwargs", [("knockout", {"ablation": "mean"}), ("restore", {"noise_samples": 3, "seed": 7})])
+def test_interventions_equal_the_local_run(lm_dir, trace_prompts, mode, kwargs, monkeypatch):
+    from moelens.analyses.interventions import analysis
+
+    # two groups of prompts, one per worker (the driver plans the groups: the workers compute the units it sends)
+    monkeypatch.setitem(analysis.PROMPTS_PER_UNIT, mode, 2)
+    local = ml.trace(lm_dir, trace_prompts, mode=mode, **kwargs)
+    remote = ml.trace(lm_dir, trace_prompts, mode=mode, executor=two_workers(), **kwargs)
+    assert remote.manifest["units"] == ["P000000", "P000002"]
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote)
+
+
+def test_router_edits_equal_the_local_run(lm_dir, trace_prompts):
+    kwargs = dict(edits="project_out,random", k=[1, 4], experts=[0, 3], samples=2, seed=5)
+    local = ml.router_edits(lm_dir, trace_prompts, **kwargs)
+    remote = ml.router_edits(lm_dir, trace_prompts, executor=two_workers(), **kwargs)
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote)
+
+
+class CalibrationDiesOnce(Calibration):
+    """A calibration whose first attempt at one shard kills its worker process outright."""
+
+    def __init__(self, marker: Path, key: str):
+        self.marker = str(marker)
+        self.key = key
+
+    def compute(self, plan, unit, context):
+        if unit.key == self.key and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().compute(plan, unit, context)
+
+
+def test_a_sharded_calibration_survives_a_dead_worker_and_a_killed_driver(calibrated, lm_dir, lm_files, tmp_path):
+    local, _, _ = calibrated
+    config = ml.CalibrationConfig(texts=str(lm_files["text"]), shard_tokens=SHARD_TOKENS)
+    model = ml.open_model(lm_dir)
+    out = tmp_path / "run"
+
+    def interrupt(event):
+        if event.task == "layers" and event.done == 3 and event.message:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):  # the driver dies after 3 of 8 shards
+        run_analysis(Calibration(), {"a": model}, config, out=out, progress=interrupt, executor=two_workers())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and len(manifest["completed_units"]) == 3
+    marker = tmp_path / "killed"
+    resumed = run_analysis(CalibrationDiesOnce(marker, "L00001S00002"), {"a": model}, config, out=out,
+                           executor=two_workers(max_retries=2))
+    assert marker.is_file() and int(marker.read_text()) != os.getpid()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["executor"]["retries"] == {"L00001S00002": 1}
+    assert_same_tables(local, resumed)
+    assert_same_matrices(local, load_calibration(out))

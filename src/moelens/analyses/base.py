@@ -5,22 +5,33 @@
   (:func:`option`); the API's keyword arguments, the manifest's options and the CLI's options all
   derive from it.
 - :meth:`Analysis.plan` checks the config against the input models and returns a :class:`Plan`: the
-  resolved options and a list of independent :class:`Unit` s (a layer, a pair of layers, a batch of
-  prompts), each with its own seed, so no result depends on the executor or the order of work.
-  Every check of the user's input happens here, before anything is written.
-- :meth:`Analysis.compute` does one unit's pure work and returns tidy tables (no printing; progress
-  through one callback).
-- :meth:`Analysis.finish` derives tables that need every unit (a summary across layers).
+  resolved options and a list of independent :class:`Unit` s (a layer, a shard of one layer's
+  calibration tokens, a group of prompts, a merged variant), each carrying the seed its draws
+  start from, so no result depends on the executor or the order of work. Every check of the
+  user's input happens here, before anything is written.
+- :meth:`Analysis.compute` does one unit's pure work and returns tidy tables and, where the plan
+  declares them (:attr:`Plan.unit_arrays`), NumPy arrays: no printing, no writing, no change to
+  the plan; progress through one callback. So every unit runs on every executor.
+- :meth:`Analysis.assemble` turns the finished units' arrays into the run's own (one at a time);
+  :meth:`Analysis.finish` derives tables that need every unit (a summary across layers, the
+  statistics of a layer whose tokens were split into shards).
 
 The runner (:mod:`moelens.analyses.runner`) does the rest for every analysis alike: manifest,
-one writer per run directory, resume at the next unfinished unit, timings, schemas.
+one writer per run directory (tables and arrays), resume at the next unfinished unit, timings,
+schemas.
+
+Seeds (docs/methods.md, "Seeds"): a unit's :attr:`Unit.seed` is the config's ``seed`` (0 for an
+analysis that draws nothing), and every random draw of a unit starts from it, keyed by what the
+draw is about (layer, matrix, prompt id, expert, k, sample) and never by the unit's key or
+position, so the same numbers come out however the work is split into units (shards, prompt
+groups) and wherever they run. :func:`stream_seed` is the one hash used for such keys.
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,21 +51,32 @@ from moelens.errors import ConfigError
 from moelens.progress import ProgressCallback
 from moelens.results.schema import TableSchema
 
+if TYPE_CHECKING:
+    from moelens.analyses.arrays import RunArrays
+
 # The config helpers (option, the checks) live in the leaf module moelens.analyses.fields, so that
 # configs import neither torch nor pandas; they stay importable from here as before.
 
 
-def unit_seed(seed: int, key: str) -> int:
-    """A unit's own seed, derived from the config's seed and the unit's key (never from its
-    position in the plan), so a unit draws the same numbers in any executor and any order."""
+def stream_seed(seed: int, key: str) -> int:
+    """The seed of one named random stream drawn from ``seed`` (a unit's seed):
+    the first 63 bits of numpy's ``SeedSequence([seed, crc32(key)])``. ``key`` names what is
+    drawn (``"L3E5k8s0"``), never where or in which order it is computed."""
     return int(np.random.SeedSequence([int(seed), zlib.crc32(key.encode())]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def config_seed(config: Any) -> int:
+    """The seed every unit of a run carries: the config's ``seed``, or 0 for a config without
+    one (an analysis that draws nothing)."""
+    return int(getattr(config, "seed", 0) or 0)
 
 
 @dataclass(frozen=True)
 class Unit:
     """One independent piece of work. ``key`` names it in the run directory and the manifest
-    (``"L00005"``); ``layer`` is set when the unit is one layer; ``seed`` is its own seed;
-    ``data`` anything else the analysis planned for it."""
+    (``"L00005"``); ``layer`` is set when the unit belongs to one layer; ``seed`` is the seed
+    every random draw of its computation starts from (see the module docstring); ``data``
+    anything else the analysis planned for it (small and picklable: a Ray task receives it)."""
 
     key: str
     seed: int
@@ -76,6 +98,11 @@ class Plan:
     label: str
     state: Any = None
     notes: list[str] = field(default_factory=list)
+    #: Names of the arrays every unit's :meth:`Analysis.compute` returns beside its tables.
+    unit_arrays: tuple[str, ...] = ()
+    #: Warnings :meth:`Analysis.finish` finds (key, e.g. a layer's ``"L00005"`` -> messages),
+    #: kept in the manifest's ``warnings`` beside the units' own.
+    warnings: dict[str, list[str]] = field(default_factory=dict)
     #: Totals of the units' :meth:`UnitContext.count` s, added up by the runner as units finish
     #: (wherever they ran), for :meth:`Analysis.manifest_extra`.
     counters: dict[str, float] = field(default_factory=dict)
@@ -133,12 +160,25 @@ class Analysis:
     def plan(self, models: Mapping[str, Any], config: Any) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def compute(self, plan: Plan, unit: Unit, context: "UnitContext") -> dict[str, pd.DataFrame]:  # pragma: no cover
+    def compute(self, plan: Plan, unit: Unit, context: "UnitContext") -> dict[str, Any]:  # pragma: no cover
+        """One unit's tables (by schema name) and arrays (by the names of :attr:`Plan.unit_arrays`).
+        Pure: it reads the plan and the unit, writes nothing and changes nothing."""
         raise NotImplementedError
 
-    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-        """Tables that need every unit; none by default."""
+    def assemble(self, plan: Plan, arrays: "RunArrays") -> Iterator[tuple[str, np.ndarray]]:
+        """The run's own arrays from its units' (``arrays.unit(key, name)``), yielded one at a
+        time as (path relative to the run directory, without ``.npy``; array); none by default."""
+        return iter(())
+
+    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame], arrays: "RunArrays | None" = None) -> dict[str, pd.DataFrame]:
+        """Tables that need every unit; none by default. ``arrays`` (given when the plan declares
+        unit arrays) reads the units' arrays and what :meth:`assemble` yielded."""
         return {}
+
+    def for_workers(self) -> "Analysis":
+        """The analysis as a remote worker runs it (an executor sends this copy): itself, unless
+        it holds something that only makes sense in the driver's process."""
+        return self
 
     def manifest_extra(self, plan: Plan) -> dict[str, Any]:
         """Anything else the manifest should record once the run is complete."""
@@ -178,7 +218,13 @@ def layer_unit_key(layer: int) -> str:
     return f"L{int(layer):05d}"
 
 
+def layer_units(layers: Sequence[int], seed: int = 0) -> list[Unit]:
+    """One unit per layer, keyed ``L00005``, each carrying ``seed``."""
+    return [Unit(key=layer_unit_key(L), seed=int(seed), layer=int(L)) for L in layers]
+
+
 __all__ = [
     "FORWARD_DTYPES", "Analysis", "MAX_SEED", "Plan", "Unit", "UnitContext", "as_index_tuple", "check_seed", "chosen_layers", "config_fields", "config_options",
-    "jsonable", "layer_unit_key", "make_config", "option", "positive_int", "resumable_fields", "unit_seed",
+    "config_seed", "jsonable", "layer_unit_key", "layer_units", "make_config", "option", "positive_int", "resumable_fields",
+    "stream_seed",
 ]

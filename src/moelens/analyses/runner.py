@@ -4,13 +4,15 @@ A run directory while an analysis runs::
 
     DIR/manifest.json               status "running", completed_units, options, inputs, timings
     DIR/parts/<unit>/<table>.parquet  each finished unit's tables, written atomically
+    DIR/parts/<unit>/<array>.npy      and its arrays, where its plan declares some
     DIR/.moelens.lock               held (flock) by the one process writing DIR
 
 A unit's part files are written first and only then is the unit added to ``completed_units``, so a
 run killed at any moment leaves whole units only. On resume, a completed unit is skipped and any
 other is computed again (its leftovers removed), so nothing is lost or counted twice. When every
-unit is done the parts are concatenated in plan order into ``DIR/<table>.parquet``, the derived
-tables are added, the manifest says ``"complete"`` and the parts are removed.
+unit is done the parts are concatenated in plan order into ``DIR/<table>.parquet``, the units'
+arrays are assembled into the run's own (``DIR/<path>.npy``, :mod:`moelens.analyses.arrays`), the
+derived tables are added, the manifest says ``"complete"`` and the parts are removed.
 
 Resuming checks that the directory holds the same analysis with the same options (fields marked
 ``resumable``, like the device, aside) and the same input files. Large weight files are
@@ -38,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, resumable_fields
+from moelens.analyses.arrays import ArrayStore, RunArrays, checked_arrays, write_all
+from moelens.analyses.base import Analysis, Plan, Unit, layer_unit_key, resumable_fields
 from moelens.checkpoint.store import is_sampled
 from moelens.errors import MoelensError, RunDirectoryError
 from moelens.progress import ProgressCallback
@@ -86,6 +89,12 @@ def new_manifest(analysis: Analysis, models: Mapping[str, Any], plan: Plan) -> d
     if plan.notes:
         manifest["notes"] = list(plan.notes)
     return manifest
+
+
+def whole_layer_units(units: list[Unit]) -> bool:
+    """Whether every unit is one whole layer (keyed ``L00005``): the manifest then also lists
+    ``completed_layers``, as it did before units had keys."""
+    return all(u.layer is not None and u.key == layer_unit_key(u.layer) for u in units)
 
 
 def reads_by_input(reads: Mapping[str, Mapping[str, str]], models: Mapping[str, Any]) -> dict[str, dict[str, str]]:
@@ -138,8 +147,12 @@ class RunDirectory:
     """One analysis streaming its units into ``path``, the only writer while it is open."""
 
     def __init__(self, path: str | os.PathLike[str], analysis: Analysis, manifest: dict[str, Any],
-                 models: Mapping[str, Any] | None = None):
+                 models: Mapping[str, Any] | None = None, arrays: tuple[str, ...] = ()):
         self.path = Path(path)
+        #: names of the arrays every unit returns (kept as parts/<unit>/<name>.npy)
+        self.arrays = tuple(arrays)
+        self.parts = ArrayStore(self.path / PARTS, guard=self.path)
+        self.run_arrays = ArrayStore(self.path)
         self.models = dict(models or {})
         self.analysis = analysis
         self.manifest = dict(manifest)
@@ -229,6 +242,7 @@ class RunDirectory:
         self.completed = [
             k for k in done
             if k in wanted and all((self._part(k) / f"{t}.parquet").is_file() for t in self._unit_table_names())
+            and all(self.parts.has(f"{k}/{a}") for a in self.arrays)
         ]
         self._remove_unfinished_parts()
         self._mark_running()
@@ -308,13 +322,15 @@ class RunDirectory:
         self.manifest["completed_units"] = list(self.completed)
 
     def write_unit(self, unit: Unit, tables: Mapping[str, pd.DataFrame], seconds: float, warnings: list[str],
-                   reads: Mapping[str, Mapping[str, str]] | None = None) -> None:
-        """Persist one finished unit: part files first, then the manifest entry (with the digests
-        of what it read, input -> read key -> digest)."""
+                   reads: Mapping[str, Mapping[str, str]] | None = None, arrays: Mapping[str, Any] | None = None) -> None:
+        """Persist one finished unit: part files (tables, then arrays) first, then the manifest
+        entry (with the digests of what it read, input -> read key -> digest)."""
         merge_reads(self.manifest, reads or {}, str(self.path))
         part = self._part(unit.key)
         for name in self._unit_table_names():
             write_table(part / f"{name}.parquet", tables[name], root=self.path)
+        for name in self.arrays:
+            self.parts.write(f"{unit.key}/{name}", (arrays or {})[name])
         if unit.key not in self.completed:
             self.completed.append(unit.key)
         self._set_completed()
@@ -343,9 +359,10 @@ class RunDirectory:
         if not_done:
             raise RunDirectoryError(f"{self.path}: units {not_done} are not finished; run the analysis again to resume")
         tables = self.read_units(plan.units)
-        tables.update(_checked(self.analysis, self.analysis.finish(plan, tables), derived=True, where=str(self.path)))
+        tables.update(_finished(self.analysis, plan, tables, self.parts, self.run_arrays, str(self.path)))
         for name in self.schemas:
             write_table(self.path / f"{name}.parquet", tables[name], root=self.path)
+        _add_warnings(self.manifest, plan)
         self.manifest.update(extra)
         self.manifest["status"] = "complete"
         self._write_manifest()
@@ -365,6 +382,26 @@ def _checked(analysis: Analysis, tables: Mapping[str, pd.DataFrame], derived: bo
     return out
 
 
+def _finished(analysis: Analysis, plan: Plan, tables: dict[str, pd.DataFrame], units: ArrayStore, store: ArrayStore,
+              where: str) -> dict[str, pd.DataFrame]:
+    """The run's arrays assembled from its units' (written one at a time into ``store``), then
+    the derived tables (which may read both)."""
+    if plan.unit_arrays:
+        arrays = RunArrays(units, store)
+        write_all(store, analysis.assemble(plan, arrays))
+        derived = analysis.finish(plan, tables, arrays)
+    else:
+        derived = analysis.finish(plan, tables)
+    return _checked(analysis, derived, derived=True, where=where)
+
+
+def _add_warnings(manifest: dict[str, Any], plan: Plan) -> None:
+    """The warnings :meth:`Analysis.finish` found, beside the units' own."""
+    for key, messages in plan.warnings.items():
+        mine = manifest.setdefault("warnings", {}).setdefault(key, [])
+        mine.extend(m for m in messages if m not in mine)
+
+
 @contextlib.contextmanager
 def _removed_if_nothing_done(directory: RunDirectory, made_here: bool) -> Iterator[None]:
     """A directory this call created is removed again when bad input found at run time (overflowing
@@ -380,7 +417,7 @@ def _removed_if_nothing_done(directory: RunDirectory, made_here: bool) -> Iterat
 
 
 def _unit_name(unit: Unit) -> str:
-    return f"layer {unit.layer}" if unit.layer is not None else unit.key
+    return f"layer {unit.layer}" if unit.layer is not None and unit.key == layer_unit_key(unit.layer) else unit.key
 
 
 def _add_counters(plan: Plan, counters: Mapping[str, float]) -> None:
@@ -430,11 +467,14 @@ def run_analysis(
         if out is None:
             started = time.perf_counter()
             collected: dict[str, dict[str, pd.DataFrame]] = {}
+            parts = ArrayStore(None)
             report(0)
             with closing(session.run(plan.units)) as results:
                 for result in results:
                     unit = by_key[result.key]
                     collected[unit.key] = _checked(analysis, result.tables, derived=False, where=f"unit {unit.key}")
+                    for name, array in checked_arrays(result.tables, plan.unit_arrays, f"unit {unit.key}").items():
+                        parts.write(f"{unit.key}/{name}", array)
                     manifest["timings"]["per_unit_s"][unit.key] = round(result.seconds, 6)
                     if result.warnings:
                         manifest["warnings"][unit.key] = list(result.warnings)
@@ -446,17 +486,19 @@ def run_analysis(
             merged = {
                 s.name: pd.concat([collected[u.key][s.name] for u in plan.units], ignore_index=True) for s in analysis.unit_tables
             }
-            merged.update(_checked(analysis, analysis.finish(plan, merged), derived=True, where="run"))
+            arrays = ArrayStore(None)
+            merged.update(_finished(analysis, plan, merged, parts, arrays, "run"))
+            _add_warnings(manifest, plan)
             manifest.update(analysis.manifest_extra(plan))
             manifest["executor"] = session.info()
             manifest["status"] = "complete"
             manifest["timings"]["total_s"] = round(time.perf_counter() - started, 6)
-            return Run(manifest=manifest, tables=merged)
+            return Run(manifest=manifest, tables=merged, arrays=arrays.memory)
 
         # what the driver read while planning (Ray: the units' reads come from the workers)
         merge_reads(manifest, reads_by_input(take_read_digests(), models), str(out))
         made_here = not Path(out).exists()
-        with RunDirectory(out, analysis, manifest, models) as directory, _removed_if_nothing_done(directory, made_here):
+        with RunDirectory(out, analysis, manifest, models, plan.unit_arrays) as directory, _removed_if_nothing_done(directory, made_here):
             done = set(directory.completed)
             report(len(done))
             todo = [u for u in plan.units if u.key not in done]
@@ -464,9 +506,10 @@ def run_analysis(
                 for result in results:
                     unit = by_key[result.key]
                     tables = _checked(analysis, result.tables, derived=False, where=f"unit {unit.key}")
+                    arrays = checked_arrays(result.tables, plan.unit_arrays, f"unit {unit.key}")
                     _add_counters(plan, result.counters)
                     directory.manifest["executor"] = session.info()
-                    directory.write_unit(unit, tables, result.seconds, result.warnings, reads_by_input(result.reads, models))
+                    directory.write_unit(unit, tables, result.seconds, result.warnings, reads_by_input(result.reads, models), arrays)
                     done.add(unit.key)
                     report(len(done), unit)
             directory.manifest["executor"] = session.info()

@@ -84,16 +84,24 @@ class ExpertFeatures:
             raise ValueError("no tokens were added")
         return (self.sum_h / self.n_tokens).reshape(self.n_experts, self.f)
 
-    def result(self) -> np.ndarray:
-        """[E, d] float64: every expert's mean output over the tokens added."""
-        mean_h = self.mean_activation()                                          # [E, F]
+    def result(self, n_total: Optional[int] = None) -> np.ndarray:
+        """[E, d] float64: every expert's mean output over the tokens added; with ``n_total``
+        (the tokens of every shard of the calibration) this shard's share of it,
+        Σ_{t ∈ shard} f_e(x_t) / N, so that the shards' results add up to the mean."""
+        if n_total is None or n_total == self.n_tokens:
+            mean_h = self.mean_activation()                                      # [E, F]
+            bias_share = None
+        else:
+            mean_h = (self.sum_h / n_total).reshape(self.n_experts, self.f)      # [E, F]
+            bias_share = self.n_tokens / n_total
         out = torch.empty(self.n_experts, self.d, dtype=torch.float64, device=self.device)
         step = 16  # experts per float64 copy of W_down: a slice of the layer, not all of it
         for s in range(0, self.n_experts, step):
             down = self.down[s:s + step].to(self.device, torch.float64)          # [e, d, F]
             out[s:s + step] = torch.einsum("edf,ef->ed", down, mean_h[s:s + step])
         if self.down_bias is not None:
-            out += self.down_bias.to(self.device, torch.float64)
+            bias = self.down_bias.to(self.device, torch.float64)
+            out += bias if bias_share is None else bias * bias_share
         return out.cpu().numpy()
 
 

@@ -10,12 +10,15 @@ For layer L and the N calibration tokens (docs/methods.md §3):
   expert weights and the family's nonlinearity (:mod:`moelens.calibration.features`).
 
 Sequences go through the model in batches of consecutive sequences, right-padded, at most
-``batch_tokens`` padded tokens each (always at least one sequence).
+``batch_tokens`` padded tokens each (always at least one sequence). A calibration may split
+its sequences into shards (:func:`token_shards`) computed apart: a shard's record holds its own
+tokens' rows and counts and its share Σ_{t ∈ shard} f_e(x_t) / N of the features, so the shards'
+records add up (rows concatenated, counts and features summed) to the layer's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -35,7 +38,7 @@ class LayerCalibration:
     """One layer's calibration record (arrays as the store keeps them)."""
 
     layer: int
-    features: np.ndarray       # [E, d] float64
+    features: np.ndarray       # [E, d] float64 (a shard's: its share of the mean)
     router_logits: np.ndarray  # [N, E] float32
     topk: np.ndarray           # [N, k] int32
     counts: np.ndarray         # [E] int64
@@ -101,16 +104,17 @@ class CalibrationSetup:
 
 
 def _streamed_routing(setup: CalibrationSetup, capture: LayerCapture, layer: int, plan: list[list[int]],
+                      sequences: Sequence[Sequence[int]], whole: bool,
                       report: Callable[[int, int], None] | None) -> Iterator[Any]:
     """Each batch's :class:`Routing` at ``layer`` from a layer-streamed model.
 
     When every batch's hidden states fit the activation budget, one pass over all batches is kept
     between layers: calibrating layers in increasing order reads each decoder layer once in all.
-    Otherwise each pass of batches runs from the embedding up to ``layer``."""
+    Otherwise (or for one shard of the tokens, ``whole`` false) each pass of batches runs from the
+    embedding up to ``layer``."""
     from moelens.runtime.stream import Call
 
     fw = setup.forward()
-    sequences = setup.tokens.sequences
     masks = []
     calls = []
     seen: list[dict[str, Any]] = []
@@ -123,7 +127,7 @@ def _streamed_routing(setup: CalibrationSetup, capture: LayerCapture, layer: int
     passes = fw.passes(calls)
     handles = capture.install(lambda: seen[current[0]], stop=False)
     try:
-        if len(passes) == 1:
+        if len(passes) == 1 and whole:
             walk = setup._walk
             if walk is None or walk.done > layer or len(walk.calls) != len(calls):
                 walk = setup._walk = fw.walk(calls)
@@ -142,9 +146,29 @@ def _streamed_routing(setup: CalibrationSetup, capture: LayerCapture, layer: int
             report(b + 1, len(plan))
 
 
-def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, int], None] | None = None) -> LayerCalibration:
+def token_shards(sequences: Sequence[Sequence[int]], shard_tokens: Optional[int]) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive sequences with at most ``shard_tokens`` tokens each
+    (a longer sequence is a shard of its own); one shard of every sequence when None. The shards
+    depend on the tokens alone (not on the batch size), so a resumed run finds the same ones."""
+    n = len(sequences)
+    if shard_tokens is None or n == 0:
+        return [(0, n)]
+    out: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, s in enumerate(sequences):
+        if i > start and size + len(s) > shard_tokens:
+            out.append((start, i))
+            start, size = i, 0
+        size += len(s)
+    out.append((start, n))
+    return out
+
+
+def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, int], None] | None = None,
+                    shard: tuple[int, int] | None = None) -> LayerCalibration:
     """Layer ``layer``'s calibration record (in memory: one forward pass per batch, stopped after
-    the router; layer-streamed: every batch through the layers up to this one)."""
+    the router; layer-streamed: every batch through the layers up to this one); with ``shard`` =
+    [start, end) only those sequences' (see the module docstring)."""
     lm, arch = setup.loaded()
     view = setup.model.layer(layer)
     capture = LayerCapture(lm, arch, layer, view.top_k)
@@ -153,14 +177,16 @@ def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, 
                               device=setup.device)
     del w
     setup.model.store.release()  # the experts' pages read through the memory maps go with them
-    n, e, k = setup.tokens.n_tokens, view.n_experts, view.top_k
+    start, end = shard if shard is not None else (0, len(setup.tokens.sequences))
+    sequences = setup.tokens.sequences[start:end]
+    n, e, k = sum(len(s) for s in sequences), view.n_experts, view.top_k
     logits = np.empty((n, e), dtype=np.float32)
     topk = np.empty((n, k), dtype=np.int32)
     sources: set[str] = set()
-    sequences = setup.tokens.sequences
     plan = list(batches(sequences, setup.batch_tokens))
     row = 0
-    streamed = _streamed_routing(setup, capture, layer, plan, None) if setup.forward().streamed else None
+    whole = (start, end) == (0, len(setup.tokens.sequences))
+    streamed = _streamed_routing(setup, capture, layer, plan, sequences, whole, None) if setup.forward().streamed else None
     for b, rows in enumerate(plan):
         if streamed is not None:
             routing = next(streamed)
@@ -177,7 +203,7 @@ def calibrate_layer(setup: CalibrationSetup, layer: int, report: Callable[[int, 
             report(b + 1, len(plan))
     if row != n:
         raise RuntimeError(f"layer {layer}: {row} tokens captured of {n}")
-    return LayerCalibration(layer, features.result(), logits, topk, usage_counts(topk, e), "+".join(sorted(sources)))
+    return LayerCalibration(layer, features.result(setup.tokens.n_tokens), logits, topk, usage_counts(topk, e), "+".join(sorted(sources)))
 
 
-__all__ = ["CalibrationSetup", "LayerCalibration", "batches", "calibrate_layer", "expert_weights", "usage_counts"]
+__all__ = ["CalibrationSetup", "LayerCalibration", "batches", "calibrate_layer", "expert_weights", "token_shards", "usage_counts"]

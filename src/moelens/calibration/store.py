@@ -7,10 +7,11 @@ NumPy files a reader maps into memory one layer at a time::
     RUN/matrices/L00005/router_logits.npy   [N, E]  float32  router logits of every token (M-SMoE)
     RUN/matrices/L00005/topk.npy            [N, k]  int32    the experts each token was routed to
 
-Row t of ``router_logits`` and ``topk`` is token t of the run's ``calibration_tokens`` table. Each
-file is written atomically (a temporary file renamed into place) before its unit is recorded as
-done, so a finished unit always has its matrices. Without a directory (a run kept in memory) the
-arrays stay in a dictionary.
+Row t of ``router_logits`` and ``topk`` is token t of the run's ``calibration_tokens`` table. The
+runner writes each file atomically (a temporary file renamed into place) when the run completes,
+from the arrays its units returned (a layer's shards added up, see
+:mod:`moelens.analyses.calibration`). Without a directory (a run kept in memory) the arrays stay
+in a dictionary.
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ class Run:
     manifest: dict[str, Any]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     path: Path | None = None
+    #: Arrays of a run kept in memory (relative path -> array; a saved run holds them as
+    #: ``<path>.npy`` files instead), e.g. a calibration's ``matrices/L00005/features``.
+    arrays: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         try:
@@ -86,11 +89,17 @@ class Run:
         return str(name)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the manifest and every table under ``path`` (created if needed)."""
+        """Write the manifest, every table and every array under ``path`` (created if needed)."""
+        import numpy as np
+
+        from moelens.safe_files import atomic_write
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for name, table in self.tables.items():
             write_table(path / f"{name}.parquet", table)
+        for rel, array in self.arrays.items():
+            atomic_write(path / f"{rel}.npy", lambda fh, a=np.ascontiguousarray(array): np.save(fh, a, allow_pickle=False), root=path)
         write_json(path / MANIFEST, self.manifest)
         self.path = path
         return path

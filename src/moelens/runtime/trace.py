@@ -253,6 +253,12 @@ class Tracer:
                                        run=lambda kwargs: self.forward.run([Call({**kwargs, "use_cache": False})]))
             self._routers_ready = True
 
+    def check_routers(self, prompt: TokenisedPrompt) -> None:
+        """Prepare the router hooks with one short pass: a router whose logits cannot be replaced
+        is found before any run is written."""
+        with self.hooks.installed():
+            self._ensure_routers(prompt)
+
     def check_block(self, prompt: TokenisedPrompt) -> None:
         """One forward pass that bars nothing in every layer that blocking may touch: a layer whose
         attention cannot take a blocked mask is found before any run is written."""
@@ -358,8 +364,9 @@ class Tracer:
         return out
 
     def run(self, prompts: Sequence[TokenisedPrompt], means: dict[tuple[int, str], torch.Tensor] | None = None,
-            progress: ProgressCallback | None = None, noun: str = "cells") -> CellResults:
-        """Every cell of ``prompts``: their JSDs and target probabilities."""
+            progress: ProgressCallback | None = None, noun: str = "cells", seed: int | None = None) -> CellResults:
+        """Every cell of ``prompts``: their JSDs and target probabilities. Restore's noise is
+        drawn from ``seed`` (a unit's; the settings' by default) as the module docstring says."""
         s = self.s
         n_layers = self.arch.n_layers
         width = max(p.length for p in prompts)
@@ -370,7 +377,7 @@ class Tracer:
                 capture = {(L, pt) for L in range(n_layers) for pt, mod in (("layer", "layer"), ("attn", "attention"), ("mlp", "mlp"))
                            if getattr(self.arch.layers[L], mod) is not None}
             p_clean, clean_states = self.clean(prompts, capture)
-            ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means)
+            ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means, s.seed if seed is None else int(seed))
             cells = self.cells(prompts)
             samples = s.noise_samples if s.mode == "restore" else 1
             per_batch = max(1, self.rows_per_batch(width) // samples)
@@ -447,7 +454,8 @@ class _UnitContext:
 
     @staticmethod
     def build(tracer: Tracer, prompts: Sequence[TokenisedPrompt], width: int, p_clean: torch.Tensor,
-              clean_states: dict[tuple[int, str], torch.Tensor], means: dict[tuple[int, str], torch.Tensor] | None) -> "_UnitContext":
+              clean_states: dict[tuple[int, str], torch.Tensor], means: dict[tuple[int, str], torch.Tensor] | None,
+              seed: int | None = None) -> "_UnitContext":
         dev = tracer.device
         P = len(prompts)
         subject = torch.zeros(P, width, dtype=torch.bool)
@@ -467,7 +475,8 @@ class _UnitContext:
             noise = torch.zeros(P, tracer.s.noise_samples, width, d)
             for i, p in enumerate(prompts):
                 shared = tracer.s.noise_draw == "shared"  # one draw for every prompt (per subject length)
-                g = torch.Generator().manual_seed(tracer.s.seed if shared else tracer.s.seed + p.prompt_id)
+                base = tracer.s.seed if seed is None else int(seed)  # the unit's seed (the settings' by default)
+                g = torch.Generator().manual_seed(base if shared else base + p.prompt_id)
                 draw = torch.randn(tracer.s.noise_samples, len(p.subject_positions), d, generator=g) * sigma
                 noise[i][:, list(p.subject_positions)] = draw
             noise = noise.to(dev)

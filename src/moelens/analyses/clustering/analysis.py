@@ -10,11 +10,17 @@
 
 G = ``groups``, or E − round(R·E) from ``ratio`` R (the fraction of experts removed). The
 algorithms themselves are :mod:`moelens.metrics.clustering`; this analysis feeds them a
-calibration. With a calibration text the run calibrates itself, one unit per MoE layer, exactly
-as :mod:`moelens.analyses.calibration` does (its tables and matrices are the run's, so a
-clustering run can be the calibration of the next one); with a calibration run directory it reuses
-that run's records. The clustering itself needs every layer's usage (the global budget), so it
-happens in :meth:`Clustering.finish`, one layer's matrices in memory at a time.
+calibration, in one of two ways:
+
+- with a calibration text the run calibrates itself, with the units of
+  :mod:`moelens.analyses.calibration` (one per MoE layer, or per shard of a layer's tokens; its
+  tables and matrices are the run's, so a clustering run can be the calibration of the next one).
+  Clustering a layer needs all of its shards, and the global budget every layer's usage, so the
+  clusters are derived tables: :meth:`Clustering.finish` computes them from the matrices the
+  runner assembled, one layer in memory at a time;
+- with a calibration run directory every number it needs is there before the first unit: the plan
+  fixes each layer's G (the global budget from the run's usage table), and one unit per layer
+  clusters that layer from the run's matrices (pure: each worker reads them from the directory).
 
 >>> run = cluster("zoo/base", "zoo/calibration.txt", method="m-smoe", groups=4, out="runs/m-smoe")
 >>> run["clusters"]              # layer, expert, cluster, dominant, frequency
@@ -23,7 +29,7 @@ happens in :meth:`Clustering.finish`, one layer's matrices in memory at a time.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -31,20 +37,26 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers
+from moelens.analyses.arrays import RunArrays
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_unit_key, layer_units
 from moelens.analyses.calibration.analysis import (
+    UNIT_ARRAYS,
     CalibrationRun,
+    assemble_matrices,
     calibrate_unit,
     calibration_extra,
-    layer_units,
+    calibration_result,
+    calibration_tables,
+    calibration_units,
     load_calibration,
     plan_calibration,
 )
 from moelens.analyses.calibration.tables import LAYERS_SCHEMA, TOKENS_SCHEMA, USAGE_SCHEMA, token_rows
 from moelens.analyses.clustering.config import BUDGETS, METHODS, ClusteringConfig
 from moelens.analyses.clustering.tables import CLUSTER_LAYERS_SCHEMA, CLUSTERS_SCHEMA, cluster_rows, layer_summary
+from moelens.analyses.executors import Executor
 from moelens.analyses.runner import run_analysis
-from moelens.calibration.store import MATRICES, MatrixStore
+from moelens.calibration.store import MATRICES, MatrixStore, layer_key
 from moelens.calibration.texts import DEFAULT_MAX_TOKENS
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError
@@ -69,9 +81,10 @@ class ClusteringState:
     model: MoEModel
     config: ClusteringConfig
     layers: list[int]
-    groups: dict[int, int]                # G of each layer (before a global budget)
+    groups: dict[int, int]                # G of each layer (a reused calibration's: after a global budget)
     source: Optional[CalibrationRun]      # a reused calibration, or None
     setup: Any = None                     # CalibrationSetup when calibrating here
+    shards: Optional[list[tuple[int, int]]] = None  # [start, end) sequences of each unit of a layer, when calibrating here
 
 
 def is_run_directory(value: Any) -> bool:
@@ -128,6 +141,7 @@ def _resolve(model: MoEModel, config: ClusteringConfig) -> tuple[ClusteringState
                                "linkage": c.linkage if c.method == "hc-smoe" else None, "distance": c.distance if c.method == "hc-smoe" else None}
     source = None
     setup = None
+    shards = None
     if is_run_directory(c.calibration):
         source = load_calibration(c.calibration)
         check_same_model(source, model, "calibration run", f"calibrate {model.name} itself (give the calibration text file)")
@@ -139,8 +153,8 @@ def _resolve(model: MoEModel, config: ClusteringConfig) -> tuple[ClusteringState
         options.update({"calibration": str(Path(c.calibration).resolve()), "calibration_run": str(Path(source.path).resolve()),  # type: ignore[arg-type]
                         "calibration_texts_sha256": source.manifest["options"].get("texts_sha256"), "layers": list(layers)})
     else:
-        planned = plan_calibration(model, c.calibration, c.max_tokens, c.layers, c.batch_tokens, c.device, c.dtype)
-        setup, layers = planned.setup, planned.layers
+        planned = plan_calibration(model, c.calibration, c.max_tokens, c.layers, c.batch_tokens, c.device, c.dtype, c.shard_tokens)
+        setup, layers, shards = planned.setup, planned.layers, planned.shards
         options.update({"calibration": planned.options.pop("texts"), "calibration_run": None, **planned.options})
     groups = {}
     for L in layers:
@@ -149,26 +163,53 @@ def _resolve(model: MoEModel, config: ClusteringConfig) -> tuple[ClusteringState
             groups[L] = resolve_groups(n, c.groups, c.ratio)
         except ConfigError as err:
             raise ConfigError(f"layer {L}: {err}") from None
-    return ClusteringState(model, c, list(layers), groups, source, setup), options
+    if source is not None:
+        # every layer's usage is known now: the global budget is fixed in the plan
+        groups = layer_groups(c, groups, {L: source.frequency(L) for L in layers})
+    return ClusteringState(model, c, list(layers), groups, source, setup, shards), options
+
+
+def layer_groups(c: ClusteringConfig, groups: Mapping[int, int], freq: Mapping[int, np.ndarray]) -> dict[int, int]:
+    """G of each layer: as resolved, or MC-SMoE's global budget over the layers' usage."""
+    if c.method == "m-smoe" and c.budget == "global":
+        layers = list(groups)
+        return dict(zip(layers, global_group_budget([freq[L] for L in layers], min(groups.values()))))
+    return dict(groups)
+
+
+def cluster_layer(c: ClusteringConfig, read: Any, frequency: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [E], dominant [E] bool) of one layer; ``read(name)`` gives its calibration matrix."""
+    if c.method == "hc-smoe":
+        labels = hc_smoe_clusters(np.asarray(read("features")), groups, c.linkage, c.distance)
+        return labels, most_used_members(labels, frequency)
+    if groups < frequency.size:
+        return m_smoe_clusters(np.asarray(read("router_logits")), frequency, groups)
+    # a global budget may keep every expert of a layer: each its own cluster
+    return group_around_dominant(router_logit_similarity(np.asarray(read("router_logits"))), frequency, groups)
+
+
+def clusters_tables(c: ClusteringConfig, layers: list[int], labelled: Mapping[int, tuple[np.ndarray, np.ndarray]],
+                    freq: Mapping[int, np.ndarray]) -> dict[str, pd.DataFrame]:
+    frames = [cluster_rows(L, *labelled[L], freq[L]) for L in layers]
+    summary = [layer_summary(L, c.method, *labelled[L], freq[L]) for L in layers]
+    return {
+        CLUSTERS_SCHEMA.name: pd.concat(frames, ignore_index=True),
+        CLUSTER_LAYERS_SCHEMA.name: pd.DataFrame(summary, columns=CLUSTER_LAYERS_SCHEMA.column_names),
+    }
 
 
 class Clustering(Analysis):
-    """docs/methods.md §3's HC-SMoE and M-SMoE clusters: one unit per MoE layer (its calibration), the
-    clusters of every layer in :meth:`finish`.
-
-    ``matrices`` is where a self-calibrating run puts its arrays (:func:`cluster` gives it the run
-    directory's ``matrices/``; in memory without one)."""
+    """docs/methods.md §3's HC-SMoE and M-SMoE clusters (see the module docstring): calibration units
+    and the clusters derived in :meth:`finish`, or, reusing a calibration run, one clustering unit
+    per layer."""
     reads_whole_model = True
 
     name = ANALYSIS
     title = "Expert clustering"
     config_type = ClusteringConfig
     inputs = ("a",)
-    unit_tables = (USAGE_SCHEMA, LAYERS_SCHEMA)
-    derived_tables = (CLUSTERS_SCHEMA, CLUSTER_LAYERS_SCHEMA, TOKENS_SCHEMA)
-
-    def __init__(self, matrices: MatrixStore | None = None):
-        self.matrices = matrices if matrices is not None else MatrixStore(None)
+    unit_tables = ()
+    derived_tables = (USAGE_SCHEMA, LAYERS_SCHEMA, CLUSTERS_SCHEMA, CLUSTER_LAYERS_SCHEMA, TOKENS_SCHEMA)
 
     def plan(self, models: Mapping[str, Any], config: ClusteringConfig) -> Plan:
         model: MoEModel = models["a"]
@@ -176,53 +217,58 @@ class Clustering(Analysis):
         size = f"G = {config.groups}" if config.groups is not None else f"ratio {config.ratio:g}"
         budget = " (global budget)" if options.get("budget") == "global" else ""
         label = f"{model.name} · {config.method} {size}{budget} · L{compact_ranges(state.layers)}"
-        return Plan(options=options, units=layer_units(state.layers), label=label, state=state)
+        if state.source is None:
+            assert state.shards is not None
+            units, arrays = calibration_units(state.layers, state.shards), UNIT_ARRAYS
+        else:
+            units, arrays = layer_units(state.layers), CLUSTER_ARRAYS
+        return Plan(options=options, units=units, label=label, state=state, unit_arrays=arrays)
 
-    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
+    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, np.ndarray]:
         s: ClusteringState = plan.state
         if s.source is None:
-            return calibrate_unit(s.setup, self.matrices, unit, context)
-        tables = {}
-        for schema in (USAGE_SCHEMA, LAYERS_SCHEMA):
-            t = s.source[schema.name]
-            tables[schema.name] = t[t["layer"] == unit.layer].reset_index(drop=True)
-        return tables
+            return calibrate_unit(s.setup, unit, context)
+        L = int(unit.layer)  # type: ignore[arg-type]
+        source = s.source
+        labels, dominant = cluster_layer(s.config, lambda name: source.matrices.read(L, name), source.frequency(L), s.groups[L])
+        return {"labels": np.asarray(labels, dtype=np.int64), "dominant": np.asarray(dominant, dtype=bool)}
 
-    def _matrices(self, s: ClusteringState) -> MatrixStore:
-        return s.source.matrices if s.source is not None else self.matrices
+    def assemble(self, plan: Plan, arrays: RunArrays) -> Iterator[tuple[str, np.ndarray]]:
+        s: ClusteringState = plan.state
+        return assemble_matrices(plan, arrays) if s.source is None else iter(())
 
-    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame], arrays: RunArrays | None = None) -> dict[str, pd.DataFrame]:
+        assert arrays is not None
         s: ClusteringState = plan.state
         c = s.config
-        usage = tables[USAGE_SCHEMA.name]
-        freq = {L: usage[usage["layer"] == L].sort_values("expert")["frequency"].to_numpy(np.float64) for L in s.layers}
-        store = self._matrices(s)
-        groups = dict(s.groups)
-        if c.method == "m-smoe" and c.budget == "global":
-            budget = global_group_budget([freq[L] for L in s.layers], min(groups.values()))
-            groups = dict(zip(s.layers, budget))
-        frames, summary = [], []
-        for L in s.layers:
-            f = freq[L]
-            if c.method == "hc-smoe":
-                labels = hc_smoe_clusters(np.asarray(store.read(L, "features")), groups[L], c.linkage, c.distance)
-                dominant = most_used_members(labels, f)
-            elif groups[L] < f.size:
-                labels, dominant = m_smoe_clusters(np.asarray(store.read(L, "router_logits")), f, groups[L])
-            else:  # a global budget may keep every expert of a layer: each its own cluster
-                labels, dominant = group_around_dominant(router_logit_similarity(np.asarray(store.read(L, "router_logits"))), f, groups[L])
-            frames.append(cluster_rows(L, labels, dominant, f))
-            summary.append(layer_summary(L, c.method, labels, dominant, f))
-        tokens = token_rows(s.setup.tokens) if s.source is None else s.source[TOKENS_SCHEMA.name]
-        return {
-            CLUSTERS_SCHEMA.name: pd.concat(frames, ignore_index=True),
-            CLUSTER_LAYERS_SCHEMA.name: pd.DataFrame(summary, columns=CLUSTER_LAYERS_SCHEMA.column_names),
-            TOKENS_SCHEMA.name: tokens.reset_index(drop=True),
-        }
+        if s.source is not None:
+            calibration = {schema.name: _layers_of(s.source[schema.name], s.layers) for schema in (USAGE_SCHEMA, LAYERS_SCHEMA)}
+            tokens = s.source[TOKENS_SCHEMA.name]
+            labelled = {L: (arrays.unit(layer_unit_key(L), "labels"), arrays.unit(layer_unit_key(L), "dominant")) for L in s.layers}
+            freq = {L: s.source.frequency(L) for L in s.layers}
+        else:
+            calibration = calibration_tables(plan, arrays, s.setup.tokens.n_tokens)
+            tokens = token_rows(s.setup.tokens)
+            usage = calibration[USAGE_SCHEMA.name]
+            freq = {L: usage[usage["layer"] == L].sort_values("expert")["frequency"].to_numpy(np.float64) for L in s.layers}
+            groups = layer_groups(c, s.groups, freq)
+            labelled = {}
+            for L in s.layers:  # one layer's matrices in memory at a time
+                labelled[L] = cluster_layer(c, lambda name, L=L: arrays.read(f"{MATRICES}/{layer_key(L)}/{name}"), freq[L], groups[L])
+        return {**calibration, **clusters_tables(c, s.layers, labelled, freq), TOKENS_SCHEMA.name: tokens.reset_index(drop=True)}
 
     def manifest_extra(self, plan: Plan) -> dict[str, Any]:
         s: ClusteringState = plan.state
         return calibration_extra(s.setup) if s.setup is not None else {"activation": s.source.manifest.get("activation")}
+
+
+#: What a clustering unit returns when it reuses a calibration run: its layer's clusters.
+CLUSTER_ARRAYS = ("labels", "dominant")
+
+
+def _layers_of(table: pd.DataFrame, layers: Sequence[int]) -> pd.DataFrame:
+    """The rows of ``layers``, in that order (a reused calibration may hold more layers)."""
+    return pd.concat([table[table["layer"] == L] for L in layers], ignore_index=True)
 
 
 def cluster(
@@ -240,9 +286,11 @@ def cluster(
     batch_tokens: int = 4096,
     device: str = "auto",
     dtype: str = "auto",
+    shard_tokens: int | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: ClusteringConfig | None = None,
+    executor: str | Executor | None = None,
 ) -> CalibrationRun:
     """Cluster each MoE layer's experts as HC-SMoE or M-SMoE would merge them (docs/methods.md §3).
 
@@ -251,26 +299,23 @@ def cluster(
     one of ``groups`` (G per layer) and ``ratio`` (the fraction of experts removed). Returns a
     run with tables ``clusters`` (layer, expert, cluster, dominant, frequency), ``cluster_layers``
     and the calibration's; with ``out`` every layer's calibration is written when done and an
-    interrupted run resumes at the next layer."""
+    interrupted run resumes at the next unit. ``shard_tokens`` splits each layer's calibration
+    tokens into units of at most that many; ``executor``: ``"local"`` (default), ``"ray"`` or a
+    :class:`~moelens.analyses.executors.RayExecutor`."""
     if config is None:
         config = ClusteringConfig(
             calibration=calibration, method=method, groups=groups, ratio=ratio, linkage=linkage, distance=distance, budget=budget,
             layers=parse_ranges(layers) if isinstance(layers, str) else layers, max_tokens=max_tokens, batch_tokens=batch_tokens,
-            device=device, dtype=dtype,
+            shard_tokens=shard_tokens, device=device, dtype=dtype,
         )
     from moelens.checkpoint import open_model
 
     m = model if isinstance(model, MoEModel) else open_model(model)
-    store = MatrixStore(None if out is None else os.path.join(os.fspath(out), MATRICES))
-    run = run_analysis(Clustering(store), {"a": m}, config, out=out, progress=progress)
+    run = run_analysis(Clustering(), {"a": m}, config, out=out, progress=progress, executor=executor)
     source = (run.manifest.get("options") or {}).get("calibration_run")
     if source:
         return CalibrationRun.of(run, load_calibration(source).matrices)
-    if out is not None:
-        store.remove_other_layers(run["calibration_layers"]["layer"].tolist())
-    result = CalibrationRun.of(run, store)
-    result.check_matrices()
-    return result
+    return calibration_result(run, out)
 
 
 __all__ = ["ANALYSIS", "BUDGETS", "METHODS", "Clustering", "ClusteringConfig", "check_same_model", "cluster", "is_run_directory"]

@@ -34,9 +34,10 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, unit_seed
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext
 from moelens.analyses.calibration.analysis import forward_dtype
 from moelens.analyses.clustering.config import MergeCostConfig
+from moelens.analyses.executors import Executor
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError
@@ -205,7 +206,7 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
         "clusters_sha256": [table_digest(table) for _, _, table in runs],
         "export": c.export, "permute": c.permute, "batch_tokens": c.batch_tokens, "device": str(device), "dtype": state.dtype,
     }
-    units = [Unit(key=k, seed=unit_seed(0, k), data={"variant": k}) for k in variants]
+    units = [Unit(key=k, seed=0, data={"variant": k}) for k in variants]  # seed 0: nothing random
     return state, options, units
 
 
@@ -239,6 +240,11 @@ class MergeCost(Analysis):
         # merged checkpoints are written under the run directory (its .moelens-tmp), where a killed
         # run's leftovers are removed by the next run; without one, in the system's temporary folder
         self.scratch_root = None if scratch_root is None else Path(scratch_root)
+
+    def for_workers(self) -> "MergeCost":
+        """A remote worker writes its merged checkpoints into its own temporary folder: the run
+        directory is the driver's alone (and may not exist on the worker's host)."""
+        return MergeCost(scratch_root=None)
 
     def plan(self, models: Mapping[str, Any], config: MergeCostConfig) -> Plan:
         model: MoEModel = models["a"]
@@ -309,9 +315,12 @@ def merge_cost(
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: MergeCostConfig | None = None,
+    executor: str | Executor | None = None,
 ) -> Run:
     """Fact recall and perplexity of ``model`` before and after merging its experts by each
-    clustering run, with and without permutation alignment (``permute="both"``)."""
+    clustering run, with and without permutation alignment (``permute="both"``). ``executor``:
+    ``"local"`` (default), ``"ray"`` or a :class:`~moelens.analyses.executors.RayExecutor`
+    (one variant per task)."""
     if config is None:
         config = MergeCostConfig(clusters=clusters if isinstance(clusters, str) else tuple(os.fspath(c) for c in clusters),
                                  facts=facts, texts=texts, export=export, permute=permute, batch_tokens=batch_tokens,
@@ -319,7 +328,7 @@ def merge_cost(
     from moelens.checkpoint import open_model
 
     m = model if isinstance(model, MoEModel) else open_model(model)
-    return run_analysis(MergeCost(scratch_root=out), {"a": m}, config, out=out, progress=progress)
+    return run_analysis(MergeCost(scratch_root=out), {"a": m}, config, out=out, progress=progress, executor=executor)
 
 
 __all__ = ["ANALYSIS", "COST_SCHEMA", "MergeCost", "MergeCostConfig", "SUMMARY_SCHEMA", "merge_cost", "read_facts", "summarise"]

@@ -119,6 +119,46 @@ class RemoteJob:
 _WORKER_PLANS: dict[str, Plan] = {}
 
 
+#: Config fields that name files or run directories (texts, prompts, facts, clustering and
+#: calibration runs, the spectrum cache): the only ones :func:`absolute_paths` touches, so that a
+#: value like ``cpu`` stays what it is even beside a folder of that name.
+PATH_FIELDS = frozenset({"texts", "calibration", "clusters", "facts", "prompts", "cache_dir"})
+
+
+def absolute_paths(config: Any) -> Any:
+    """``config`` with every relative path of its :data:`PATH_FIELDS` (the path of an existing
+    file or directory, or a tuple of them) made absolute: a worker process need not share the
+    driver's working directory. Other values are left as they are."""
+    if not dataclasses.is_dataclass(config):
+        return config
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value) and os.path.exists(value):
+            return os.path.abspath(value)
+        return value
+
+    changes = {}
+    for f in dataclasses.fields(config):
+        if f.name not in PATH_FIELDS:
+            continue
+        value = getattr(config, f.name)
+        if isinstance(value, str):
+            new = fix(value)
+        elif isinstance(value, tuple) and value and all(isinstance(v, str) for v in value):
+            new = tuple(fix(v) for v in value)
+        else:
+            continue
+        if new != value:
+            changes[f.name] = new
+    # object.__setattr__ on a copy: the frozen config is not checked again (its paths exist)
+    if not changes:
+        return config
+    copy = dataclasses.replace(config)
+    for name, value in changes.items():
+        object.__setattr__(copy, name, value)
+    return copy
+
+
 def _worker_plan(job: RemoteJob) -> Plan:
     """The job's plan in this worker process, made once per run (one run's models held at a time)."""
     plan = _WORKER_PLANS.get(job.token)
@@ -275,7 +315,7 @@ class RaySession(Session):
         self.hosts: set[str] = set()
         self.peak_rss: dict[str, float] = {}
         self.remote_job = RemoteJob(
-            token=uuid.uuid4().hex, analysis=job.analysis, config=job.config,
+            token=uuid.uuid4().hex, analysis=job.analysis.for_workers(), config=absolute_paths(job.config),
             models={name: None if m is None else ModelRef.of(m) for name, m in job.models.items()}, threads=self.threads,
         )
 

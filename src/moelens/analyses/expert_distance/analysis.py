@@ -32,8 +32,7 @@ from moelens.analyses.base import (
     Unit,
     UnitContext,
     chosen_layers,
-    layer_unit_key,
-    unit_seed,
+    layer_units,
 )
 from moelens.analyses.executors import Executor
 from moelens.analyses.expert_distance.config import PAIRINGS, ExpertDistanceConfig
@@ -151,7 +150,7 @@ class ExpertDistance(Analysis):
             options.update({"clusters": state.clusters.path, "clusters_sha256": state.clusters.digest, "permute": state.clusters.permute})
         names = state.model_a.name + (f" → {state.model_b.name}" if state.model_b is not None else "")
         label = f"{names} · {state.pairing} · L{compact_ranges(state.layers)}"
-        units = [Unit(key=layer_unit_key(L), seed=unit_seed(0, layer_unit_key(L)), layer=L) for L in state.layers]  # nothing random
+        units = layer_units(state.layers)  # seed 0: nothing random
         return Plan(options=options, units=units, label=label, state=state)
 
     def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:

@@ -17,6 +17,12 @@ Tables:
 - ``interventions_summary``: per (layer, site, mode, token_kind, measure ∈ jsd | p_target |
   indirect_effect): mean, std (ddof 0) and n over prompts (and positions of one token group).
 
+Units and seeds: a unit is a group of prompts; everything it needs from the whole prompt set (the
+means of ``ablation="mean"``, the prompts kept by ``correct_only``, restore's noise std) is fixed in
+the plan, so a unit's computation reads the plan and changes nothing, and the groups run on any
+executor. Every unit carries the config's seed; prompt p draws its noise from unit seed +
+prompt_id, so a prompt's noise does not depend on its group.
+
 Against ROME's causal tracing (details in :mod:`moelens.runtime.trace`): by default restore's noise
 std is 3 × the std of all embedding entries and each prompt draws its own noise (seed + prompt_id),
 and every prompt is traced; ``noise_scale="subject"`` (3 × the std of the subject tokens'
@@ -44,8 +50,8 @@ from moelens.analyses.base import (
     Unit,
     UnitContext,
     chosen_layers,
-    unit_seed,
 )
+from moelens.analyses.executors import Executor
 from moelens.analyses.interventions.config import InterventionsConfig
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
@@ -92,7 +98,7 @@ class InterventionsState:
     prompts: list[TokenisedPrompt]
     tracer: Tracer
     settings: TraceSettings
-    means: dict | None = None
+    means: dict | None = None  # knockout with ablation mean: (layer, site) -> the prompt set's mean, fixed in the plan
     skipped_wrong: list[int] | None = None  # prompt ids dropped by correct_only
 
 
@@ -202,12 +208,13 @@ class Interventions(Analysis):
                 raise ConfigError(f"--correct-only: the model's top-1 token is the target's first token in none of the "
                                   f"{len(skipped_wrong)} prompts of {source}; nothing is left to trace (drop --correct-only)")
         if "router" in sites:
-            with tracer.hooks.installed():
-                tracer._ensure_routers(prompts[0])  # a router whose logits cannot be replaced: an error now
+            tracer.check_routers(prompts[0])  # a router whose logits cannot be replaced: an error now
         if config.mode == "block":
             tracer.check_block(prompts[0])  # attention that cannot be blocked: an error now
+        # the prompt set's means, once per plan (one clean pass), before any unit needs them
+        means = tracer.means(prompts) if config.mode == "knockout" and config.ablation == "mean" else None
         size = PROMPTS_PER_UNIT[config.mode]
-        units = [Unit(key=f"P{start:06d}", seed=unit_seed(config.seed, f"P{start:06d}"), data={"prompts": list(range(start, min(start + size, len(prompts))))})
+        units = [Unit(key=f"P{start:06d}", seed=config.seed, data={"prompts": list(range(start, min(start + size, len(prompts))))})
                  for start in range(0, len(prompts), size)]
         options = {
             "prompts": path if path is not None else f"<{len(records)} prompts given in Python>",
@@ -224,16 +231,16 @@ class Interventions(Analysis):
             ids = ", ".join(str(i) for i in skipped_wrong[:12]) + (" …" if len(skipped_wrong) > 12 else "")
             notes.append(f"{len(skipped_wrong)} of {len(skipped_wrong) + len(prompts)} prompts skipped (correct only): the clean "
                          f"top-1 token is not the target's first token" + (f" (prompt ids {ids})" if skipped_wrong else ""))
-        state = InterventionsState(str(model.path), records, prompts, tracer, settings, skipped_wrong=skipped_wrong if config.correct_only else None)
+        state = InterventionsState(str(model.path), records, prompts, tracer, settings, means=means,
+                                   skipped_wrong=skipped_wrong if config.correct_only else None)
         label = f"{model.name} · {config.mode} · L{compact_ranges(layers)}"
         return Plan(options=options, units=units, label=label, state=state, notes=notes)
 
     def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
         s: InterventionsState = plan.state
-        if s.settings.mode == "knockout" and s.settings.ablation == "mean" and s.means is None:
-            s.means = s.tracer.means(s.prompts, context.progress)
         prompts = [s.prompts[i] for i in unit.data["prompts"]]
-        results = s.tracer.run(prompts, s.means, context.progress, noun=f"cells of prompts {prompts[0].prompt_id}…{prompts[-1].prompt_id}")
+        results = s.tracer.run(prompts, s.means, context.progress, noun=f"cells of prompts {prompts[0].prompt_id}…{prompts[-1].prompt_id}",
+                               seed=unit.seed)
         table = pd.DataFrame(results.columns())
         table.insert(3, "mode", s.settings.mode)
         return {ANALYSIS: table[TABLE_SCHEMA.column_names]}
@@ -284,6 +291,7 @@ def trace(
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
     config: InterventionsConfig | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Run:
     """Which layers and sites carry a prediction: knock out, restore or block one site at one
     layer and measure how the next-token distribution changes (JSD in bits).
@@ -291,6 +299,8 @@ def trace(
     Returns a :class:`~moelens.results.Run` with tables ``interventions`` (one row per prompt and
     cell) and ``interventions_summary`` (mean, std, n per layer and site). ``stream``: ``auto``
     runs the model layer by layer when it does not fit in memory, ``on`` always, ``off`` never.
+    ``executor``: ``"local"`` (default), ``"ray"`` or a :class:`~moelens.analyses.executors.RayExecutor`
+    (groups of prompts as tasks).
 
     >>> run = trace("zoo/base", "zoo/facts.jsonl")                     # seed 003: subj/attn/last
     >>> run["interventions_summary"].query("measure == 'jsd'")
@@ -305,7 +315,7 @@ def trace(
     from moelens.checkpoint import open_model
 
     m = model if isinstance(model, MoEModel) else open_model(model)
-    return run_analysis(Interventions(), {"a": m}, config, out=out, progress=progress)
+    return run_analysis(Interventions(), {"a": m}, config, out=out, progress=progress, executor=executor)
 
 
 __all__ = ["ANALYSIS", "Interventions", "InterventionsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise", "trace"]

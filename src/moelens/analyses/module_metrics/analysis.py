@@ -31,8 +31,7 @@ from moelens.analyses.base import (
     Unit,
     UnitContext,
     chosen_layers,
-    layer_unit_key,
-    unit_seed,
+    layer_units,
 )
 from moelens.analyses.executors import Executor
 from moelens.analyses.module_metrics.config import ModuleMetricsConfig, as_names
@@ -278,7 +277,7 @@ class ModuleMetrics(Analysis):
             names = f"{m['a'].name} vs its base {m['base'].name}"
         else:
             names = m["a"].name
-        units = [Unit(key=layer_unit_key(L), seed=unit_seed(0, layer_unit_key(L)), layer=L) for L in s.layers]  # nothing random
+        units = layer_units(s.layers)  # seed 0: nothing random
         return Plan(options=options, units=units, label=f"{names} · L{compact_ranges(s.layers)}", state=s)
 
     def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:

@@ -13,10 +13,12 @@ c_{ij} = V_jᵀ r̂_i:
 The null models and the layer-level permutation test are in
 :mod:`moelens.analyses.router_alignment.nulls`; the tables in :mod:`moelens.analyses.router_alignment.tables`.
 
-The ``shuffle-sampled`` null draws its permutations from a generator seeded with the config's
-seed at the start of every (layer, matrix), as GaleMoE's published runs do (one layer per run,
-seed 42 in its ``main.py``), so every layer is an independent unit and reproduces GaleMoE's
-numbers on its own.
+Seeds: every unit (a layer) carries the config's seed (:attr:`~moelens.analyses.base.Unit.seed`).
+The layer permutation test draws from ``numpy.random.default_rng([unit seed, layer, matrix index])``.
+The ``shuffle-sampled`` null is the named exception that GaleMoE's published runs need: its
+permutations come from a ``torch.Generator`` seeded with the unit's seed itself at the start of
+every (layer, matrix), as GaleMoE's ``main.py`` does (one layer per run, seed 42), so every layer
+reproduces GaleMoE's numbers on its own.
 
 Work per layer: read each expert once (stored dtype), decompose it on the chosen device (batched
 Gram eigh by default), project all E routers at once, cumulative-sum the squares. Memory is one
@@ -40,8 +42,7 @@ from moelens.analyses.base import (
     Unit,
     UnitContext,
     chosen_layers,
-    layer_unit_key,
-    unit_seed,
+    layer_units,
 )
 from moelens.analyses.executors import Executor
 from moelens.analyses.router_alignment.config import RouterAlignmentConfig
@@ -115,10 +116,11 @@ class AlignmentPlan:
             "device": str(self.device), "dtype": c.dtype, "p_draws": c.p_draws,
         }
 
-    def generator(self) -> torch.Generator:
-        """The shuffle-sampled stream of one (layer, matrix): restarted at the seed, as in a GaleMoE run."""
+    def generator(self, seed: int | None = None) -> torch.Generator:
+        """The shuffle-sampled stream of one (layer, matrix): restarted at the unit's seed (the
+        config's by default), as in a GaleMoE run."""
         g = torch.Generator()
-        g.manual_seed(self.config.seed)
+        g.manual_seed(self.config.seed if seed is None else int(seed))
         return g
 
 
@@ -198,8 +200,10 @@ def layer_statistics(
     sigma: np.ndarray,
     plan: AlignmentPlan,
     permutations: np.ndarray | None = None,
+    seed: int | None = None,
 ) -> LayerStatistics:
-    """Null moments, z-scores and the layer test of one (layer, matrix)."""
+    """Null moments, z-scores and the layer test of one (layer, matrix); the test draws from
+    ``seed`` (the unit's; the config's by default), the layer and the matrix."""
     c = plan.config
     if c.null == "shuffle-sampled":
         if permutations is None:
@@ -209,7 +213,7 @@ def layer_statistics(
         mu, sd = exact_null_moments(energies, c.null)
     align = true_pair_energies(energies)
     z = z_scores(align - mu[None, :], np.broadcast_to(sd, align.shape), c.null, c.dtype)
-    rng = np.random.default_rng([c.seed, layer_index, ROLES.index(role)])
+    rng = np.random.default_rng([c.seed if seed is None else int(seed), layer_index, ROLES.index(role)])
     z_layer, p_layer, p_method = layer_permutation_test(energies, c.p_draws, rng, c.dtype)
     return LayerStatistics(
         layer=layer_index, matrix=role, hidden_size=plan.hidden_size, ks=np.asarray(plan.ks, dtype=np.int64),
@@ -252,7 +256,7 @@ class RouterAlignment(Analysis):
     def plan(self, models: Mapping[str, Any], config: RouterAlignmentConfig) -> Plan:
         model = models["a"]
         resolved = resolve(config, model)
-        units = [Unit(key=layer_unit_key(L), seed=unit_seed(config.seed, layer_unit_key(L)), layer=L) for L in resolved.layers]
+        units = layer_units(resolved.layers, config.seed)
         return Plan(options=resolved.options(), units=units, label=f"{model.name} L{compact_ranges(resolved.layers)}", state=resolved)
 
     def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
@@ -266,10 +270,10 @@ class RouterAlignment(Analysis):
             energies, sigma = layer_energies(layer, role, state, cache, context.progress)
             permutations = None
             if state.config.null == "shuffle-sampled":
-                permutations = galemoe_permutations(layer.n_experts, len(state.ks), state.config.shuffles, state.generator())
+                permutations = galemoe_permutations(layer.n_experts, len(state.ks), state.config.shuffles, state.generator(unit.seed))
             for message in degenerate_warnings(layer, role, sigma):
                 context.warn(message)
-            per_matrix.append(layer_tables(layer_statistics(unit.layer, role, energies, sigma, state, permutations)))
+            per_matrix.append(layer_tables(layer_statistics(unit.layer, role, energies, sigma, state, permutations, seed=unit.seed)))
         if cache is not None:
             # counted per unit, so the run's totals are right whichever process held the cache
             context.count("spectra_cache_hits", cache.hits - before[0])

@@ -39,7 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_unit_key, unit_seed
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units, stream_seed
+from moelens.analyses.executors import Executor
 from moelens.analyses.router_edits.config import DEFAULT_K, EDITS_WITH_K, RouterEditsConfig
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
@@ -119,7 +120,7 @@ def top_directions(weight: torch.Tensor, role: str, k: int) -> torch.Tensor:
 def random_basis(d: int, k: int, seed: int, layer: int, expert: int, sample: int) -> torch.Tensor:
     """U [d, k] float64: an orthonormal basis of a random k-dimensional subspace (QR of a Gaussian
     d × k matrix), seeded by (seed, layer, expert, k, sample) alone."""
-    g = torch.Generator().manual_seed(unit_seed(seed, f"L{layer}E{expert}k{k}s{sample}"))
+    g = torch.Generator().manual_seed(stream_seed(seed, f"L{layer}E{expert}k{k}s{sample}"))
     q, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
     return q
 
@@ -324,7 +325,7 @@ class RouterEdits(Analysis):
         runner = RouterEditRunner(lm, arch, layers, model.top_k, pad_id=int(pad_id), rows_per_batch=config.batch_size)
         with runner.installed(prompts[0]):  # a router whose logits cannot be replaced: an error now
             pass
-        units = [Unit(key=layer_unit_key(L), seed=unit_seed(config.seed, layer_unit_key(L)), layer=L) for L in layers]
+        units = layer_units(layers, config.seed)
         options = {
             "prompts": source if isinstance(config.prompts, (str, os.PathLike)) else f"<{len(texts)} prompts given in Python>",
             "n_prompts": len(texts), "limit": config.limit, "edits": list(edits), "k": ks, "matrix": config.matrix,
@@ -354,7 +355,7 @@ class RouterEdits(Analysis):
                 for e, weight in s.model.layer(L).iter_experts(opts["matrix"]):
                     if e in wanted:
                         directions[e] = top_directions(weight, opts["matrix"], max(s.ks))
-            specs = edit_rows(router, directions, s.experts, s.edits, s.ks, opts["samples"], opts["seed"], L, s.pairs)
+            specs = edit_rows(router, directions, s.experts, s.edits, s.ks, opts["samples"], unit.seed, L, s.pairs)
             cells = [Cell(L, spec.expert, spec.row, spec.partner if spec.edit == "transplant" else -1) for spec in specs]
             totals = runner.run(s.prompts, cells, clean, context.progress, noun=f"router edits of layer {L}")
         n_experts = int(router.shape[0])
@@ -407,6 +408,7 @@ def router_edits(
     config: RouterEditsConfig | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Run:
     """Edit router rows (project out the aligned part, matched random controls, zero, transplant)
     and measure routing and next-token predictions (docs/methods.md §8).
@@ -420,7 +422,7 @@ def router_edits(
     from moelens.checkpoint import open_model
 
     m = model if isinstance(model, MoEModel) else open_model(model)
-    return run_analysis(RouterEdits(), {"a": m}, config, out=out, progress=progress)
+    return run_analysis(RouterEdits(), {"a": m}, config, out=out, progress=progress, executor=executor)
 
 
 __all__ = ["ANALYSIS", "MIGRATION_SCHEMA", "RouterEdits", "RouterEditsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "edit_rows",
