@@ -153,7 +153,8 @@ def _resolve(model: MoEModel, config: ClusteringConfig) -> tuple[ClusteringState
         options.update({"calibration": str(Path(c.calibration).resolve()), "calibration_run": str(Path(source.path).resolve()),  # type: ignore[arg-type]
                         "calibration_texts_sha256": source.manifest["options"].get("texts_sha256"), "layers": list(layers)})
     else:
-        planned = plan_calibration(model, c.calibration, c.max_tokens, c.layers, c.batch_tokens, c.device, c.dtype, c.shard_tokens)
+        planned = plan_calibration(model, c.calibration, c.max_tokens, c.layers, c.batch_tokens, c.device, c.dtype,
+                                   shard_tokens=c.shard_tokens)
         setup, layers, shards = planned.setup, planned.layers, planned.shards
         options.update({"calibration": planned.options.pop("texts"), "calibration_run": None, **planned.options})
     groups = {}
