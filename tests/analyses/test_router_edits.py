@@ -6,7 +6,6 @@ project_out's norm; bad input is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ import pytest
 
 import moelens as ml
 from moelens.analyses.router_edits.analysis import edit_rows, random_basis, sign_flip_p, summarise
-from moelens.cli import main
 from tests.analyses import interventions_fixtures as fx
 from tests.analyses import router_edits_reference as ref
+from tests.cli.helpers import run_moelens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -121,15 +120,8 @@ def test_summary_difference_and_p() -> None:
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["moelens", "route", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, (out.out + out.err).strip()
+    r = run_moelens("route", *args)
+    return r.code, (r.stdout + r.stderr).strip()
 
 
 @pytest.mark.parametrize("extra, message", [

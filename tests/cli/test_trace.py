@@ -13,6 +13,7 @@ import moelens as ml
 from moelens.cli import main
 from moelens.errors import UnsupportedArchitectureError
 from tests.analyses import interventions_fixtures as fx
+from tests.cli.helpers import run_moelens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,15 +40,8 @@ class Result:
 def cli(monkeypatch, capsys):
     """Run ``moelens trace ARGS`` in-process through the real entry point (errors → exit 2)."""
     def run(*args: str) -> Result:
-        monkeypatch.setattr(sys, "argv", ["moelens", "trace", *args])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out = capsys.readouterr()
-        return Result(code, " ".join((out.out + out.err).split()))
+        r = run_moelens("trace", *args)
+        return Result(r.code, " ".join((r.stdout + r.stderr).split()))
 
     return run
 

@@ -15,6 +15,7 @@ from moelens.runtime.forward import Estimate, choose_stream, open_forward, refus
 from moelens.runtime.prompts import PromptRecord, TokenisedPrompt
 from moelens.runtime.trace import Tracer, TraceSettings
 from tests.analyses import interventions_fixtures as fx
+from tests.cli.helpers import run_moelens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -145,20 +146,11 @@ def test_a_model_too_large_with_stream_off_is_refused_with_the_options_that_fit(
     assert "--stream on" in line and "3.0 GB" in line and "--dtype bfloat16" not in line  # bf16: 46 GB, does not fit
     assert "--dtype bfloat16" in refusal(Estimate(int(6e9), int(1e8), int(10e9), torch.float32), CPU)
     # the command line: one line, exit status 2, nothing written
-    import sys
 
-    from moelens.cli import main
 
     def cli(*args: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["moelens", "trace", *args])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out = capsys.readouterr()
-        return code, " ".join((out.out + out.err).split())
+        r = run_moelens("trace", *args)
+        return r.code, " ".join((r.stdout + r.stderr).split())
 
     monkeypatch.setattr(fw_module, "available_memory", lambda device: 1000)
     out = tmp_path / "run"
