@@ -37,7 +37,7 @@ class ClusteringConfig:
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer, or every layer of the calibration run).", parse=parse_ranges, metavar="LIST")
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most, when calibrating here.")
     batch_tokens: int = option(4096, "Padded tokens per forward pass, when calibrating here.", resumable=True)
-    shard_tokens: int | None = option(None, "When calibrating here, calibration tokens per unit: each layer's tokens are split into shards of whole sequences with at most this many tokens, computed apart (e.g. on several --executor ray workers) and added up; the statistics equal one shard's within float32 summation order (default: one unit per layer).", kind=int, metavar="N")
+    shard_tokens: int | None = option(None, "When calibrating here, calibration tokens per unit: each layer's tokens are split into shards of whole sequences with at most this many tokens, computed apart (e.g. on several Ray workers, executor='ray' in Python) and added up; the statistics equal one shard's within float32 summation order (default: one unit per layer).", kind=int, metavar="N")
     device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP} (calibration).", resumable=True)
     dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
 
