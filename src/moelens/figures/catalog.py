@@ -21,51 +21,41 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FigureEntry:
-    """A figure function (``"module:function"`` under moelens.figures, imported when first drawn,
-    so listing the figures needs no matplotlib), the analysis it draws, whether it draws one run
-    or many, and its options."""
+    """A figure function (``"module:function"``, imported when first drawn, so listing the figures
+    needs no matplotlib), the analysis it draws, whether it draws one run or many, its options and
+    the title of its explanation in the report."""
 
     target: str
-    analysis: str = "router_alignment"
+    analysis: str
     one_run: bool = False
     options: tuple[str, ...] = ()
+    title: str = ""
 
     @property
     def function(self) -> Callable[..., "Figure"]:
         module, name = self.target.split(":")
-        return getattr(importlib.import_module(f"moelens.figures.{module}"), name)
+        return getattr(importlib.import_module(module), name)
 
     @property
     def summary(self) -> str:
         return (self.function.__doc__ or "").strip().splitlines()[0]
 
 
-FIGURES: dict[str, FigureEntry] = {
-    "comparison_panels": FigureEntry("alignment:comparison_panels"),
-    "cos_squared_per_expert": FigureEntry("alignment:cos_squared_per_expert"),
-    "shuffle_statistics": FigureEntry("alignment:shuffle_statistics"),
-    "z_decomposition": FigureEntry("alignment:z_decomposition"),
-    "null_distribution": FigureEntry("alignment:null_distribution", options=("k",)),
-    "layer_permutation_test": FigureEntry("alignment:layer_permutation_test"),
-    "per_expert_breakdown": FigureEntry("alignment:per_expert_breakdown", options=("k",)),
-    "complete_analysis": FigureEntry("alignment:complete_analysis", one_run=True, options=("k",)),
-    "layer_k_heatmap": FigureEntry("alignment:layer_k_heatmap", one_run=True, options=("metric",)),
-    "expert_distance": FigureEntry("distance:expert_distance", "expert_distance", options=("matrix",)),
-    "expert_distance_heatmap": FigureEntry("distance:expert_distance_heatmap", "expert_distance", one_run=True,
-                                           options=("layers", "measure", "matrix")),
-    "module_heatmap": FigureEntry("modules:module_heatmap", "module_metrics", one_run=True, options=("metric", "model")),
-    "module_lines": FigureEntry("modules:module_lines", "module_metrics", one_run=True, options=("metric", "model")),
-    "trace_heatmap": FigureEntry("trace:trace_heatmap", "interventions", one_run=True, options=("mode", "measure", "token_kind")),
-    "trace_knockout": FigureEntry("trace:trace_knockout", "interventions", one_run=True, options=("measure",)),
-    "trace_restore": FigureEntry("trace:trace_restore", "interventions", one_run=True, options=("measure", "token_kind")),
-    "trace_indirect_effect": FigureEntry("trace:trace_indirect_effect", "interventions", one_run=True),
-    "route_routed_share": FigureEntry("router_edits:route_routed_share", "router_edits", one_run=True),
-    "route_jsd_heatmap": FigureEntry("router_edits:route_jsd_heatmap", "router_edits", one_run=True),
-    "route_migration": FigureEntry("router_edits:route_migration", "router_edits", one_run=True, options=("layers",)),
-    "cluster_map": FigureEntry("clusters:cluster_map", "clustering", one_run=True),
-    "cluster_usage": FigureEntry("clusters:cluster_usage", "clustering", one_run=True, options=("layers",)),
-    "expert_usage": FigureEntry("clusters:expert_usage", "calibration", one_run=True, options=("layers",)),
-}
+def _catalog() -> dict[str, FigureEntry]:
+    """Every registered analysis's figures, from its declaration, in the registry's order."""
+    from moelens.analyses.registry import declarations
+
+    out: dict[str, FigureEntry] = {}
+    for declaration in declarations().values():
+        for name, spec in declaration.figures.items():
+            if name in out:
+                raise ValueError(f"two figures are called {name!r} ({out[name].analysis} and {declaration.name})")
+            out[name] = FigureEntry(spec.target, declaration.name, spec.one_run, spec.options, spec.title)
+    return out
+
+
+#: Every figure by name (from the analyses' declarations).
+FIGURES: dict[str, FigureEntry] = _catalog()
 
 
 def figures_of(analysis: str) -> list[str]:

@@ -6,32 +6,16 @@ from functools import lru_cache
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-#: Figure function → heading of its explanation (figure captions point back to it).
-EXPLANATION_TITLES = {
-    "comparison_panels": "Comparison plots",
-    "cos_squared_per_expert": "cos²θ expert comparison",
-    "shuffle_statistics": "Shuffle statistics",
-    "z_decomposition": "z-score decomposition",
-    "null_distribution": "Distribution comparison",
-    "layer_permutation_test": "Layer permutation test",
-    "per_expert_breakdown": "Per-expert breakdown",
-    "complete_analysis": "Complete analysis",
-    "layer_k_heatmap": "Layers × k heat maps",
-    "expert_distance": "Expert distance per layer",
-    "expert_distance_heatmap": "Experts × experts heat maps",
-    "module_heatmap": "Layer × module heat maps",
-    "module_lines": "Module lines",
-    "trace_heatmap": "Intervention heat maps",
-    "trace_knockout": "Knockout heat maps",
-    "trace_restore": "Restoration heat maps",
-    "trace_indirect_effect": "Indirect effect (causal tracing)",
-    "route_routed_share": "Routed share after the edit",
-    "route_jsd_heatmap": "JSD of project_out by layer and k",
-    "route_migration": "Transplant migration matrix",
-    "cluster_map": "Cluster map",
-    "cluster_usage": "Usage by cluster",
-    "expert_usage": "Expert usage frequency",
-}
+
+def _explanation_titles() -> dict[str, str]:
+    from moelens.analyses.registry import declarations
+
+    return {name: spec.title for d in declarations().values() for name, spec in d.figures.items()}
+
+
+#: Figure function → heading of its explanation (figure captions point back to it), from the
+#: analyses' declarations.
+EXPLANATION_TITLES = _explanation_titles()
 
 
 @lru_cache(maxsize=1)

@@ -43,55 +43,20 @@ def alignment_section(runs: Sequence[Run], fmt: str) -> Section:
     return Section("router-alignment", "Router–expert alignment", Markup(render("alignment_body.html", **context)), toc, summary)
 
 
-def _expert_distance_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.distance_report import distance_section
+def _builders() -> dict[str, SectionBuilder]:
+    from moelens.analyses.declaration import load
+    from moelens.analyses.registry import declarations
 
-    return distance_section(runs, fmt)
+    def lazy(target: str) -> SectionBuilder:
+        def build(runs: Sequence[Run], fmt: str) -> Section:
+            return load(target)(runs, fmt)
 
+        build.__name__ = target.split(":")[1]
+        return build
 
-def _module_metrics_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.modules_report import modules_section
-
-    return modules_section(runs, fmt)
-
-
-def _interventions_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.trace_report import trace_section
-
-    return trace_section(runs, fmt)
+    return {name: lazy(d.section) for name, d in declarations().items()}
 
 
-def _router_edits_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.router_edits_report import route_section
-
-    return route_section(runs, fmt)
-
-
-def _calibration_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.clustering_report import calibration_section
-
-    return calibration_section(runs, fmt)
-
-
-def _clustering_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.clustering_report import clustering_section
-
-    return clustering_section(runs, fmt)
-
-
-def _merge_cost_section(runs: Sequence[Run], fmt: str) -> Section:
-    from moelens.report.clustering_report import merge_cost_section
-
-    return merge_cost_section(runs, fmt)
-
-
-SECTION_BUILDERS: dict[str, SectionBuilder] = {
-    "router_alignment": alignment_section,
-    "expert_distance": _expert_distance_section,
-    "module_metrics": _module_metrics_section,
-    "interventions": _interventions_section,
-    "router_edits": _router_edits_section,
-    "calibration": _calibration_section,
-    "clustering": _clustering_section,
-    "merge_cost": _merge_cost_section,
-}
+#: Every analysis's section builder by the analysis's name (from its declaration), imported when
+#: first used.
+SECTION_BUILDERS: dict[str, SectionBuilder] = _builders()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -49,12 +49,15 @@ from moelens.analyses.runner import run_analysis
 from moelens.calibration.activation import expert_activation
 from moelens.calibration.layer import CalibrationSetup, LayerCalibration, calibrate_layer
 from moelens.calibration.store import MATRICES, NAMES, MatrixStore
-from moelens.calibration.texts import DEFAULT_MAX_TOKENS, CalibrationLines, read_lines, tokenise
+from moelens.calibration.texts import CalibrationLines, read_lines, tokenise
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError, RunDirectoryError
 from moelens.progress import ProgressCallback
-from moelens.ranges import compact_ranges, parse_ranges
+from moelens.ranges import compact_ranges
 from moelens.results.run import Run, load_run
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 ANALYSIS = "calibration"
 #: The analyses whose runs carry a calibration (tables and matrices).
@@ -252,19 +255,8 @@ def load_calibration(path: str | os.PathLike[str]) -> CalibrationRun:
     return out
 
 
-def calibrate(
-    model: MoEModel | str | os.PathLike[str],
-    texts: Any,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    layers: Iterable[int] | str | None = None,
-    batch_tokens: int = 4096,
-    device: str = "auto",
-    dtype: str = "auto",
-    *,
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: CalibrationConfig | None = None,
-) -> CalibrationRun:
+def run(models: Mapping[str, Any], config: CalibrationConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> CalibrationRun:
     """Run the calibration text through ``model`` and record, per MoE layer, every token's router
     logits and top-k experts, every expert's usage frequency and mean output (docs/methods.md §3).
 
@@ -272,14 +264,8 @@ def calibrate(
     or a list of strings or of token-id lists. Returns a :class:`CalibrationRun` (tables
     ``calibration_usage``, ``calibration_layers``, ``calibration_tokens`` and the matrices). With
     ``out`` each layer is written when done and an interrupted run resumes at the next layer."""
-    if config is None:
-        config = CalibrationConfig(texts=texts, max_tokens=max_tokens, layers=parse_ranges(layers) if isinstance(layers, str) else layers,
-                                   batch_tokens=batch_tokens, device=device, dtype=dtype)
-    from moelens.checkpoint import open_model
-
-    m = model if isinstance(model, MoEModel) else open_model(model)
     store = MatrixStore(None if out is None else os.path.join(os.fspath(out), MATRICES))
-    run = run_analysis(Calibration(store), {"a": m}, config, out=out, progress=progress)
+    run = run_analysis(Calibration(store), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
     result = CalibrationRun.of(run, store)
     if out is not None:
         store.remove_other_layers(result.layers)
@@ -287,5 +273,5 @@ def calibrate(
     return result
 
 
-__all__ = ["ANALYSIS", "CALIBRATED", "Calibration", "CalibrationConfig", "CalibrationPlan", "CalibrationRun", "calibrate",
+__all__ = ["run", "ANALYSIS", "CALIBRATED", "Calibration", "CalibrationConfig", "CalibrationPlan", "CalibrationRun",
            "calibrate_unit", "calibration_extra", "forward_dtype", "layer_units", "load_calibration", "plan_calibration"]

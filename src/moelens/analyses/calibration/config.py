@@ -34,11 +34,11 @@ def check_texts(texts: Any) -> Any:
 class CalibrationConfig:
     """Options of :func:`calibrate` (each field's help says what it does)."""
 
-    texts: Any = option(None, "Calibration text: one sequence per non-empty line; the last 10 % of the lines are held out (perplexity) and not used.", kind=str, metavar="TEXT_FILE")
+    texts: Any = option(None, "Calibration text: one sequence per non-empty line; the last 10 % of the lines are held out (perplexity) and not used.", kind=str, metavar="TEXT_FILE", required=True)
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most (lines in file order, the last sequence cut).")
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer).", parse=parse_ranges, metavar="LIST")
-    batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", resumable=True)
+    batch_tokens: int = option(4096, "Padded tokens per forward pass.", changes_numbers=False)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", changes_numbers=False)
     dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
@@ -48,6 +48,7 @@ class CalibrationConfig:
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
         if self.dtype not in FORWARD_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+
 
 
 __all__ = ["CalibrationConfig", "check_texts"]

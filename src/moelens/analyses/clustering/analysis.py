@@ -23,10 +23,10 @@ happens in :meth:`Clustering.finish`, one layer's matrices in memory at a time.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -45,7 +45,6 @@ from moelens.analyses.clustering.config import BUDGETS, METHODS, ClusteringConfi
 from moelens.analyses.clustering.tables import CLUSTER_LAYERS_SCHEMA, CLUSTERS_SCHEMA, cluster_rows, layer_summary
 from moelens.analyses.runner import run_analysis
 from moelens.calibration.store import MATRICES, MatrixStore
-from moelens.calibration.texts import DEFAULT_MAX_TOKENS
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError
 from moelens.metrics.clustering import (
@@ -58,8 +57,11 @@ from moelens.metrics.clustering import (
     router_logit_similarity,
 )
 from moelens.progress import ProgressCallback
-from moelens.ranges import compact_ranges, parse_ranges
+from moelens.ranges import compact_ranges
 from moelens.results.run import MANIFEST, Run
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 ANALYSIS = "clustering"
 
@@ -225,25 +227,8 @@ class Clustering(Analysis):
         return calibration_extra(s.setup) if s.setup is not None else {"activation": s.source.manifest.get("activation")}
 
 
-def cluster(
-    model: MoEModel | str | os.PathLike[str],
-    calibration: Any,
-    method: str = "hc-smoe",
-    groups: Optional[int] = None,
-    ratio: Optional[float] = None,
-    linkage: str = "average",
-    distance: str = "euclidean",
-    budget: str = "layer",
-    layers: Iterable[int] | str | None = None,
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    batch_tokens: int = 4096,
-    device: str = "auto",
-    dtype: str = "auto",
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: ClusteringConfig | None = None,
-) -> CalibrationRun:
+def run(models: Mapping[str, Any], config: ClusteringConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> CalibrationRun:
     """Cluster each MoE layer's experts as HC-SMoE or M-SMoE would merge them (docs/methods.md §3).
 
     ``calibration``: a text file (calibrated here, one sequence per non-empty line, the last 10 %
@@ -252,17 +237,8 @@ def cluster(
     run with tables ``clusters`` (layer, expert, cluster, dominant, frequency), ``cluster_layers``
     and the calibration's; with ``out`` every layer's calibration is written when done and an
     interrupted run resumes at the next layer."""
-    if config is None:
-        config = ClusteringConfig(
-            calibration=calibration, method=method, groups=groups, ratio=ratio, linkage=linkage, distance=distance, budget=budget,
-            layers=parse_ranges(layers) if isinstance(layers, str) else layers, max_tokens=max_tokens, batch_tokens=batch_tokens,
-            device=device, dtype=dtype,
-        )
-    from moelens.checkpoint import open_model
-
-    m = model if isinstance(model, MoEModel) else open_model(model)
     store = MatrixStore(None if out is None else os.path.join(os.fspath(out), MATRICES))
-    run = run_analysis(Clustering(store), {"a": m}, config, out=out, progress=progress)
+    run = run_analysis(Clustering(store), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
     source = (run.manifest.get("options") or {}).get("calibration_run")
     if source:
         return CalibrationRun.of(run, load_calibration(source).matrices)
@@ -273,4 +249,4 @@ def cluster(
     return result
 
 
-__all__ = ["ANALYSIS", "BUDGETS", "METHODS", "Clustering", "ClusteringConfig", "check_same_model", "cluster", "is_run_directory"]
+__all__ = ["run", "ANALYSIS", "BUDGETS", "METHODS", "Clustering", "ClusteringConfig", "check_same_model", "is_run_directory"]
