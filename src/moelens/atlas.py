@@ -279,7 +279,7 @@ def reproduce_command(call: Call, executor: Any = None, device: str = "auto") ->
         else:
             words += [flag_name(name), _q(_flag_value(value))]
     words += ["--out", f"runs/{call.name}"]
-    if device != "auto":
+    if device != "auto" and "device" in fields:
         words += ["--device", _q(device)]
     name = None if executor is None else str(getattr(executor, "name", executor))
     if d.executors and name not in (None, "local"):
@@ -289,17 +289,21 @@ def reproduce_command(call: Call, executor: Any = None, device: str = "auto") ->
 
 def step_of(call: Call, executor: Any = None, device: str = "auto") -> Step:
     """The atlas's step of ``call``: the analysis's Python function on its models and options (with
-    the atlas's device and, where the analysis takes one, executor), and the equivalent command."""
+    the atlas's device and executor, where the analysis takes them), and the equivalent command."""
     from moelens.analyses.api import api_function
     from moelens.analyses.registry import declaration
 
+    from moelens.analyses.fields import config_fields
+
     d = declaration(call.analysis)
     where = {"executor": executor} if d.executors else {}
+    if "device" in {f.name for f in config_fields(d.config_type)}:
+        where["device"] = device  # the atlas's device, for every analysis that has one
 
     def run(directory: Path, progress: ProgressCallback | None) -> Run:
         options = {name: _run_value(value, directory.parent) for name, value in call.options.items()}
         function = api_function(d.function)
-        return function(**call.models, **options, device=device, out=directory, progress=progress, **where)
+        return function(**call.models, **options, out=directory, progress=progress, **where)
 
     label = d.title[0].lower() + d.title[1:]
     return Step(call.name, label, reproduce_command(call, executor, device), run, call.needs, call.cost)

@@ -25,6 +25,7 @@ REGISTRY: tuple[str, ...] = (
     "moelens.analyses.calibration:DECLARATION",
     "moelens.analyses.clustering:CLUSTERING",
     "moelens.analyses.clustering:MERGE_COST",
+    "moelens.analyses.router_norms:DECLARATION",
 )
 
 

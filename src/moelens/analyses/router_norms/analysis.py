@@ -1,0 +1,222 @@
+"""Router norms (docs/methods.md §9): the work, its report section, its figure and its summary.
+
+Per MoE layer ℓ with router G ∈ R^{E×d} (row r_e per expert):
+
+    router_norm(ℓ, e)   = ‖r_e‖₂                       (in float64)
+    relative_norm(ℓ, e) = ‖r_e‖₂ / mean_e' ‖r_e'‖₂
+
+and per layer the mean, standard deviation (over experts, ddof 0), coefficient of variation,
+minimum and maximum of the norms. A router's logit for expert e is r_e · x, so a row twice as long
+scores every input twice as strongly: the spread says how much the router favours some experts
+whatever the token. One unit per layer; nothing random.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_unit_key, unit_seed
+from moelens.analyses.router_norms import RouterNormsConfig
+from moelens.analyses.runner import run_analysis
+from moelens.errors import NotMoEError
+from moelens.progress import ProgressCallback
+from moelens.ranges import compact_ranges
+from moelens.results.run import Run
+from moelens.results.schema import TableSchema
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from moelens.analyses.executors import Executor
+    from moelens.atlas import AtlasInputs, Call
+    from moelens.report.sections import Section
+
+ANALYSIS = "router_norms"
+NORMS_SCHEMA = TableSchema("router_norms", (("layer", "int"), ("expert", "int"), ("router_norm", "float"), ("relative_norm", "float")))
+LAYERS_SCHEMA = TableSchema("router_norms_layers", (
+    ("layer", "int"), ("n_experts", "int"), ("mean_norm", "float"), ("std_norm", "float"), ("norm_cv", "float"),
+    ("min_norm", "float"), ("max_norm", "float"),
+))
+
+
+def row_norms(router: np.ndarray) -> np.ndarray:
+    """‖r_e‖₂ of every row of a router [E, d], in float64."""
+    return np.linalg.norm(np.asarray(router, dtype=np.float64), axis=1)  # [E]
+
+
+class RouterNorms(Analysis):
+    """docs/methods.md §9: one unit per MoE layer."""
+
+    name = ANALYSIS
+    title = "Router norms"
+    config_type = RouterNormsConfig
+    inputs = ("a",)
+    unit_tables = (NORMS_SCHEMA, LAYERS_SCHEMA)
+
+    def plan(self, models: Mapping[str, Any], config: RouterNormsConfig) -> Plan:
+        model = models["a"]
+        if not model.is_moe:
+            raise NotMoEError(f"{model.name} is a dense {model.family} model with no MoE layers; router norms need an MoE checkpoint")
+        layers = chosen_layers(config.layers, model.moe_layers)
+        for L in layers:
+            model.layer(L).check()  # out of range, dense or partial: one line now, before anything is written
+        units = [Unit(key=layer_unit_key(L), seed=unit_seed(0, layer_unit_key(L)), layer=L) for L in layers]  # nothing random
+        return Plan(options={"layers": layers}, units=units, label=f"{model.name} L{compact_ranges(layers)}", state=model)
+
+    def compute(self, plan: Plan, unit: Unit, context: UnitContext) -> dict[str, pd.DataFrame]:
+        L = unit.layer
+        assert L is not None
+        norms = row_norms(plan.state.layer(L).router().weight.double().numpy())  # [E]
+        mean = float(norms.mean())
+        if mean == 0.0:
+            context.warn(f"layer {L}: every router row is zero; relative norms are undefined (NaN)")
+        relative = norms / mean if mean > 0 else np.full_like(norms, np.nan)
+        E = len(norms)
+        table = pd.DataFrame({"layer": np.full(E, L, dtype=np.int64), "expert": np.arange(E, dtype=np.int64),
+                              "router_norm": norms, "relative_norm": relative})
+        std = float(norms.std())
+        layer = pd.DataFrame([{"layer": L, "n_experts": E, "mean_norm": mean, "std_norm": std, "norm_cv": std / mean if mean > 0 else np.nan,
+                               "min_norm": float(norms.min()), "max_norm": float(norms.max())}]).astype({"layer": np.int64, "n_experts": np.int64})
+        return {NORMS_SCHEMA.name: table, LAYERS_SCHEMA.name: layer}
+
+
+def run(models: Mapping[str, Any], config: RouterNormsConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
+    """The L2 norm of every router row of ``model`` (an opened model or a checkpoint path), per MoE
+    layer and expert (docs/methods.md §9).
+
+    Returns a :class:`~moelens.results.Run` with tables ``router_norms`` (layer, expert,
+    router_norm, relative_norm) and ``router_norms_layers`` (their spread per layer). With ``out``
+    each layer is written when done and an interrupted run resumes at the next one; ``executor``:
+    ``"local"`` (default), ``"ray"`` or a :class:`~moelens.analyses.executors.RayExecutor`.
+
+    >>> run = router_norms("zoo/base")
+    >>> run["router_norms_layers"][["layer", "mean_norm", "norm_cv"]]
+    """
+    return run_analysis(RouterNorms(), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure, report section, command summary, atlas
+# ----------------------------------------------------------------------------------------------
+def router_norm_heatmap(run: Run) -> Figure:
+    """Relative router norm ‖r_e‖ / mean over the layer's experts, per MoE layer and expert."""
+    import matplotlib.colors as mcolors
+
+    from moelens.errors import ConfigError
+    from moelens.figures.style import new_figure, style_context
+
+    if run.manifest.get("analysis") != ANALYSIS:
+        raise ConfigError(f"router_norm_heatmap draws router_norms runs, not {run.manifest.get('analysis')} runs")
+    grid = run["router_norms"].pivot(index="layer", columns="expert", values="relative_norm")  # [layers, E]
+    values = grid.to_numpy(dtype=np.float64)
+    spread = float(np.nanmax(np.abs(values - 1.0))) if np.isfinite(values).any() else 0.0
+    spread = max(spread, 1e-3)
+    with style_context():
+        fig = new_figure(min(9.0, 3.0 + 0.25 * values.shape[1]), min(8.0, 1.8 + 0.3 * values.shape[0]))
+        ax = fig.add_subplot(1, 1, 1)
+        image = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=mcolors.TwoSlopeNorm(1.0, 1.0 - spread, 1.0 + spread),
+                          interpolation="nearest")
+        ax.grid(False)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(grid.index)), [str(L) for L in grid.index])
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label("‖r_e‖ / layer mean")
+        ax.set_title(f"Relative router norm · {run.label}")
+    return fig
+
+
+_SECTION = """{% from "macros.html" import figure, run_section, table %}
+<section id="router-norms-explanations">
+<h2>What is measured</h2>
+<p id="explain-router_norm_heatmap"><b>Router norms by layer and expert.</b> The router's logit for expert <i>e</i> is
+r<sub>e</sub> · x, so the L2 norm of its row r<sub>e</sub> scales every logit it gives. The heat map shows each row's norm divided
+by the mean over its layer's experts: 1 (white) is an average row; red rows are longer and score every token more strongly,
+blue rows shorter. The table gives each layer's mean, spread (coefficient of variation = std / mean) and extremes.</p>
+</section>
+{% for run in runs %}
+{% call run_section(run) %}
+<h3>Per layer</h3>
+{{ table(run.layers, "summary") }}
+{{ figure(run.figure) }}
+{% endcall %}
+{% endfor %}
+"""
+
+
+@dataclass
+class _RunPart:
+    number: int
+    id: str
+    label: str
+    setup: Any
+    layers: Any
+    figure: Any
+    warnings: list[str]
+
+
+def section(runs: Sequence[Run], fmt: str) -> Section:
+    """The report's router-norms section: what is measured, then per run its setup, a table per
+    layer and the heat map."""
+    from markupsafe import Markup
+
+    from moelens.report.embed import embed
+    from moelens.report.render import environment
+    from moelens.report.sections import Section
+    from moelens.report.tables import Cell, Table, integer, number, text
+
+    parts = []
+    for i, run in enumerate(runs, start=1):
+        m = run.manifest
+        setup = Table(headers=["setting", "value"], rows=[
+            [Cell("model", "key"), text((m.get("inputs", {}).get("a") or {}).get("name", ""))],
+            [Cell("layers", "key"), text(compact_ranges(m.get("options", {}).get("layers", [])))],
+            [Cell("moelens version", "key"), text((m.get("versions") or {}).get("moelens", ""))],
+            [Cell("run directory", "key"), text(str(run.path) if run.path else "")],
+        ])
+        layers = Table(headers=["layer", "experts", "mean ‖r_e‖", "std", "cv", "min", "max"])
+        for r in run["router_norms_layers"].itertuples(index=False):
+            layers.rows.append([integer(r.layer), integer(r.n_experts), number(r.mean_norm, 4), number(r.std_norm, 4), number(r.norm_cv, 4),
+                                number(r.min_norm, 4), number(r.max_norm, 4)])
+        fig = embed(router_norm_heatmap(run), "router_norm_heatmap", f"router-norms-run-{i}-heat", "Relative router norm",
+                    f"router row norm over the layer mean, per layer and expert, {run.label}", fmt, run=run)
+        warnings = [w for unit in sorted((m.get("warnings") or {})) for w in m["warnings"][unit]]
+        parts.append(_RunPart(i, f"router-norms-run-{i}", run.label, setup, layers, fig, warnings))
+    html = environment().from_string(_SECTION).render(runs=parts)
+    toc = [("router-norms-explanations", "What is measured")] + [(p.id, f"Run {p.number}: {p.label}") for p in parts]
+    summary = "; ".join(f"{run.label}: cv of router norms {run['router_norms_layers']['norm_cv'].mean():.3f} (mean over layers)" for run in runs)
+    return Section("router-norms", "Router norms", Markup(html), toc, summary)
+
+
+def show(run: Run, values: Mapping[str, Any]) -> None:
+    """``moelens norms``: the spread of the router norms per layer."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from moelens.cli.analyses import _cell, console, print_warnings
+
+    table = Table(title=escape(f"{run.label} · router row norms ‖r_e‖₂ per layer"), title_justify="left")
+    for col in ("layer", "experts", "mean", "std", "cv", "min", "max"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in run["router_norms_layers"].itertuples(index=False):
+        table.add_row(str(int(r.layer)), str(int(r.n_experts)), *[_cell(float(v), ".4f") for v in (r.mean_norm, r.std_norm, r.norm_cv, r.min_norm, r.max_norm)])
+    console.print(table)
+    print_warnings(run)
+    console.print(f"wrote [bold]{escape(str(values['out']))}[/]: manifest.json, router_norms.parquet, router_norms_layers.parquet", highlight=False)
+
+
+def atlas_calls(given: AtlasInputs) -> list[Call]:
+    """The atlas measures the router norms of every MoE model."""
+    from moelens.atlas import Call
+
+    return [Call(f"router-norms-{key}", ANALYSIS, {"model": m}, cost=0.5) for key, m in given.models.items()] if given.moe else []
+
+
+__all__ = ["ANALYSIS", "LAYERS_SCHEMA", "NORMS_SCHEMA", "RouterNorms", "atlas_calls", "router_norm_heatmap", "row_norms", "run", "section", "show"]
