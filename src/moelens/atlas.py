@@ -14,6 +14,11 @@ as PNG and SVG under ``out/figures/``, named after the figure (and its run, laye
 | interventions           | prompts given, or a zoo model           | ``trace-block-<model>`` (attention knockout, seed 003), ``trace-knockout-<model>`` per model; ``trace-restore-<first model>`` |
 | router edits            | MoE models with prompts                 | ``route-<first model>`` on the first :data:`ROUTE_PROMPTS` prompts |
 | clustering and merging  | MoE models with calibration text        | ``cluster-hc-smoe``, ``cluster-m-smoe``, their distances, ``merge-cost`` |
+| router norms            | MoE models                              | ``router-norms-<model>`` per model    |
+
+Each analysis's declaration names what the atlas runs of it (``atlas``: a function of
+:class:`AtlasInputs` returning :class:`Call` s); the real call and its reproduce command are both
+made from the call by :func:`step_of`.
 
 The runs go to worker processes, several at once on the CPU (``jobs``, :mod:`moelens.atlas_pool`),
 each run written by one of them; the parent reads the finished runs and writes the report.
@@ -291,9 +296,8 @@ def step_of(call: Call, executor: Any = None, device: str = "auto") -> Step:
     """The atlas's step of ``call``: the analysis's Python function on its models and options (with
     the atlas's device and executor, where the analysis takes them), and the equivalent command."""
     from moelens.analyses.api import api_function
-    from moelens.analyses.registry import declaration
-
     from moelens.analyses.fields import config_fields
+    from moelens.analyses.registry import declaration
 
     d = declaration(call.analysis)
     where = {"executor": executor} if d.executors else {}
