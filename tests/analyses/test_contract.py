@@ -294,8 +294,10 @@ def test_tables_section_and_figures_resolve(name):
     from moelens.report.sections import SECTION_BUILDERS
 
     d = DECLARED[name]
-    assert set(d.tables) == set(ANALYSES[name].schemas())
-    assert ANALYSES[name].config_type is d.config_type
+    cls = ANALYSES[name]
+    assert set(d.tables) == set(cls.schemas())
+    assert cls.config_type is d.config_type and cls.title == d.title
+    assert {i.role for i in d.inputs} == set(cls.inputs) and [i.role for i in d.inputs if i.required] == [cls.inputs[0]]
     assert callable(load(d.section)) and name in SECTION_BUILDERS
     for figure, spec in d.figures.items():
         function = load(spec.target)
