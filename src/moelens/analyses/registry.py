@@ -22,8 +22,8 @@ REGISTRY: tuple[str, ...] = (
     "moelens.analyses.module_metrics:DECLARATION",
     "moelens.analyses.interventions:DECLARATION",
     "moelens.analyses.router_edits:DECLARATION",
-    "moelens.analyses.calibration:DECLARATION",
     "moelens.analyses.clustering:CLUSTERING",
+    "moelens.analyses.calibration:DECLARATION",
     "moelens.analyses.clustering:MERGE_COST",
     "moelens.analyses.router_norms:DECLARATION",
 )
