@@ -25,14 +25,16 @@ def zoo_atlas(small_zoo, tmp_path_factory):
 def test_atlas_writes_every_run_and_a_report_with_every_section(zoo_atlas):
     runs = zoo_atlas.runs
     expected = {"alignment-base", "alignment-tuned", "distance-base-tuned", "distance-within", "modules",
-                "trace-block-base", "trace-knockout-base", "trace-block-tuned", "trace-knockout-tuned", "trace-restore-base", "route-base"}
+                "trace-block-base", "trace-knockout-base", "trace-block-tuned", "trace-knockout-tuned", "trace-restore-base", "route-base",
+                "router-norms-base", "router-norms-tuned"}
     assert expected <= set(runs)
     assert {"cluster-hc-smoe", "cluster-m-smoe", "distance-hc-smoe-permuted", "distance-m-smoe"} <= set(runs)
     for name in runs:
         assert ml.load_run(zoo_atlas.out / "runs" / name).manifest["status"] == "complete"
     html = zoo_atlas.report.read_text()
     analyses = {r.manifest["analysis"] for r in runs.values()}
-    assert analyses == {"router_alignment", "expert_distance", "module_metrics", "interventions", "router_edits", "clustering", "merge_cost"}
+    assert analyses == {"router_alignment", "expert_distance", "module_metrics", "interventions", "router_edits", "clustering", "merge_cost",
+                        "router_norms"}
     assert len(re.findall(r'<section id="[^"]+" class="part"', html)) == len(analyses)  # one section per analysis
     assert "How to reproduce" in html and "moelens trace" in html and "torch" in html
     assert zoo_atlas.notes == []

@@ -41,9 +41,16 @@ MAY_IMPORT: dict[str, set[str]] = {
     "testing": _ALL - {"testing"},
     "atlas": _ALL - {"atlas", "testing"},
     "atlas_pool": set(),
-    "cli": _ALL,
+    "cli": _ALL | {"surface"},
     "__main__": {"cli"},
+    "surface": _ALL | {"cli"},
 }
+
+#: The analyses' declarations and their registry: what every outer layer derives its part of an
+#: analysis from (the figure catalog, the report's sections, the commands). They import only the
+#: standard library and BOTTOM, and name everything else as ``"module:function"`` strings, so any
+#: part may read them.
+DECLARATIONS = frozenset({"moelens.analyses.declaration", "moelens.analyses.registry"})
 
 
 def modules() -> dict[str, Path]:
@@ -130,8 +137,13 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def part(module: str) -> str:
-    """``moelens.report.sections`` -> ``report``; the package itself -> ``moelens``."""
-    return module.split(".")[1] if "." in module else module
+    """``moelens.report.sections`` -> ``report``; the package itself -> ``moelens``; an analysis's
+    ``surface`` module (its figure, report section, command summary and atlas runs, named by its
+    declaration and imported only by name) -> ``surface``, the outermost part beside the command line."""
+    names = module.split(".")
+    if len(names) == 4 and names[1] == "analyses" and names[3] == "surface":
+        return "surface"
+    return names[1] if len(names) > 1 else module
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +174,19 @@ def test_no_upward_imports(graph):
     for module, targets in graph.items():
         mine = part(module)
         allowed = BOTTOM if mine in BOTTOM or mine == "moelens" else MAY_IMPORT[mine] | BOTTOM
-        upward += [f"{module} -> {t}" for t in sorted(targets) if part(t) != mine and part(t) not in allowed]
+        upward += [f"{module} -> {t}" for t in sorted(targets) if part(t) != mine and part(t) not in allowed and t not in DECLARATIONS]
     assert upward == []
+
+
+def test_the_declarations_are_leaves(graph):
+    """What every part may import imports nothing above the bottom."""
+    for module in DECLARATIONS:
+        assert {part(t) for t in graph[module]} - BOTTOM <= {"analyses"} and graph[module] <= DECLARATIONS | {f"moelens.{b}" for b in BOTTOM}
+
+
+def test_nothing_below_the_surface_imports_a_surface(graph):
+    """An analysis's surface is reached through its declaration's names only (the command line aside)."""
+    assert [m for m, targets in graph.items() if part(m) not in ("surface", "cli") and any(part(t) == "surface" for t in targets)] == []
 
 
 def test_nothing_imports_the_package_root(graph):

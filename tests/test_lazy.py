@@ -64,7 +64,7 @@ def test_names_and_dir():
 
     assert set(A.__all__) <= set(dir(A)) and set(C.__all__) <= set(dir(C))
     assert A.RouterAlignmentConfig is RouterAlignmentConfig is moelens.RouterAlignmentConfig
-    assert set(A.ANALYSES) == {"router_alignment", "expert_distance", "module_metrics", "interventions", "router_edits", "calibration",
-                               "clustering", "merge_cost"}
+    assert set(A.ANALYSES) == set(A.declarations()) >= {"router_alignment", "expert_distance", "module_metrics", "interventions",
+                                                         "router_edits", "calibration", "clustering", "merge_cost", "router_norms"}
     with pytest.raises(AttributeError, match="no_such_name"):
         A.no_such_name  # noqa: B018

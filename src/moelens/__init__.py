@@ -21,11 +21,7 @@ from typing import Any
 
 #: Each public name and the module that defines it.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys((
-        "CalibrationConfig", "ClusteringConfig", "ExpertDistanceConfig", "InterventionsConfig", "MergeCostConfig",
-        "ModuleMetricsConfig", "RouterAlignmentConfig", "RouterEditsConfig", "calibrate", "cluster", "expert_distance", "load_calibration",
-        "merge_clusters", "merge_cost", "module_metrics", "router_alignment", "router_edits", "trace",
-    ), "moelens.analyses"),
+    **dict.fromkeys(("load_calibration", "merge_clusters"), "moelens.analyses"),
     "atlas": "moelens.atlas",
     **dict.fromkeys(("ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model"), "moelens.checkpoint"),
     "MoelensError": "moelens.errors",
@@ -34,6 +30,18 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Run", "load_run", "load_runs"), "moelens.results"),
     "set_threads": "moelens.threads",
 }
+
+
+def _analyses() -> list[str]:
+    """Every registered analysis's function (``router_alignment``) and config class, from its
+    declaration (reading the declarations imports no torch)."""
+    from moelens.analyses.registry import declarations
+
+    return [name for d in declarations().values() for name in (d.config.rpartition(":")[2], d.function)]
+
+
+_ANALYSIS_NAMES = _analyses()
+_EXPORTS.update(dict.fromkeys(_ANALYSIS_NAMES, "moelens.analyses"))
 
 #: Sub-packages reachable as attributes (``ml.zoo.build()``) without importing them up front.
 _LAZY_SUBPACKAGES = ("zoo", "runtime")
@@ -81,8 +89,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "ExpertWeights", "MoELayer", "MoEModel", "RouterWeights", "open_model", "MoelensError",
     "Run", "load_run", "load_runs", "__version__",
-    "RouterAlignmentConfig", "router_alignment", "ExpertDistanceConfig", "expert_distance", "ModuleMetricsConfig", "module_metrics",
-    "InterventionsConfig", "trace", "RouterEditsConfig", "router_edits",
-    "CalibrationConfig", "calibrate", "load_calibration", "ClusteringConfig", "cluster", "merge_clusters", "MergeCostConfig", "merge_cost",
+    *_ANALYSIS_NAMES, "load_calibration", "merge_clusters",
     "build_report", "report", "atlas", "set_threads",
 ]

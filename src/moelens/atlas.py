@@ -14,6 +14,11 @@ as PNG and SVG under ``out/figures/``, named after the figure (and its run, laye
 | interventions           | prompts given, or a zoo model           | ``trace-block-<model>`` (attention knockout, seed 003), ``trace-knockout-<model>`` per model; ``trace-restore-<first model>`` |
 | router edits            | MoE models with prompts                 | ``route-<first model>`` on the first :data:`ROUTE_PROMPTS` prompts |
 | clustering and merging  | MoE models with calibration text        | ``cluster-hc-smoe``, ``cluster-m-smoe``, their distances, ``merge-cost`` |
+| router norms            | MoE models                              | ``router-norms-<model>`` per model    |
+
+Each analysis's declaration names what the atlas runs of it (``atlas``: a function of
+:class:`AtlasInputs` returning :class:`Call` s); the real call and its reproduce command are both
+made from the call by :func:`step_of`.
 
 The runs go to worker processes, several at once on the CPU (``jobs``, :mod:`moelens.atlas_pool`),
 each run written by one of them; the parent reads the finished runs and writes the report.
@@ -172,56 +177,20 @@ def plan_atlas(
         read_lines(calibration_path)  # a missing, empty or undecodable file is named now
     for m in models.values() if checks else ():
         check_checkpoint_finite(m)  # NaN weights named now, not after the first runs are written
-    exec_flag = ""
-    if executor is not None and str(getattr(executor, "name", executor)) not in ("local",):
-        exec_flag = f" --executor {_q(getattr(executor, 'name', executor))}"
-    dev_flag = f" --device {_q(device)}" if device != DEFAULT_DEVICE else ""
-
-    steps: list[Step] = []
+    inputs = AtlasInputs(models, main, base_m, tuned_m, moe, prompts_path, calibration_path, trace_limit, restore_limit, out)
     notes: list[str] = []
-    if moe:
-        from moelens.analyses.router_alignment import router_alignment
-
-        for key, m in models.items():
-            steps.append(Step(f"alignment-{key}", "router alignment",
-                              f"moelens align {_q(m.path)} --out runs/alignment-{key}{dev_flag}{exec_flag}",
-                              lambda d, p, m=m: router_alignment(m, device=device, out=d, progress=p, executor=executor), cost=3))
-        from moelens.analyses.expert_distance import expert_distance
-
-        if tuned_m is not None:
-            steps.append(Step("distance-base-tuned", "expert distance",
-                              f"moelens distance {_q(base_m.path)} {_q(tuned_m.path)} --out runs/distance-base-tuned{dev_flag}{exec_flag}",
-                              lambda d, p: expert_distance(base_m, tuned_m, device=device, out=d, progress=p, executor=executor), cost=3))
-        steps.append(Step("distance-within", "expert distance",
-                          f"moelens distance {_q(base_m.path)} --out runs/distance-within{dev_flag}{exec_flag}",
-                          lambda d, p: expert_distance(base_m, device=device, out=d, progress=p, executor=executor), cost=2))
-    else:
+    if not moe:
         notes.append(f"{main.name} is a dense model: router alignment, expert distance and clustering need experts and were skipped")
-
-    from moelens.analyses.module_metrics import module_metrics
-
     if any(getattr(m.family_adapter, "forward_only", False) for m in models.values()):
         notes.append(f"{main.name} is a {main.family} checkpoint opened for forward passes only: module metrics were skipped")
-    elif tuned_m is not None:
-        steps.append(Step("modules", "module metrics",
-                          f"moelens modules {_q(base_m.path)} {_q(tuned_m.path)} --out runs/modules{dev_flag}{exec_flag}",
-                          lambda d, p: module_metrics(base_m, tuned_m, device=device, out=d, progress=p, executor=executor), cost=4))
-    else:
-        steps.append(Step("modules", "module metrics", f"moelens modules {_q(main.path)} --out runs/modules{dev_flag}{exec_flag}",
-                          lambda d, p: module_metrics(main, device=device, out=d, progress=p, executor=executor), cost=2))
-
-    if prompts_path is not None:
-        steps.extend(_trace_steps(models, main, prompts_path, moe, trace_limit, restore_limit, out, device, dev_flag))
-    else:
+    if prompts_path is None:
         notes.append("no prompts were given (--prompts FACTS.jsonl): interventions were skipped")
-
-    if prompts_path is not None and moe:
-        steps.append(_route_step(models, prompts_path, trace_limit, out, device, dev_flag))
-
-    if moe and calibration_path is not None:
-        steps.extend(_clustering_steps(base_m, tuned_m, calibration_path, prompts_path, device, dev_flag))
-    elif moe:
+    if moe and calibration_path is None:
         notes.append("no calibration text was given (--calibration TEXT): clustering and merge costs were skipped")
+    from moelens.analyses.declaration import load
+    from moelens.analyses.registry import declarations
+
+    steps = [step_of(call, executor, device) for d in declarations().values() if d.atlas for call in load(d.atlas)(inputs)]
     return steps, notes
 
 
@@ -231,53 +200,211 @@ def block_window(n_layers: int) -> int:
     return max(1, int(GEVA_WINDOW * n_layers / GEVA_LAYERS + 0.5))
 
 
-def _trace_steps(models: dict[str, Any], main: Any, prompts: Path, moe: bool, trace_limit: int | None,
-                 restore_limit: int | None, out: Path, device: str, dev_flag: str) -> list[Step]:
+@dataclass(frozen=True)
+class AtlasInputs:
+    """What the atlas was given, for each analysis's declared ``atlas`` function: the models by
+    role (``model``, or ``base`` and ``tuned``), the first model, the base and the fine-tune, whether
+    they are MoE models, the prompts and calibration text (None when not given) and the limits."""
+
+    models: dict[str, Any]
+    main: Any
+    base: Any
+    tuned: Any
+    moe: bool
+    prompts: Path | None
+    calibration: Path | None
+    trace_limit: int | None
+    restore_limit: int | None
+    out: Path
+
+    @property
+    def forward_only(self) -> bool:
+        """A checkpoint opened for forward passes only (its weights cannot be read one by one)."""
+        return any(getattr(m.family_adapter, "forward_only", False) for m in self.models.values())
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Another run of this atlas, by its name: ``runs/<name>`` in a command, its directory when run."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """One run of the atlas in the terms of its analysis's declaration: its directory name, the
+    analysis, the models by the function's parameter names (``model``, ``model_a``, ``model_b``),
+    the options it sets (config fields; a :class:`RunRef` for another run of the atlas), the runs it reads, and its rough cost (seconds on the 12-layer
+    zoo). :func:`step_of` makes both the real call and its reproduce command from it."""
+
+    name: str
+    analysis: str
+    models: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()
+    cost: float = 1.0
+
+
+def _flag_value(value: Any) -> str:
+    """An option's value as the command line writes it (a list comma-separated)."""
+    if isinstance(value, RunRef):
+        return f"runs/{value.name}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(_flag_value(v) for v in value)
+    return str(value)
+
+
+def _run_value(value: Any, runs: Path) -> Any:
+    """An option's value as the Python function takes it (a :class:`RunRef` as its directory)."""
+    if isinstance(value, RunRef):
+        return runs / value.name
+    if isinstance(value, list):
+        return [_run_value(v, runs) for v in value]
+    return value
+
+
+def reproduce_command(call: Call, executor: Any = None, device: str = DEFAULT_DEVICE) -> str:
+    """The command that makes ``call``'s run, from its analysis's declaration: ``moelens COMMAND
+    MODEL… [--model-option PATH] [--option VALUE…] --out runs/NAME [--device D] [--executor E]``."""
+    from moelens.analyses.fields import config_fields, flag_name
+    from moelens.analyses.registry import declaration
+
+    d = declaration(call.analysis)
+    fields = {f.name: f for f in config_fields(d.config_type)}
+    words = ["moelens", d.command.name]
+    for i in d.inputs:
+        model = call.models.get(i.name)
+        if model is not None:
+            words += [i.flag, _q(model.path)] if i.flag else [_q(model.path)]
+    for name, value in call.options.items():
+        f = fields[name]  # a KeyError here is a call that names no field of its config
+        if value is None or (isinstance(value, bool) and value == f.default):
+            continue  # what the command line leaves out means the same
+        if isinstance(value, bool):
+            words.append(flag_name(name) if value else f"--no-{flag_name(name)[2:]}")
+        else:
+            words += [flag_name(name), _q(_flag_value(value))]
+    words += ["--out", f"runs/{call.name}"]
+    if device != DEFAULT_DEVICE and "device" in fields:
+        words += ["--device", _q(device)]
+    name = None if executor is None else str(getattr(executor, "name", executor))
+    if name not in (None, "local"):
+        words += ["--executor", _q(name)]
+    return " ".join(words)
+
+
+def step_of(call: Call, executor: Any = None, device: str = DEFAULT_DEVICE) -> Step:
+    """The atlas's step of ``call``: the analysis's Python function on its models and options (with
+    the atlas's device and executor, where the analysis takes them), and the equivalent command."""
+    from moelens.analyses.api import api_function
+    from moelens.analyses.fields import config_fields
+    from moelens.analyses.registry import declaration
+
+    d = declaration(call.analysis)
+    where: dict[str, Any] = {"executor": executor}
+    if "device" in {f.name for f in config_fields(d.config_type)}:
+        where["device"] = device  # the atlas's device, for every analysis that has one
+
+    def run(directory: Path, progress: ProgressCallback | None) -> Run:
+        options = {name: _run_value(value, directory.parent) for name, value in call.options.items()}
+        function = api_function(d.function)
+        return function(**call.models, **options, out=directory, progress=progress, **where)
+
+    label = d.title[0].lower() + d.title[1:]
+    return Step(call.name, label, reproduce_command(call, executor, device), run, call.needs, call.cost)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the atlas runs of each analysis (named by each declaration's ``atlas``)
+# ----------------------------------------------------------------------------------------------
+def alignment_calls(given: AtlasInputs) -> list[Call]:
+    """Router alignment of every MoE model."""
+    if not given.moe:
+        return []
+    return [Call(f"alignment-{key}", "router_alignment", {"model": m}, cost=3) for key, m in given.models.items()]
+
+
+def distance_calls(given: AtlasInputs) -> list[Call]:
+    """Expert distance base→tuned (two models) and within the base's layers."""
+    if not given.moe:
+        return []
+    calls = []
+    if given.tuned is not None:
+        calls.append(Call("distance-base-tuned", "expert_distance", {"model_a": given.base, "model_b": given.tuned}, cost=3))
+    calls.append(Call("distance-within", "expert_distance", {"model_a": given.base}, cost=2))
+    return calls
+
+
+def modules_calls(given: AtlasInputs) -> list[Call]:
+    """Module metrics of the base and the fine-tune (or of the one model)."""
+    if given.forward_only:
+        return []
+    if given.tuned is not None:
+        return [Call("modules", "module_metrics", {"model_a": given.base, "model_b": given.tuned}, cost=4)]
+    return [Call("modules", "module_metrics", {"model_a": given.main}, cost=2)]
+
+
+def trace_calls(given: AtlasInputs) -> list[Call]:
     """Per model: attention knockout (block, the seed-003 figure, with a window scaled to the
     depth) and knockout of every site beside it; causal tracing (restore) of the first model on
     the first ``restore_limit`` prompts (0: none)."""
-    from moelens.analyses.interventions import trace
-
-    knockout_sites = KNOCKOUT_SITES if moe else DENSE_KNOCKOUT_SITES
-    window = block_window(main.n_layers)
-    limit_flag = f" --limit {trace_limit}" if trace_limit else ""
-    steps: list[Step] = []
-    for key, m in models.items():
+    if given.prompts is None:
+        return []
+    knockout_sites = KNOCKOUT_SITES if given.moe else DENSE_KNOCKOUT_SITES
+    window = block_window(given.main.n_layers)
+    prompts, limit = str(given.prompts), given.trace_limit
+    calls: list[Call] = []
+    for key, m in given.models.items():
         block, knockout = f"trace-block-{key}", f"trace-knockout-{key}"
         for name in (block, knockout):
-            _check_kept_limit(out / "runs" / name, trace_limit)
-        steps.append(Step(block, "interventions",
-                          f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --mode block --window {window}{limit_flag} --out runs/{block}{dev_flag}",
-                          lambda d, p, m=m: trace(m, str(prompts), mode="block", window=window, limit=trace_limit, device=device, out=d, progress=p),
-                          cost=12))
-        steps.append(Step(knockout, "interventions",
-                          f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --sites {','.join(knockout_sites)}{limit_flag} --out runs/{knockout}{dev_flag}",
-                          lambda d, p, m=m: trace(m, str(prompts), sites=knockout_sites, limit=trace_limit, device=device, out=d, progress=p),
-                          cost=22))
-    if restore_limit:
-        key = next(iter(models))
-        limit = min(restore_limit, trace_limit) if trace_limit else restore_limit
+            _check_kept_limit(given.out / "runs" / name, limit)
+        calls.append(Call(block, "interventions", {"model": m}, {"prompts": prompts, "mode": "block", "window": window, "limit": limit}, cost=12))
+        calls.append(Call(knockout, "interventions", {"model": m}, {"prompts": prompts, "sites": knockout_sites, "limit": limit}, cost=22))
+    if given.restore_limit:
+        key = next(iter(given.models))
+        restore = min(given.restore_limit, limit) if limit else given.restore_limit
         name = f"trace-restore-{key}"
-        _check_kept_limit(out / "runs" / name, limit, "--restore-limit")
-        m = models[key]
-        steps.append(Step(name, "interventions",
-                          f"moelens trace {_q(m.path)} --prompts {_q(prompts)} --mode restore --limit {limit} --out runs/{name}{dev_flag}",
-                          lambda d, p: trace(m, str(prompts), mode="restore", limit=limit, device=device, out=d, progress=p),
-                          cost=5 * limit))  # some 13 block prompts' worth each
-    return steps
+        _check_kept_limit(given.out / "runs" / name, restore, "--restore-limit")
+        calls.append(Call(name, "interventions", {"model": given.models[key]}, {"prompts": prompts, "mode": "restore", "limit": restore},
+                          cost=5 * restore))  # some 13 block prompts' worth each
+    return calls
 
 
-def _route_step(models: dict[str, Any], prompts: Path, trace_limit: int | None, out: Path, device: str, dev_flag: str) -> Step:
+def route_calls(given: AtlasInputs) -> list[Call]:
     """Router edits of the first model on the first :data:`ROUTE_PROMPTS` prompts (fewer with a smaller ``trace_limit``)."""
-    from moelens.analyses.router_edits import router_edits
-
-    key = next(iter(models))
-    m = models[key]
-    limit = min(ROUTE_PROMPTS, trace_limit) if trace_limit else ROUTE_PROMPTS
+    if given.prompts is None or not given.moe:
+        return []
+    key = next(iter(given.models))
+    limit = min(ROUTE_PROMPTS, given.trace_limit) if given.trace_limit else ROUTE_PROMPTS
     name = f"route-{key}"
-    _check_kept_limit(out / "runs" / name, limit, "--trace-limit")
-    return Step(name, "router edits", f"moelens route {_q(m.path)} --prompts {_q(prompts)} --limit {limit} --out runs/{name}{dev_flag}",
-                lambda d, p: router_edits(m, str(prompts), limit=limit, device=device, out=d, progress=p))
+    _check_kept_limit(given.out / "runs" / name, limit, "--trace-limit")
+    return [Call(name, "router_edits", {"model": given.models[key]}, {"prompts": str(given.prompts), "limit": limit})]
+
+
+def clustering_calls(given: AtlasInputs) -> list[Call]:
+    """Clustering of the base model by HC-SMoE and M-SMoE (half the experts), and the distances
+    within their clusters with and without permutation."""
+    if not given.moe or given.calibration is None:
+        return []
+    groups = max(1, given.base.n_experts // 2)
+    calls: list[Call] = []
+    for method in ("hc-smoe", "m-smoe"):
+        name = f"cluster-{method}"
+        calls.append(Call(name, "clustering", {"model": given.base},
+                          {"calibration": str(given.calibration), "method": method, "groups": groups}, cost=12))
+        for permute in (False, True):
+            calls.append(Call(f"distance-{method}{'-permuted' if permute else ''}", "expert_distance", {"model_a": given.base},
+                              {"clusters": RunRef(name), "permute": permute}, needs=(name,), cost=2))
+    return calls
+
+
+def merge_cost_calls(given: AtlasInputs) -> list[Call]:
+    """What merging by both clusterings costs: fact recall (the prompts) and held-out perplexity."""
+    if not given.moe or given.calibration is None:
+        return []
+    options = {"clusters": [RunRef("cluster-hc-smoe"), RunRef("cluster-m-smoe")],
+               "facts": None if given.prompts is None else str(given.prompts), "texts": str(given.calibration)}
+    return [Call("merge-cost", "merge_cost", {"model": given.base}, options, needs=("cluster-hc-smoe", "cluster-m-smoe"), cost=15)]
 
 
 def _check_forward_inputs(models: Any, prompts: Path, records: list[Any], facts: bool) -> None:
@@ -312,40 +439,6 @@ def _check_kept_limit(run_dir: Path, trace_limit: int | None, option: str = "--t
     if kept != trace_limit:
         raise ConfigError(f"{run_dir} was written with {option} {kept if kept is not None else '(none)'} but this call asks for "
                           f"{trace_limit if trace_limit is not None else '(none)'}; give the same {option}, or choose another --out directory")
-
-
-def _clustering_steps(base_m: Any, tuned_m: Any, calibration: Path, prompts: Path | None, device: str, dev_flag: str) -> list[Step]:
-    """Clustering of the base model by HC-SMoE and M-SMoE (half the experts), the distances within
-    their clusters with and without permutation, and what merging costs."""
-    from moelens.analyses.clustering import cluster
-    from moelens.analyses.expert_distance import expert_distance
-
-    steps: list[Step] = []
-    groups = max(1, base_m.n_experts // 2)
-    for method in ("hc-smoe", "m-smoe"):
-        name = f"cluster-{method}"
-        steps.append(Step(name, "clustering",
-                          f"moelens cluster {_q(base_m.path)} --calibration {_q(calibration)} --method {method} --groups {groups} --out runs/{name}{dev_flag}",
-                          lambda d, p, method=method: cluster(base_m, str(calibration), method=method, groups=groups, device=device, out=d, progress=p),
-                          cost=12))
-        for permute in (False, True):
-            dname = f"distance-{method}{'-permuted' if permute else ''}"
-            steps.append(Step(dname, "expert distance",
-                              f"moelens distance {_q(base_m.path)} --clusters runs/{name}{' --permute' if permute else ''} --out runs/{dname}{dev_flag}",
-                              lambda d, p, name=name, permute=permute: expert_distance(
-                                  base_m, clusters=d.parent / name, permute=permute, device=device, out=d, progress=p),
-                              needs=(name,), cost=2))
-    from moelens.analyses.clustering import merge_cost
-
-    facts_flag = f" --facts {_q(prompts)}" if prompts is not None else ""
-    steps.append(Step("merge-cost", "merge costs",
-                      f"moelens merge-cost {_q(base_m.path)} --clusters runs/cluster-hc-smoe,runs/cluster-m-smoe{facts_flag} "
-                      f"--texts {_q(calibration)} --out runs/merge-cost{dev_flag}",
-                      lambda d, p: merge_cost(base_m, [d.parent / "cluster-hc-smoe", d.parent / "cluster-m-smoe"],
-                                              facts=None if prompts is None else str(prompts), texts=str(calibration),
-                                              device=device, out=d, progress=p),
-                      needs=("cluster-hc-smoe", "cluster-m-smoe"), cost=15))
-    return steps
 
 
 #: The file that marks a directory as an atlas moelens wrote (so a later call may update it).
@@ -555,4 +648,4 @@ def atlas(
     return Atlas(out, runs, path, figure_paths, notes, reused)
 
 
-__all__ = ["ATLAS_MARKER", "RESTORE_PROMPTS", "Atlas", "Step", "block_window", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "write_figure_files"]
+__all__ = ["ATLAS_MARKER", "RESTORE_PROMPTS", "Atlas", "AtlasInputs", "Call", "RunRef", "Step", "reproduce_command", "step_of", "block_window", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "write_figure_files"]

@@ -1,17 +1,33 @@
 """The contract every registered analysis keeps (like scikit-learn's ``parametrize_with_checks``):
 determinism under a seed, declared schemas, save/load, resume after a kill, one writer per run
-directory, nothing printed, progress events, unit seeds that depend on the unit's key only."""
+directory, nothing printed, progress events, unit seeds that depend on the unit's key only; and
+its surface, derived from its declaration: the Python function's signature and defaults are the
+config's, the command's options are the config's fields, the manifest records the config, the
+report section, figures and atlas runs resolve, and each reproduce command parses back to the
+config of the real call.
+
+A contract case makes (models, config) from the tiny checkpoints: :data:`CASES` holds the first
+analyses'; a later analysis brings its own as ``contract_case`` in ``tests/analyses/test_<name>.py``."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import json
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
 import moelens as ml
 from moelens.analyses import ANALYSES, get_analysis, run_analysis
-from moelens.analyses.base import config_seed
+from moelens.analyses.base import config_seed, recorded_options
+from moelens.analyses.declaration import load
+from moelens.analyses.fields import cli_fields, config_fields, flag_name, recorded_fields
+from moelens.analyses.registry import declarations
 from moelens.errors import RunDirectoryError
 from moelens.locks import DirectoryLock
 from moelens.results.manifest import SCHEMA_VERSION, read_manifest
@@ -113,14 +129,27 @@ def _assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None
         pd.testing.assert_frame_equal(a[name].reset_index(drop=True), b[name].reset_index(drop=True), check_exact=True, obj=name)
 
 
+def _contract_case(name: str):
+    """The contract case of analysis ``name``: in :data:`CASES`, or its own test module's ``contract_case``."""
+    if name in CASES:
+        return CASES[name]
+    module = importlib.import_module(f"tests.analyses.test_{name}")
+    return module.contract_case
+
+
+DECLARED = declarations()
+
+
 def test_every_registered_analysis_has_a_contract_case():
-    assert set(CASES) == set(ANALYSES)
+    assert set(DECLARED) == set(ANALYSES)
+    for name in DECLARED:
+        assert callable(_contract_case(name)), name
 
 
-@pytest.fixture(params=sorted(CASES))
+@pytest.fixture(params=sorted(DECLARED))
 def case(request, tiny_checkpoint):
     analysis = get_analysis(request.param)
-    models, config = CASES[request.param](tiny_checkpoint)
+    models, config = _contract_case(request.param)(tiny_checkpoint)
     return analysis, models, config
 
 
@@ -195,3 +224,125 @@ def test_every_unit_carries_the_seed_of_its_run(case):
     analysis, models, config = case
     plan = analysis.plan(models, config)
     assert plan.units and {u.seed for u in plan.units} == {config_seed(config)}
+
+
+def test_the_manifest_records_the_config(case):
+    """Every recorded field of the config is in the manifest's options (as the config holds it,
+    or as the plan resolved it), and resuming compares every field that changes the numbers."""
+    analysis, models, config = case
+    run = run_analysis(analysis, models, config)
+    options = run.manifest["options"]
+    assert set(recorded_fields(type(config))) <= set(options)
+    given = recorded_options(config)
+    for name in ("seed", "limit", "mode", "method", "null", "matrix", "gamma", "pool", "tol", "export", "samples"):
+        if name in given and isinstance(given[name], (int, float, str)):
+            assert options[name] == given[name], name  # a value the plan does not resolve is the config's
+
+
+# ----------------------------------------------------------------------------------------------
+# The surface, derived from each declaration
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(DECLARED))
+def test_the_python_function_takes_the_config_with_its_defaults(name):
+    d = DECLARED[name]
+    function = getattr(ml, d.function)
+    assert function is getattr(importlib.import_module("moelens.analyses"), d.function) and d.function in ml.__all__
+    assert getattr(ml, d.config_type.__name__) is d.config_type
+    fields = {f.name: f for f in config_fields(d.config_type)}
+    order = [n for n in d.signature if n != "*"]
+    assert sorted(order) == sorted(fields) and len(order) == len(set(order)), "every config field once in the signature"
+    params = inspect.signature(function).parameters
+    extras = ["out", "progress", "config", "executor"]
+    assert list(params) == [i.name for i in d.inputs] + order + extras
+    keyword_only = set(d.keyword_only()) | set(extras)
+    for p in params.values():
+        assert (p.kind is p.KEYWORD_ONLY) == (p.name in keyword_only), p.name
+        if p.name in fields:
+            required = fields[p.name].metadata.get("required")
+            assert p.default == (p.empty if required else fields[p.name].default), f"{p.name}: API default ≠ config default"
+    assert (function.__doc__ or "").strip(), "the run function's docstring is the function's"
+
+
+@pytest.mark.parametrize("name", list(DECLARED))
+def test_the_command_offers_the_config_fields(name):
+    import typer
+
+    import moelens.cli.analyses  # noqa: F401  (registers every analysis's command)
+    from moelens.cli.app import app
+    from moelens.cli.commands import LAZY_COMMANDS, listed_commands
+
+    d = DECLARED[name]
+    assert d.command.name in listed_commands() and LAZY_COMMANDS[d.command.name][1] == d.command.help
+    info = next(c for c in app.registered_commands if c.name == d.command.name)
+    command = typer.main.get_command_from_info(info, pretty_exceptions_short=True, rich_markup_mode="rich")
+    params = {p.name: p for p in command.params}
+    for f in cli_fields(d.config_type):
+        assert f.name in params, f"--{f.name} missing from {d.command.name}"
+        assert flag_name(f.name) in params[f.name].opts and params[f.name].help == f.metadata["help"]
+    own = {i.cli_name for i in d.inputs} | {f.name for f in d.command.flags} | {"out", "revision", "threads"}
+    own |= {"executor", "ray_address", "workers", "gpus_per_worker", "max_retries"}
+    assert set(params) == own | {f.name for f in cli_fields(d.config_type)}
+    assert callable(load(d.command.show))
+
+
+@pytest.mark.parametrize("name", list(DECLARED))
+def test_tables_section_and_figures_resolve(name):
+    import moelens.figures as figures
+    from moelens.figures.catalog import FIGURES
+    from moelens.report.sections import SECTION_BUILDERS
+
+    d = DECLARED[name]
+    cls = ANALYSES[name]
+    assert set(d.tables) == set(cls.schemas())
+    assert cls.config_type is d.config_type and cls.title == d.title
+    assert {i.role for i in d.inputs} == set(cls.inputs) and [i.role for i in d.inputs if i.required] == [cls.inputs[0]]
+    assert callable(load(d.section)) and name in SECTION_BUILDERS
+    for figure, spec in d.figures.items():
+        function = load(spec.target)
+        assert getattr(figures, figure) is function and FIGURES[figure].analysis == name
+        assert FIGURES[figure].title == spec.title and spec.title
+        accepted = inspect.signature(function).parameters
+        assert all(option in accepted for option in spec.options), figure
+    if d.atlas:
+        assert callable(load(d.atlas))
+
+
+def _fake_model(path: Path):
+    return SimpleNamespace(path=path, name=path.name, n_layers=12, n_experts=8, family_adapter=SimpleNamespace())
+
+
+def test_every_reproduce_command_parses_to_the_config_of_its_call(tmp_path):
+    """The atlas's commands are derived from the same calls as its runs: each one, parsed by its
+    command, gives the config the Python call gives."""
+    import typer
+
+    import moelens.cli.analyses  # noqa: F401
+    from moelens.analyses.fields import make_config
+    from moelens.atlas import AtlasInputs, RunRef, reproduce_command
+    from moelens.cli.app import app
+    from moelens.cli.options import config_from_cli
+
+    base, tuned = _fake_model(tmp_path / "base model"), _fake_model(tmp_path / "tuned")
+    (tmp_path / "facts.jsonl").write_text('{"prompt": "a", "subject": "a", "target": "b"}\n')
+    (tmp_path / "text.txt").write_text("a b c\n")
+    given = AtlasInputs({"base": base, "tuned": tuned}, base, base, tuned, True, tmp_path / "facts.jsonl", tmp_path / "text.txt", 5, 3, tmp_path)
+    calls = [call for d in DECLARED.values() if d.atlas for call in load(d.atlas)(given)]
+    assert {c.analysis for c in calls} == {name for name, d in DECLARED.items() if d.atlas}
+    for call in calls:
+        d = DECLARED[call.analysis]
+        words = shlex.split(reproduce_command(call, "ray", "cpu"))
+        assert words[:2] == ["moelens", d.command.name]
+        info = next(c for c in app.registered_commands if c.name == d.command.name)
+        command = typer.main.get_command_from_info(info, pretty_exceptions_short=True, rich_markup_mode="rich")
+        values = command.make_context(d.command.name, words[2:]).params
+        has_device = "device" in {f.name for f in config_fields(d.config_type)}
+        assert values["out"] == Path("runs") / call.name and values.get("device", "cpu") == "cpu"
+        assert values.get("executor", "ray") == "ray"
+        for i in d.inputs:
+            model = call.models.get(i.name)
+            assert values[i.cli_name] == (None if model is None else str(model.path))
+        options = {k: [str(Path("runs") / r.name) for r in v] if isinstance(v, list) else (str(Path("runs") / v.name) if isinstance(v, RunRef) else v)
+                   for k, v in call.options.items()}
+        from_cli = config_from_cli(d.config_type, values)
+        from_call = make_config(d.config_type, {**options, **({"device": "cpu"} if has_device else {})})
+        assert dataclasses.asdict(from_cli) == dataclasses.asdict(from_call), call.name

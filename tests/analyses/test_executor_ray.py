@@ -1,6 +1,7 @@
 """The Ray executor on a local cluster of 2 CPUs: the same tables as the local executor for every
 analysis (every alignment null, expert distance, module metrics, calibration in shards,
-clustering, merge cost, interventions, router edits), a worker killed mid-run is retried, a run
+clustering, merge cost, interventions, router edits), from Python and from the command line's
+``--executor ray``, a worker killed mid-run is retried, a run
 interrupted on the driver resumes (on either executor), and a cluster without GPUs refuses
 ``--gpus-per-worker`` before anything is written.
 
@@ -261,12 +262,19 @@ def test_calibration_in_shards_equals_the_local_run(calibrated):
 
 
 @pytest.mark.parametrize("method", ["hc-smoe", "m-smoe"])
-def test_clustering_equals_the_local_run_calibrating_or_reusing_a_calibration(calibrated, lm_dir, lm_files, method, tmp_path):
+def test_clustering_equals_the_local_run_calibrating_or_reusing_a_calibration(calibrated, lm_dir, lm_files, method, tmp_path, monkeypatch, capsys):
     _, _, calibration = calibrated
     kwargs = dict(method=method, groups=4, **({"budget": "global"} if method == "m-smoe" else {}))
     # calibrating itself, in shards
     local = ml.cluster(lm_dir, lm_files["text"], shard_tokens=SHARD_TOKENS, **kwargs)
-    remote = ml.cluster(lm_dir, lm_files["text"], shard_tokens=SHARD_TOKENS, executor=two_workers(), out=tmp_path / "self", **kwargs)
+    if method == "hc-smoe":
+        remote = ml.cluster(lm_dir, lm_files["text"], shard_tokens=SHARD_TOKENS, executor=two_workers(), out=tmp_path / "self", **kwargs)
+    else:  # the command line's --executor ray
+        flags = [word for name, value in kwargs.items() for word in (f"--{name.replace('_', '-')}", str(value))]
+        code, stdout, _ = _cli(["cluster", str(lm_dir), "--calibration", str(lm_files["text"]), "--shard-tokens", str(SHARD_TOKENS), *flags,
+                                "--out", str(tmp_path / "self"), "--executor", "ray", "--workers", "2"], monkeypatch, capsys)
+        assert code in (0, None), stdout
+        remote = ml.load_calibration(tmp_path / "self")
     assert_same_tables(local, remote)
     assert_same_matrices(local, remote)
     assert_ran_on_ray(remote)
@@ -278,13 +286,16 @@ def test_clustering_equals_the_local_run_calibrating_or_reusing_a_calibration(ca
     assert_ran_on_ray(remote, devices=())  # clustering a calibration's matrices is NumPy work, on no torch device
 
 
-def test_merge_cost_equals_the_local_run(lm_dir, lm_files, tmp_path):
+def test_merge_cost_equals_the_local_run(lm_dir, lm_files, tmp_path, monkeypatch, capsys):
     clusters = tmp_path / "clusters"
     ml.cluster(lm_dir, lm_files["text"], method="hc-smoe", groups=4, out=clusters)
     kwargs = dict(facts=lm_files["facts"], texts=lm_files["text"], permute="on")
     local = ml.merge_cost(lm_dir, [str(clusters)], **kwargs)
     out = tmp_path / "cost"
-    remote = ml.merge_cost(lm_dir, [str(clusters)], out=out, executor=two_workers(), **kwargs)
+    code, stdout, _ = _cli(["merge-cost", str(lm_dir), "--clusters", str(clusters), "--facts", str(lm_files["facts"]), "--texts",
+                            str(lm_files["text"]), "--permute", "on", "--out", str(out), "--executor", "ray", "--workers", "2"], monkeypatch, capsys)
+    assert code in (0, None), stdout
+    remote = ml.load_run(out)
     assert remote.manifest["units"] == ["original", "00-hc-smoe-permuted"]
     assert_same_tables(local, remote)
     assert_ran_on_ray(remote)
@@ -308,22 +319,32 @@ def trace_prompts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode, kwargs", [("knockout", {"ablation": "mean"}), ("restore", {"noise_samples": 3, "seed": 7})])
-def test_interventions_equal_the_local_run(lm_dir, trace_prompts, mode, kwargs, monkeypatch):
+def test_interventions_equal_the_local_run(lm_dir, trace_prompts, mode, kwargs, monkeypatch, capsys, tmp_path):
     from moelens.analyses.interventions import analysis
 
     # two groups of prompts, one per worker (the driver plans the groups: the workers compute the units it sends)
     monkeypatch.setitem(analysis.PROMPTS_PER_UNIT, mode, 2)
     local = ml.trace(lm_dir, trace_prompts, mode=mode, **kwargs)
-    remote = ml.trace(lm_dir, trace_prompts, mode=mode, executor=two_workers(), **kwargs)
+    if mode == "knockout":
+        remote = ml.trace(lm_dir, trace_prompts, mode=mode, executor=two_workers(), **kwargs)
+    else:  # the command line's --executor ray
+        flags = [word for name, value in kwargs.items() for word in (f"--{name.replace('_', '-')}", str(value))]
+        code, stdout, _ = _cli(["trace", str(lm_dir), "--prompts", str(trace_prompts), "--mode", mode, *flags, "--out", str(tmp_path / "run"),
+                                "--executor", "ray", "--workers", "2"], monkeypatch, capsys)
+        assert code in (0, None), stdout
+        remote = ml.load_run(tmp_path / "run")
     assert remote.manifest["units"] == ["P000000", "P000002"]
     assert_same_tables(local, remote)
     assert_ran_on_ray(remote)
 
 
-def test_router_edits_equal_the_local_run(lm_dir, trace_prompts):
+def test_router_edits_equal_the_local_run(lm_dir, trace_prompts, monkeypatch, capsys, tmp_path):
     kwargs = dict(edits="project_out,random", k=[1, 4], experts=[0, 3], samples=2, seed=5)
     local = ml.router_edits(lm_dir, trace_prompts, **kwargs)
-    remote = ml.router_edits(lm_dir, trace_prompts, executor=two_workers(), **kwargs)
+    code, stdout, _ = _cli(["route", str(lm_dir), "--prompts", str(trace_prompts), "--edits", "project_out,random", "--k", "1,4", "--experts", "0,3",
+                            "--samples", "2", "--seed", "5", "--out", str(tmp_path / "run"), "--executor", "ray", "--workers", "2"], monkeypatch, capsys)
+    assert code in (0, None), stdout
+    remote = ml.load_run(tmp_path / "run")
     assert_same_tables(local, remote)
     assert_ran_on_ray(remote)
 

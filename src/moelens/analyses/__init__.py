@@ -8,31 +8,46 @@ torch-free) costs neither torch nor pandas, and the command line derives its opt
 configs without importing the analyses.
 """
 
+from types import ModuleType
+
 from moelens.lazy import lazy_package
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Analysis", "Plan", "Unit", "UnitContext"), "moelens.analyses.base"),
     "option": "moelens.analyses.fields",
-    **dict.fromkeys(("ANALYSES", "get_analysis"), "moelens.analyses.registry"),
+    **dict.fromkeys(("Command", "CommandFlag", "Declaration", "FigureSpec", "ModelInput"), "moelens.analyses.declaration"),
+    **dict.fromkeys(("ANALYSES", "declarations", "get_analysis"), "moelens.analyses.registry"),
     "run_analysis": "moelens.analyses.runner",
-    "CalibrationConfig": "moelens.analyses.calibration.config",
-    **dict.fromkeys(("Calibration", "calibrate", "load_calibration"), "moelens.analyses.calibration.analysis"),
-    **dict.fromkeys(("ClusteringConfig", "MergeCostConfig"), "moelens.analyses.clustering.config"),
-    **dict.fromkeys(("Clustering", "cluster"), "moelens.analyses.clustering.analysis"),
-    **dict.fromkeys(("MergeCost", "merge_cost"), "moelens.analyses.clustering.merge_cost"),
+    "Calibration": "moelens.analyses.calibration.analysis",
+    "load_calibration": "moelens.analyses.calibration.analysis",
+    "Clustering": "moelens.analyses.clustering.analysis",
+    "MergeCost": "moelens.analyses.clustering.merge_cost",
     "merge_clusters": "moelens.analyses.clustering.merging",
-    "ExpertDistanceConfig": "moelens.analyses.expert_distance.config",
-    **dict.fromkeys(("ExpertDistance", "expert_distance"), "moelens.analyses.expert_distance.analysis"),
-    "InterventionsConfig": "moelens.analyses.interventions.config",
-    **dict.fromkeys(("Interventions", "trace"), "moelens.analyses.interventions.analysis"),
-    "ModuleMetricsConfig": "moelens.analyses.module_metrics.config",
-    **dict.fromkeys(("ModuleMetrics", "module_metrics"), "moelens.analyses.module_metrics.analysis"),
-    "RouterAlignmentConfig": "moelens.analyses.router_alignment.config",
-    **dict.fromkeys(("RouterAlignment", "default_ks", "router_alignment"), "moelens.analyses.router_alignment.analysis"),
-    "RouterEditsConfig": "moelens.analyses.router_edits.config",
-    **dict.fromkeys(("RouterEdits", "router_edits"), "moelens.analyses.router_edits.analysis"),
+    "ExpertDistance": "moelens.analyses.expert_distance.analysis",
+    "Interventions": "moelens.analyses.interventions.analysis",
+    "ModuleMetrics": "moelens.analyses.module_metrics.analysis",
+    **dict.fromkeys(("RouterAlignment", "default_ks"), "moelens.analyses.router_alignment.analysis"),
+    "RouterEdits": "moelens.analyses.router_edits.analysis",
 }
 
+
+def _declared() -> dict[str, str]:
+    """Every registered analysis's function (``router_alignment``, ``trace``) and config class."""
+    from moelens.analyses.registry import declarations
+
+    names: dict[str, str] = {}
+    for d in declarations().values():
+        module, _, config = d.config.partition(":")
+        names[d.function] = "moelens.analyses.api"
+        names[config] = module
+    return names
+
+
+_EXPORTS.update(_declared())
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
+# Reading the declarations imported each analysis's sub-package, which bound it here as an
+# attribute before the package became lazy; an exported name is the function, not the sub-package.
+for _name in [n for n in _EXPORTS if isinstance(globals().get(n), ModuleType)]:
+    del globals()[_name]
 
 __all__ = sorted(_EXPORTS)

@@ -45,6 +45,7 @@ from moelens.analyses.fields import (
     make_config,
     option,
     positive_int,
+    recorded_fields,
     resumable_fields,
 )
 from moelens.errors import ConfigError
@@ -204,6 +205,14 @@ def config_options(config: Any) -> dict[str, Any]:
     return {f.name: jsonable(getattr(config, f.name)) for f in config_fields(type(config))}
 
 
+def recorded_options(config: Any) -> dict[str, Any]:
+    """The fields of a config the manifest's options hold as given (``option(recorded=True)``,
+    the default), as JSON values; a plan's own options (resolved layers, the device used) override
+    them, and record the fields declared ``recorded=False`` where they apply."""
+    options = config_options(config)
+    return {name: options[name] for name in recorded_fields(type(config))}
+
+
 def chosen_layers(requested: tuple[int, ...] | None, default: Sequence[int], what: str = "MoE layer") -> list[int]:
     """The layers a config asks for (``default`` when None), refusing an empty list or a layer named twice."""
     layers = list(requested) if requested is not None else list(default)
@@ -225,6 +234,6 @@ def layer_units(layers: Sequence[int], seed: int = 0) -> list[Unit]:
 
 __all__ = [
     "FORWARD_DTYPES", "Analysis", "MAX_SEED", "Plan", "Unit", "UnitContext", "as_index_tuple", "check_seed", "chosen_layers", "config_fields", "config_options",
-    "config_seed", "jsonable", "layer_unit_key", "layer_units", "make_config", "option", "positive_int", "resumable_fields",
-    "stream_seed",
+    "config_seed", "jsonable", "layer_unit_key", "layer_units", "make_config", "option", "positive_int", "recorded_options",
+    "resumable_fields", "stream_seed",
 ]

@@ -33,7 +33,7 @@ def stream_option() -> Any:
     """The ``stream`` field of every analysis that runs forward passes."""
     return option("auto", "auto | on | off: run the model layer by layer, one decoder layer's weights in memory at a time "
                   "(auto: when the whole model does not fit the device's memory; off: refuse such a model).",
-                  resumable=True, metavar="auto|on|off")
+                  changes_numbers=False, metavar="auto|on|off")
 
 
 def check_stream(value: Any) -> str:
@@ -48,22 +48,29 @@ def option(
     *,
     parse: Callable[[str], Any] | None = None,
     metavar: str | None = None,
-    resumable: bool = False,
+    changes_numbers: bool = True,
+    recorded: bool = True,
+    required: bool = False,
     cli: bool = True,
     kind: type | None = None,
 ) -> Any:
     """A config field with its documentation.
 
     ``help`` is the CLI help; ``parse`` turns the CLI's text into the field's value (e.g.
-    ``"0,5,10-13"`` -> a tuple of layers), making the CLI option a string; ``resumable`` fields may
-    differ between a run and its resumption (they do not change the numbers beyond rounding:
-    device, batch sizes); ``cli=False`` keeps a field out of the command line (an object only
-    Python can pass); ``kind`` is the CLI value's type where the default does not tell it (a
-    default of None)."""
+    ``"0,5,10-13"`` -> a tuple of layers), making the CLI option a string; a field that does not
+    ``changes_numbers`` (beyond rounding: device, batch sizes, caches) may differ between a run and
+    its resumption; a ``recorded`` field is written to the manifest's options as the config holds it
+    unless the plan records a resolved value (``recorded=False``: the plan records it, or nothing
+    does, e.g. a cache directory); a ``required`` field is an argument the Python function cannot
+    do without (it has no default there; the config refuses its None); ``cli=False`` keeps a field out of the command line (an object
+    only Python can pass); ``kind`` is the CLI value's type where the default does not tell it (a
+    default of None). The field's flag is ``--<name>`` with ``-`` for ``_``
+    (:func:`flag_name`)."""
     if kind is None and default is not None and parse is None:
         kind = type(default)
     return field(default=default, metadata={
-        "help": help, "parse": parse, "metavar": metavar, "resumable": resumable, "cli": cli, "kind": kind,
+        "help": help, "parse": parse, "metavar": metavar, "changes_numbers": changes_numbers, "recorded": recorded,
+        "required": required, "cli": cli, "kind": kind,
     })
 
 
@@ -128,8 +135,24 @@ def config_fields(config_type: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(config_type))
 
 
+def flag_name(field_name: str) -> str:
+    """The command line's flag of a config field: ``cache_dir`` -> ``--cache-dir``."""
+    return "--" + field_name.replace("_", "-")
+
+
 def resumable_fields(config_type: type) -> set[str]:
-    return {f.name for f in config_fields(config_type) if f.metadata.get("resumable")}
+    """Fields a resumed run may change: those that do not change the numbers."""
+    return {f.name for f in config_fields(config_type) if not f.metadata.get("changes_numbers", True)}
+
+
+def recorded_fields(config_type: type) -> list[str]:
+    """Fields the manifest's options hold as the config gives them (unless the plan resolves them)."""
+    return [f.name for f in config_fields(config_type) if f.metadata.get("recorded", True)]
+
+
+def cli_fields(config_type: type) -> list[dataclasses.Field]:
+    """Fields the command line offers, each as :func:`flag_name`."""
+    return [f for f in config_fields(config_type) if f.metadata.get("cli", True)]
 
 
 def make_config(config_type: type, values: Mapping[str, Any]) -> Any:
@@ -142,6 +165,7 @@ def make_config(config_type: type, values: Mapping[str, Any]) -> Any:
 
 
 __all__ = [
-    "FORWARD_DTYPES", "MAX_SEED", "STREAM_MODES", "check_stream", "stream_option", "as_index_tuple", "check_seed", "comma_names", "config_fields", "is_bool", "is_integer",
-    "make_config", "option", "positive_int", "resumable_fields",
+    "FORWARD_DTYPES", "MAX_SEED", "STREAM_MODES", "as_index_tuple", "check_seed", "check_stream", "cli_fields", "comma_names",
+    "config_fields", "flag_name", "is_bool", "is_integer", "make_config", "option", "positive_int", "recorded_fields",
+    "resumable_fields", "stream_option",
 ]

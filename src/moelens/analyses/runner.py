@@ -14,8 +14,8 @@ unit is done the parts are concatenated in plan order into ``DIR/<table>.parquet
 arrays are assembled into the run's own (``DIR/<path>.npy``, :mod:`moelens.analyses.arrays`), the
 derived tables are added, the manifest says ``"complete"`` and the parts are removed.
 
-Resuming checks that the directory holds the same analysis with the same options (fields marked
-``resumable``, like the device, aside) and the same input files. Large weight files are
+Resuming checks that the directory holds the same analysis with the same options (fields that do
+not change the numbers, like the device, aside) and the same input files. Large weight files are
 fingerprinted by samples only, so the manifest also records what the units read
 (``read_digests``: input -> read key -> SHA-256 of the bytes, cut to 128 bits, see :mod:`moelens.checkpoint.store`),
 and a resume reads those tensors again and refuses a checkpoint whose bytes differ. A directory that holds no
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import pandas as pd
 
 from moelens.analyses.arrays import ArrayStore, RunArrays, checked_arrays, write_all
-from moelens.analyses.base import Analysis, Plan, Unit, layer_unit_key, resumable_fields
+from moelens.analyses.base import Analysis, Plan, Unit, layer_unit_key, recorded_options, resumable_fields
 from moelens.checkpoint.store import is_sampled
 from moelens.errors import MoelensError, RunDirectoryError
 from moelens.progress import ProgressCallback
@@ -447,6 +447,8 @@ def run_analysis(
 
     executor = resolve_executor(executor)
     plan = executor.plan(analysis, models, config)  # every check of the user's input: nothing is written before
+    # the manifest's options: the config's recorded fields, overridden by what the plan resolved
+    plan.options = {**recorded_options(config), **plan.options}
     manifest = new_manifest(analysis, models, plan)
     total = len(plan.units)
     noun = analysis.unit_noun

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.markup import escape
@@ -17,12 +17,10 @@ from moelens.cli.options import (
     config_parameters,
     executor_from_cli,
     executor_parameters,
-    threads_from_cli,
-    threads_parameter,
 )
 
 
-def _cell(value: float, fmt: str) -> str:
+def cell(value: float, fmt: str) -> str:
     """A table cell: blank for NaN (cos² outside k = 1, z where the null has no spread), and no
     sign on a value that rounds to zero."""
     if value != value:
@@ -51,20 +49,12 @@ REVISION = inspect.Parameter(
 )
 
 
-def _align(values: dict) -> None:
-    from moelens.analyses.router_alignment.config import RouterAlignmentConfig
-
-    config = config_from_cli(RouterAlignmentConfig, values)  # every option checked before anything is opened
-    check_sources(values, "source")
-    from moelens.analyses.router_alignment import router_alignment
+def show_alignment(run, values: dict) -> None:
+    """``align``: the summary by k of every matrix (of every layer with ``--per-layer``)."""
     from moelens.analyses.router_alignment.tables import TABLES, summary_by_k
     from moelens.ranges import compact_ranges
 
-    executor = executor_from_cli(values)
-    model = _open(values["source"], values["revision"])
     out = values["out"]
-    with progress_bar() as callback:
-        run = router_alignment(model, config=config, out=out, progress=callback, executor=executor)
     opts = run.manifest["options"]
     rows = run["alignment_layers"]
     per_layer = values["per_layer"]
@@ -78,8 +68,8 @@ def _align(values: dict) -> None:
             table.add_column(col, justify="right", no_wrap=True)
         for r in summary_by_k(part).itertuples(index=False):
             table.add_row(
-                str(int(r.k)), _cell(r.align, ".6f"), _cell(r.delta_vs_shuffle, ".6f"), _cell(r.z_vs_shuffle, ".6f"),
-                _cell(r.effect_over_random, ".6f"), _cell(r.cos_squared, ".6f"), _cell(r.z_layer, ".6f"), _cell(r.p_layer, ".3g"),
+                str(int(r.k)), cell(r.align, ".6f"), cell(r.delta_vs_shuffle, ".6f"), cell(r.z_vs_shuffle, ".6f"),
+                cell(r.effect_over_random, ".6f"), cell(r.cos_squared, ".6f"), cell(r.z_layer, ".6f"), cell(r.p_layer, ".3g"),
             )
         print_wide(table, 112)  # the seed's eight columns need ~110 characters
     print_warnings(run)
@@ -105,33 +95,11 @@ def print_warnings(run) -> None:
             err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _register_align() -> None:
-    from moelens.analyses.router_alignment.config import RouterAlignmentConfig
-
-    per_layer = inspect.Parameter(
-        "per_layer", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-        default=typer.Option(False, "--per-layer", help="Print one summary table per layer instead of the mean over layers."),
-    )
-    params = [SOURCE, OUT, *config_parameters(RouterAlignmentConfig), per_layer, REVISION, *executor_parameters()]
-    app.command("align")(command_from_parameters(params, _align, command_help("align"), "align"))
 
 
-_register_align()
-
-
-def _distance(values: dict) -> None:
-    from moelens.analyses.expert_distance.config import ExpertDistanceConfig
-
-    config = config_from_cli(ExpertDistanceConfig, values)  # every option checked before anything is opened
-    check_sources(values, "source", "tuned")
-    from moelens.analyses.expert_distance import expert_distance
-
-    executor = executor_from_cli(values)
-    a = _open(values["source"], values["revision"])
-    b = _open(values["tuned"], values["revision"]) if values.get("tuned") else None
+def show_distance(run, values: dict) -> None:
+    """``distance``: whole experts' rel_l2 and sv_align per layer."""
     out = values["out"]
-    with progress_bar() as callback:
-        run = expert_distance(a, b, config=config, out=out, progress=callback, executor=executor)
     layers = run["expert_distance_layers"]
     rows = layers[layers["matrix"] == "expert"]
     title = f"{run.label} · whole experts (pool {run.manifest['options']['pool']}) · mean [q25–q75] over pairs"
@@ -147,38 +115,11 @@ def _distance(values: dict) -> None:
     console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, expert_distance.parquet, expert_distance_layers.parquet", highlight=False)
 
 
-def _register_distance() -> None:
-    from moelens.analyses.expert_distance.config import ExpertDistanceConfig
-
-    source = inspect.Parameter(
-        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-        default=typer.Argument(..., metavar="A", help="Model A (the base): checkpoint directory or cached repo id."),
-    )
-    tuned = inspect.Parameter(
-        "tuned", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
-        default=typer.Argument(None, metavar="B", help="Model B (the fine-tune), for base-tuned pairs; leave out for pairs within each layer of A."),
-    )
-    params = [source, tuned, OUT, *config_parameters(ExpertDistanceConfig), REVISION, *executor_parameters()]
-    app.command("distance")(command_from_parameters(params, _distance, command_help("distance"), "distance"))
 
 
-_register_distance()
-
-
-def _modules(values: dict) -> None:
-    from moelens.analyses.module_metrics.config import ModuleMetricsConfig
-
-    config = config_from_cli(ModuleMetricsConfig, values)  # every option checked before anything is opened
-    check_sources(values, "source", "model_b", "base")
-    from moelens.analyses.module_metrics import module_metrics
-
-    executor = executor_from_cli(values)
-    a = _open(values["source"], values["revision"])
-    b = _open(values["model_b"], values["revision"]) if values.get("model_b") else None
-    base = _open(values["base"], values["revision"]) if values.get("base") else None
+def show_modules(run, values: dict) -> None:
+    """``modules``: every metric's mean over layers per module."""
     out = values["out"]
-    with progress_bar() as callback:
-        run = module_metrics(a, b, base, config=config, out=out, progress=callback, executor=executor)
     table = run["module_metrics"]
     pair = table[table["model"] == "pair"]
     shown, model = (pair, "pair") if len(pair) else (table[table["model"] == "a"], "a")
@@ -192,92 +133,44 @@ def _modules(values: dict) -> None:
     for metric in metrics:
         out_table.add_column(metric, justify="right", no_wrap=True)
     for module in sorted(grid.index, key=module_rank):
-        out_table.add_row(module, *[_cell(float(grid.loc[module, m]), ".4f") for m in metrics])
+        out_table.add_row(module, *[cell(float(grid.loc[module, m]), ".4f") for m in metrics])
     print_wide(out_table, 16 + 16 * len(metrics))
     print_warnings(run)
     console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, module_metrics.parquet, module_metrics_experts.parquet", highlight=False)
 
 
-def _register_modules() -> None:
-    from moelens.analyses.module_metrics.config import ModuleMetricsConfig
-
-    source = inspect.Parameter(
-        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-        default=typer.Argument(..., metavar="A", help="Model A: checkpoint directory or cached repo id (dense or MoE)."),
-    )
-    model_b = inspect.Parameter(
-        "model_b", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
-        default=typer.Argument(None, metavar="B", help="Model B, of the same architecture, for pair metrics."),
-    )
-    base = inspect.Parameter(
-        "base", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-        default=typer.Option(None, "--base", help="Their base model: pair metrics of the deltas A − base and B − base (with B), or A against its base (without B)."),
-    )
-    params = [source, model_b, OUT, base, *config_parameters(ModuleMetricsConfig), REVISION, *executor_parameters()]
-    app.command("modules")(command_from_parameters(params, _modules, command_help("modules"), "modules"))
 
 
-_register_modules()
-
-
-def _trace(values: dict) -> None:
-    from moelens.analyses.interventions.config import InterventionsConfig
-
-    config = config_from_cli(InterventionsConfig, values)  # every option checked before anything is opened
-    check_sources(values, "source")
-    from moelens.analyses.interventions import trace
-
-    threads_from_cli(values)
-    model = _open(values["source"], values["revision"])
+def show_trace(run, values: dict) -> None:
+    """``trace``: the mean JSD (or indirect effect) per site and layer."""
     out = values["out"]
-    with progress_bar() as callback:
-        run = trace(model, config.prompts, config=config, out=out, progress=callback)
+    mode = run.manifest["options"]["mode"]
     summary = run["interventions_summary"]
-    measure = "indirect_effect" if config.mode == "restore" else "jsd"
+    measure = "indirect_effect" if mode == "restore" else "jsd"
     shown = summary[summary["measure"] == measure]
-    if config.mode == "restore":
+    if mode == "restore":
         shown = shown.groupby(["site", "layer"], as_index=False)["mean"].max()
     grid = shown.pivot_table(index="site", columns="layer", values="mean", aggfunc="mean")
     sites = [s for s in run.manifest["options"]["sites"] if s in grid.index]
-    what = "max over token groups of the mean indirect effect" if config.mode == "restore" else "mean JSD (bits)"
+    what = "max over token groups of the mean indirect effect" if mode == "restore" else "mean JSD (bits)"
     out_table = Table(title=escape(f"{run.label} · {what} over {run.manifest['options']['n_prompts']} prompts"), title_justify="left")
     out_table.add_column("site", no_wrap=True)
     for layer in grid.columns:
         out_table.add_column(f"L{layer}", justify="right", no_wrap=True)
     for site in sites:
-        out_table.add_row(site, *[_cell(float(grid.loc[site, L]), ".3f") for L in grid.columns])
+        out_table.add_row(site, *[cell(float(grid.loc[site, L]), ".3f") for L in grid.columns])
     print_wide(out_table, 16 + 8 * len(grid.columns))
     print_warnings(run)
     console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, interventions.parquet, interventions_summary.parquet", highlight=False)
 
 
-def _register_trace() -> None:
-    from moelens.analyses.interventions.config import InterventionsConfig
-
-    source = inspect.Parameter(
-        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-        default=typer.Argument(..., metavar="MODEL", help="Causal LM: checkpoint directory (with its tokenizer) or cached repo id, MoE or dense."),
-    )
-    params = [source, OUT, *config_parameters(InterventionsConfig), REVISION, threads_parameter()]
-    app.command("trace")(command_from_parameters(params, _trace, command_help("trace"), "trace"))
 
 
-_register_trace()
-
-
-def _route(values: dict) -> None:
-    from moelens.analyses.router_edits.config import RouterEditsConfig
-
-    config = config_from_cli(RouterEditsConfig, values)  # every option checked before anything is opened
-    check_sources(values, "source")
-    from moelens.analyses.router_edits.analysis import router_edits
+def show_route(run, values: dict) -> None:
+    """``route``: mean routing and prediction changes per edit and k, and the headline ratio."""
     from moelens.figures.router_edits import headline
 
-    threads_from_cli(values)
-    model = _open(values["source"], values["revision"])
     out = values["out"]
-    with progress_bar() as callback:
-        run = router_edits(model, config.prompts, config=config, out=out, progress=callback)
     table = run["router_edits"]
     t = table.assign(change=(table["routed_before"] - table["routed_after"]).abs())
     grid = t.groupby(["edit", "k"], sort=False).agg(removed=("removed_norm", "mean"), change=("change", "mean"),
@@ -288,7 +181,7 @@ def _route(values: dict) -> None:
     for col in ("edit", "k", "removed_norm", "|Δ routed to e|", "topk_changed", "jsd (bits)"):
         out_table.add_column(col, justify="right", no_wrap=True)
     for r in grid.itertuples(index=False):
-        out_table.add_row(r.edit, str(int(r.k)) if r.k else "", _cell(r.removed, ".4f"), _cell(r.change, ".4f"), _cell(r.changed, ".4f"), _cell(r.jsd, ".5f"))
+        out_table.add_row(r.edit, str(int(r.k)) if r.k else "", cell(r.removed, ".4f"), cell(r.change, ".4f"), cell(r.changed, ".4f"), cell(r.jsd, ".5f"))
     print_wide(out_table, 90)
     for k, (aligned, random, ratio) in headline(table).items():
         times = f"{ratio:.2f}×" if ratio == ratio else "(random: no change)"
@@ -298,15 +191,64 @@ def _route(values: dict) -> None:
     console.print(f"wrote [bold]{escape(str(out))}[/]: manifest.json, router_edits.parquet, router_edits_summary.parquet, router_edits_migration.parquet", highlight=False)
 
 
-def _register_route() -> None:
-    from moelens.analyses.router_edits.config import RouterEditsConfig
+# ----------------------------------------------------------------------------------------------
+# One command per registered analysis, derived from its declaration
+# ----------------------------------------------------------------------------------------------
+def input_parameters(declaration: Any) -> tuple[list[inspect.Parameter], list[inspect.Parameter]]:
+    """The command's models: positional arguments (``MODEL``, ``A [B]``) and options (``--base``)."""
+    P = inspect.Parameter
+    arguments, options = [], []
+    for i in declaration.inputs:
+        annotation = str if i.required else Optional[str]
+        if i.flag:
+            options.append(P(i.cli_name, P.KEYWORD_ONLY, annotation=annotation, default=typer.Option(... if i.required else None, i.flag, help=i.help)))
+        else:
+            default = typer.Argument(... if i.required else None, metavar=i.metavar, help=i.help)
+            arguments.append(P(i.cli_name, P.POSITIONAL_OR_KEYWORD, annotation=annotation, default=default))
+    return arguments, options
 
-    source = inspect.Parameter(
-        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-        default=typer.Argument(..., metavar="MODEL", help="MoE causal LM: checkpoint directory (with its tokenizer) or cached repo id."),
-    )
-    params = [source, OUT, *config_parameters(RouterEditsConfig), REVISION, threads_parameter()]
-    app.command("route")(command_from_parameters(params, _route, command_help("route"), "route"))
+
+def flag_parameters(declaration: Any) -> list[inspect.Parameter]:
+    """The command's own options beside the config's (``--per-layer``)."""
+    from moelens.analyses.fields import flag_name
+
+    P = inspect.Parameter
+    return [P(f.name, P.KEYWORD_ONLY, annotation=type(f.default), default=typer.Option(f.default, flag_name(f.name), help=f.help))
+            for f in declaration.command.flags]
 
 
-_register_route()
+def command_parameters(declaration: Any) -> list[inspect.Parameter]:
+    """``COMMAND MODEL… --out DIR [model options] [config options] [own options] [--revision]``
+    then the executor's options (``--executor``, ``--threads``, ...) or ``--threads`` alone."""
+    arguments, options = input_parameters(declaration)
+    return [*arguments, OUT, *options, *config_parameters(declaration.config_type), *flag_parameters(declaration), REVISION,
+            *executor_parameters()]
+
+
+def analysis_command(declaration: Any) -> Any:
+    """The command of ``declaration``: check every option and find every model (before torch is
+    imported), open the models, run with a progress bar, print the run's summary."""
+    from moelens.analyses.declaration import load
+
+    def body(values: dict) -> None:
+        config = config_from_cli(declaration.config_type, values)  # every option checked before anything is opened
+        check_sources(values, *(i.cli_name for i in declaration.inputs))
+        run_analysis = load(declaration.run)
+        executor = executor_from_cli(values)
+        models = {i.role: _open(values[i.cli_name], values["revision"]) if values.get(i.cli_name) else None for i in declaration.inputs}
+        with progress_bar() as callback:
+            run = run_analysis(models, config, out=values["out"], progress=callback, executor=executor)
+        load(declaration.command.show)(run, values)
+
+    name = declaration.command.name
+    return command_from_parameters(command_parameters(declaration), body, command_help(name), name)
+
+
+def _register_analyses() -> None:
+    from moelens.analyses.registry import declarations
+
+    for declaration in declarations().values():
+        app.command(declaration.command.name)(analysis_command(declaration))
+
+
+_register_analyses()

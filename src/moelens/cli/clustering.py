@@ -1,4 +1,5 @@
-"""Calibration, clustering and merging commands: ``calibrate``, ``cluster``, ``merge``, ``merge-cost``."""
+"""``merge``, and what ``calibrate``, ``cluster`` and ``merge-cost`` print (their commands derive from their
+declarations: :mod:`moelens.cli.analyses`)."""
 
 from __future__ import annotations
 
@@ -9,36 +10,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moelens.cli.analyses import OUT, REVISION, SOURCE, _cell, _open, print_warnings, print_wide
-from moelens.cli.app import app, check_sources, command_help, console, progress_bar
+from moelens.cli.analyses import REVISION, SOURCE, _open, cell, print_warnings, print_wide
+from moelens.cli.app import app, check_sources, command_help, console
 from moelens.cli.options import (
     command_from_parameters,
-    config_from_cli,
-    config_parameters,
     threads_from_cli,
     threads_parameter,
 )
-
-
-def _run_analysis(values: dict, config_type: type, analysis: str, first: str):
-    """Check every option and find the model (before torch is imported), open the model, run
-    ``analysis(model, config.<first>, config=…, out=…)`` (``analysis`` names the function in
-    :mod:`moelens.analyses`) with a progress bar; return its run."""
-    config = config_from_cli(config_type, values)
-    check_sources(values, "source")
-    import moelens.analyses
-
-    analysis = getattr(moelens.analyses, analysis)
-    threads_from_cli(values)
-    model = _open(values["source"], values["revision"])
-    with progress_bar() as callback:
-        return analysis(model, getattr(config, first), config=config, out=values["out"], progress=callback)
-
-
-def _register(command: str, config_type: type, handler, api: str) -> None:
-    """``moelens COMMAND SOURCE --out DIR [options of config_type] [--revision] [--threads]``."""
-    params = [SOURCE, OUT, *config_parameters(config_type), REVISION, threads_parameter()]
-    app.command(command)(command_from_parameters(params, handler, command_help(command), api))
 
 
 def _wrote(out: Path, tables: list[str], matrices: bool) -> None:
@@ -55,36 +33,25 @@ def _usage_table(run, title: str) -> Table:
     for col in ("layer", "tokens", "experts used", "max f", "min f", "entropy (bits)", "routing from"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in layers.itertuples(index=False):
-        table.add_row(str(int(r.layer)), str(int(r.n_tokens)), f"{int(r.used_experts)}/{int(r.n_experts)}", _cell(r.max_frequency, ".4f"),
-                      _cell(r.min_frequency, ".4f"), _cell(r.usage_entropy, ".3f"), str(r.routing))
+        table.add_row(str(int(r.layer)), str(int(r.n_tokens)), f"{int(r.used_experts)}/{int(r.n_experts)}", cell(r.max_frequency, ".4f"),
+                      cell(r.min_frequency, ".4f"), cell(r.usage_entropy, ".3f"), str(r.routing))
     return table
 
 
-def _calibrate(values: dict) -> None:
-    from moelens.analyses.calibration.config import CalibrationConfig
-
-    run = _run_analysis(values, CalibrationConfig, "calibrate", "texts")
+def show_calibration(run, values: dict) -> None:
+    """``calibrate``: usage per layer."""
     print_wide(_usage_table(run, f"{run.label} · usage frequency f_e = share of the layer's top-k selections"), 90)
     print_warnings(run)
     _wrote(values["out"], ["calibration_usage", "calibration_layers", "calibration_tokens"], True)
 
 
-def _register_calibrate() -> None:
-    from moelens.analyses.calibration.config import CalibrationConfig
-
-    _register("calibrate", CalibrationConfig, _calibrate, "calibrate")
-
-
-_register_calibrate()
 
 
 # ----------------------------------------------------------------------------------------------
 # cluster
 # ----------------------------------------------------------------------------------------------
-def _cluster(values: dict) -> None:
-    from moelens.analyses.clustering.config import ClusteringConfig
-
-    run = _run_analysis(values, ClusteringConfig, "cluster", "calibration")
+def show_clustering(run, values: dict) -> None:
+    """``cluster``: the clusters of every layer."""
     from moelens.report.clustering_report import cluster_text
 
     clusters = run["clusters"]
@@ -100,13 +67,6 @@ def _cluster(values: dict) -> None:
     _wrote(values["out"], ["clusters", "cluster_layers", "calibration_usage", "calibration_layers", "calibration_tokens"], own)
 
 
-def _register_cluster() -> None:
-    from moelens.analyses.clustering.config import ClusteringConfig
-
-    _register("cluster", ClusteringConfig, _cluster, "cluster")
-
-
-_register_cluster()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,26 +124,15 @@ _register_merge()
 # ----------------------------------------------------------------------------------------------
 # merge-cost
 # ----------------------------------------------------------------------------------------------
-def _merge_cost(values: dict) -> None:
-    from moelens.analyses.clustering.config import MergeCostConfig
-
-    run = _run_analysis(values, MergeCostConfig, "merge_cost", "clusters")
+def show_merge_cost(run, values: dict) -> None:
+    """``merge-cost``: recall and perplexity of every variant."""
     summary = run["merge_cost_summary"]
     table = Table(title=escape(f"{run.label} · fact recall and held-out perplexity, before and after merging"), title_justify="left")
     for col in ("variant", "recall ↑", "Δ recall", "perplexity ↓", "× perplexity"):
         table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
     for r in summary.itertuples(index=False):
-        table.add_row(escape(str(r.variant)), _cell(r.recall, ".3f"), _cell(r.recall_delta, "+.3f"), _cell(r.perplexity, ".3f"),
-                      _cell(r.perplexity_ratio, ".3f"))
+        table.add_row(escape(str(r.variant)), cell(r.recall, ".3f"), cell(r.recall_delta, "+.3f"), cell(r.perplexity, ".3f"),
+                      cell(r.perplexity_ratio, ".3f"))
     print_wide(table, 90)
     print_warnings(run)
     _wrote(values["out"], ["merge_cost", "merge_cost_summary"], False)
-
-
-def _register_merge_cost() -> None:
-    from moelens.analyses.clustering.config import MergeCostConfig
-
-    _register("merge-cost", MergeCostConfig, _merge_cost, "merge_cost")
-
-
-_register_merge_cost()

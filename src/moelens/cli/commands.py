@@ -11,28 +11,26 @@ VERSION_HELP = "Print the version of moelens and exit."
 HELP_HELP = "Show this message and exit."
 
 #: Commands whose module is imported only when the command runs (or shows its own help): their
-#: options derive from analysis configs, whose modules import torch, pandas or matplotlib.
-LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "align": ("moelens.cli.analyses", "Router–expert alignment: energy of each router vector in the top-k input subspace of its expert, against null models."),
-    "distance": ("moelens.cli.analyses", "Expert distance per layer: relative L2 and singular-vector alignment of base→tuned or within-layer pairs of experts."),
-    "modules": ("moelens.cli.analyses", "Per-module metrics of every layer: norms, ranks and α of each matrix; correlation, cosine, rel_l2, CKA and changed share between two models."),
-    "trace": ("moelens.cli.analyses", "Layer-wise interventions (seed 003): knock out, restore (causal tracing) or block one site at one layer "
-              "and measure how the next-token distribution changes (JS divergence, bits)."),
-    "route": ("moelens.cli.analyses", "Router edits: project the part of a router row aligned with its expert's top-k singular directions out (against random "
-              "parts of equal norm, zero and transplant controls) and measure routing to the expert and the next-token distribution."),
+#: options derive from analysis configs, whose modules import torch, pandas or matplotlib. Every
+#: registered analysis's command (name and help from its declaration) comes first, then these.
+OTHER_LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "atlas": ("moelens.cli.atlas", "Every analysis that applies to a model (and its fine-tune): router alignment, expert distance, module metrics, "
               "interventions, clustering and merge costs, each as a run under DIR/runs, then one report DIR/report.html "
               "and every figure under DIR/figures."),
-    "calibrate": ("moelens.cli.clustering", "Calibration pass: per MoE layer, every token's router logits and top-k experts, each expert's usage frequency "
-                  "and its mean output over all tokens (HC-SMoE's feature)."),
-    "cluster": ("moelens.cli.clustering", "Expert clustering per MoE layer as HC-SMoE (agglomerative, on the experts' mean outputs) or M-SMoE (around the G "
-                "most used experts, by router-logit similarity) would merge them; calibrates first unless given a calibration run."),
     "merge": ("moelens.cli.clustering", "Merge each cluster's experts (usage-weighted average, after permutation alignment) into a checkpoint transformers loads."),
-    "merge-cost": ("moelens.cli.clustering", "What merging costs: fact recall and held-out perplexity of the model as it is and merged by each clustering run, "
-                   "with and without permutation alignment."),
     "report": ("moelens.cli.reports", "Write one self-contained HTML report of runs of any analysis (one section each; figures and styles inline)."),
     "figure": ("moelens.cli.reports", "Draw one figure of one or more runs and save it as PNG, SVG or PDF."),
 }
+
+
+def _lazy_commands() -> dict[str, tuple[str, str]]:
+    from moelens.analyses.registry import declarations  # configs only: no torch, pandas or typer
+
+    analyses = {d.command.name: ("moelens.cli.analyses", d.command.help) for d in declarations().values()}
+    return {**analyses, **OTHER_LAZY_COMMANDS}
+
+
+LAZY_COMMANDS: dict[str, tuple[str, str]] = _lazy_commands()
 
 #: The help of the commands registered when the command line starts (moelens.cli.checkpoint, .zoo).
 EAGER_COMMANDS: dict[str, str] = {

@@ -58,14 +58,14 @@ def config_from_cli(config_type: type, values: Mapping[str, Any]) -> Any:
 
 def executor_parameters() -> list[inspect.Parameter]:
     """The options that say where units run (``--executor`` and Ray's own), one set for every
-    command whose analysis is split into units that can run anywhere."""
+    analysis's command (every analysis is split into units that can run anywhere)."""
 
     def opt(name: str, annotation: Any, default: Any, flag: str, help: str, metavar: str | None = None) -> inspect.Parameter:
         option = typer.Option(default, flag, help=help, metavar=metavar, show_default=default is not None)
         return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
 
     return [
-        opt("executor", str, "local", "--executor", "Where layers run: local (this process) or ray (Ray tasks: a local cluster, or the one at --ray-address)."),
+        opt("executor", str, "local", "--executor", "Where the units run (layers, token shards, prompt groups, merged variants): local (this process) or ray (Ray tasks: a local cluster, or the one at --ray-address)."),
         opt("ray_address", Optional[str], None, "--ray-address", "Join the Ray cluster at auto or HOST:PORT (its head node) instead of starting a local one.", "ADDR"),
         opt("workers", Optional[int], None, "--workers", "Ray tasks at once (default: the cluster's CPUs, or its GPUs ÷ --gpus-per-worker).", "N"),
         opt("gpus_per_worker", Optional[float], None, "--gpus-per-worker", "GPUs each Ray task asks for (e.g. 1, or 0.5 to share one); with --device auto or cuda.", "X"),

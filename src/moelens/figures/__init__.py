@@ -16,31 +16,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {
-    **{name: "moelens.figures.alignment" for name in (
-        "comparison_panels", "complete_analysis", "cos_squared_per_expert", "layer_k_heatmap", "layer_permutation_test",
-        "null_distribution", "per_expert_breakdown", "shuffle_statistics", "z_decomposition",
-    )},
-    "expert_distance": "moelens.figures.distance",
-    "expert_distance_heatmap": "moelens.figures.distance",
-    "module_heatmap": "moelens.figures.modules",
-    "module_lines": "moelens.figures.modules",
-    "trace_heatmap": "moelens.figures.trace",
-    "trace_indirect_effect": "moelens.figures.trace",
-    "trace_knockout": "moelens.figures.trace",
-    "trace_restore": "moelens.figures.trace",
-    "route_jsd_heatmap": "moelens.figures.router_edits",
-    "route_migration": "moelens.figures.router_edits",
-    "route_routed_share": "moelens.figures.router_edits",
-    "cluster_map": "moelens.figures.clusters",
-    "cluster_usage": "moelens.figures.clusters",
-    "expert_usage": "moelens.figures.clusters",
+#: Where each public name is defined: every analysis's figures (from its declaration, without
+#: importing matplotlib) and the catalog's and export's helpers.
+_HELPERS = {
     "FIGURES": "moelens.figures.catalog",
     "draw": "moelens.figures.catalog",
     "figures_of": "moelens.figures.catalog",
     "figure_bytes": "moelens.figures.export",
     "save": "moelens.figures.export",
 }
+
+
+def _where() -> dict[str, str]:
+    from moelens.analyses.registry import declarations
+
+    figures = {name: spec.target.split(":")[0] for d in declarations().values() for name, spec in d.figures.items()}
+    return {**figures, **_HELPERS}
+
+
+_WHERE = _where()
 
 
 def __getattr__(name: str) -> Any:

@@ -21,10 +21,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FigureEntry:
-    """A figure function (``"module:function"`` under moelens.figures, imported when first drawn,
-    so listing the figures needs no matplotlib), the analysis it draws, its title (the heading of
-    its explanation in a report, which every caption links to), whether it draws one run or many,
-    and its options."""
+    """A figure function (``"module:function"``, imported when first drawn, so listing the figures
+    needs no matplotlib), the analysis it draws, its title (the heading of its explanation in a
+    report, which every caption links to), whether it draws one run or many, and its options."""
 
     target: str
     analysis: str
@@ -35,45 +34,28 @@ class FigureEntry:
     @property
     def function(self) -> Callable[..., "Figure"]:
         module, name = self.target.split(":")
-        return getattr(importlib.import_module(f"moelens.figures.{module}"), name)
+        return getattr(importlib.import_module(module), name)
 
     @property
     def summary(self) -> str:
         return (self.function.__doc__ or "").strip().splitlines()[0]
 
 
-_ALIGNMENT = "router_alignment"
+def _catalog() -> dict[str, FigureEntry]:
+    """Every registered analysis's figures, from its declaration, in the registry's order."""
+    from moelens.analyses.registry import declarations
 
-FIGURES: dict[str, FigureEntry] = {
-    "comparison_panels": FigureEntry("alignment:comparison_panels", _ALIGNMENT, "Comparison plots"),
-    "cos_squared_per_expert": FigureEntry("alignment:cos_squared_per_expert", _ALIGNMENT, "cos²θ expert comparison"),
-    "shuffle_statistics": FigureEntry("alignment:shuffle_statistics", _ALIGNMENT, "Shuffle statistics"),
-    "z_decomposition": FigureEntry("alignment:z_decomposition", _ALIGNMENT, "z-score decomposition"),
-    "null_distribution": FigureEntry("alignment:null_distribution", _ALIGNMENT, "Distribution comparison", options=("k",)),
-    "layer_permutation_test": FigureEntry("alignment:layer_permutation_test", _ALIGNMENT, "Layer permutation test"),
-    "per_expert_breakdown": FigureEntry("alignment:per_expert_breakdown", _ALIGNMENT, "Per-expert breakdown", options=("k",)),
-    "complete_analysis": FigureEntry("alignment:complete_analysis", _ALIGNMENT, "Complete analysis", one_run=True, options=("k",)),
-    "layer_k_heatmap": FigureEntry("alignment:layer_k_heatmap", _ALIGNMENT, "Layers × k heat maps", one_run=True, options=("metric",)),
-    "expert_distance": FigureEntry("distance:expert_distance", "expert_distance", "Expert distance per layer", options=("matrix",)),
-    "expert_distance_heatmap": FigureEntry("distance:expert_distance_heatmap", "expert_distance", "Experts × experts heat maps",
-                                           one_run=True, options=("layers", "measure", "matrix")),
-    "module_heatmap": FigureEntry("modules:module_heatmap", "module_metrics", "Layer × module heat maps", one_run=True,
-                                  options=("metric", "model")),
-    "module_lines": FigureEntry("modules:module_lines", "module_metrics", "Module lines", one_run=True, options=("metric", "model")),
-    "trace_heatmap": FigureEntry("trace:trace_heatmap", "interventions", "Intervention heat maps", one_run=True,
-                                 options=("mode", "measure", "token_kind")),
-    "trace_knockout": FigureEntry("trace:trace_knockout", "interventions", "Knockout heat maps", one_run=True, options=("measure",)),
-    "trace_restore": FigureEntry("trace:trace_restore", "interventions", "Restoration heat maps", one_run=True,
-                                 options=("measure", "token_kind")),
-    "trace_indirect_effect": FigureEntry("trace:trace_indirect_effect", "interventions", "Indirect effect (causal tracing)", one_run=True),
-    "route_routed_share": FigureEntry("router_edits:route_routed_share", "router_edits", "Routed share after the edit", one_run=True),
-    "route_jsd_heatmap": FigureEntry("router_edits:route_jsd_heatmap", "router_edits", "JSD of project_out by layer and k", one_run=True),
-    "route_migration": FigureEntry("router_edits:route_migration", "router_edits", "Transplant migration matrix", one_run=True,
-                                   options=("layers",)),
-    "cluster_map": FigureEntry("clusters:cluster_map", "clustering", "Cluster map", one_run=True),
-    "cluster_usage": FigureEntry("clusters:cluster_usage", "clustering", "Usage by cluster", one_run=True, options=("layers",)),
-    "expert_usage": FigureEntry("clusters:expert_usage", "calibration", "Expert usage frequency", one_run=True, options=("layers",)),
-}
+    out: dict[str, FigureEntry] = {}
+    for declaration in declarations().values():
+        for name, spec in declaration.figures.items():
+            if name in out:
+                raise ValueError(f"two figures are called {name!r} ({out[name].analysis} and {declaration.name})")
+            out[name] = FigureEntry(spec.target, declaration.name, spec.title, spec.one_run, spec.options)
+    return out
+
+
+#: Every figure by name (from the analyses' declarations).
+FIGURES: dict[str, FigureEntry] = _catalog()
 
 
 def figures_of(analysis: str) -> list[str]:

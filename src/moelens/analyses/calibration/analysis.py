@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -61,12 +61,15 @@ from moelens.analyses.runner import run_analysis
 from moelens.calibration.activation import expert_activation
 from moelens.calibration.layer import CalibrationSetup, LayerCalibration, calibrate_layer, token_shards, usage_counts
 from moelens.calibration.store import MATRICES, NAMES, MatrixStore, layer_key
-from moelens.calibration.texts import DEFAULT_MAX_TOKENS, CalibrationLines, read_lines, tokenise
+from moelens.calibration.texts import CalibrationLines, read_lines, tokenise
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError, RunDirectoryError
 from moelens.progress import ProgressCallback
-from moelens.ranges import compact_ranges, parse_ranges
+from moelens.ranges import compact_ranges
 from moelens.results.run import Run, load_run
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 ANALYSIS = "calibration"
 #: The analyses whose runs carry a calibration (tables and matrices).
@@ -328,22 +331,8 @@ def load_calibration(path: str | os.PathLike[str]) -> CalibrationRun:
     return out
 
 
-def calibrate(
-    model: MoEModel | str | os.PathLike[str],
-    texts: Any,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    layers: Iterable[int] | str | None = None,
-    batch_tokens: int = 4096,
-    device: str = "auto",
-    dtype: str = "auto",
-    *,
-    stream: str = "auto",
-    shard_tokens: int | None = None,
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: CalibrationConfig | None = None,
-    executor: "str | Executor | None" = None,
-) -> CalibrationRun:
+def run(models: Mapping[str, Any], config: CalibrationConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> CalibrationRun:
     """Run the calibration text through ``model`` and record, per MoE layer, every token's router
     logits and top-k experts, every expert's usage frequency and mean output (docs/methods.md §3).
 
@@ -355,14 +344,7 @@ def calibrate(
     ``shard_tokens`` splits each layer's tokens into units of at most that many tokens;
     ``executor``: ``"local"`` (default), ``"ray"`` or a
     :class:`~moelens.analyses.executors.RayExecutor`."""
-    if config is None:
-        config = CalibrationConfig(texts=texts, max_tokens=max_tokens, layers=parse_ranges(layers) if isinstance(layers, str) else layers,
-                                   batch_tokens=batch_tokens, shard_tokens=shard_tokens, device=device, dtype=dtype,
-                                   stream=stream)
-    from moelens.checkpoint import open_model
-
-    m = model if isinstance(model, MoEModel) else open_model(model)
-    run = run_analysis(Calibration(), {"a": m}, config, out=out, progress=progress, executor=executor)
+    run = run_analysis(Calibration(), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
     return calibration_result(run, out)
 
 
@@ -384,6 +366,6 @@ def calibration_result(run: Run, out: str | os.PathLike[str] | None) -> Calibrat
     return result
 
 
-__all__ = ["ANALYSIS", "CALIBRATED", "SHARD_RTOL", "UNIT_ARRAYS", "Calibration", "CalibrationConfig", "CalibrationPlan", "CalibrationRun",
-           "assemble_matrices", "calibrate", "calibrate_unit", "calibration_extra", "calibration_result", "calibration_tables",
+__all__ = ["run", "ANALYSIS", "CALIBRATED", "SHARD_RTOL", "UNIT_ARRAYS", "Calibration", "CalibrationConfig", "CalibrationPlan",
+           "CalibrationRun", "assemble_matrices", "calibrate_unit", "calibration_extra", "calibration_result", "calibration_tables",
            "calibration_units", "forward_dtype", "load_calibration", "plan_calibration"]

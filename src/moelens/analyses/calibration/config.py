@@ -34,12 +34,12 @@ def check_texts(texts: Any) -> Any:
 class CalibrationConfig:
     """Options of :func:`calibrate` (each field's help says what it does)."""
 
-    texts: Any = option(None, "Calibration text: one sequence per non-empty line; the last 10 % of the lines are held out (perplexity) and not used.", kind=str, metavar="TEXT_FILE")
+    texts: Any = option(None, "Calibration text: one sequence per non-empty line; the last 10 % of the lines are held out (perplexity) and not used.", kind=str, metavar="TEXT_FILE", required=True)
     max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most (lines in file order, the last sequence cut).")
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer).", parse=parse_ranges, metavar="LIST")
-    batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
-    shard_tokens: int | None = option(None, "Calibration tokens per unit: each layer's tokens are split into shards of whole sequences with at most this many tokens, computed apart (e.g. on several Ray workers, executor='ray' in Python) and added up; the statistics equal one shard's within float32 summation order (default: one unit per layer).", kind=int, metavar="N")
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
+    batch_tokens: int = option(4096, "Padded tokens per forward pass.", changes_numbers=False)
+    shard_tokens: int | None = option(None, "Calibration tokens per unit: each layer's tokens are split into shards of whole sequences with at most this many tokens, computed apart (e.g. on several Ray workers, --executor ray) and added up; the statistics equal one shard's within float32 summation order (default: one unit per layer).", kind=int, metavar="N")
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
     stream: str = stream_option()
 
@@ -53,6 +53,7 @@ class CalibrationConfig:
         object.__setattr__(self, "stream", check_stream(self.stream))
         if self.dtype not in FORWARD_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+
 
 
 __all__ = ["CalibrationConfig", "check_texts"]

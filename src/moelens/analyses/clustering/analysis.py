@@ -29,10 +29,10 @@ calibration, in one of two ways:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,6 @@ from moelens.analyses.clustering.tables import CLUSTER_LAYERS_SCHEMA, CLUSTERS_S
 from moelens.analyses.executors import Executor
 from moelens.analyses.runner import run_analysis
 from moelens.calibration.store import MATRICES, MatrixStore, layer_key
-from moelens.calibration.texts import DEFAULT_MAX_TOKENS
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, NotMoEError
 from moelens.metrics.clustering import (
@@ -70,8 +69,11 @@ from moelens.metrics.clustering import (
     router_logit_similarity,
 )
 from moelens.progress import ProgressCallback
-from moelens.ranges import compact_ranges, parse_ranges
+from moelens.ranges import compact_ranges
 from moelens.results.run import MANIFEST, Run
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 ANALYSIS = "clustering"
 
@@ -272,27 +274,8 @@ def _layers_of(table: pd.DataFrame, layers: Sequence[int]) -> pd.DataFrame:
     return pd.concat([table[table["layer"] == L] for L in layers], ignore_index=True)
 
 
-def cluster(
-    model: MoEModel | str | os.PathLike[str],
-    calibration: Any,
-    method: str = "hc-smoe",
-    groups: Optional[int] = None,
-    ratio: Optional[float] = None,
-    linkage: str = "average",
-    distance: str = "euclidean",
-    budget: str = "layer",
-    layers: Iterable[int] | str | None = None,
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    batch_tokens: int = 4096,
-    device: str = "auto",
-    dtype: str = "auto",
-    shard_tokens: int | None = None,
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: ClusteringConfig | None = None,
-    executor: str | Executor | None = None,
-) -> CalibrationRun:
+def run(models: Mapping[str, Any], config: ClusteringConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> CalibrationRun:
     """Cluster each MoE layer's experts as HC-SMoE or M-SMoE would merge them (docs/methods.md §3).
 
     ``calibration``: a text file (calibrated here, one sequence per non-empty line, the last 10 %
@@ -303,20 +286,11 @@ def cluster(
     interrupted run resumes at the next unit. ``shard_tokens`` splits each layer's calibration
     tokens into units of at most that many; ``executor``: ``"local"`` (default), ``"ray"`` or a
     :class:`~moelens.analyses.executors.RayExecutor`."""
-    if config is None:
-        config = ClusteringConfig(
-            calibration=calibration, method=method, groups=groups, ratio=ratio, linkage=linkage, distance=distance, budget=budget,
-            layers=parse_ranges(layers) if isinstance(layers, str) else layers, max_tokens=max_tokens, batch_tokens=batch_tokens,
-            shard_tokens=shard_tokens, device=device, dtype=dtype,
-        )
-    from moelens.checkpoint import open_model
-
-    m = model if isinstance(model, MoEModel) else open_model(model)
-    run = run_analysis(Clustering(), {"a": m}, config, out=out, progress=progress, executor=executor)
+    run = run_analysis(Clustering(), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
     source = (run.manifest.get("options") or {}).get("calibration_run")
     if source:
         return CalibrationRun.of(run, load_calibration(source).matrices)
     return calibration_result(run, out)
 
 
-__all__ = ["ANALYSIS", "BUDGETS", "METHODS", "Clustering", "ClusteringConfig", "check_same_model", "cluster", "is_run_directory"]
+__all__ = ["run", "ANALYSIS", "BUDGETS", "METHODS", "Clustering", "ClusteringConfig", "check_same_model", "is_run_directory"]

@@ -27,7 +27,7 @@ PERMUTE = ("both", "on", "off")
 class ClusteringConfig:
     """Options of :func:`cluster` (each field's help says what it does)."""
 
-    calibration: Any = option(None, "A calibration text file (calibrated here, kept in the run; the last 10 % of its lines are held out) or a calibration run directory (reused).", kind=str, metavar="TEXT_FILE|RUN")
+    calibration: Any = option(None, "A calibration text file (calibrated here, kept in the run; the last 10 % of its lines are held out) or a calibration run directory (reused).", kind=str, metavar="TEXT_FILE|RUN", required=True)
     method: str = option("hc-smoe", "hc-smoe (agglomerative clustering of the experts' mean outputs) or m-smoe (the G most used experts dominant, the others join the one with the most similar router logits).")
     groups: int | None = option(None, "Clusters per layer G, 1 ≤ G < E.", kind=int, metavar="G")
     ratio: float | None = option(None, "Instead of --groups: the fraction of experts removed, G = E − round(R·E).", kind=float, metavar="R")
@@ -35,11 +35,11 @@ class ClusteringConfig:
     distance: str = option("euclidean", "hc-smoe distance between features: euclidean (as HC-SMoE's hierarchical clustering computes it) or cosine (as REAP's paper states); see docs/peers.md.")
     budget: str = option("layer", "m-smoe: layer (G in every layer) or global (MC-SMoE: one usage threshold across layers, G·L dominant experts in all).")
     layers: tuple[int, ...] | None = option(None, "MoE layers, e.g. 0,5,10-13 (default: every MoE layer, or every layer of the calibration run).", parse=parse_ranges, metavar="LIST")
-    max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most, when calibrating here.")
-    batch_tokens: int = option(4096, "Padded tokens per forward pass, when calibrating here.", resumable=True)
-    shard_tokens: int | None = option(None, "When calibrating here, calibration tokens per unit: each layer's tokens are split into shards of whole sequences with at most this many tokens, computed apart (e.g. on several Ray workers, executor='ray' in Python) and added up; the statistics equal one shard's within float32 summation order (default: one unit per layer).", kind=int, metavar="N")
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP} (calibration).", resumable=True)
-    dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+    max_tokens: int = option(DEFAULT_MAX_TOKENS, "Calibration tokens at most, when calibrating here.", recorded=False)
+    batch_tokens: int = option(4096, "Padded tokens per forward pass, when calibrating here.", changes_numbers=False, recorded=False)
+    shard_tokens: int | None = option(None, "When calibrating here, calibration tokens per unit: each layer's tokens are split into shards of whole sequences with at most this many tokens, computed apart (e.g. on several Ray workers, --executor ray) and added up; the statistics equal one shard's within float32 summation order (default: one unit per layer).", kind=int, metavar="N", recorded=False)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP} (calibration).", changes_numbers=False, recorded=False)
+    dtype: str = option("auto", "Forward pass in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.", recorded=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calibration", check_texts(self.calibration))
@@ -70,13 +70,13 @@ class ClusteringConfig:
 class MergeCostConfig:
     """Options of :func:`merge_cost` (each field's help says what it does)."""
 
-    clusters: tuple[str, ...] = option((), "Clustering runs of this model (moelens cluster --out), comma-separated.", parse=comma_names, metavar="RUN,RUN")
+    clusters: tuple[str, ...] = option((), "Clustering runs of this model (moelens cluster --out), comma-separated.", parse=comma_names, metavar="RUN,RUN", required=True)
     facts: Optional[str] = option(None, "Facts JSONL (prompt, target on every line): fact recall before and after merging.", kind=str, metavar="FACTS.jsonl")
     texts: Optional[str] = option(None, "Calibration text file: perplexity on its held-out last 10 % of lines (default: the clustering runs' own calibration text).", kind=str, metavar="TEXT_FILE")
     export: str = option("shared", "Form measured: shared (E experts, members given their cluster's merged weights, as HC-SMoE and MC-SMoE evaluate) or compact (G experts, router rows averaged).")
     permute: str = option("both", "Permutation alignment before averaging: both (each clustering with and without), on or off.")
-    batch_tokens: int = option(4096, "Padded tokens per forward pass.", resumable=True)
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
+    batch_tokens: int = option(4096, "Padded tokens per forward pass.", changes_numbers=False)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("auto", "Forward passes in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
@@ -97,6 +97,7 @@ class MergeCostConfig:
         object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
         if self.dtype not in FORWARD_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+
 
 
 __all__ = ["BUDGETS", "METHODS", "PERMUTE", "ClusteringConfig", "MergeCostConfig"]

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,9 @@ from moelens.progress import ProgressCallback
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
 from moelens.textfiles import read_jsonl
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 ANALYSIS = "merge_cost"
 COST_SCHEMA = TableSchema(ANALYSIS, (
@@ -301,34 +304,13 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def merge_cost(
-    model: MoEModel | str | os.PathLike[str],
-    clusters: Sequence[str | os.PathLike[str]] | str,
-    facts: str | os.PathLike[str] | None = None,
-    texts: str | os.PathLike[str] | None = None,
-    export: str = "shared",
-    permute: str = "both",
-    *,
-    batch_tokens: int = 4096,
-    device: str = "auto",
-    dtype: str = "auto",
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: MergeCostConfig | None = None,
-    executor: str | Executor | None = None,
-) -> Run:
+def run(models: Mapping[str, Any], config: MergeCostConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
     """Fact recall and perplexity of ``model`` before and after merging its experts by each
     clustering run, with and without permutation alignment (``permute="both"``). ``executor``:
     ``"local"`` (default), ``"ray"`` or a :class:`~moelens.analyses.executors.RayExecutor`
     (one variant per task)."""
-    if config is None:
-        config = MergeCostConfig(clusters=clusters if isinstance(clusters, str) else tuple(os.fspath(c) for c in clusters),
-                                 facts=facts, texts=texts, export=export, permute=permute, batch_tokens=batch_tokens,
-                                 device=device, dtype=dtype)
-    from moelens.checkpoint import open_model
-
-    m = model if isinstance(model, MoEModel) else open_model(model)
-    return run_analysis(MergeCost(scratch_root=out), {"a": m}, config, out=out, progress=progress, executor=executor)
+    return run_analysis(MergeCost(scratch_root=out), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
 
 
-__all__ = ["ANALYSIS", "COST_SCHEMA", "MergeCost", "MergeCostConfig", "SUMMARY_SCHEMA", "merge_cost", "read_facts", "summarise"]
+__all__ = ["run", "ANALYSIS", "COST_SCHEMA", "MergeCost", "MergeCostConfig", "SUMMARY_SCHEMA", "read_facts", "summarise"]

@@ -20,7 +20,7 @@ role (:mod:`moelens.metrics`) whatever the number of pairs it is in.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,25 +188,8 @@ class ExpertDistance(Analysis):
         return {"expert_distance_layers": layer_summary(tables["expert_distance"])}
 
 
-def expert_distance(
-    model_a: MoEModel | str | os.PathLike[str],
-    model_b: MoEModel | str | os.PathLike[str] | None = None,
-    layers: Iterable[int] | str | None = None,
-    pairing: str | None = None,
-    matrices: Iterable[str] = ("gate", "up", "down"),
-    gamma: float = 0.3,
-    top_sv: int | None = None,
-    pool: str = "mean",
-    device: str = "auto",
-    *,
-    dtype: str = "float32",
-    clusters: str | os.PathLike[str] | None = None,
-    permute: bool = False,
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: ExpertDistanceConfig | None = None,
-    executor: str | Executor | None = None,
-) -> Run:
+def run(models: Mapping[str, Any], config: ExpertDistanceConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
     """Distances between experts per layer: base→tuned (two models) or within a layer (one).
 
     Returns a :class:`~moelens.results.Run` with tables ``expert_distance`` (one row per layer,
@@ -219,17 +202,7 @@ def expert_distance(
     >>> run["expert_distance_layers"].query("matrix == 'expert'")
     >>> run = expert_distance("zoo/base", clusters="runs/m-smoe", permute=True)   # m-smoe-permuted
     """
-    if config is None:
-        config = ExpertDistanceConfig(
-            layers=layers, pairing=pairing, matrices=tuple(matrices) if not isinstance(matrices, str) else matrices,
-            gamma=gamma, top_sv=top_sv, pool=pool, device=device, dtype=dtype,
-            clusters=None if clusters is None else os.fspath(clusters), permute=permute,
-        )
-    from moelens.checkpoint import open_model
-
-    a = model_a if isinstance(model_a, MoEModel) else open_model(model_a)
-    b = model_b if (model_b is None or isinstance(model_b, MoEModel)) else open_model(model_b)
-    return run_analysis(ExpertDistance(), {"a": a, "b": b}, config, out=out, progress=progress, executor=executor)
+    return run_analysis(ExpertDistance(), {"a": models["a"], "b": models.get("b")}, config, out=out, progress=progress, executor=executor)
 
 
-__all__ = ["ANALYSIS", "PAIRINGS", "ExpertDistance", "ExpertDistanceConfig", "expert_distance", "resolve"]
+__all__ = ["run", "ANALYSIS", "PAIRINGS", "ExpertDistance", "ExpertDistanceConfig", "resolve"]

@@ -28,10 +28,10 @@ class ExpertDistanceConfig:
     gamma: float = option(DEFAULT_GAMMA, "Keep singular values σ_i ≥ γ·σ_1 for sv_align, 0 < γ ≤ 1.")
     top_sv: int | None = option(None, "Keep a fixed number of singular values instead of cutting at gamma.", kind=int)
     pool: str = option("mean", "sv_align of the whole expert: mean of the matrices' R, or ito (Σ n_m R_m / Σ n_m).")
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("float32", "Decompositions in float32 (redone in float64 where a spectrum needs it) or float64.")
-    clusters: str | None = option(None, "A clustering run (moelens cluster): pair the experts inside its clusters (pairing hc-smoe or m-smoe) instead.", kind=str, metavar="RUN")
-    permute: bool = option(False, "With --clusters: align every member's neurons onto its cluster's dominant expert first (pairing …-permuted).")
+    clusters: str | None = option(None, "A clustering run (moelens cluster): pair the experts inside its clusters (pairing hc-smoe or m-smoe) instead.", kind=str, metavar="RUN", recorded=False)
+    permute: bool = option(False, "With --clusters: align every member's neurons onto its cluster's dominant expert first (pairing …-permuted).", recorded=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
@@ -61,6 +61,7 @@ class ExpertDistanceConfig:
         if self.pool not in POOLS:
             raise ConfigError(f"unknown pool {self.pool!r}; expected one of {', '.join(POOLS)}")
         check_compute_dtype(self.dtype)
+
 
 
 __all__ = ["PAIRINGS", "ExpertDistanceConfig"]

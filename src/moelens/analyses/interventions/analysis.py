@@ -38,7 +38,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,7 @@ from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import ConfigError, IndexOutOfRangeError
 from moelens.progress import ProgressCallback
-from moelens.ranges import compact_ranges, parse_ranges
+from moelens.ranges import compact_ranges
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
 from moelens.runtime.checks import (
@@ -69,13 +69,15 @@ from moelens.runtime.checks import (
 )
 from moelens.runtime.prompts import PromptRecord, TokenisedPrompt, as_records, tokenise_all
 from moelens.runtime.trace import (
-    NOISE_SAMPLES,
     SITE_MODULE,
     Tracer,
     TraceSettings,
     noise_std,
     site_available,
 )
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 ANALYSIS = "interventions"
 TABLE_SCHEMA = TableSchema(ANALYSIS, (
@@ -269,30 +271,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return out[SUMMARY_SCHEMA.column_names]
 
 
-def trace(
-    model: MoEModel | str | os.PathLike[str],
-    prompts: str | os.PathLike[str] | Sequence[Mapping[str, Any]],
-    mode: str = "knockout",
-    sites: Sequence[str] | str | None = None,
-    ablation: str = "mean",
-    layers: Sequence[int] | str | None = None,
-    window: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    *,
-    limit: int | None = None,
-    noise_samples: int = NOISE_SAMPLES,
-    noise_scale: str | float = "embedding",
-    noise_draw: str = "per-prompt",
-    correct_only: bool = False,
-    dtype: str = "auto",
-    stream: str = "auto",
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: InterventionsConfig | None = None,
-    executor: "str | Executor | None" = None,
-) -> Run:
+def run(models: Mapping[str, Any], config: InterventionsConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
     """Which layers and sites carry a prediction: knock out, restore or block one site at one
     layer and measure how the next-token distribution changes (JSD in bits).
 
@@ -305,17 +285,7 @@ def trace(
     >>> run = trace("zoo/base", "zoo/facts.jsonl")                     # seed 003: subj/attn/last
     >>> run["interventions_summary"].query("measure == 'jsd'")
     """
-    if config is None:
-        config = InterventionsConfig(
-            prompts=prompts, limit=limit, mode=mode, sites=sites, ablation=ablation,
-            layers=parse_ranges(layers) if isinstance(layers, str) else layers, window=window,
-            noise_samples=noise_samples, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
-            noise_scale=noise_scale, noise_draw=noise_draw, correct_only=correct_only, stream=stream,
-        )
-    from moelens.checkpoint import open_model
-
-    m = model if isinstance(model, MoEModel) else open_model(model)
-    return run_analysis(Interventions(), {"a": m}, config, out=out, progress=progress, executor=executor)
+    return run_analysis(Interventions(), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
 
 
-__all__ = ["ANALYSIS", "Interventions", "InterventionsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise", "trace"]
+__all__ = ["run", "ANALYSIS", "Interventions", "InterventionsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"]

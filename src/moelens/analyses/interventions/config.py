@@ -43,7 +43,7 @@ from moelens.ranges import parse_ranges
 class InterventionsConfig:
     """Options of :func:`trace` (each field's help says what it does)."""
 
-    prompts: Any = option(None, "JSONL file, one object per line with prompt, subject and optionally target.", kind=str, metavar="FACTS.jsonl")
+    prompts: Any = option(None, "JSONL file, one object per line with prompt, subject and optionally target.", kind=str, metavar="FACTS.jsonl", required=True)
     limit: int | None = option(None, "Use only the first N prompts of the file.", kind=int, metavar="N")
     mode: str = option("knockout", f"{' | '.join(MODES)}: knock a site out, restore it into a corrupted run (causal tracing), or block attention to it.")
     sites: tuple[str, ...] | None = option(None, "Sites, comma-separated: knockout subj,attn,last,router,moe; restore restore_hidden,restore_mlp,restore_attn; block block_subj,block_nonsubj,block_last (default: subj,attn,last or all three of the mode).", parse=comma_names, metavar="LIST")
@@ -55,8 +55,8 @@ class InterventionsConfig:
     noise_scale: Any = option("embedding", "restore: the noise std: embedding = 3 × std of all embedding entries (default); subject = 3 × std of the subject tokens' embeddings over the prompts (ROME); or a number, the std itself.", kind=str, metavar="embedding|subject|STD")
     noise_draw: str = option("per-prompt", "restore: per-prompt = each prompt draws its own noise (default); shared = one draw from the seed for every prompt of the same subject length (ROME).", metavar="per-prompt|shared")
     correct_only: bool = option(False, "Skip prompts whose clean top-1 token is not the target's first token (ROME); the count goes to the manifest and the report.")
-    batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
+    batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, changes_numbers=False, recorded=False)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
     stream: str = stream_option()
 
@@ -119,6 +119,7 @@ def _noise_scale(value: Any) -> str | float:
     if number is None or not math.isfinite(number) or number <= 0:
         raise ConfigError(f"noise_scale {value!r}: give {', '.join(NOISE_SCALES)} or a positive number (the noise std itself)")
     return number
+
 
 
 __all__ = ["InterventionsConfig"]

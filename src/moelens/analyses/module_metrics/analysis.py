@@ -17,7 +17,7 @@ NaN is left out; the run's warnings name it).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from moelens.analyses.base import (
     layer_units,
 )
 from moelens.analyses.executors import Executor
-from moelens.analyses.module_metrics.config import ModuleMetricsConfig, as_names
+from moelens.analyses.module_metrics.config import ModuleMetricsConfig
 from moelens.analyses.runner import run_analysis
 from moelens.checkpoint.model import MoEModel
 from moelens.errors import CheckpointFormatError, ConfigError, IndexOutOfRangeError
@@ -328,21 +328,8 @@ class ModuleMetrics(Analysis):
         }
 
 
-def module_metrics(
-    model_a: MoEModel | str | os.PathLike[str],
-    model_b: MoEModel | str | os.PathLike[str] | None = None,
-    base: MoEModel | str | os.PathLike[str] | None = None,
-    layers: Iterable[int] | str | None = None,
-    metrics: Iterable[str] | str | None = None,
-    device: str = "auto",
-    *,
-    single: Iterable[str] | str | None = None,
-    tol: float = 1e-3,
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: ModuleMetricsConfig | None = None,
-    executor: str | Executor | None = None,
-) -> Run:
+def run(models: Mapping[str, Any], config: ModuleMetricsConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
     """Metrics of every attention and MLP matrix of every layer: single-model metrics of A (and
     B), pair metrics A vs B (or A vs ``base``), and with both B and ``base`` the pair metrics of
     the deltas A − base vs B − base. Dense and MoE models alike.
@@ -354,15 +341,8 @@ def module_metrics(
     >>> run = module_metrics("zoo/base", "zoo/tuned")
     >>> run["module_metrics"].query("model == 'pair' and metric == 'corr'")
     """
-    if config is None:
-        config = ModuleMetricsConfig(layers=layers, metrics=None if metrics is None else as_names(metrics),
-                                     single=None if single is None else as_names(single), tol=tol, device=device)
-    from moelens.checkpoint import open_model
-
-    def opened(m):
-        return m if (m is None or isinstance(m, MoEModel)) else open_model(m)
-
-    return run_analysis(ModuleMetrics(), {"a": opened(model_a), "b": opened(model_b), "base": opened(base)}, config, out=out, progress=progress, executor=executor)
+    return run_analysis(ModuleMetrics(), {"a": models["a"], "b": models.get("b"), "base": models.get("base")}, config, out=out,
+                        progress=progress, executor=executor)
 
 
-__all__ = ["ANALYSIS", "ModuleMetrics", "ModuleMetricsConfig", "module_metrics"]
+__all__ = ["run", "ANALYSIS", "ModuleMetrics", "ModuleMetricsConfig"]

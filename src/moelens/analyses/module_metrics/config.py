@@ -23,7 +23,7 @@ class ModuleMetricsConfig:
     metrics: tuple[str, ...] | None = option(None, f"Pair metrics: {','.join(PAIR_METRICS)} (default: all, when a second model or a base is given).", parse=comma_names, metavar="LIST")
     single: tuple[str, ...] | None = option(None, f"Single-model metrics: {','.join(SINGLE_METRICS)} (default: all).", parse=comma_names, metavar="LIST")
     tol: float = option(1e-3, "changed_frac counts entries with |A − B| > tol·std(A).")
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
@@ -41,6 +41,7 @@ class ModuleMetricsConfig:
 def as_names(value: Any) -> tuple[str, ...]:
     """A metric list: ``"corr,cka"``, ``"cka"`` or any iterable of names."""
     return comma_names(value) if isinstance(value, str) else tuple(value)
+
 
 
 __all__ = ["ModuleMetricsConfig", "as_names"]

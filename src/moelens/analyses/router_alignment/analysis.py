@@ -47,7 +47,6 @@ from moelens.analyses.base import (
 from moelens.analyses.executors import Executor
 from moelens.analyses.router_alignment.config import RouterAlignmentConfig
 from moelens.analyses.router_alignment.nulls import (
-    MIN_P_DRAWS,
     exact_null_moments,
     galemoe_permutations,
     layer_permutation_test,
@@ -302,27 +301,8 @@ def run_router_alignment(
     return run_analysis(RouterAlignment(), {"a": model}, config, out=out, progress=progress, executor=executor)
 
 
-def router_alignment(
-    model: MoEModel | str | os.PathLike[str],
-    layers: Iterable[int] | str | None = None,
-    matrix: str = "gate",
-    k: Iterable[int] | int | str | None = None,
-    null: str = "derangement",
-    shuffles: int = 200,
-    seed: int = 0,
-    method: str = "eigh",
-    device: str = "auto",
-    dtype: str = "float32",
-    *,
-    p_draws: int = MIN_P_DRAWS,
-    cache: bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    chunk_bytes: int | None = None,
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    config: RouterAlignmentConfig | None = None,
-    executor: str | Executor | None = None,
-) -> Run:
+def run(models: Mapping[str, Any], config: RouterAlignmentConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
     """Router–expert alignment of ``model`` (an opened model or a checkpoint path).
 
     Returns a :class:`~moelens.results.Run` with tables ``alignment``, ``alignment_layers``,
@@ -335,21 +315,10 @@ def router_alignment(
     >>> run = router_alignment(model, layers=[0, 1], matrix="gate")
     >>> run["alignment_layers"][["layer", "k", "align", "z_vs_shuffle", "p_layer"]]
     """
-    if config is None:
-        # every option is checked before the model is opened or anything is written
-        config = RouterAlignmentConfig(
-            layers=layers, matrix=matrix, k=k, null=null, shuffles=shuffles, seed=seed, method=method, device=device,
-            dtype=dtype, p_draws=p_draws, cache=cache, cache_dir=None if cache_dir is None else str(cache_dir),
-            chunk_bytes=chunk_bytes,
-        )
-    if not isinstance(model, MoEModel):
-        from moelens.checkpoint import open_model
-
-        model = open_model(model)
-    return run_router_alignment(model, config, out=out, progress=progress, executor=executor)
+    return run_router_alignment(models["a"], config, out=out, progress=progress, executor=executor)
 
 
-__all__ = [
+__all__ = ["run",
     "ANALYSIS", "AlignmentPlan", "RouterAlignment", "RouterAlignmentConfig", "default_ks", "layer_energies",
-    "layer_statistics", "resolve", "router_alignment", "run_router_alignment",
+    "layer_statistics", "resolve", "run_router_alignment",
 ]

@@ -40,12 +40,12 @@ class RouterAlignmentConfig:
     shuffles: int = option(200, "Permutations per k for --null shuffle-sampled.")
     seed: int = option(0, "Seed of every random draw (≥ 0); shuffle-sampled restarts it in every layer, as GaleMoE's runs do.")
     method: str = option("eigh", "eigh (Gram eigendecomposition) or svd (slower; reproduces GaleMoE's z to 3e-6).")
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("float32", "Arithmetic: float32 or float64.")
     p_draws: int = option(MIN_P_DRAWS, "Monte Carlo draws of the layer permutation test when E > 8.")
-    cache: bool | None = option(None, "Keep spectra on disk, keyed by tensor content, and reuse them (a basis is d·min(F,d)·4 bytes per expert: 16 GiB per matrix for Mixtral-8x7B).", kind=bool, resumable=True)
-    cache_dir: str | None = option(None, "Spectrum cache directory; implies --cache (default $MOELENS_CACHE/spectra or ~/.cache/moelens/spectra).", kind=Path, resumable=True)
-    chunk_bytes: int | None = option(None, "Bytes of spectra held at once (default: one expert on the CPU, 512 MiB on CUDA).", kind=int, resumable=True)
+    cache: bool | None = option(None, "Keep spectra on disk, keyed by tensor content, and reuse them (a basis is d·min(F,d)·4 bytes per expert: 16 GiB per matrix for Mixtral-8x7B).", kind=bool, changes_numbers=False, recorded=False)
+    cache_dir: str | None = option(None, "Spectrum cache directory; implies --cache (default $MOELENS_CACHE/spectra or ~/.cache/moelens/spectra).", kind=Path, changes_numbers=False, recorded=False)
+    chunk_bytes: int | None = option(None, "Bytes of spectra held at once (default: one expert on the CPU, 512 MiB on CUDA).", kind=int, changes_numbers=False, recorded=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
@@ -73,6 +73,7 @@ class RouterAlignmentConfig:
         object.__setattr__(self, "p_draws", int(self.p_draws))
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", str(Path(self.cache_dir)))
+
 
 
 __all__ = ["MATRICES", "METHODS", "MIN_P_DRAWS", "NULLS", "RouterAlignmentConfig", "check_null"]

@@ -4,13 +4,37 @@ predictions? Project the aligned part out of a router row, against matched contr
 Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the config (torch-free) without
 the analysis that computes with it."""
 
+from moelens.analyses.declaration import Command, Declaration, FigureSpec, ModelInput
 from moelens.lazy import lazy_package
 
 _EXPORTS: dict[str, str] = {
     "RouterEditsConfig": "moelens.analyses.router_edits.config",
-    **dict.fromkeys(("ANALYSIS", "RouterEdits", "MIGRATION_SCHEMA", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "router_edits", "summarise"),
+    **dict.fromkeys(("ANALYSIS", "RouterEdits", "MIGRATION_SCHEMA", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"),
                     "moelens.analyses.router_edits.analysis"),
+    "router_edits": "moelens.analyses.api",
 }
+
+#: Router edits, declared once (:mod:`moelens.analyses.declaration`).
+DECLARATION = Declaration(
+    name="router_edits", title="Router edits", config="moelens.analyses.router_edits.config:RouterEditsConfig",
+    analysis="moelens.analyses.router_edits.analysis:RouterEdits", run="moelens.analyses.router_edits.analysis:run",
+    function="router_edits",
+    signature=("prompts", "edits", "k", "matrix", "layers", "experts", "pairs", "samples", "seed", "batch_size", "device", "dtype", "limit"),
+    inputs=(ModelInput(help="MoE causal LM: checkpoint directory (with its tokenizer) or cached repo id."),),
+    tables=("router_edits", "router_edits_migration", "router_edits_summary"),
+    section="moelens.report.router_edits_report:route_section",
+    figures={
+        "route_routed_share": FigureSpec("moelens.figures.router_edits:route_routed_share", "Routed share after the edit", one_run=True),
+        "route_jsd_heatmap": FigureSpec("moelens.figures.router_edits:route_jsd_heatmap", "JSD of project_out by layer and k", one_run=True),
+        "route_migration": FigureSpec("moelens.figures.router_edits:route_migration", "Transplant migration matrix", one_run=True, options=("layers",)),
+    },
+    command=Command(
+        "route", "Router edits: project the part of a router row aligned with its expert's top-k singular directions out (against random "
+                 "parts of equal norm, zero and transplant controls) and measure routing to the expert and the next-token distribution.",
+        show="moelens.cli.analyses:show_route",
+    ),
+    atlas="moelens.atlas:route_calls",
+)
 
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 

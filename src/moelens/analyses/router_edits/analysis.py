@@ -33,7 +33,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,9 @@ from moelens.progress import ProgressCallback
 from moelens.ranges import compact_ranges
 from moelens.results.run import Run
 from moelens.results.schema import TableSchema
+
+if TYPE_CHECKING:
+    from moelens.analyses.executors import Executor
 
 ANALYSIS = "router_edits"
 TABLE_SCHEMA = TableSchema(ANALYSIS, (
@@ -389,41 +392,16 @@ class RouterEdits(Analysis):
         return {"architecture": s.runner.arch.model_type, "top_k": s.top_k, "hidden_size": s.model.hidden_size}
 
 
-def router_edits(
-    model: MoEModel | str | os.PathLike[str],
-    prompts: str | os.PathLike[str] | Sequence[Any],
-    edits: Sequence[str] | str | None = None,
-    k: Sequence[int] | str | None = None,
-    matrix: str = "gate",
-    layers: Sequence[int] | str | None = None,
-    experts: Sequence[int] | str | None = None,
-    pairs: Sequence[tuple[int, int]] | str | None = None,
-    samples: int = 5,
-    seed: int = 0,
-    batch_size: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    limit: int | None = None,
-    *,
-    config: RouterEditsConfig | None = None,
-    out: str | os.PathLike[str] | None = None,
-    progress: ProgressCallback | None = None,
-    executor: "str | Executor | None" = None,
-) -> Run:
+def run(models: Mapping[str, Any], config: RouterEditsConfig, *, out: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
     """Edit router rows (project out the aligned part, matched random controls, zero, transplant)
     and measure routing and next-token predictions (docs/methods.md §8).
 
     >>> run = router_edits("zoo/base", "zoo/facts.jsonl", k=[1, 8, 64])
     >>> run["router_edits_summary"].query("measure == 'routed_drop' and edit == 'project_out'")
     """
-    if config is None:
-        config = RouterEditsConfig(prompts=prompts, limit=limit, edits=edits, k=k, matrix=matrix, layers=layers, experts=experts,
-                                   pairs=pairs, samples=samples, seed=seed, batch_size=batch_size, device=device, dtype=dtype)
-    from moelens.checkpoint import open_model
-
-    m = model if isinstance(model, MoEModel) else open_model(model)
-    return run_analysis(RouterEdits(), {"a": m}, config, out=out, progress=progress, executor=executor)
+    return run_analysis(RouterEdits(), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
 
 
-__all__ = ["ANALYSIS", "MIGRATION_SCHEMA", "RouterEdits", "RouterEditsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "edit_rows",
-           "random_basis", "read_prompt_texts", "router_edits", "sign_flip_p", "summarise", "top_directions"]
+__all__ = ["run", "ANALYSIS", "MIGRATION_SCHEMA", "RouterEdits", "RouterEditsConfig", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "edit_rows",
+           "random_basis", "read_prompt_texts", "sign_flip_p", "summarise", "top_directions"]

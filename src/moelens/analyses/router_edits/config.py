@@ -62,7 +62,7 @@ def parse_pairs(text: Any) -> tuple[tuple[int, int], ...] | None:
 class RouterEditsConfig:
     """Options of :func:`router_edits` (each field's help says what it does)."""
 
-    prompts: Any = option(None, "JSONL file with a \"prompt\" on every line (as trace), or a text file, one text per line.", kind=str, metavar="PROMPTS")
+    prompts: Any = option(None, "JSONL file with a \"prompt\" on every line (as trace), or a text file, one text per line.", kind=str, metavar="PROMPTS", required=True)
     limit: int | None = option(None, "Use only the first N prompts.", kind=int, metavar="N")
     edits: tuple[str, ...] | None = option(None, f"Edits, comma-separated: {','.join(EDITS)} (default: all).", parse=comma_names, metavar="LIST")
     k: tuple[int, ...] | None = option(None, "Subspace sizes k of project_out, keep_aligned and random, e.g. 1,8,64 (default: those ≤ d).", parse=parse_ranges, metavar="LIST")
@@ -72,8 +72,8 @@ class RouterEditsConfig:
     pairs: tuple[tuple[int, int], ...] | None = option(None, "transplant: pairs E:E2 (row E replaced by row E2), e.g. 0:1,1:0 (default: each expert with the next).", parse=parse_pairs, metavar="LIST")
     samples: int = option(5, "random: subspaces drawn per (layer, expert, k).")
     seed: int = option(0, "Seed of the random subspaces (each drawn from seed, layer, expert, k and sample).")
-    batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, resumable=True)
-    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", resumable=True)
+    batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, changes_numbers=False, recorded=False)
+    device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
@@ -117,6 +117,7 @@ class RouterEditsConfig:
     @property
     def chosen_edits(self) -> tuple[str, ...]:
         return self.edits if self.edits is not None else EDITS
+
 
 
 __all__ = ["DEFAULT_K", "EDITS", "EDITS_WITH_K", "RouterEditsConfig", "parse_pairs"]
