@@ -45,15 +45,26 @@ from moelens.runtime.architecture import Architecture, describe
 
 @dataclass
 class Call:
-    """One batch of a pass: the model call's keyword arguments, and what to set before its rows go
-    through any part of the model (hook state)."""
+    """One batch of a pass: the model call's keyword arguments, what to set before its rows go
+    through any part of the model (hook state), and what of the model's output to keep (``keep``:
+    e.g. the last position's logits; default all of it). ``keep`` runs as soon as the batch's
+    output exists, so a pass over many batches holds one batch's logits [R, T, V] at a time."""
 
     kwargs: dict[str, Any]
     enter: Callable[[], None] | None = None
+    keep: Callable[[Any], Any] | None = None
 
     def begin(self) -> None:
         if self.enter is not None:
             self.enter()
+
+    def kept(self, output: Any) -> Any:
+        return output if self.keep is None else self.keep(output)
+
+
+#: Edits a decoder layer's module once its weights are loaded (a merge of its experts) and returns
+#: what undoes the edit's changes that outlive the weights (counts set on modules), or None.
+LayerEdit = Callable[[nn.Module], "Callable[[], None] | None"]
 
 
 def release_freed_memory_promptly() -> None:
@@ -138,6 +149,8 @@ class StreamedForward:
                                                + ([f"{head}."] if head else []))
         self.activation_budget = activation_budget
         self.prefetch = prefetch
+        self.layer_edits: dict[int, LayerEdit] = {}
+        self.edit_dtype: torch.dtype | None = None
         release_freed_memory_promptly()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moelens-read")
         self._embed_owner, self._embed_attr = _parent(self.model, self.arch.embedding)
@@ -156,6 +169,28 @@ class StreamedForward:
         return hidden_bytes(int(ids.shape[0]), int(ids.shape[1]), self.hidden_size, self.dtype)
 
     # -- weights ----------------------------------------------------------------------------------
+    def edit_layers(self, edits: dict[int, LayerEdit], dtype: torch.dtype | None = None) -> None:
+        """Apply ``edits[i]`` to decoder layer i each time its weights are loaded, the weights
+        loaded in ``dtype`` for the edit (None: the forward dtype) and cast to the forward dtype
+        after it: a layer edited as a checkpoint exported in ``dtype`` and loaded again would be."""
+        self.layer_edits = dict(edits)
+        self.edit_dtype = dtype
+
+    def _load_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> Callable[[], None] | None:
+        """Set layer i's weights on the model, edited when an edit is set for it; returns the
+        edit's undo."""
+        group = self.layer_groups[i]
+        edit = self.layer_edits.get(i)
+        if edit is None:
+            self.groups_of.load(group, tensors)
+            return None
+        dtype = self.edit_dtype if self.edit_dtype is not None else self.dtype
+        self.groups_of.load(group, tensors, dtype=dtype)
+        undo = edit(self.layers[i])
+        if dtype != self.dtype:
+            self.groups_of.cast(group, self.dtype)
+        return undo
+
     def _read(self, group: Any) -> concurrent.futures.Future:
         return self._pool.submit(self.groups_of.read, group)
 
@@ -251,7 +286,7 @@ class StreamedForward:
 
     def _stage_layer(self, i: int, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> None:
         group = self.layer_groups[i]
-        self.groups_of.load(group, tensors)
+        undo = self._load_layer(i, tensors)
         del tensors
         layer = self.layers[i]
         try:
@@ -265,6 +300,8 @@ class StreamedForward:
                 r.hidden = out
         finally:
             self.groups_of.drop(group)
+            if undo is not None:
+                undo()
 
     def _stage_head(self, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> list[Any]:
         self.groups_of.load(self.head_group, tensors)
@@ -286,7 +323,7 @@ class StreamedForward:
                 call.begin()
                 swapped = _swapped(self._embed_owner, self._embed_attr, stub)
                 with self._layers_replaced(substitute), swapped, self._no_router_outputs():
-                    outputs.append(self.model(**{**call.kwargs, "input_ids": ids}))
+                    outputs.append(call.kept(self.model(**{**call.kwargs, "input_ids": ids})))
         finally:
             self.groups_of.drop(self.head_group)
         return outputs
@@ -388,4 +425,4 @@ def _swapped(owner: nn.Module, attr: str, value: nn.Module) -> Iterator[None]:
         owner._modules[attr] = original
 
 
-__all__ = ["Call", "StreamedForward", "Walk", "hidden_bytes"]
+__all__ = ["Call", "LayerEdit", "StreamedForward", "Walk", "hidden_bytes"]

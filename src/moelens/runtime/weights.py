@@ -164,13 +164,20 @@ class WeightGroups:
         finally:
             self.store.release()
 
-    def load(self, group: Group, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, group: Group, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
         """Convert ``tensors`` (from :meth:`read`) with transformers' rules and set them on the
-        model, on the target device in the model's dtype."""
+        model, on the target device in the model's dtype (or ``dtype``: see :meth:`cast`)."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        dtype = next((dt for _, dt in self.shapes.values()), None)
+        if dtype is None:
+            dtype = next((dt for _, dt in self.shapes.values()), None)
+        else:
+            # transformers converts each tensor to its empty parameter's dtype: those are set first
+            for name in group.params:
+                shape, was = self.shapes[name]
+                if was.is_floating_point and was != dtype:
+                    self._set(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=META), requires_grad=False))
         config = LoadStateDictConfig(device_map={"": self.device}, dtype=dtype, weight_mapping=self.mapping)
         from transformers.utils import logging as hf_logging
 
@@ -194,6 +201,14 @@ class WeightGroups:
         from moelens.runtime.checks import check_parameters_finite
 
         check_parameters_finite(_Named(self, group.params), self.store.directory)
+
+    def cast(self, group: Group, dtype: torch.dtype) -> None:
+        """The group's loaded floating parameters in ``dtype`` (after a load in another dtype)."""
+        for name in group.params:
+            value = self._get(name)
+            if value.is_floating_point() and value.dtype != dtype:
+                for n in self.aliases[name]:
+                    self._set(n, value.to(dtype))
 
     def drop(self, group: Group) -> None:
         """Put the group's parameters (and their aliases) back on ``meta``."""
