@@ -52,7 +52,7 @@ def empty_model(directory: os.PathLike[str] | str, dtype: torch.dtype | None, de
     # Buffers (rotary frequencies, score biases) are allocated for real; parameters are allocated
     # on meta from the start so a large layer never touches memory.
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype is not None else _config_dtype(config))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype is not None else config_dtype(config))
     for module in model.modules():
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != device:
@@ -60,7 +60,9 @@ def empty_model(directory: os.PathLike[str] | str, dtype: torch.dtype | None, de
     return model.eval()
 
 
-def _config_dtype(config: Any) -> torch.dtype:
+def config_dtype(config: Any) -> torch.dtype:
+    """The dtype a transformers config names (``dtype``/``torch_dtype``; float32 when none): the
+    dtype ``from_pretrained(dtype="auto")`` builds the model in."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text, "dtype", None) or getattr(config, "dtype", None)
     if isinstance(value, torch.dtype):
@@ -260,4 +262,4 @@ def module_name(model: nn.Module, target: nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__}: module {type(target).__name__} is not part of the model")
 
 
-__all__ = ["Group", "META", "WeightGroups", "empty_model", "layer_prefix", "logical_names", "module_name", "parameters_on_meta"]
+__all__ = ["Group", "META", "config_dtype", "WeightGroups", "empty_model", "layer_prefix", "logical_names", "module_name", "parameters_on_meta"]
