@@ -53,6 +53,9 @@ class Call:
     kwargs: dict[str, Any]
     enter: Callable[[], None] | None = None
     keep: Callable[[Any], Any] | None = None
+    #: in a pass that starts at a later layer (``start`` of :meth:`StreamedForward.run`): this
+    #: batch's hidden states [R, T, d] entering that layer (consumed by the pass)
+    states: torch.Tensor | None = None
 
     def begin(self) -> None:
         if self.enter is not None:
@@ -223,30 +226,34 @@ class StreamedForward:
                 used = need
         return out
 
-    def run(self, calls: Sequence[Call], progress: ProgressCallback | None = None) -> list[Any]:
-        """The model's output for every call, in order (see the module docstring)."""
+    def run(self, calls: Sequence[Call], progress: ProgressCallback | None = None, start: int = 0) -> list[Any]:
+        """The model's output for every call, in order (see the module docstring). ``start`` > 0:
+        the pass starts at that decoder layer from each call's ``states`` (what the layers before it
+        would compute: a caller that changes nothing before ``start`` has them from a clean pass),
+        and the layers before it are not read."""
         outputs: list[Any] = []
         groups = self.passes(calls)
         for k, group in enumerate(groups):
             note = (f"pass {k + 1}/{len(groups)}: the rows' activations exceed the "
                     f"{self.activation_budget / 2**30:.1f} GiB budget") if len(groups) > 1 else ""
-            outputs.extend(self._pass(group, progress, note))
+            outputs.extend(self._pass(group, progress, note, start))
         return outputs
 
-    def _pass(self, calls: Sequence[Call], progress: ProgressCallback | None, note: str) -> list[Any]:
-        walk = self.walk(calls)
+    def _pass(self, calls: Sequence[Call], progress: ProgressCallback | None, note: str, start: int = 0) -> list[Any]:
+        walk = self.walk(calls, start)
         total = len(self.layers) + 2
-        report(progress, "streamed layers", 1, total, note)
-        for i in range(len(self.layers)):
+        report(progress, "streamed layers", 1 + start, total, note)
+        for i in range(start, len(self.layers)):
             walk.through(i)
             report(progress, "streamed layers", i + 2, total, note)
         outputs = walk.head()
         report(progress, "streamed layers", total, total, note)
         return outputs
 
-    def walk(self, calls: Sequence[Call]) -> "Walk":
-        """A pass over ``calls`` that has run the embedding and goes on layer by layer when told."""
-        return Walk(self, calls)
+    def walk(self, calls: Sequence[Call], start: int = 0) -> "Walk":
+        """A pass over ``calls`` that has run the embedding (and, with ``start``, set each call's
+        ``states`` as layer ``start``'s input) and goes on layer by layer when told."""
+        return Walk(self, calls, start)
 
     def _stage_embed(self, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> None:
         self.groups_of.load(self.embed_group, tensors)
@@ -365,14 +372,22 @@ class Walk:
     with its own hooks, and the next layer's calibration goes on from there); :meth:`head` ends
     the pass with the model's output for every batch."""
 
-    def __init__(self, fw: StreamedForward, calls: Sequence[Call]):
+    def __init__(self, fw: StreamedForward, calls: Sequence[Call], start: int = 0):
         self.fw = fw
         self.calls = list(calls)
         self.rows = [_Rows() for _ in self.calls]
-        self.done = 0
+        self.done = start
         with torch.no_grad():
+            # the embedding stage records every layer's other arguments (masks, positions), which
+            # a pass that starts later needs as much as one from layer 0
             fw._stage_embed(self.calls, self.rows, fw._read(fw.embed_group).result())
-        self._pending = fw._read(fw.layer_groups[0]) if fw.prefetch and fw.layer_groups else None
+        if start:
+            for call, r in zip(self.calls, self.rows):
+                if call.states is None or r.hidden is None or tuple(call.states.shape) != tuple(r.hidden.shape):
+                    raise ValueError(f"a pass that starts at layer {start} needs each batch's states shaped as its hidden states")
+                r.hidden = call.states.to(device=r.hidden.device, dtype=r.hidden.dtype)
+                call.states = None  # consumed: the pass holds each batch's states once
+        self._pending = fw._read(fw.layer_groups[start]) if fw.prefetch and start < len(fw.layer_groups) else None
 
     def _tensors(self, group: Any) -> dict[str, torch.Tensor]:
         pending, self._pending = self._pending, None
