@@ -132,6 +132,7 @@ class RouterEditRunner:
         self._rec = _Record()
         self._router_extra: dict[int, tuple[tuple, dict] | None] = {}
         self._keep_inputs = False
+        self._prepared = False
         self._handles: list[Any] = []
         for L in self.layers:
             if arch.layers[L].router is None:
@@ -149,9 +150,11 @@ class RouterEditRunner:
         from moelens.runtime.stream import Call
 
         with self.hooks.installed():
-            ids = torch.tensor([list(sample_ids)], device=self.device)
-            self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                                       run=lambda kwargs: self.forward.run([Call({**kwargs, "use_cache": False})]))
+            if not self._prepared:  # the routers' form is learnt once (streamed, a pass that reads every layer)
+                ids = torch.tensor([list(sample_ids)], device=self.device)
+                self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                           run=lambda kwargs: self.forward.run([Call({**kwargs, "use_cache": False})]))
+                self._prepared = True
             try:
                 for L in self.layers:
                     points = self.arch.layers[L]

@@ -173,9 +173,10 @@ class StreamedForward:
 
     # -- weights ----------------------------------------------------------------------------------
     def edit_layers(self, edits: dict[int, LayerEdit], dtype: torch.dtype | None = None) -> None:
-        """Apply ``edits[i]`` to decoder layer i each time its weights are loaded, the weights
-        loaded in ``dtype`` for the edit (None: the forward dtype) and cast to the forward dtype
-        after it: a layer edited as a checkpoint exported in ``dtype`` and loaded again would be."""
+        """Apply ``edits[i]`` to decoder layer i each time its weights are loaded: the weights are
+        loaded on the CPU in ``dtype`` for the edit (None: the forward dtype), then moved to the
+        device in the forward dtype, as a checkpoint edited on the CPU in ``dtype``, written and
+        loaded again would be."""
         self.layer_edits = dict(edits)
         self.edit_dtype = dtype
 
@@ -188,10 +189,13 @@ class StreamedForward:
             self.groups_of.load(group, tensors)
             return None
         dtype = self.edit_dtype if self.edit_dtype is not None else self.dtype
-        self.groups_of.load(group, tensors, dtype=dtype)
+        self.groups_of.load(group, tensors, dtype=dtype, device=torch.device("cpu"))
         undo = edit(self.layers[i])
-        if dtype != self.dtype:
-            self.groups_of.cast(group, self.dtype)
+        self.groups_of.cast(group, self.dtype)
+        for module in self.layers[i].modules():  # buffers loaded or set on the CPU (a score-correction bias)
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != self.device:
+                    module._buffers[name] = buf.to(self.device)
         return undo
 
     def _read(self, group: Any) -> concurrent.futures.Future:

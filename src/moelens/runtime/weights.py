@@ -166,9 +166,11 @@ class WeightGroups:
         finally:
             self.store.release()
 
-    def load(self, group: Group, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    def load(self, group: Group, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+             device: torch.device | None = None) -> None:
         """Convert ``tensors`` (from :meth:`read`) with transformers' rules and set them on the
-        model, on the target device in the model's dtype (or ``dtype``: see :meth:`cast`)."""
+        model, on the target device in the model's dtype (or on ``device`` in ``dtype``, to be
+        edited there first: see :meth:`cast`)."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
@@ -180,7 +182,7 @@ class WeightGroups:
                 shape, was = self.shapes[name]
                 if was.is_floating_point and was != dtype:
                     self._set(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=META), requires_grad=False))
-        config = LoadStateDictConfig(device_map={"": self.device}, dtype=dtype, weight_mapping=self.mapping)
+        config = LoadStateDictConfig(device_map={"": device or self.device}, dtype=dtype, weight_mapping=self.mapping)
         from transformers.utils import logging as hf_logging
 
         from moelens.runtime.checks import quiet_transformers
@@ -205,12 +207,14 @@ class WeightGroups:
         check_parameters_finite(_Named(self, group.params), self.store.directory)
 
     def cast(self, group: Group, dtype: torch.dtype) -> None:
-        """The group's loaded floating parameters in ``dtype`` (after a load in another dtype)."""
+        """The group's loaded parameters on the target device, the floating ones in ``dtype``
+        (after a load in another dtype or on another device)."""
         for name in group.params:
             value = self._get(name)
-            if value.is_floating_point() and value.dtype != dtype:
+            moved = value.to(device=self.device, dtype=dtype if value.is_floating_point() else value.dtype)
+            if moved is not value:
                 for n in self.aliases[name]:
-                    self._set(n, value.to(dtype))
+                    self._set(n, moved)
 
     def drop(self, group: Group) -> None:
         """Put the group's parameters (and their aliases) back on ``meta``."""
