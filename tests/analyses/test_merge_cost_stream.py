@@ -1,5 +1,5 @@
-"""Merge cost with the model layer-streamed: each merged layer is merged as it is read, and the
-tables equal those of the exported-and-loaded variants (bit for bit on the tiny model, a
+"""Merge cost with the model layer-streamed: each merged layer is merged as it is read (once per
+variant: recall and perplexity share a pass), and the tables equal those of the exported-and-loaded variants (bit for bit on the tiny model, a
 bfloat16 checkpoint measured in float32 included); a model too large with ``--stream off`` is
 refused before anything is written."""
 
@@ -39,7 +39,14 @@ def test_streamed_merge_cost_equals_the_exported_variants(lm_dir, lm_files, m_ru
         raise AssertionError("a streamed merge cost writes no merged checkpoint")
 
     monkeypatch.setattr(export_module, "_export", no_export)
+    from moelens.runtime.weights import WeightGroups
+
+    reads: list[str] = []
+    read = WeightGroups.read
+    monkeypatch.setattr(WeightGroups, "read", lambda self, group: (reads.append(group.name), read(self, group))[1])
     streamed = merge_cost(lm_dir, [m_run.path], stream="on", **kw)
+    # recall and perplexity of a variant share one pass: each layer read once per variant
+    assert reads.count("layer 0") == reads.count("layer 1") == reads.count("head") == 3
     assert list(memory["merge_cost"]["variant"]) == ["original", "00-m-smoe", "00-m-smoe-permuted"]
     _equal(memory["merge_cost"], streamed["merge_cost"])
     cost = streamed["merge_cost"].set_index("variant")

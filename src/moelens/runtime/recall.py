@@ -11,7 +11,7 @@ would shift the positions of a model that derives them from the sequence index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,28 @@ def next_token_predictions(
 
     ``model``: a loaded causal LM or a forward runtime (:func:`moelens.runtime.forward.open_forward`);
     a layer-streamed one runs every batch in one pass, each layer read once."""
-    from moelens.runtime.forward import is_forward, run_calls, runtime_device, whole_module
+    from moelens.runtime.forward import is_forward, run_calls, whole_module
+
+    calls, result = next_token_calls(model, tokenizer, prompts, targets, batch_size, progress)
+    was_training = model.training if not is_forward(model) else False
+    if not is_forward(model):
+        model.eval()
+    try:
+        run_calls(model, calls, progress if whole_module(model) is None else None)
+    finally:
+        if not is_forward(model):
+            model.train(was_training)
+    return result()
+
+
+def next_token_calls(
+    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str] | None = None,
+    batch_size: int = 128, progress: ProgressCallback | None = None,
+) -> tuple[list[Any], Callable[[], NextTokenResult]]:
+    """:func:`next_token_predictions` as the batches' calls for ``model`` (a runtime or a loaded
+    module) and what gives the result once they have run: so one streamed pass can run them beside
+    other calls (perplexity's), each layer read once for all."""
+    from moelens.runtime.forward import is_forward, runtime_device, whole_module
     from moelens.runtime.stream import Call
 
     if targets is not None and len(targets) != len(prompts):
@@ -112,15 +133,7 @@ def next_token_predictions(
                 report(progress, "next token", b + 1, n_batches)
 
         calls.append(Call(kwargs, keep=keep))
-    was_training = model.training if not is_forward(model) else False
-    if not is_forward(model):
-        model.eval()
-    try:
-        run_calls(model, calls, progress if streamed else None)
-    finally:
-        if not is_forward(model):
-            model.train(was_training)
-    return NextTokenResult(predicted, np.asarray(tgt, dtype=np.int64) if tgt is not None else None, probs)
+    return calls, lambda: NextTokenResult(predicted, np.asarray(tgt, dtype=np.int64) if tgt is not None else None, probs)
 
 
 def fact_recall(
@@ -132,3 +145,11 @@ def fact_recall(
     prompts = [f[prompt_key] for f in facts]
     targets = [f["target"] for f in facts]
     return next_token_predictions(model, tokenizer, prompts, targets, batch_size=batch_size, progress=progress)
+
+
+def fact_recall_calls(
+    model: Any, tokenizer: Any, facts: Sequence[dict[str, str]], prompt_key: str = "prompt",
+    batch_size: int = 128, progress: ProgressCallback | None = None,
+) -> tuple[list[Any], Callable[[], NextTokenResult]]:
+    """:func:`fact_recall` as calls and their result (see :func:`next_token_calls`)."""
+    return next_token_calls(model, tokenizer, [f[prompt_key] for f in facts], [f["target"] for f in facts], batch_size, progress)

@@ -224,14 +224,41 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
 
 def _measure(state: MergeCostState, lm: Any, context: UnitContext) -> tuple[float, float, int]:
     from moelens.runtime import fact_recall
+    from moelens.runtime.forward import is_forward
     from moelens.runtime.perplexity import perplexity
 
+    if is_forward(lm) and lm.streamed:
+        return _measure_in_one_pass(state, lm, context)
     recall = float("nan")
     if state.facts is not None:
         recall = fact_recall(lm, state.tokenizer, state.facts, progress=context.progress).recall
     ppl, n = float("nan"), 0
     if state.heldout is not None:
         result = perplexity(lm, state.heldout, state.pad_id, state.config.batch_tokens, context.progress)
+        ppl, n = result.value, result.n_predicted
+    return recall, ppl, n
+
+
+def _measure_in_one_pass(state: MergeCostState, forward: Any, context: UnitContext) -> tuple[float, float, int]:
+    """Recall and perplexity from one streamed pass: every batch of both goes through each layer
+    (read, and merged, once) before the next."""
+    from moelens.runtime.forward import run_calls
+    from moelens.runtime.perplexity import perplexity_calls
+    from moelens.runtime.recall import fact_recall_calls
+
+    calls: list[Any] = []
+    recall_of = ppl_of = None
+    if state.facts is not None:
+        part, recall_of = fact_recall_calls(forward, state.tokenizer, state.facts)
+        calls += part
+    if state.heldout is not None:
+        part, ppl_of = perplexity_calls(forward, state.heldout, state.pad_id, state.config.batch_tokens)
+        calls += part
+    run_calls(forward, calls, context.progress)
+    recall = recall_of().recall if recall_of is not None else float("nan")
+    ppl, n = float("nan"), 0
+    if ppl_of is not None:
+        result = ppl_of()
         ppl, n = result.value, result.n_predicted
     return recall, ppl, n
 
