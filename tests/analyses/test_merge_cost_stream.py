@@ -1,7 +1,7 @@
 """Merge cost with the model layer-streamed: each merged layer is merged as it is read (once per
-variant: recall and perplexity share a pass), and the tables equal those of the exported-and-loaded variants (bit for bit on the tiny model, a
-bfloat16 checkpoint measured in float32 included); a model too large with ``--stream off`` is
-refused before anything is written."""
+variant: recall and perplexity share a pass), and the tables equal those of the exported and
+loaded variants (bit for bit on the tiny model, a bfloat16 checkpoint measured in float32
+included); a model too large with ``--stream off`` is refused before anything is written."""
 
 from __future__ import annotations
 
