@@ -18,8 +18,17 @@ then runs in stages, each stage over every batch before the next begins:
 
 So each layer's weights are read once per pass over all rows. A batch's ``enter`` callback runs
 before each of its stage calls, so per-batch hook state (the edits of an intervention, what to
-capture) is in place whenever that batch's rows go through a layer. A background thread reads
-layer ℓ+1 from the files while layer ℓ computes (``prefetch``).
+capture) is in place whenever that batch's rows go through a layer; its ``keep`` callback reduces
+its output as soon as the head has made it (the last position's logits, a log-likelihood sum), so
+a pass never holds every batch's logits. A background thread reads layer ℓ+1 from the files while
+layer ℓ computes (``prefetch``).
+
+A pass may start at a later layer (``run(..., start=ℓ)``) from each batch's hidden states entering
+it (``Call.states``, from a clean pass: router edits change nothing before their layer): the
+embedding still runs, for the layers' other arguments, and the layers before ℓ are not read.
+Layers may be edited as they are read (:meth:`StreamedForward.edit_layers`: a merge of experts),
+on the CPU in a chosen dtype and then moved to the device, as an edited checkpoint written and
+loaded again would be.
 
 Memory: one layer's weights (two while prefetching: the next one as read, in the checkpoint's dtype)
 plus every row's hidden states and recorded arguments. When those do not fit the activation
@@ -190,8 +199,12 @@ class StreamedForward:
             return None
         dtype = self.edit_dtype if self.edit_dtype is not None else self.dtype
         self.groups_of.load(group, tensors, dtype=dtype, device=torch.device("cpu"))
-        undo = edit(self.layers[i])
-        self.groups_of.cast(group, self.dtype)
+        try:
+            undo = edit(self.layers[i])
+            self.groups_of.cast(group, self.dtype)
+        except BaseException:
+            self.groups_of.drop(group)  # nothing of a failed layer stays resident
+            raise
         for module in self.layers[i].modules():  # buffers loaded or set on the CPU (a score-correction bias)
             for name, buf in module._buffers.items():
                 if buf is not None and buf.device != self.device:
