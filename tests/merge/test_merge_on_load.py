@@ -15,7 +15,7 @@ from moelens.merge import LAYOUTS, export_merged, merge_on_load
 from moelens.runtime.forward import open_forward
 from moelens.runtime.stream import Call
 from tests.merge.helpers import build_checkpoint
-from tests.merge.test_export import E, IDS, table
+from tests.merge.test_export import IDS, E, table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
