@@ -7,11 +7,11 @@ checkpoints that transformers loads (docs/methods.md §3, §7).
 """
 
 from moelens.merge.average import merge_cluster, merge_layer, merge_rows, usage_weights
-from moelens.merge.export import EXPORTS, RECORD_NAME, export_merged, plan_export
+from moelens.merge.export import EXPORTS, RECORD_NAME, export_merged, merge_on_load, plan_export
 from moelens.merge.families import LAYOUTS, MergeLayout, merge_layout
 from moelens.merge.table import CLUSTER_COLUMNS, LayerClusters, read_clusters
 
 __all__ = [
     "CLUSTER_COLUMNS", "EXPORTS", "LAYOUTS", "LayerClusters", "MergeLayout", "RECORD_NAME", "export_merged", "merge_cluster",
-    "merge_layer", "merge_layout", "merge_rows", "plan_export", "read_clusters", "usage_weights",
+    "merge_layer", "merge_layout", "merge_on_load", "merge_rows", "plan_export", "read_clusters", "usage_weights",
 ]

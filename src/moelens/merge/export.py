@@ -121,6 +121,43 @@ def _merge_into(model: Any, layout: MergeLayout, lc: LayerClusters, export: str,
                 setattr(module, name, g)
 
 
+def merge_on_load(model: Any, model_path: str | os.PathLike[str], clusters: pd.DataFrame, export: str = "compact",
+                  permute: bool = True, device: str | torch.device = "cpu", revision: Optional[str] = None) -> dict[int, Any]:
+    """Per clustered layer, the edit that merges its experts into a layer-streamed ``model`` (a
+    :class:`~moelens.runtime.stream.StreamedForward`'s weightless model) each time the layer's
+    weights are loaded: the same :func:`_merge_into` that :func:`export_merged` applies to the whole
+    model, so with the weights loaded in the checkpoint's own dtype (as the export loads them) and
+    cast to the forward dtype after, the layer equals that of the exported checkpoint loaded again.
+    Nothing is written. A compact merge changes module counts (and a score-correction buffer) that
+    outlive the weights; each edit returns what puts them back, so the next load starts from the
+    checkpoint's layer again."""
+    _, layout, layers = plan_export(model_path, clusters, export, revision)
+    check_family_config(layout, model.config)
+
+    def edit(lc: LayerClusters) -> Any:
+        def apply(layer_module: Any) -> Any:
+            block = moe_block(model, layout, lc.layer)
+            experts, router = block.experts, getattr(block, layout.router)
+            counts = [(m, n, getattr(m, n)) for m in (block, experts, router)
+                      for n in ("num_experts", "n_routed_experts", "num_local_experts") if isinstance(getattr(m, n, None), int)]
+            bias = None
+            if layout.score_bias is not None:
+                value = get_path(block, layout.score_bias)
+                bias = value if not isinstance(value, torch.nn.Parameter) else None  # a buffer stays after the weights go
+            with torch.no_grad():
+                _merge_into(model, layout, lc, export, permute, device)
+
+            def undo() -> None:
+                for m, n, v in counts:
+                    setattr(m, n, v)
+                if bias is not None:
+                    set_path(block, layout.score_bias, bias)
+            return undo
+        return apply
+
+    return {layer: edit(lc) for layer, lc in layers.items()}
+
+
 def _check_compact_structure(model: Any) -> None:
     """The edited model must have exactly the parameters and shapes that its new config gives a
     freshly built model (a meta-device build, no memory): otherwise the checkpoint would not load."""

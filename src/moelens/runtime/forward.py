@@ -64,7 +64,7 @@ class InMemoryForward:
         with torch.no_grad():
             for call in calls:
                 call.begin()
-                out.append(self.model(**call.kwargs))
+                out.append(call.kept(self.model(**call.kwargs)))
         return out
 
     @contextmanager
@@ -76,6 +76,37 @@ class InMemoryForward:
 
 
 Forward = InMemoryForward | StreamedForward
+
+
+def is_forward(model: Any) -> bool:
+    """Whether ``model`` is a forward runtime (in memory or streamed) rather than a loaded module."""
+    return isinstance(model, (InMemoryForward, StreamedForward))
+
+
+def run_calls(model: Any, calls: Sequence[Call], progress: ProgressCallback | None = None) -> list[Any]:
+    """Each call's kept output, from a forward runtime (a streamed one reads every layer once for
+    all the calls) or from a loaded module (one call after another)."""
+    if is_forward(model):
+        return model.run(calls, progress)
+    out = []
+    with torch.no_grad():
+        for call in calls:
+            call.begin()
+            out.append(call.kept(model(**call.kwargs)))
+    return out
+
+
+def runtime_device(model: Any) -> torch.device:
+    """The device a runtime or a loaded module computes on."""
+    return model.device if is_forward(model) else next(model.parameters()).device
+
+
+def whole_module(model: Any) -> Any:
+    """The loaded module whose layers can be re-run (to name the first non-finite one), or None
+    for a streamed runtime, whose layers are not all there."""
+    if is_forward(model):
+        return None if model.streamed else model.model
+    return model
 
 
 def available_memory(device: torch.device) -> int:
@@ -183,4 +214,5 @@ def open_forward(path: Any, device: torch.device, dtype: str | torch.dtype | Non
 
 
 __all__ = ["Estimate", "Forward", "IN_MEMORY_FACTOR", "InMemoryForward", "STREAM_MODES", "activation_budget",
-           "available_memory", "choose_stream", "estimate", "open_forward", "refusal"]
+           "available_memory", "choose_stream", "estimate", "is_forward", "open_forward", "refusal", "run_calls", "runtime_device",
+           "whole_module"]

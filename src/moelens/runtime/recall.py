@@ -11,7 +11,7 @@ would shift the positions of a model that derives them from the sequence index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +65,39 @@ def next_token_predictions(
     model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str] | None = None,
     batch_size: int = 128, progress: ProgressCallback | None = None,
 ) -> NextTokenResult:
-    """Greedy next token after each prompt (and the target's probability if ``targets``)."""
+    """Greedy next token after each prompt (and the target's probability if ``targets``).
+
+    ``model``: a loaded causal LM or a forward runtime (:func:`moelens.runtime.forward.open_forward`);
+    a layer-streamed one runs every batch in one pass, each layer read once."""
+    from moelens.runtime.forward import is_forward, run_calls, whole_module
+
+    calls, result = next_token_calls(model, tokenizer, prompts, targets, batch_size, progress)
+    was_training = model.training if not is_forward(model) else False
+    if not is_forward(model):
+        model.eval()
+    try:
+        run_calls(model, calls, progress if whole_module(model) is None else None)
+    finally:
+        if not is_forward(model):
+            model.train(was_training)
+    return result()
+
+
+def next_token_calls(
+    model: Any, tokenizer: Any, prompts: Sequence[str], targets: Sequence[str] | None = None,
+    batch_size: int = 128, progress: ProgressCallback | None = None,
+) -> tuple[list[Any], Callable[[], NextTokenResult]]:
+    """:func:`next_token_predictions` as the batches' calls for ``model`` (a runtime or a loaded
+    module) and what gives the result once they have run: so one streamed pass can run them beside
+    other calls (perplexity's), each layer read once for all."""
+    from moelens.runtime.forward import is_forward, runtime_device, whole_module
+    from moelens.runtime.stream import Call
+
     if targets is not None and len(targets) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
-    device = next(model.parameters()).device
+    device = runtime_device(model)
+    lm = whole_module(model)
+    streamed = lm is None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = encode_prompts(tokenizer, prompts)
     tgt = target_token_ids(tokenizer, targets) if targets is not None else None
@@ -76,31 +105,35 @@ def next_token_predictions(
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     predicted = np.zeros(len(ids), dtype=np.int64)
     probs = np.zeros(len(ids), dtype=np.float64) if tgt is not None else None
-    was_training = model.training
-    model.eval()
     n_batches = (len(order) + batch_size - 1) // batch_size
-    try:
-        for b in range(n_batches):
-            rows = order[b * batch_size:(b + 1) * batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
-                mask[r, :len(ids[i])] = 1
-            last = mask.sum(1) - 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-            final = logits[torch.arange(len(rows), device=device), last.to(device)].float()
-            check_logits(final, model, "next-token prediction", input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    calls = []
+    for b in range(n_batches):
+        rows = order[b * batch_size:(b + 1) * batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
+            mask[r, :len(ids[i])] = 1
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+        if is_forward(model):  # a runtime runs transformers' models: no key-value cache to fill
+            kwargs["use_cache"] = False
+
+        def keep(output: Any, b: int = b, rows: list[int] = rows, kwargs: dict[str, Any] = kwargs) -> None:
+            # only the last real position's logits are read: a batch's [R, T, V] is freed here
+            last = kwargs["attention_mask"].sum(1) - 1
+            final = output.logits[torch.arange(len(rows), device=device), last].float()
+            check_logits(final, lm, "next-token prediction", **kwargs)
             predicted[rows] = final.argmax(-1).cpu().numpy()
             if tgt is not None:
                 p = torch.softmax(final, -1)
                 t = torch.tensor([tgt[i] for i in rows], device=device)
                 probs[rows] = p[torch.arange(len(rows), device=device), t].double().cpu().numpy()
-            report(progress, "next token", b + 1, n_batches)
-    finally:
-        model.train(was_training)
-    return NextTokenResult(predicted, np.asarray(tgt, dtype=np.int64) if tgt is not None else None, probs)
+            if not streamed:
+                report(progress, "next token", b + 1, n_batches)
+
+        calls.append(Call(kwargs, keep=keep))
+    return calls, lambda: NextTokenResult(predicted, np.asarray(tgt, dtype=np.int64) if tgt is not None else None, probs)
 
 
 def fact_recall(
@@ -112,3 +145,11 @@ def fact_recall(
     prompts = [f[prompt_key] for f in facts]
     targets = [f["target"] for f in facts]
     return next_token_predictions(model, tokenizer, prompts, targets, batch_size=batch_size, progress=progress)
+
+
+def fact_recall_calls(
+    model: Any, tokenizer: Any, facts: Sequence[dict[str, str]], prompt_key: str = "prompt",
+    batch_size: int = 128, progress: ProgressCallback | None = None,
+) -> tuple[list[Any], Callable[[], NextTokenResult]]:
+    """:func:`fact_recall` as calls and their result (see :func:`next_token_calls`)."""
+    return next_token_calls(model, tokenizer, [f[prompt_key] for f in facts], [f["target"] for f in facts], batch_size, progress)

@@ -36,7 +36,7 @@ from moelens.metrics.jsd import LN2, js_divergence
 from moelens.progress import ProgressCallback, report
 from moelens.runtime.architecture import Architecture, first_tensor, router_weight
 from moelens.runtime.checks import check_logits
-from moelens.runtime.interventions import Batch, Edit, InterventionHooks, last_logits, lower_index_ties
+from moelens.runtime.interventions import Batch, Edit, InterventionHooks, logits_call, lower_index_ties
 from moelens.runtime.trace import memory_budget, row_bytes
 
 
@@ -97,38 +97,64 @@ class CleanRouting:
         return int(self.real.sum())
 
 
+@dataclass
+class _Record:
+    """What the hooks record in one batch's pass (a streamed pass runs every batch through a layer
+    before the next layer, so each batch records into its own)."""
+
+    seen: dict[int, torch.Tensor] = field(default_factory=dict)  # experts chosen, [R·T, k]
+    router_out: dict[int, Any] = field(default_factory=dict)
+    router_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    router_extra: dict[int, tuple[tuple, dict] | None] = field(default_factory=dict)
+    layer_in: dict[int, torch.Tensor] = field(default_factory=dict)  # decoder layer inputs [R, T, d]
+
+
 class RouterEditRunner:
-    """Hooks on a loaded causal LM that measure many router-row edits per forward pass."""
+    """Hooks on a causal LM that measure many router-row edits per forward pass; the model in
+    memory or layer-streamed (``forward``, :func:`moelens.runtime.forward.open_forward`; default:
+    ``model`` as loaded). A streamed model runs every batch of a step in one pass, each layer read
+    once, starting at the edited layer; the tables are the same either way."""
 
     def __init__(self, model: Any, arch: Architecture, layers: Sequence[int], top_k: int, pad_id: int = 0,
-                 rows_per_batch: int | None = None, skip_layers: bool = True):
-        self.model = model
+                 rows_per_batch: int | None = None, skip_layers: bool = True, forward: Any = None):
+        from moelens.runtime.forward import InMemoryForward
+
+        self.forward = forward if forward is not None else InMemoryForward(model)
+        self.model = self.forward.model
         self.skip_layers = skip_layers
         self.arch = arch
         self.layers = list(layers)
         self.top_k = int(top_k)
         self.pad_id = int(pad_id)
-        self.device = next(model.parameters()).device
-        self.hooks = InterventionHooks(model, arch)
+        self.device = self.forward.device
+        self.hooks = InterventionHooks(self.model, arch)
         self.rows_per_batch = rows_per_batch
-        self._seen: dict[int, torch.Tensor] = {}
-        self._router_out: dict[int, Any] = {}
-        self._router_in: dict[int, torch.Tensor] = {}
+        self._rec = _Record()
         self._router_extra: dict[int, tuple[tuple, dict] | None] = {}
         self._keep_inputs = False
+        self._prepared = False
         self._handles: list[Any] = []
         for L in self.layers:
             if arch.layers[L].router is None:
                 raise ConfigError(f"layer {L} has no router")
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.forward.streamed)
 
     # -- hooks --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def installed(self, sample_ids: Sequence[int]):
         """The interventions' hooks, then (so they see the edited routing) hooks that record each
         chosen layer's top-k sets."""
+        from moelens.runtime.stream import Call
+
         with self.hooks.installed():
-            ids = torch.tensor([list(sample_ids)], device=self.device)
-            self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            if not self._prepared:  # the routers' form is learnt once (streamed, a pass that reads every layer)
+                ids = torch.tensor([list(sample_ids)], device=self.device)
+                self.hooks.prepare_routers({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                           run=lambda kwargs: self.forward.run([Call({**kwargs, "use_cache": False})]))
+                self._prepared = True
             try:
                 for L in self.layers:
                     points = self.arch.layers[L]
@@ -144,27 +170,28 @@ class RouterEditRunner:
 
     def _router_hook(self, layer: int):
         def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-            self._router_out[layer] = output
+            rec = self._rec
+            rec.router_out[layer] = output
             if self._keep_inputs and args and isinstance(args[0], torch.Tensor):
-                self._router_in[layer] = args[0].detach()
+                rec.router_in[layer] = args[0].detach()
                 # the family's other inputs (e.g. MiniMax-M2's score-correction bias), for re-runs
                 per_token = [t for t in (*args[1:], *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 1]
-                self._router_extra[layer] = None if per_token else (tuple(args[1:]), dict(kwargs))
+                rec.router_extra[layer] = None if per_token else (tuple(args[1:]), dict(kwargs))
         return hook
 
     def _experts_hook(self, layer: int):
         def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
             if isinstance(index, torch.Tensor) and index.ndim == 2 and not index.is_floating_point():
-                self._seen[layer] = index.detach()
+                self._rec.seen[layer] = index.detach()
         return hook
 
-    def _selection(self, layer: int, R: int, T: int) -> torch.Tensor:
-        """[R, T, k] experts the family chose at ``layer`` in the last pass."""
+    def _selection(self, layer: int, R: int, T: int, rec: _Record) -> torch.Tensor:
+        """[R, T, k] experts the family chose at ``layer`` in the pass ``rec`` recorded."""
         n = R * T
-        sel = self._seen.get(layer)
+        sel = rec.seen.get(layer)
         if sel is None or tuple(sel.shape) != (n, self.top_k):
-            out = self._router_out.get(layer)
+            out = rec.router_out.get(layer)
             sel = _topk_of(out, n, self.top_k)
             if sel is None:
                 if out is None:
@@ -173,22 +200,47 @@ class RouterEditRunner:
         return sel.reshape(R, T, self.top_k).long()
 
     # -- passes -------------------------------------------------------------------------------
-    def _forward(self, rows: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, Batch]:
+    def _call(self, rows: Sequence[Sequence[int]], width: int, edits: dict[tuple[int, str], list[Edit]], rec: _Record,
+              then: Any) -> Any:
+        """One batch's call: ``rows`` padded to ``width`` with ``edits``, recording into ``rec``;
+        its output is ``then(logits [R, V] float32, batch)`` of the last positions' logits."""
+        from moelens.runtime.stream import Call
+
         batch = Batch.of(rows, self.pad_id, self.device, width)
-        self.hooks.attention_mask = batch.attention_mask
-        self.hooks.last = batch.last
-        self._seen, self._router_out = {}, {}
-        ties = lower_index_ties() if self.hooks.edits else contextlib.nullcontext()
-        with torch.no_grad(), ties:
-            logits = last_logits(self.model, batch, [len(r) for r in rows]).float()
-            check_logits(logits, self.model, "forward pass", input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return logits, batch
+        kwargs, pick = logits_call(batch, [len(r) for r in rows])
+
+        def enter() -> None:
+            self.hooks.attention_mask = batch.attention_mask
+            self.hooks.last = batch.last
+            self.hooks.edits = edits
+            self._rec = rec
+
+        def keep(output: Any) -> Any:
+            logits = pick(output).float()
+            lm = None if self.streamed else self.model
+            check_logits(logits, lm, "forward pass", input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            return then(logits, batch)
+
+        return Call(kwargs, enter, keep)
+
+    def _run(self, calls: Sequence[Any], progress: ProgressCallback | None = None, start: int = 0, edited: bool = False) -> list[Any]:
+        """Each call's kept output; ``edited`` (the calls edit routers): ties go to the lower expert."""
+        ties = lower_index_ties() if edited else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), ties:
+                if start:
+                    return self.forward.run(calls, progress, start=start)
+                return self.forward.run(calls, progress)
+        finally:
+            self.hooks.edits = {}
+            self._rec = _Record()
 
     @contextlib.contextmanager
     def _start_at(self, layer: int, states: torch.Tensor):
         """Decoder layers before ``layer`` return their input unchanged (no work), and ``layer``
         reads ``states`` [R, T, d] (the clean inputs of its rows) instead: a router edit at ``layer``
-        changes nothing before it, so the pass starts there."""
+        changes nothing before it, so the pass starts there. (A streamed pass starts there by
+        itself: :meth:`~moelens.runtime.stream.StreamedForward.run`'s ``start``.)"""
         layers = [p.layer for p in self.arch.layers[:layer]]
 
         def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -230,13 +282,13 @@ class RouterEditRunner:
         inputs: dict[int, list[torch.Tensor]] = {L: [] for L in self.layers}
         layer_in: dict[int, list[torch.Tensor]] = {L: [] for L in self.layers}
         plain = [True] * self.arch.n_layers  # decoder layers that return their hidden states as a plain tensor
-        seen_in: dict[int, torch.Tensor] = {}
+        extra: list[dict[int, tuple[tuple, dict] | None]] = [{}]
 
         def record_input(i: int):
             def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
                 x = args[0] if args else kwargs.get("hidden_states")
                 if isinstance(x, torch.Tensor):
-                    seen_in[i] = x.detach()
+                    self._rec.layer_in[i] = x.detach()
             return hook
 
         def record_output(i: int):
@@ -244,29 +296,37 @@ class RouterEditRunner:
                 plain[i] = plain[i] and isinstance(output, torch.Tensor)
             return hook
 
+        def collect(chunk: Sequence[Sequence[int]], rec: _Record):
+            # each batch's records as its logits come (in memory: before the next batch runs)
+            def then(logits: torch.Tensor, batch: Batch) -> None:
+                probs.append(torch.softmax(logits, -1))
+                for L in self.layers:
+                    topk[L].append(self._selection(L, len(chunk), width, rec))
+                    x = rec.router_in.get(L) if L in kept else None
+                    if x is not None and x.numel() == len(chunk) * width * x.shape[-1]:
+                        inputs[L].append(x.reshape(len(chunk), width, -1))
+                    h = rec.layer_in.get(L)
+                    if h is not None and tuple(h.shape[:2]) == (len(chunk), width):
+                        layer_in[L].append(h)
+                extra[0] = rec.router_extra
+                rec.seen, rec.router_out, rec.router_in, rec.layer_in = {}, {}, {}, {}
+            return then
+
+        calls = []
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start:start + step]
+            rec = _Record()
+            calls.append(self._call(chunk, width, {}, rec, collect(chunk, rec)))
         handles = [p.layer.register_forward_hook(record_output(p.index)) for p in self.arch.layers]
         handles += [self.arch.layers[L].layer.register_forward_pre_hook(record_input(L), with_kwargs=True) for L in self.layers if L in kept]
         self._keep_inputs = True
         try:
-            for start in range(0, len(prompts), step):
-                chunk = prompts[start:start + step]
-                self._router_in = {}
-                self._router_extra = {}
-                seen_in.clear()
-                logits, batch = self._forward(chunk, width)
-                probs.append(torch.softmax(logits, -1))
-                for L in self.layers:
-                    topk[L].append(self._selection(L, len(chunk), width))
-                    x = self._router_in.get(L) if L in kept else None
-                    if x is not None and x.numel() == len(chunk) * width * x.shape[-1]:
-                        inputs[L].append(x.reshape(len(chunk), width, -1))
-                    h = seen_in.get(L)
-                    if h is not None and tuple(h.shape[:2]) == (len(chunk), width):
-                        layer_in[L].append(h)
+            self._run(calls)
         finally:
             self._keep_inputs = False
             for h in handles:
                 h.remove()
+        self._router_extra = extra[0]
         mask = Batch.of(prompts, self.pad_id, self.device, width).attention_mask
         clean = CleanRouting(torch.cat(probs), {L: torch.cat(v) for L, v in topk.items()}, mask.bool(), width)
         if self.skip_layers:
@@ -290,9 +350,11 @@ class RouterEditRunner:
         self.hooks.attention_mask = torch.ones(R, T, dtype=torch.long, device=x.device)
         ties = lower_index_ties() if edits else contextlib.nullcontext()
         args, kwargs = self._router_extra[layer] or ((), {})
+        router = self.arch.layers[layer].router
         try:
-            with torch.no_grad(), ties:
-                out = self.arch.layers[layer].router(x.reshape(R * T, d), *args, **kwargs)
+            # a streamed model reads the router's weights for the call
+            with torch.no_grad(), ties, self.forward.materialised(router):
+                out = router(x.reshape(R * T, d), *args, **kwargs)
         finally:
             self.hooks.edits = {}
         index = _topk_of(out, R * T, self.top_k)
@@ -314,14 +376,16 @@ class RouterEditRunner:
             hit = layer_of_row == L
             index = hit.nonzero().squeeze(1)
             router = self.arch.layers[L].router
-            bias = getattr(router, "bias", None)
             n_experts = int(router_weight(router).shape[0])
-            bias = bias.detach() if isinstance(bias, torch.Tensor) and bias.shape == (n_experts,) else None
             experts = expert_of_row[index]
             new_rows = rows[index]
             copies = copy_of_row[index]
 
-            def value(x: torch.Tensor, logits: torch.Tensor, index=index, experts=experts, new_rows=new_rows, copies=copies, bias=bias) -> torch.Tensor:
+            def value(x: torch.Tensor, logits: torch.Tensor, index=index, experts=experts, new_rows=new_rows, copies=copies,
+                      router=router, n_experts=n_experts) -> torch.Tensor:
+                # the bias read when the hook runs: a streamed layer's weights are there only then
+                bias = getattr(router, "bias", None)
+                bias = bias.detach() if isinstance(bias, torch.Tensor) and bias.shape == (n_experts,) else None
                 out = logits.clone().view(R, T, -1)
                 xs = x.view(R, T, -1)[index]  # [r, T, d]
                 col = torch.einsum("rtd,rd->rt", xs.float(), new_rows.to(device=xs.device, dtype=torch.float32))
@@ -408,33 +472,54 @@ class RouterEditRunner:
             report(progress, f"{noun}: routing", done, len(items))
         forward.sort(key=lambda pc: (len(prompts[pc[0]]), pc[0], pc[1]))
         step = self.batch_rows(width)
-        done = 0
-        while done < len(forward):
-            part = forward[done:done + step]
+        parts = [forward[i:i + step] for i in range(0, len(forward), step)]
+        calls, firsts = [], []
+        done_rows = [0]
+
+        def add(part: list[tuple[int, int]], p_idx: torch.Tensor, c_idx: torch.Tensor, w: int, rec: _Record):
+            # one batch's sums, added as its logits come (in batch order, in memory or streamed)
+            def then(logits: torch.Tensor, batch: Batch) -> None:
+                R = len(part)
+                q = torch.softmax(logits, -1)
+                p_clean = clean.probs[p_idx]
+                cells_np = c_idx.cpu().numpy()
+                np.add.at(totals.jsd, cells_np, js_divergence(p_clean, q).cpu().numpy())
+                np.add.at(totals.kl, cells_np, kl_bits(p_clean, q).cpu().numpy())
+                real = batch.attention_mask.bool()
+                for L in torch.unique(layer_of[c_idx]).tolist():
+                    if L in clean.inputs:
+                        continue  # counted from the router alone
+                    hit = (layer_of[c_idx] == L).nonzero().squeeze(1)
+                    sel = self._selection(L, R, w, rec)[hit]
+                    self._routing(totals, sel, clean.topk[L][p_idx[hit], :w], expert_of[c_idx[hit]], real[hit], c_idx[hit].cpu().numpy())
+                rec.seen, rec.router_out = {}, {}
+                done_rows[0] += R
+                if not self.streamed:
+                    report(progress, f"{noun}: predictions", done_rows[0], len(forward))
+            return then
+
+        for part in parts:
             w = max(len(prompts[p]) for p, _ in part)
             p_idx = torch.tensor([p for p, _ in part], device=dev)
             c_idx = torch.tensor([c for _, c in part], device=dev)
-            R = len(part)
-            self.hooks.edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], copy_of[c_idx], w)
-            first = int(layer_of[c_idx].min())
-            start = (self._start_at(first, clean.layer_inputs[first][p_idx, :w]) if first in clean.layer_inputs
-                     else contextlib.nullcontext())
-            with start:
-                logits, batch = self._forward([prompts[p] for p, _ in part], w)
-            q = torch.softmax(logits, -1)
-            p_clean = clean.probs[p_idx]
-            cells_np = c_idx.cpu().numpy()
-            np.add.at(totals.jsd, cells_np, js_divergence(p_clean, q).cpu().numpy())
-            np.add.at(totals.kl, cells_np, kl_bits(p_clean, q).cpu().numpy())
-            real = batch.attention_mask.bool()
-            for L in torch.unique(layer_of[c_idx]).tolist():
-                if L in clean.inputs:
-                    continue  # counted from the router alone
-                hit = (layer_of[c_idx] == L).nonzero().squeeze(1)
-                sel = self._selection(L, R, w)[hit]
-                self._routing(totals, sel, clean.topk[L][p_idx[hit], :w], expert_of[c_idx[hit]], real[hit], c_idx[hit].cpu().numpy())
-            done += R
-            report(progress, f"{noun}: predictions", done, len(forward))
+            edits = self._edits(layer_of[c_idx], expert_of[c_idx], rows_all[c_idx], copy_of[c_idx], w)
+            rec = _Record()
+            calls.append(self._call([prompts[p] for p, _ in part], w, edits, rec, add(part, p_idx, c_idx, w, rec)))
+            firsts.append((int(layer_of[c_idx].min()), p_idx, w))
+        if self.streamed:
+            # every batch in one pass, each layer read once; it starts at the edited layer when all
+            # batches edit the same one and its clean inputs are kept
+            layers = {f for f, _, _ in firsts}
+            start = firsts[0][0] if len(layers) == 1 and firsts[0][0] in clean.layer_inputs else 0
+            if start:
+                for call, (first, p_idx, w) in zip(calls, firsts):
+                    call.states = clean.layer_inputs[first][p_idx, :w]
+            self._run(calls, progress, start=start, edited=True)
+        else:
+            for call, (first, p_idx, w) in zip(calls, firsts):
+                start = self._start_at(first, clean.layer_inputs[first][p_idx, :w]) if first in clean.layer_inputs else contextlib.nullcontext()
+                with start:
+                    self._run([call], edited=True)
         self.hooks.edits = {}
         return totals
 

@@ -18,8 +18,17 @@ then runs in stages, each stage over every batch before the next begins:
 
 So each layer's weights are read once per pass over all rows. A batch's ``enter`` callback runs
 before each of its stage calls, so per-batch hook state (the edits of an intervention, what to
-capture) is in place whenever that batch's rows go through a layer. A background thread reads
-layer ℓ+1 from the files while layer ℓ computes (``prefetch``).
+capture) is in place whenever that batch's rows go through a layer; its ``keep`` callback reduces
+its output as soon as the head has made it (the last position's logits, a log-likelihood sum), so
+a pass never holds every batch's logits. A background thread reads layer ℓ+1 from the files while
+layer ℓ computes (``prefetch``).
+
+A pass may start at a later layer (``run(..., start=ℓ)``) from each batch's hidden states entering
+it (``Call.states``, from a clean pass: router edits change nothing before their layer): the
+embedding still runs, for the layers' other arguments, and the layers before ℓ are not read.
+Layers may be edited as they are read (:meth:`StreamedForward.edit_layers`: a merge of experts),
+on the CPU in a chosen dtype and then moved to the device, as an edited checkpoint written and
+loaded again would be.
 
 Memory: one layer's weights (two while prefetching: the next one as read, in the checkpoint's dtype)
 plus every row's hidden states and recorded arguments. When those do not fit the activation
@@ -45,15 +54,29 @@ from moelens.runtime.architecture import Architecture, describe
 
 @dataclass
 class Call:
-    """One batch of a pass: the model call's keyword arguments, and what to set before its rows go
-    through any part of the model (hook state)."""
+    """One batch of a pass: the model call's keyword arguments, what to set before its rows go
+    through any part of the model (hook state), and what of the model's output to keep (``keep``:
+    e.g. the last position's logits; default all of it). ``keep`` runs as soon as the batch's
+    output exists, so a pass over many batches holds one batch's logits [R, T, V] at a time."""
 
     kwargs: dict[str, Any]
     enter: Callable[[], None] | None = None
+    keep: Callable[[Any], Any] | None = None
+    #: in a pass that starts at a later layer (``start`` of :meth:`StreamedForward.run`): this
+    #: batch's hidden states [R, T, d] entering that layer (consumed by the pass)
+    states: torch.Tensor | None = None
 
     def begin(self) -> None:
         if self.enter is not None:
             self.enter()
+
+    def kept(self, output: Any) -> Any:
+        return output if self.keep is None else self.keep(output)
+
+
+#: Edits a decoder layer's module once its weights are loaded (a merge of its experts) and returns
+#: what undoes the edit's changes that outlive the weights (counts set on modules), or None.
+LayerEdit = Callable[[nn.Module], "Callable[[], None] | None"]
 
 
 def release_freed_memory_promptly() -> None:
@@ -138,6 +161,8 @@ class StreamedForward:
                                                + ([f"{head}."] if head else []))
         self.activation_budget = activation_budget
         self.prefetch = prefetch
+        self.layer_edits: dict[int, LayerEdit] = {}
+        self.edit_dtype: torch.dtype | None = None
         release_freed_memory_promptly()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moelens-read")
         self._embed_owner, self._embed_attr = _parent(self.model, self.arch.embedding)
@@ -156,6 +181,36 @@ class StreamedForward:
         return hidden_bytes(int(ids.shape[0]), int(ids.shape[1]), self.hidden_size, self.dtype)
 
     # -- weights ----------------------------------------------------------------------------------
+    def edit_layers(self, edits: dict[int, LayerEdit], dtype: torch.dtype | None = None) -> None:
+        """Apply ``edits[i]`` to decoder layer i each time its weights are loaded: the weights are
+        loaded on the CPU in ``dtype`` for the edit (None: the forward dtype), then moved to the
+        device in the forward dtype, as a checkpoint edited on the CPU in ``dtype``, written and
+        loaded again would be."""
+        self.layer_edits = dict(edits)
+        self.edit_dtype = dtype
+
+    def _load_layer(self, i: int, tensors: dict[str, torch.Tensor]) -> Callable[[], None] | None:
+        """Set layer i's weights on the model, edited when an edit is set for it; returns the
+        edit's undo."""
+        group = self.layer_groups[i]
+        edit = self.layer_edits.get(i)
+        if edit is None:
+            self.groups_of.load(group, tensors)
+            return None
+        dtype = self.edit_dtype if self.edit_dtype is not None else self.dtype
+        self.groups_of.load(group, tensors, dtype=dtype, device=torch.device("cpu"))
+        try:
+            undo = edit(self.layers[i])
+            self.groups_of.cast(group, self.dtype)
+        except BaseException:
+            self.groups_of.drop(group)  # nothing of a failed layer stays resident
+            raise
+        for module in self.layers[i].modules():  # buffers loaded or set on the CPU (a score-correction bias)
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != self.device:
+                    module._buffers[name] = buf.to(self.device)
+        return undo
+
     def _read(self, group: Any) -> concurrent.futures.Future:
         return self._pool.submit(self.groups_of.read, group)
 
@@ -188,30 +243,34 @@ class StreamedForward:
                 used = need
         return out
 
-    def run(self, calls: Sequence[Call], progress: ProgressCallback | None = None) -> list[Any]:
-        """The model's output for every call, in order (see the module docstring)."""
+    def run(self, calls: Sequence[Call], progress: ProgressCallback | None = None, start: int = 0) -> list[Any]:
+        """The model's output for every call, in order (see the module docstring). ``start`` > 0:
+        the pass starts at that decoder layer from each call's ``states`` (what the layers before it
+        would compute: a caller that changes nothing before ``start`` has them from a clean pass),
+        and the layers before it are not read."""
         outputs: list[Any] = []
         groups = self.passes(calls)
         for k, group in enumerate(groups):
             note = (f"pass {k + 1}/{len(groups)}: the rows' activations exceed the "
                     f"{self.activation_budget / 2**30:.1f} GiB budget") if len(groups) > 1 else ""
-            outputs.extend(self._pass(group, progress, note))
+            outputs.extend(self._pass(group, progress, note, start))
         return outputs
 
-    def _pass(self, calls: Sequence[Call], progress: ProgressCallback | None, note: str) -> list[Any]:
-        walk = self.walk(calls)
+    def _pass(self, calls: Sequence[Call], progress: ProgressCallback | None, note: str, start: int = 0) -> list[Any]:
+        walk = self.walk(calls, start)
         total = len(self.layers) + 2
-        report(progress, "streamed layers", 1, total, note)
-        for i in range(len(self.layers)):
+        report(progress, "streamed layers", 1 + start, total, note)
+        for i in range(start, len(self.layers)):
             walk.through(i)
             report(progress, "streamed layers", i + 2, total, note)
         outputs = walk.head()
         report(progress, "streamed layers", total, total, note)
         return outputs
 
-    def walk(self, calls: Sequence[Call]) -> "Walk":
-        """A pass over ``calls`` that has run the embedding and goes on layer by layer when told."""
-        return Walk(self, calls)
+    def walk(self, calls: Sequence[Call], start: int = 0) -> "Walk":
+        """A pass over ``calls`` that has run the embedding (and, with ``start``, set each call's
+        ``states`` as layer ``start``'s input) and goes on layer by layer when told."""
+        return Walk(self, calls, start)
 
     def _stage_embed(self, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> None:
         self.groups_of.load(self.embed_group, tensors)
@@ -251,7 +310,7 @@ class StreamedForward:
 
     def _stage_layer(self, i: int, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> None:
         group = self.layer_groups[i]
-        self.groups_of.load(group, tensors)
+        undo = self._load_layer(i, tensors)
         del tensors
         layer = self.layers[i]
         try:
@@ -265,6 +324,8 @@ class StreamedForward:
                 r.hidden = out
         finally:
             self.groups_of.drop(group)
+            if undo is not None:
+                undo()
 
     def _stage_head(self, calls: Sequence[Call], rows: list[_Rows], tensors: dict[str, torch.Tensor]) -> list[Any]:
         self.groups_of.load(self.head_group, tensors)
@@ -286,7 +347,7 @@ class StreamedForward:
                 call.begin()
                 swapped = _swapped(self._embed_owner, self._embed_attr, stub)
                 with self._layers_replaced(substitute), swapped, self._no_router_outputs():
-                    outputs.append(self.model(**{**call.kwargs, "input_ids": ids}))
+                    outputs.append(call.kept(self.model(**{**call.kwargs, "input_ids": ids})))
         finally:
             self.groups_of.drop(self.head_group)
         return outputs
@@ -328,14 +389,22 @@ class Walk:
     with its own hooks, and the next layer's calibration goes on from there); :meth:`head` ends
     the pass with the model's output for every batch."""
 
-    def __init__(self, fw: StreamedForward, calls: Sequence[Call]):
+    def __init__(self, fw: StreamedForward, calls: Sequence[Call], start: int = 0):
         self.fw = fw
         self.calls = list(calls)
         self.rows = [_Rows() for _ in self.calls]
-        self.done = 0
+        self.done = start
         with torch.no_grad():
+            # the embedding stage records every layer's other arguments (masks, positions), which
+            # a pass that starts later needs as much as one from layer 0
             fw._stage_embed(self.calls, self.rows, fw._read(fw.embed_group).result())
-        self._pending = fw._read(fw.layer_groups[0]) if fw.prefetch and fw.layer_groups else None
+        if start:
+            for call, r in zip(self.calls, self.rows):
+                if call.states is None or r.hidden is None or tuple(call.states.shape) != tuple(r.hidden.shape):
+                    raise ValueError(f"a pass that starts at layer {start} needs each batch's states shaped as its hidden states")
+                r.hidden = call.states.to(device=r.hidden.device, dtype=r.hidden.dtype)
+                call.states = None  # consumed: the pass holds each batch's states once
+        self._pending = fw._read(fw.layer_groups[start]) if fw.prefetch and start < len(fw.layer_groups) else None
 
     def _tensors(self, group: Any) -> dict[str, torch.Tensor]:
         pending, self._pending = self._pending, None
@@ -388,4 +457,4 @@ def _swapped(owner: nn.Module, attr: str, value: nn.Module) -> Iterator[None]:
         owner._modules[attr] = original
 
 
-__all__ = ["Call", "StreamedForward", "Walk", "hidden_bytes"]
+__all__ = ["Call", "LayerEdit", "StreamedForward", "Walk", "hidden_bytes"]

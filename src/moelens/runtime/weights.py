@@ -52,7 +52,7 @@ def empty_model(directory: os.PathLike[str] | str, dtype: torch.dtype | None, de
     # Buffers (rotary frequencies, score biases) are allocated for real; parameters are allocated
     # on meta from the start so a large layer never touches memory.
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype is not None else _config_dtype(config))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype is not None else config_dtype(config))
     for module in model.modules():
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != device:
@@ -60,7 +60,9 @@ def empty_model(directory: os.PathLike[str] | str, dtype: torch.dtype | None, de
     return model.eval()
 
 
-def _config_dtype(config: Any) -> torch.dtype:
+def config_dtype(config: Any) -> torch.dtype:
+    """The dtype a transformers config names (``dtype``/``torch_dtype``; float32 when none): the
+    dtype ``from_pretrained(dtype="auto")`` builds the model in."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = getattr(text, "dtype", None) or getattr(config, "dtype", None)
     if isinstance(value, torch.dtype):
@@ -164,14 +166,23 @@ class WeightGroups:
         finally:
             self.store.release()
 
-    def load(self, group: Group, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, group: Group, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+             device: torch.device | None = None) -> None:
         """Convert ``tensors`` (from :meth:`read`) with transformers' rules and set them on the
-        model, on the target device in the model's dtype."""
+        model, on the target device in the model's dtype (or on ``device`` in ``dtype``, to be
+        edited there first: see :meth:`cast`)."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        dtype = next((dt for _, dt in self.shapes.values()), None)
-        config = LoadStateDictConfig(device_map={"": self.device}, dtype=dtype, weight_mapping=self.mapping)
+        if dtype is None:
+            dtype = next((dt for _, dt in self.shapes.values()), None)
+        else:
+            # transformers converts each tensor to its empty parameter's dtype: those are set first
+            for name in group.params:
+                shape, was = self.shapes[name]
+                if was.is_floating_point and was != dtype:
+                    self._set(name, nn.Parameter(torch.empty(shape, dtype=dtype, device=META), requires_grad=False))
+        config = LoadStateDictConfig(device_map={"": device or self.device}, dtype=dtype, weight_mapping=self.mapping)
         from transformers.utils import logging as hf_logging
 
         from moelens.runtime.checks import quiet_transformers
@@ -194,6 +205,16 @@ class WeightGroups:
         from moelens.runtime.checks import check_parameters_finite
 
         check_parameters_finite(_Named(self, group.params), self.store.directory)
+
+    def cast(self, group: Group, dtype: torch.dtype) -> None:
+        """The group's loaded parameters on the target device, the floating ones in ``dtype``
+        (after a load in another dtype or on another device)."""
+        for name in group.params:
+            value = self._get(name)
+            moved = value.to(device=self.device, dtype=dtype if value.is_floating_point() else value.dtype)
+            if moved is not value:
+                for n in self.aliases[name]:
+                    self._set(n, moved)
 
     def drop(self, group: Group) -> None:
         """Put the group's parameters (and their aliases) back on ``meta``."""
@@ -245,4 +266,4 @@ def module_name(model: nn.Module, target: nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__}: module {type(target).__name__} is not part of the model")
 
 
-__all__ = ["Group", "META", "WeightGroups", "empty_model", "layer_prefix", "logical_names", "module_name", "parameters_on_meta"]
+__all__ = ["Group", "META", "config_dtype", "WeightGroups", "empty_model", "layer_prefix", "logical_names", "module_name", "parameters_on_meta"]

@@ -41,7 +41,7 @@ MERGE_COST = Declaration(
     name="merge_cost", title="Merge cost", config="moelens.analyses.clustering.config:MergeCostConfig",
     analysis="moelens.analyses.clustering.merge_cost:MergeCost", run="moelens.analyses.clustering.merge_cost:run",
     function="merge_cost",
-    signature=("clusters", "facts", "texts", "export", "permute", "*", "batch_tokens", "device", "dtype"),
+    signature=("clusters", "facts", "texts", "export", "permute", "*", "batch_tokens", "device", "dtype", "stream"),
     tables=("merge_cost", "merge_cost_summary"),
     section="moelens.report.clustering_report:merge_cost_section",
     command=Command(

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from moelens.analyses.calibration.config import check_texts
-from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, comma_names, is_integer, option, positive_int
+from moelens.analyses.fields import (
+    FORWARD_DTYPES,
+    as_index_tuple,
+    check_stream,
+    comma_names,
+    is_integer,
+    option,
+    positive_int,
+    stream_option,
+)
 from moelens.choices import DEFAULT_DEVICE, DEFAULT_MAX_TOKENS, DEVICE_HELP, DISTANCES, EXPORTS, LINKAGES
 from moelens.errors import ConfigError
 from moelens.ranges import parse_ranges
@@ -78,6 +87,7 @@ class MergeCostConfig:
     batch_tokens: int = option(4096, "Padded tokens per forward pass.", changes_numbers=False)
     device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("auto", "Forward passes in auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+    stream: str = stream_option()
 
     def __post_init__(self) -> None:
         clusters = comma_names(self.clusters) if isinstance(self.clusters, str) else tuple(os.fspath(c) for c in self.clusters)
@@ -95,6 +105,7 @@ class MergeCostConfig:
         if self.permute not in PERMUTE:
             raise ConfigError(f"permute {self.permute!r}: choose both, on or off")
         object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
+        object.__setattr__(self, "stream", check_stream(self.stream))
         if self.dtype not in FORWARD_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
 

@@ -2,8 +2,11 @@
 experts of each clustering, with and without permutation alignment.
 
 One unit per variant: ``original`` (the model as it is), then for each clustering run its merge
-without permutation and with it. A merged variant is written by :func:`moelens.merge.export_merged`
-into a temporary directory, loaded, measured and deleted: one model in memory at a time.
+without permutation and with it. In memory, a merged variant is written by
+:func:`moelens.merge.export_merged` into a temporary directory, loaded, measured and deleted: one
+model in memory at a time. Layer-streamed (``stream``: a model that does not fit, or ``on``), nothing
+is written: each merged layer is merged as its weights are read (:func:`moelens.merge.merge_on_load`),
+in the checkpoint's dtype as the export does, so the variant's layers equal the exported ones.
 
 - fact recall: the share of facts (JSONL: ``prompt``, ``target``) whose target is the greedy next
   token after the prompt (:func:`moelens.runtime.fact_recall`);
@@ -146,6 +149,7 @@ class MergeCostState:
     device: Any
     dtype: str
     pad_id: int
+    streamed: bool = False
 
 
 def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dict[str, Any], list[Unit]]:
@@ -196,9 +200,16 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
             key = f"{i:02d}-{method}{'-permuted' if p else ''}"
             variants[key] = Variant(key, method, p, str(Path(path).resolve()), table, (int(sizes.min()), int(sizes.max())))
     device = resolve_device(c.device)
+    dtype = forward_dtype(c.dtype, device, model.config)
+    # whole or layer by layer, decided now: a model that does not fit with streaming off is refused
+    # before a run directory exists (the merged variants are no larger than the original)
+    from moelens.runtime.forward import choose_stream, estimate
+    from moelens.runtime.load import resolve_dtype
+
+    streamed = choose_stream(c.stream, estimate(model.path, device, resolve_dtype(dtype)), device)
     check_checkpoint_finite(model)  # NaN weights named before a run directory exists (merged copies are checked when loaded)
-    state = MergeCostState(model, c, tokenizer, facts, heldout, variants, device, forward_dtype(c.dtype, device, model.config),
-                           pad_id_of(tokenizer, model.config))
+    state = MergeCostState(model, c, tokenizer, facts, heldout, variants, device, dtype, pad_id_of(tokenizer, model.config),
+                           streamed)
     options = {
         "clusters": [str(Path(p).resolve()) for p in c.clusters],
         "facts": str(Path(c.facts).resolve()) if c.facts else None, "n_facts": len(facts) if facts else 0,
@@ -208,6 +219,7 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
         "facts_sha256": facts_digest(facts) if facts else None, "texts_sha256": texts_digest,
         "clusters_sha256": [table_digest(table) for _, _, table in runs],
         "export": c.export, "permute": c.permute, "batch_tokens": c.batch_tokens, "device": str(device), "dtype": state.dtype,
+        "stream": c.stream,
     }
     units = [Unit(key=k, seed=0, data={"variant": k}) for k in variants]  # seed 0: nothing random
     return state, options, units
@@ -215,14 +227,41 @@ def _plan(model: MoEModel, config: MergeCostConfig) -> tuple[MergeCostState, dic
 
 def _measure(state: MergeCostState, lm: Any, context: UnitContext) -> tuple[float, float, int]:
     from moelens.runtime import fact_recall
+    from moelens.runtime.forward import is_forward
     from moelens.runtime.perplexity import perplexity
 
+    if is_forward(lm) and lm.streamed:
+        return _measure_in_one_pass(state, lm, context)
     recall = float("nan")
     if state.facts is not None:
         recall = fact_recall(lm, state.tokenizer, state.facts, progress=context.progress).recall
     ppl, n = float("nan"), 0
     if state.heldout is not None:
         result = perplexity(lm, state.heldout, state.pad_id, state.config.batch_tokens, context.progress)
+        ppl, n = result.value, result.n_predicted
+    return recall, ppl, n
+
+
+def _measure_in_one_pass(state: MergeCostState, forward: Any, context: UnitContext) -> tuple[float, float, int]:
+    """Recall and perplexity from one streamed pass: every batch of both goes through each layer
+    (read, and merged, once) before the next."""
+    from moelens.runtime.forward import run_calls
+    from moelens.runtime.perplexity import perplexity_calls
+    from moelens.runtime.recall import fact_recall_calls
+
+    calls: list[Any] = []
+    recall_of = ppl_of = None
+    if state.facts is not None:
+        part, recall_of = fact_recall_calls(forward, state.tokenizer, state.facts)
+        calls += part
+    if state.heldout is not None:
+        part, ppl_of = perplexity_calls(forward, state.heldout, state.pad_id, state.config.batch_tokens)
+        calls += part
+    run_calls(forward, calls, context.progress)
+    recall = recall_of().recall if recall_of is not None else float("nan")
+    ppl, n = float("nan"), 0
+    if ppl_of is not None:
+        result = ppl_of()
         ppl, n = result.value, result.n_predicted
     return recall, ppl, n
 
@@ -265,6 +304,9 @@ class MergeCost(Analysis):
 
         s: MergeCostState = plan.state
         v = s.variants[unit.data["variant"]]
+        if s.streamed:
+            recall, ppl, n = _measure_streamed(s, v, context)
+            return {ANALYSIS: _row(s, v, recall, ppl, n)}
         scratch = None
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # an analysis prints nothing: no "Writing model shards" bar
@@ -282,15 +324,42 @@ class MergeCost(Analysis):
                 remove_tree(scratch)
             if bars:
                 hf_logging.enable_progress_bar()
-        row = {
-            "variant": v.key, "method": v.method, "clusters_run": v.run_path, "permute": v.permute,
-            "export": "none" if v.clusters is None else s.config.export, "groups_min": v.groups[0], "groups_max": v.groups[1],
-            "recall": recall, "perplexity": ppl, "n_facts": len(s.facts) if s.facts else 0, "n_tokens": n,
-        }
-        return {ANALYSIS: pd.DataFrame([row], columns=COST_SCHEMA.column_names)}
+        return {ANALYSIS: _row(s, v, recall, ppl, n)}
 
     def finish(self, plan: Plan, tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         return {SUMMARY_SCHEMA.name: summarise(tables[ANALYSIS])}
+
+
+def _measure_streamed(s: MergeCostState, v: Variant, context: UnitContext) -> tuple[float, float, int]:
+    """A variant measured layer by layer: the original's layers as read, a merged variant's merged
+    on read (in the checkpoint's dtype, then cast to the forward dtype, as its exported checkpoint
+    would be loaded)."""
+    from moelens.merge import merge_on_load
+    from moelens.runtime.forward import open_forward
+    from moelens.runtime.weights import config_dtype
+
+    forward = open_forward(s.model.path, s.device, s.dtype, stream="on", revision=s.model.revision)
+    try:
+        if v.clusters is not None:
+            edits = merge_on_load(forward.model, s.model.path, v.clusters, export=s.config.export, permute=v.permute,
+                                  device=s.device, revision=s.model.revision)
+            from transformers import AutoConfig
+
+            stored = config_dtype(AutoConfig.from_pretrained(str(s.model.path), local_files_only=True))
+            forward.edit_layers(edits, dtype=stored)
+        return _measure(s, forward, context)
+    finally:
+        forward.close()
+
+
+def _row(s: MergeCostState, v: Variant, recall: float, ppl: float, n: int) -> pd.DataFrame:
+    """The variant's row of ``merge_cost``."""
+    row = {
+        "variant": v.key, "method": v.method, "clusters_run": v.run_path, "permute": v.permute,
+        "export": "none" if v.clusters is None else s.config.export, "groups_min": v.groups[0], "groups_max": v.groups[1],
+        "recall": recall, "perplexity": ppl, "n_facts": len(s.facts) if s.facts else 0, "n_tokens": n,
+    }
+    return pd.DataFrame([row], columns=COST_SCHEMA.column_names)
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
@@ -309,7 +378,8 @@ def run(models: Mapping[str, Any], config: MergeCostConfig, *, out: str | os.Pat
     """Fact recall and perplexity of ``model`` before and after merging its experts by each
     clustering run, with and without permutation alignment (``permute="both"``). ``executor``:
     ``"local"`` (default), ``"ray"`` or a :class:`~moelens.analyses.executors.RayExecutor`
-    (one variant per task)."""
+    (one variant per task). ``stream``: ``auto`` runs the model layer by layer when it does not fit
+    the device's memory, ``on`` always, ``off`` never (a model that does not fit is refused)."""
     return run_analysis(MergeCost(scratch_root=out), {"a": models["a"]}, config, out=out, progress=progress, executor=executor)
 
 

@@ -19,7 +19,7 @@ DECLARATION = Declaration(
     name="router_edits", title="Router edits", config="moelens.analyses.router_edits.config:RouterEditsConfig",
     analysis="moelens.analyses.router_edits.analysis:RouterEdits", run="moelens.analyses.router_edits.analysis:run",
     function="router_edits",
-    signature=("prompts", "edits", "k", "matrix", "layers", "experts", "pairs", "samples", "seed", "batch_size", "device", "dtype", "limit"),
+    signature=("prompts", "edits", "k", "matrix", "layers", "experts", "pairs", "samples", "seed", "batch_size", "device", "dtype", "limit", "*", "stream"),
     inputs=(ModelInput(help="MoE causal LM: checkpoint directory (with its tokenizer) or cached repo id."),),
     tables=("router_edits", "router_edits_migration", "router_edits_summary"),
     section="moelens.report.router_edits_report:route_section",

@@ -148,9 +148,10 @@ def edit_rows(router: torch.Tensor, directions: Mapping[int, torch.Tensor], expe
     r_all = router.detach().to("cpu", torch.float64)
     d = r_all.shape[1]
     out: list[EditSpec] = []
+    with_k = any(x in edits for x in EDITS_WITH_K)  # zero and transplant alone need no directions
     for e in experts:
         r = r_all[e]
-        for k in ks:
+        for k in ks if with_k else ():
             v = directions[e][:, :k]
             pr = v @ (v.T @ r)
             if "project_out" in edits:
@@ -256,8 +257,7 @@ class RouterEdits(Analysis):
     derived_tables = (SUMMARY_SCHEMA,)
 
     def plan(self, models: Mapping[str, Any], config: RouterEditsConfig) -> Plan:
-        from moelens.runtime import load_causal_lm, load_tokenizer
-        from moelens.runtime.architecture import describe
+        from moelens.runtime import load_tokenizer
         from moelens.runtime.checks import (
             check_checkpoint_finite,
             check_vocabulary,
@@ -319,13 +319,18 @@ class RouterEdits(Analysis):
                     raise ConfigError(f"{source} prompt {i + 1}: the prompt has {len(ids)} tokens, more than the model's {limit} positions")
                 prompts.append(ids)
         check_checkpoint_finite(model)
-        lm = load_causal_lm(model.path, device=device, dtype=_dtype(config.dtype, device))
-        arch = describe(lm)
+        from moelens.runtime.forward import open_forward
+
+        # whole or layer by layer (a model that does not fit with streaming off is refused here,
+        # before anything is written); a streamed unit runs its batches in one pass from its layer
+        forward = open_forward(model.path, device, _dtype(config.dtype, device), stream=config.stream, revision=model.revision)
+        arch = forward.arch
         missing = [L for L in layers if arch.layers[L].router is None]
         if missing:
             raise ConfigError(f"layer {missing[0]}: moelens finds no router module in the loaded {arch.model_type} model")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        runner = RouterEditRunner(lm, arch, layers, model.top_k, pad_id=int(pad_id), rows_per_batch=config.batch_size)
+        runner = RouterEditRunner(forward.model, arch, layers, model.top_k, pad_id=int(pad_id), rows_per_batch=config.batch_size,
+                                  forward=forward)
         with runner.installed(prompts[0]):  # a router whose logits cannot be replaced: an error now
             pass
         units = layer_units(layers, config.seed)
@@ -333,7 +338,7 @@ class RouterEdits(Analysis):
             "prompts": source if isinstance(config.prompts, (str, os.PathLike)) else f"<{len(texts)} prompts given in Python>",
             "n_prompts": len(texts), "limit": config.limit, "edits": list(edits), "k": ks, "matrix": config.matrix,
             "layers": layers, "experts": experts, "pairs": [list(p) for p in pairs], "samples": config.samples, "seed": config.seed,
-            "device": str(device), "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
+            "device": str(device), "dtype": str(forward.dtype).replace("torch.", ""), "stream": config.stream,
         }
         state = RouterEditsState(model, prompts, runner, layers, experts, ks, edits, pairs, model.top_k)
         label = f"{model.name} · router edits · L{compact_ranges(layers)}"
@@ -351,7 +356,8 @@ class RouterEdits(Analysis):
             # the clean pass keeps this layer's inputs only ([P, T, d]); it costs P rows against
             # the unit's P × cells
             clean = runner.clean(s.prompts, keep=[L])
-            router = router_weight(runner.arch.layers[L].router)
+            with runner.forward.materialised(runner.arch.layers[L].router) as module:  # streamed: read for the rows
+                router = router_weight(module).detach().clone()
             directions: dict[int, torch.Tensor] = {}
             if any(e in s.edits for e in EDITS_WITH_K):
                 wanted = set(s.experts)
@@ -395,7 +401,9 @@ class RouterEdits(Analysis):
 def run(models: Mapping[str, Any], config: RouterEditsConfig, *, out: str | os.PathLike[str] | None = None,
         progress: ProgressCallback | None = None, executor: str | Executor | None = None) -> Run:
     """Edit router rows (project out the aligned part, matched random controls, zero, transplant)
-    and measure routing and next-token predictions (docs/methods.md §8).
+    and measure routing and next-token predictions (docs/methods.md §8). ``stream``: ``auto`` runs
+    the model layer by layer when it does not fit the device's memory, ``on`` always, ``off`` never
+    (a model that does not fit is refused).
 
     >>> run = router_edits("zoo/base", "zoo/facts.jsonl", k=[1, 8, 64])
     >>> run["router_edits_summary"].query("measure == 'routed_drop' and edit == 'project_out'")

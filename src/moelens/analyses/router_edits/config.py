@@ -15,9 +15,11 @@ from moelens.analyses.fields import (
     FORWARD_DTYPES,
     as_index_tuple,
     check_seed,
+    check_stream,
     comma_names,
     option,
     positive_int,
+    stream_option,
 )
 from moelens.choices import DEFAULT_DEVICE, DEVICE_HELP
 from moelens.errors import ConfigError
@@ -75,6 +77,7 @@ class RouterEditsConfig:
     batch_size: int | None = option(None, "Rows per forward pass (default: as many as a memory bound allows).", kind=int, changes_numbers=False, recorded=False)
     device: str = option(DEFAULT_DEVICE, f"{DEVICE_HELP}.", changes_numbers=False)
     dtype: str = option("auto", "auto (float32 on CPU, the checkpoint's dtype on CUDA), float32, bfloat16 or float16.")
+    stream: str = stream_option()
 
     def __post_init__(self) -> None:
         edits = self.edits
@@ -105,6 +108,7 @@ class RouterEditsConfig:
         object.__setattr__(self, "samples", positive_int(self.samples, "samples"))
         object.__setattr__(self, "batch_size", positive_int(self.batch_size, "batch_size", allow_none=True))
         object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "stream", check_stream(self.stream))
         if self.dtype not in FORWARD_DTYPES:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
         if self.prompts is None:
