@@ -110,6 +110,15 @@ def test_module_metrics_equal_the_local_run(tiny_checkpoint, tmp_path):
     assert_ran_on_ray(remote, workers=min(2, len(remote.manifest["units"])))
 
 
+def test_router_norms_equal_the_local_run(tiny_checkpoint):
+    """The worked example of a new analysis: every unit is one layer's pure work."""
+    path = tiny_checkpoint("mixtral")
+    local = ml.router_norms(path)
+    remote = ml.router_norms(path, executor=two_workers())
+    assert_same_tables(local, remote)
+    assert_ran_on_ray(remote, devices=())  # row norms are NumPy work, on no torch device
+
+
 def test_spectrum_cache_counts_add_up_over_the_workers(models, tmp_path):
     a, _ = models
     kwargs = dict(matrix="gate", cache_dir=tmp_path / "spectra")

@@ -94,19 +94,3 @@ def test_the_declaration_wires_it_everywhere(tiny_checkpoint, tmp_path):
     assert step.command == f"moelens norms {path} --out runs/router-norms-model"
     atlas_run = step.run(tmp_path / "atlas-run", None)
     assert atlas_run["router_norms"].equals(ml.router_norms(path)["router_norms"])
-
-
-def test_ray_gives_the_local_tables(tiny_checkpoint):
-    """Every unit is one layer's pure work: a local Ray cluster of two workers gives the same tables."""
-    ray = pytest.importorskip("ray", reason="the Ray executor needs ray (make install installs it)")
-    from moelens.analyses.executors import RayExecutor
-
-    path = tiny_checkpoint("mixtral")
-    local = ml.router_norms(path)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = ml.router_norms(path, executor=RayExecutor(workers=2))
-    finally:
-        ray.shutdown()
-    for name in ("router_norms", "router_norms_layers"):
-        assert local[name].equals(remote[name]), name
