@@ -92,6 +92,44 @@ def test_each_layer_is_read_once_per_pass_and_passes_split_by_budget(tiny_checkp
     torch.testing.assert_close(one, split, rtol=0, atol=1e-7)
 
 
+def test_weights_are_scanned_for_nan_once_per_layer_and_a_nan_layer_is_named(tiny_checkpoint, tmp_path, monkeypatch):
+    """A pass reads the same tensors again, so each layer's finite-scan is made on its first load
+    only; a NaN in a layer's weights stops the first pass that reads it, naming the weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moelens.errors import CheckpointFormatError
+    from moelens.runtime import checks
+
+    path = tiny_checkpoint("mixtral", "per_expert")
+    streamed = open_forward(path, CPU, "float32", stream="on")
+    scanned: list[int] = []
+    original = checks.check_parameters_finite
+    monkeypatch.setattr(checks, "check_parameters_finite", lambda lm, source: (scanned.append(1), original(lm, source))[1])
+    prompts = _prompts(streamed.model.get_input_embeddings().weight.shape[0])
+    tracer = Tracer(streamed.model, streamed.arch, TraceSettings(mode="knockout", sites=("last",), ablation="zero", layers=(0,)), 0,
+                    forward=streamed)
+    tracer.clean(prompts)
+    first = len(scanned)
+    assert first == streamed.arch.n_layers + 2  # embedding, every layer, head
+    tracer.clean(prompts)
+    assert len(scanned) == first  # the second pass scans nothing again
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(path, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    name = next(n for n in sorted(tensors) if "layers.1." in n and "experts" in n)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    broken = open_forward(damaged, CPU, "float32", stream="on")
+    tracer = Tracer(broken.model, broken.arch, TraceSettings(mode="knockout", sites=("last",), ablation="zero", layers=(0,)), 0,
+                    forward=broken)
+    with pytest.raises(CheckpointFormatError, match="NaN/inf"):
+        tracer.clean(prompts)
+
+
 def test_prefetch_off_gives_the_same_cells(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe", "per_expert")
     on = open_forward(path, CPU, "float32", stream="on", prefetch=True)

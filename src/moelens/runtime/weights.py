@@ -112,6 +112,9 @@ class WeightGroups:
         self.store = store
         self.device = device
         self.mapping = get_model_conversion_mapping(model)
+        # (group, dtype) whose loaded weights were found finite: a pass reads the same tensors
+        # from the same files again, so the scan (a third of a layer's load) is made once per run
+        self.finite: set[tuple[str, str]] = set()
         renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
         state = model.state_dict()
@@ -204,7 +207,10 @@ class WeightGroups:
                 self._set(name, self._get(alias))
         from moelens.runtime.checks import check_parameters_finite
 
-        check_parameters_finite(_Named(self, group.params), self.store.directory)
+        checked = (group.name, str(dtype))
+        if checked not in self.finite:
+            check_parameters_finite(_Named(self, group.params), self.store.directory)
+            self.finite.add(checked)
 
     def cast(self, group: Group, dtype: torch.dtype) -> None:
         """The group's loaded parameters on the target device, the floating ones in ``dtype``
