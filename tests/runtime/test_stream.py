@@ -130,6 +130,27 @@ def test_weights_are_scanned_for_nan_once_per_layer_and_a_nan_layer_is_named(tin
         tracer.clean(prompts)
 
 
+@pytest.mark.parametrize("mode, sites, passes", [("knockout", ("subj", "last"), 1), ("block", ("block_subj",), 1),
+                                                  ("restore", ("restore_hidden",), 2)])
+def test_knockout_and_block_read_each_layer_once_per_unit(tiny_checkpoint, monkeypatch, mode, sites, passes):
+    """The clean batches of knockout and block ride in the cells' pass; restore's cells edit in
+    the clean states, so its clean pass comes first."""
+    path = tiny_checkpoint("mixtral", "per_expert")
+    streamed = open_forward(path, CPU, "float32", stream="on")
+    prompts = _prompts(streamed.model.get_input_embeddings().weight.shape[0])
+    settings = TraceSettings(mode=mode, sites=sites, ablation="zero", layers=(0, 1), window=1, noise_samples=2)
+    tracer = Tracer(streamed.model, streamed.arch, settings, 0, forward=streamed)
+    reads: list[str] = []
+    original = streamed.groups_of.read
+    monkeypatch.setattr(streamed.groups_of, "read", lambda group: (reads.append(group.name), original(group))[1])
+    result = tracer.run(prompts)
+    assert reads.count("layer 0") == passes and reads.count("head") == passes
+    memory = open_forward(path, CPU, "float32", stream="off")
+    same = Tracer(memory.model, memory.arch, settings, 0, forward=memory).run(prompts)
+    np.testing.assert_allclose(result.jsd, same.jsd, rtol=0, atol=JSD_TOL)
+    np.testing.assert_allclose(result.p_target, same.p_target, rtol=0, atol=1e-6)
+
+
 def test_prefetch_off_gives_the_same_cells(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe", "per_expert")
     on = open_forward(path, CPU, "float32", stream="on", prefetch=True)

@@ -40,9 +40,10 @@ Restore's noise, against ROME's causal tracing (kmeng01/rome, ``experiments/caus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,6 +286,17 @@ class Tracer:
                      progress: ProgressCallback | None = None) -> list[tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]]:
         """:meth:`clean` of every group (each padded to its own longest prompt) in one pass."""
         self.hooks.capture = set(capture or ())
+        specs, parts = self._clean_specs(groups)
+        try:
+            logits = iter(self._forward_many(specs, progress))
+        finally:
+            self.hooks.capture = set()
+            self.hooks.captured = {}
+            self.hooks.edits = {}
+        return self._clean_results(logits, parts, capture)
+
+    def _clean_specs(self, groups: Sequence[Sequence[TokenisedPrompt]]) -> tuple[list[Spec], list[list[dict[tuple[int, str], torch.Tensor]]]]:
+        """The clean batches of every group, and where each batch's captures go."""
         specs: list[Spec] = []
         parts: list[list[dict[tuple[int, str], torch.Tensor]]] = []
         for prompts in groups:
@@ -295,12 +307,11 @@ class Tracer:
                 cap: dict[tuple[int, str], torch.Tensor] = {}
                 parts[-1].append(cap)
                 specs.append(self._spec([p.input_ids for p in prompts[start:start + step]], width, {}, cap))
-        try:
-            logits = iter(self._forward_many(specs, progress))
-        finally:
-            self.hooks.capture = set()
-            self.hooks.captured = {}
-            self.hooks.edits = {}
+        return specs, parts
+
+    @staticmethod
+    def _clean_results(logits: Iterator[torch.Tensor], parts: list[list[dict[tuple[int, str], torch.Tensor]]],
+                       capture: set[tuple[int, str]] | None) -> list[tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]]:
         out = []
         for caps in parts:
             probs = torch.cat([torch.softmax(next(logits), -1) for _ in caps])
@@ -376,8 +387,7 @@ class Tracer:
             if s.mode == "restore":
                 capture = {(L, pt) for L in range(n_layers) for pt, mod in (("layer", "layer"), ("attn", "attention"), ("mlp", "mlp"))
                            if getattr(self.arch.layers[L], mod) is not None}
-            p_clean, clean_states = self.clean(prompts, capture)
-            ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means, s.seed if seed is None else int(seed))
+            unit_seed = s.seed if seed is None else int(seed)
             cells = self.cells(prompts)
             samples = s.noise_samples if s.mode == "restore" else 1
             per_batch = max(1, self.rows_per_batch(width) // samples)
@@ -386,13 +396,26 @@ class Tracer:
             start = 0
             if self.forward.streamed:  # every batch in one pass: each layer read once for all cells
                 starts = list(range(0, len(cells), per_batch))
+                if s.mode == "restore":  # the cells' edits are the clean states: a pass of their own first
+                    p_clean, clean_states = self.clean(prompts, capture)
+                    ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means, unit_seed)
+                    clean_specs: list[Spec] = []
+                else:  # knockout and block edit nothing clean: the clean batches ride in the cells' pass
+                    clean_specs, parts = self._clean_specs([prompts])
+                    ctx = _UnitContext.build(self, prompts, width, None, {}, means, unit_seed)
                 specs = [self._batch_spec(ctx, cells[a:a + per_batch], samples, width) for a in starts]
-                logits = self._forward_many(specs, progress)
+                logits = self._forward_many(clean_specs + specs, progress)
+                if clean_specs:
+                    ctx = ctx.with_clean(self._clean_results(iter(logits[:len(clean_specs)]), parts, None)[0][0])
+                    logits = logits[len(clean_specs):]
                 for a, lg in zip(starts, logits):
                     chunk = cells[a:a + per_batch]
                     jsd[a:a + len(chunk)], probs_target[a:a + len(chunk)] = self._batch_result(ctx, chunk, samples, lg)
                 report(progress, noun, len(cells), len(cells))
                 start = len(cells)
+            else:
+                p_clean, clean_states = self.clean(prompts, capture)
+                ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means, unit_seed)
             while start < len(cells):
                 chunk = cells[start:start + per_batch]
                 try:
@@ -453,9 +476,11 @@ class _UnitContext:
     noise: torch.Tensor | None  # [P, S, T, d]
 
     @staticmethod
-    def build(tracer: Tracer, prompts: Sequence[TokenisedPrompt], width: int, p_clean: torch.Tensor,
+    def build(tracer: Tracer, prompts: Sequence[TokenisedPrompt], width: int, p_clean: torch.Tensor | None,
               clean_states: dict[tuple[int, str], torch.Tensor], means: dict[tuple[int, str], torch.Tensor] | None,
               seed: int | None = None) -> "_UnitContext":
+        """The context of ``prompts``; ``p_clean`` None when the clean pass runs beside the cells'
+        (knockout and block, streamed), given after it by :meth:`with_clean`."""
         dev = tracer.device
         P = len(prompts)
         subject = torch.zeros(P, width, dtype=torch.bool)
@@ -463,8 +488,8 @@ class _UnitContext:
         for i, p in enumerate(prompts):
             subject[i, list(p.subject_positions)] = True
             real[i, :p.length] = True
-        argmax = p_clean.argmax(-1).cpu()
-        target = torch.tensor([p.target_id if p.target_id is not None else int(argmax[i]) for i, p in enumerate(prompts)])
+        target = _targets(prompts, p_clean)
+        p_clean = p_clean if p_clean is not None else torch.empty(P, 0)
         noise = None
         if tracer.s.mode == "restore":
             sigma = tracer.s.noise_std
@@ -482,6 +507,17 @@ class _UnitContext:
             noise = noise.to(dev)
         return _UnitContext(prompts, p_clean, target.to(dev), subject.to(dev),
                             torch.tensor([p.last for p in prompts], device=dev), real.to(dev), clean_states, means, noise)
+
+    def with_clean(self, p_clean: torch.Tensor) -> "_UnitContext":
+        """This context with the clean distributions [P, V] and the targets they decide."""
+        return dataclasses.replace(self, p_clean=p_clean, target=_targets(self.prompts, p_clean).to(self.target.device))
+
+
+def _targets(prompts: Sequence[TokenisedPrompt], p_clean: torch.Tensor | None) -> torch.Tensor:
+    """Each prompt's target token: its own, else the clean argmax (-1 until the clean pass is known)."""
+    argmax = p_clean.argmax(-1).cpu() if p_clean is not None else None
+    return torch.tensor([p.target_id if p.target_id is not None else (int(argmax[i]) if argmax is not None else -1)
+                         for i, p in enumerate(prompts)])
 
 
 def edits_for(tracer: Tracer, ctx: _UnitContext, prompt: torch.Tensor, layer: np.ndarray, site: np.ndarray,
