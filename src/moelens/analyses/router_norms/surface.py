@@ -88,10 +88,10 @@ def section(runs: Sequence[Run], fmt: str) -> Section:
     layer and the heat map."""
     from markupsafe import Markup
 
+    from moelens.report.cells import Cell, Table, integer, number, text
     from moelens.report.embed import embed
     from moelens.report.render import environment
     from moelens.report.section import Section
-    from moelens.report.cells import Cell, Table, integer, number, text
 
     parts = []
     for i, run in enumerate(runs, start=1):
