@@ -237,12 +237,6 @@ class RouterEditsState:
     top_k: int
 
 
-def _dtype(choice: str, device: torch.device) -> str | None:
-    if choice == "auto":
-        return "float32" if device.type == "cpu" else None
-    return choice
-
-
 class RouterEdits(Analysis):
     """docs/methods.md §8: one unit per MoE layer, one row per (expert, edit, k, sample)."""
 
@@ -265,6 +259,7 @@ class RouterEdits(Analysis):
             max_positions,
             quiet_transformers,
         )
+        from moelens.runtime.load import auto_dtype
         from moelens.runtime.router_edits import RouterEditRunner
         from moelens.spectral import resolve_device
 
@@ -319,7 +314,7 @@ class RouterEdits(Analysis):
                     raise ConfigError(f"{source} prompt {i + 1}: the prompt has {len(ids)} tokens, more than the model's {limit} positions")
                 prompts.append(ids)
         check_checkpoint_finite(model)
-        lm = load_causal_lm(model.path, device=device, dtype=_dtype(config.dtype, device))
+        lm = load_causal_lm(model.path, device=device, dtype=auto_dtype(config.dtype, device))
         arch = describe(lm)
         missing = [L for L in layers if arch.layers[L].router is None]
         if missing:
