@@ -38,15 +38,7 @@ import pandas as pd
 import torch
 
 from moelens.analyses.arrays import RunArrays
-from moelens.analyses.base import (
-    FORWARD_DTYPES,
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_unit_key,
-)
+from moelens.analyses.base import FORWARD_DTYPES, Analysis, Plan, Unit, UnitContext, chosen_layers, layer_unit_key
 from moelens.analyses.calibration.config import CalibrationConfig
 from moelens.analyses.calibration.tables import (
     LAYERS_SCHEMA,

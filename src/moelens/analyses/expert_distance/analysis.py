@@ -26,14 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_units,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units
 from moelens.analyses.executors import Executor
 from moelens.analyses.expert_distance.config import PAIRINGS, ExpertDistanceConfig
 from moelens.analyses.expert_distance.tables import LAYER_SCHEMA, PAIR_SCHEMA, layer_summary, pair_rows

@@ -43,13 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers
 from moelens.analyses.executors import Executor
 from moelens.analyses.interventions.config import InterventionsConfig
 from moelens.analyses.runner import run_analysis

@@ -25,14 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_units,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units
 from moelens.analyses.executors import Executor
 from moelens.analyses.module_metrics.config import ModuleMetricsConfig
 from moelens.analyses.runner import run_analysis

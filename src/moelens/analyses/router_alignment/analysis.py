@@ -36,14 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_units,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units
 from moelens.analyses.executors import Executor
 from moelens.analyses.router_alignment.config import RouterAlignmentConfig
 from moelens.analyses.router_alignment.nulls import (
