@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from moelens.analyses.calibration.config import check_texts
-from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, comma_names, is_integer, option, positive_int
+from moelens.analyses.fields import as_index_tuple, check_forward_dtype, comma_names, is_integer, option, positive_int
 from moelens.choices import DEFAULT_DEVICE, DEFAULT_MAX_TOKENS, DEVICE_HELP, DISTANCES, EXPORTS, LINKAGES
 from moelens.errors import ConfigError
 from moelens.ranges import parse_ranges
@@ -95,8 +95,7 @@ class MergeCostConfig:
         if self.permute not in PERMUTE:
             raise ConfigError(f"permute {self.permute!r}: choose both, on or off")
         object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
-        if self.dtype not in FORWARD_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+        check_forward_dtype(self.dtype)
 
 
 
