@@ -234,9 +234,6 @@ class Calibration(Analysis):
     reads_whole_model = True
 
     name = ANALYSIS
-    title = "Calibration"
-    config_type = CalibrationConfig
-    inputs = ("a",)
     unit_tables = ()
     derived_tables = (USAGE_SCHEMA, LAYERS_SCHEMA, TOKENS_SCHEMA)
 

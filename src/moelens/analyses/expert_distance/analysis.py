@@ -126,9 +126,6 @@ class ExpertDistance(Analysis):
     """docs/methods.md §2: one unit per MoE layer; one table row per (pair, matrix)."""
 
     name = ANALYSIS
-    title = "Expert distance"
-    config_type = ExpertDistanceConfig
-    inputs = ("a", "b")
     unit_tables = (PAIR_SCHEMA,)
     derived_tables = (LAYER_SCHEMA,)
 

@@ -131,9 +131,6 @@ class Interventions(Analysis):
     reads_whole_model = True
 
     name = ANALYSIS
-    title = "Layer-wise interventions"
-    config_type = InterventionsConfig
-    inputs = ("a",)
     unit_noun = "prompt groups"
     unit_tables = (TABLE_SCHEMA,)
     derived_tables = (SUMMARY_SCHEMA,)

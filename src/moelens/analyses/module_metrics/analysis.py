@@ -252,9 +252,6 @@ class ModuleMetrics(Analysis):
     """docs/methods.md §5: one unit per layer, one row per (module, metric, model)."""
 
     name = ANALYSIS
-    title = "Module metrics"
-    config_type = ModuleMetricsConfig
-    inputs = ("a", "b", "base")
     unit_tables = (MODULE_SCHEMA, EXPERT_SCHEMA)
 
     def plan(self, models: Mapping[str, Any], config: ModuleMetricsConfig) -> Plan:

@@ -240,9 +240,6 @@ class RouterAlignment(Analysis):
     """docs/methods.md §1: one unit per MoE layer, every matrix of the layer in it."""
 
     name = ANALYSIS
-    title = "Router–expert alignment"
-    config_type = RouterAlignmentConfig
-    inputs = ("a",)
     unit_tables = SCHEMAS
 
     def plan(self, models: Mapping[str, Any], config: RouterAlignmentConfig) -> Plan:

@@ -242,9 +242,6 @@ class RouterEdits(Analysis):
 
     reads_whole_model = True
     name = ANALYSIS
-    title = "Router edits"
-    config_type = RouterEditsConfig
-    inputs = ("a",)
     unit_noun = "layers"
     unit_tables = (TABLE_SCHEMA, MIGRATION_SCHEMA)
     derived_tables = (SUMMARY_SCHEMA,)
