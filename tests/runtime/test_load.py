@@ -7,6 +7,7 @@ import torch
 
 from moelens.errors import ConfigError, SourceNotFoundError
 from moelens.runtime import load_causal_lm, load_tokenizer, resolve_dtype
+from moelens.runtime.load import auto_dtype
 
 
 def test_load_causal_lm_in_eval_mode_and_requested_dtype(small_zoo):
@@ -22,6 +23,12 @@ def test_resolve_dtype():
     assert resolve_dtype(torch.float16) is torch.float16
     with pytest.raises(ConfigError, match="unknown dtype"):
         resolve_dtype("float8")
+
+
+def test_auto_dtype_is_float32_on_the_cpu_and_the_checkpoints_own_elsewhere():
+    assert auto_dtype("auto", torch.device("cpu")) == "float32"
+    assert auto_dtype("auto", torch.device("meta")) is None
+    assert auto_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
 
 
 def test_missing_checkpoint_and_missing_tokenizer_are_one_line_errors(tmp_path, tiny_checkpoint):

@@ -5,7 +5,8 @@ Every analysis has the shape of :class:`~moelens.analyses.base.Analysis` and run
 
 Names are imported on first use (PEP 562, :mod:`moelens.lazy`): a config (``<analysis>/config.py``,
 torch-free) costs neither torch nor pandas, and the command line derives its options from the
-configs without importing the analyses.
+configs without importing the analyses. Each analysis's sub-package is lazy the same way, its
+names derived from its declaration (:meth:`~moelens.analyses.declaration.Declaration.exports`).
 """
 
 from types import ModuleType

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from moelens.analyses.declaration import Declaration
 from moelens.analyses.fields import (
     FORWARD_DTYPES,
     MAX_SEED,
@@ -133,17 +134,38 @@ class UnitContext:
         self.counters[name] = self.counters.get(name, 0) + n
 
 
+class _Declared:
+    """A class attribute of an analysis that its declaration (:mod:`moelens.analyses.declaration`,
+    found by the analysis's ``name``) already states: read from there on first use, so it is
+    written once."""
+
+    def __init__(self, read: Callable[[Declaration], Any]) -> None:
+        self.read = read
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        from moelens.analyses.registry import declaration
+
+        value = self.read(declaration(owner.name))
+        setattr(owner, self.attribute, value)  # the analysis class keeps it: later reads are plain
+        return value
+
+
 class Analysis:
-    """Base class of every analysis; subclasses set the class attributes and the three methods."""
+    """Base class of every analysis; subclasses set ``name``, the class attributes their
+    declaration does not state, and the three methods."""
 
     #: Registry key, the manifest's ``analysis`` and the report section's id.
     name: ClassVar[str]
-    #: Human title (report section, CLI help).
-    title: ClassVar[str]
-    #: The frozen config dataclass.
-    config_type: ClassVar[type]
-    #: Named inputs: the first is required, the others optional (``("a", "b")``).
-    inputs: ClassVar[tuple[str, ...]] = ("a",)
+    #: Human title (report section, CLI help): the declaration's.
+    title: ClassVar[str] = _Declared(lambda d: d.title)
+    #: The frozen config dataclass: the declaration's.
+    config_type: ClassVar[type] = _Declared(lambda d: d.config_type)
+    #: Named inputs, the declaration's models by role: the first is required, the others optional
+    #: (``("a", "b")``).
+    inputs: ClassVar[tuple[str, ...]] = _Declared(lambda d: tuple(i.role for i in d.inputs))
     #: Whether the analysis runs the model through transformers (which reads every weight file
     #: whole, outside the tensor store): its manifest then records whole-file hashes.
     reads_whole_model: ClassVar[bool] = False

@@ -124,5 +124,18 @@ class Declaration:
     def keyword_only(self) -> list[str]:
         return list(self.signature[self.signature.index("*") + 1:]) if "*" in self.signature else []
 
+    def exports(self, *, config: tuple[str, ...] = (), analysis: tuple[str, ...] = ()) -> dict[str, str]:
+        """The public names of the analysis's package by the module that defines each, for
+        :func:`moelens.lazy.lazy_package`: the config class and the names ``config`` of its module,
+        the analysis class and the names ``analysis`` of its module, and the Python function
+        (:mod:`moelens.analyses.api`)."""
+        config_module, _, config_class = self.config.partition(":")
+        analysis_module, _, analysis_class = self.analysis.partition(":")
+        return {
+            **dict.fromkeys((config_class, *config), config_module),
+            **dict.fromkeys((analysis_class, *analysis), analysis_module),
+            self.function: "moelens.analyses.api",
+        }
+
 
 __all__ = ["Command", "CommandFlag", "Declaration", "FigureSpec", "ModelInput", "load"]

@@ -108,6 +108,28 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
+def check_forward_dtype(value: Any) -> str:
+    """A forward pass's ``dtype`` option: one of :data:`FORWARD_DTYPES`."""
+    if value not in FORWARD_DTYPES:
+        raise ConfigError(f"dtype {value!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+    return value
+
+
+def name_tuple(value: Any, valid: Sequence[str], what: str, unknown: str = ":") -> tuple[str, ...] | None:
+    """None, the CLI's ``"a,b"`` or any iterable of names -> a tuple of names of ``valid``, in the
+    order given, each once (or None). A name not in ``valid`` is refused as ``{what} 'name'{unknown}
+    choose from …`` (``unknown``: ``" is not a knockout site;"``, say), an empty list by name."""
+    if value is None:
+        return None
+    names = comma_names(value) if isinstance(value, str) else tuple(value)
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ConfigError(f"{what} {bad[0]!r}{unknown} choose from {', '.join(valid)}")
+    if not names:
+        raise ConfigError(f"no {what}s given; name at least one")
+    return tuple(dict.fromkeys(names))
+
+
 def as_index_tuple(value: Any, what: str) -> tuple[int, ...] | None:
     """None, an int, ``"0,5,10-13"`` or any iterable of ints -> a tuple of ints (or None)."""
     from moelens.ranges import parse_ranges
@@ -165,7 +187,7 @@ def make_config(config_type: type, values: Mapping[str, Any]) -> Any:
 
 
 __all__ = [
-    "FORWARD_DTYPES", "MAX_SEED", "STREAM_MODES", "as_index_tuple", "check_seed", "check_stream", "cli_fields", "comma_names",
-    "config_fields", "flag_name", "is_bool", "is_integer", "make_config", "option", "positive_int", "recorded_fields",
+    "FORWARD_DTYPES", "MAX_SEED", "STREAM_MODES", "as_index_tuple", "check_forward_dtype", "check_seed", "check_stream", "cli_fields", "comma_names",
+    "config_fields", "flag_name", "is_bool", "is_integer", "make_config", "name_tuple", "option", "positive_int", "recorded_fields",
     "resumable_fields", "stream_option",
 ]

@@ -87,24 +87,34 @@ def _nearest_note(chosen: int, asked: int) -> str:
     return "" if chosen == asked else f" (nearest to {asked})"
 
 
+def _metric_panels(views: Sequence[AlignmentView], size: tuple[float, float], grid: tuple[int, int],
+                   panels: Sequence[tuple[str, str]], title: str) -> tuple[Figure, np.ndarray]:
+    """A figure of panels against k (a shared x axis), each one metric of every run: ``panels``
+    (metric, panel title) in reading order over the ``grid`` (rows, columns); ``title`` the
+    figure's, the null named after it. The axes come back as the grid's array."""
+    fig = new_figure(*size)
+    axes = fig.subplots(*grid, sharex=True)
+    for ax, (metric, panel_title) in zip(axes.flat, panels):
+        draw_runs_metric(ax, views, metric)
+        ax.set_title(panel_title)
+    fig.suptitle(f"{title} ({null_note(views)})")
+    return fig, axes
+
+
 @styled
 def comparison_panels(runs: Runs) -> Figure:
     """Four panels against k: align, z vs shuffle, effect over random, Δ vs shuffle; one line per run."""
     views = alignment_views(runs)
-    fig = new_figure(10.5, 7.4)
-    axes = fig.subplots(2, 2, sharex=True)
-    panels = [("align", "(a) Alignment"), ("z_vs_shuffle", "(b) z-score vs the null"),
-              ("effect_over_random", "(c) Effect over random"), ("delta_vs_shuffle", "(d) Delta vs the null")]
-    for ax, (metric, title) in zip(axes.flat, panels):
-        draw_runs_metric(ax, views, metric)
-        ax.set_title(title)
+    fig, axes = _metric_panels(views, (10.5, 7.4), (2, 2), [
+        ("align", "(a) Alignment"), ("z_vs_shuffle", "(b) z-score vs the null"),
+        ("effect_over_random", "(c) Effect over random"), ("delta_vs_shuffle", "(d) Delta vs the null"),
+    ], "Router–expert alignment against k")
     draw_random_expectation(axes[0, 0], views)
     draw_z_cap(axes[0, 1], views)
     for ax in (axes[1, 0], axes[1, 1]):
         draw_zero(ax)
     for ax in axes[0]:
         ax.set_xlabel("")
-    fig.suptitle(f"Router–expert alignment against k ({null_note(views)})")
     figure_legend(fig, axes.flat)
     return fig
 
@@ -148,14 +158,10 @@ def cos_squared_per_expert(runs: Runs) -> Figure:
 def shuffle_statistics(runs: Runs) -> Figure:
     """The shuffle null against k: its mean μ (beside k/d) and its standard deviation σ."""
     views = alignment_views(runs)
-    fig = new_figure(10.5, 4.3)
-    ax_mean, ax_std = fig.subplots(1, 2, sharex=True)
-    draw_runs_metric(ax_mean, views, "shuffle_mean")
+    fig, (ax_mean, ax_std) = _metric_panels(views, (10.5, 4.3), (1, 2), [
+        ("shuffle_mean", "(a) Null mean μ"), ("shuffle_std", "(b) Null standard deviation σ"),
+    ], "Statistics of the null")
     draw_random_expectation(ax_mean, views)
-    ax_mean.set_title("(a) Null mean μ")
-    fig.suptitle(f"Statistics of the null ({null_note(views)})")
-    draw_runs_metric(ax_std, views, "shuffle_std")
-    ax_std.set_title("(b) Null standard deviation σ")
     ax_std.set_ylim(bottom=0)
     figure_legend(fig, [ax_mean, ax_std])
     return fig
@@ -165,17 +171,12 @@ def shuffle_statistics(runs: Runs) -> Figure:
 def z_decomposition(runs: Runs) -> Figure:
     """z = Δ / σ taken apart: the numerator Δ, the denominator σ and their ratio, against k."""
     views = alignment_views(runs)
-    fig = new_figure(11.5, 4.0)
-    axes = fig.subplots(1, 3, sharex=True)
-    for ax, (metric, title) in zip(axes, [("delta_vs_shuffle", "(a) Numerator Δ = align − μ"),
-                                          ("shuffle_std", "(b) Denominator σ"),
-                                          ("z_vs_shuffle", "(c) z = Δ / σ")]):
-        draw_runs_metric(ax, views, metric)
-        ax.set_title(title)
+    fig, axes = _metric_panels(views, (11.5, 4.0), (1, 3), [
+        ("delta_vs_shuffle", "(a) Numerator Δ = align − μ"), ("shuffle_std", "(b) Denominator σ"), ("z_vs_shuffle", "(c) z = Δ / σ"),
+    ], "z-score decomposition")
     draw_zero(axes[0])
     axes[1].set_ylim(bottom=0)
     draw_z_cap(axes[2], views)
-    fig.suptitle(f"z-score decomposition ({null_note(views)})")
     figure_legend(fig, axes)
     return fig
 
@@ -224,18 +225,13 @@ def _neutral_legend(fig: Figure, columns: int) -> None:
 def layer_permutation_test(runs: Runs) -> Figure:
     """The GaleMoE z beside the layer-level permutation test (z_layer and its p-value)."""
     views = alignment_views(runs)
-    fig = new_figure(11.5, 4.0)
-    ax_z, ax_zl, ax_p = fig.subplots(1, 3, sharex=True)
-    draw_runs_metric(ax_z, views, "z_vs_shuffle")
+    fig, (ax_z, ax_zl, ax_p) = _metric_panels(views, (11.5, 4.0), (1, 3), [
+        ("z_vs_shuffle", "(a) Mean expert z vs the null"), ("z_layer", "(b) Layer permutation test z_layer"),
+        ("p_layer", "(c) Permutation p-value p_layer"),
+    ], "Expert z beside the layer permutation test")
     draw_z_cap(ax_z, views)
-    ax_z.set_title("(a) Mean expert z vs the null")
-    fig.suptitle(f"Expert z beside the layer permutation test ({null_note(views)})")
-    draw_runs_metric(ax_zl, views, "z_layer")
-    ax_zl.set_title("(b) Layer permutation test z_layer")
-    draw_runs_metric(ax_p, views, "p_layer")
     ax_p.set_yscale("log")
     ax_p.axhline(0.05, color=REFERENCE_GREY, linestyle=":", linewidth=1.2, label="p = 0.05")
-    ax_p.set_title("(c) Permutation p-value p_layer")
     for ax, metric in ((ax_zl, "z_layer"), (ax_p, "p_layer")):
         if not any(v.has(metric) for v in views):
             ax.text(0.5, 0.5, f"{metric} not in these runs", ha="center", va="center", transform=ax.transAxes)

@@ -33,6 +33,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(sorted(DTYPES))}") from None
 
 
+def auto_dtype(choice: str, device: torch.device) -> str | None:
+    """The dtype to load a model in for an analysis's ``dtype`` option: ``auto`` is float32 on the
+    CPU (exact comparisons, no slow half-precision kernels) and the checkpoint's own (None)
+    elsewhere; any other choice as given."""
+    if choice == "auto":
+        return "float32" if device.type == "cpu" else None
+    return choice
+
+
 def load_causal_lm(
     path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
     revision: str | None = None,

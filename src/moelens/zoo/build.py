@@ -53,6 +53,15 @@ CALIBRATION = "calibration.txt"
 BASE, TUNED = "base", "tuned"
 
 
+def _in_root(name: str) -> property:
+    """A file or folder of the zoo, ``root / name``, as a read-only attribute."""
+
+    def path(self: Zoo) -> Path:
+        return self.root / name
+
+    return property(path, doc=f"``root / {name!r}``")
+
+
 @dataclass(frozen=True)
 class Zoo:
     """A finished zoo on disk. ``info`` is the content of ``zoo.json``; ``cached`` says whether
@@ -62,25 +71,11 @@ class Zoo:
     info: dict[str, Any] = field(repr=False)
     cached: bool = False
 
-    @property
-    def base(self) -> Path:
-        return self.root / BASE
-
-    @property
-    def tuned(self) -> Path:
-        return self.root / TUNED
-
-    @property
-    def facts(self) -> Path:
-        return self.root / FACTS
-
-    @property
-    def calibration(self) -> Path:
-        return self.root / CALIBRATION
-
-    @property
-    def zoo_json(self) -> Path:
-        return self.root / ZOO_JSON
+    base = _in_root(BASE)
+    tuned = _in_root(TUNED)
+    facts = _in_root(FACTS)
+    calibration = _in_root(CALIBRATION)
+    zoo_json = _in_root(ZOO_JSON)
 
     def paths(self) -> dict[str, Path]:
         return {"base": self.base, "tuned": self.tuned, "facts": self.facts, "calibration": self.calibration, "zoo.json": self.zoo_json}

@@ -45,6 +45,30 @@ def _silu_and_grad(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return act, grad
 
 
+def _blocks(counts: list[int]) -> Iterator[tuple[int, slice]]:
+    """Each expert that has pairs, with its contiguous block of the rows sorted by expert."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: list[int], out: torch.Tensor) -> None:
+    """out[rows_e] = x[rows_e] · W[e]ᵀ for each expert e's block of rows (``weight`` (E, O, I))."""
+    for e, rows in _blocks(counts):
+        torch.mm(x[rows], weight[e].t(), out=out[rows])
+
+
+def _grouped_mm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, counts: list[int],
+                         grad_weight: torch.Tensor, grad_x: torch.Tensor) -> None:
+    """The backward of :func:`_grouped_mm` from the gradient g of its output, written into
+    ``grad_weight`` and ``grad_x``: ∂W[e] = g[rows_e]ᵀ · x[rows_e] and ∂x[rows_e] = g[rows_e] · W[e]."""
+    for e, rows in _blocks(counts):
+        torch.mm(grad[rows].t(), x[rows], out=grad_weight[e])
+        torch.mm(grad[rows], weight[e], out=grad_x[rows])
+
+
 class SortedExperts(torch.autograd.Function):
     """y = Σ_k w_k · down[e_k](silu(gate[e_k] x) ⊙ up[e_k] x) over token-expert pairs sorted by expert.
 
@@ -61,19 +85,11 @@ class SortedExperts(torch.autograd.Function):
         xs = x.index_select(0, token)  # (S, H), rows grouped by expert
         h = x.new_empty(xs.shape[0], 2 * inter)
         y = x.new_empty(xs.shape[0], x.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(xs[start:start + n], gate_up[e].t(), out=h[start:start + n])
-            start += n
+        _grouped_mm(xs, gate_up, counts, out=h)
         act, dact = _silu_and_grad(h[:, :inter])
         up = h[:, inter:]
         a = act * up  # (S, I)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(a[start:start + n], down[e].t(), out=y[start:start + n])
-            start += n
+        _grouped_mm(a, down, counts, out=y)
         w = weights.reshape(-1).index_select(0, order)  # (S,)
         # back to (token, k) order, then the sum over k (as transformers' grouped_mm does)
         out = x.new_empty(n_tokens * k, x.shape[1])
@@ -93,25 +109,13 @@ class SortedExperts(torch.autograd.Function):
         grad_down = torch.zeros_like(down)
         grad_gate_up = torch.zeros_like(gate_up)
         ga = torch.empty_like(a)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(gy[rows].t(), a[rows], out=grad_down[e])
-                torch.mm(gy[rows], down[e], out=ga[rows])
-            start += n
+        _grouped_mm_backward(gy, a, down, counts, grad_down, ga)
         inter = a.shape[1]
         gh = a.new_empty(a.shape[0], 2 * inter)
         torch.mul(ga, up, out=gh[:, :inter]).mul_(dact)  # d / d gate
         torch.mul(ga, act, out=gh[:, inter:])  # d / d up
         gxs = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(gh[rows].t(), xs[rows], out=grad_gate_up[e])
-                torch.mm(gh[rows], gate_up[e], out=gxs[rows])
-            start += n
+        _grouped_mm_backward(gh, xs, gate_up, counts, grad_gate_up, gxs)
         # each token's k rows summed in k order, as the forward's sum
         gx_pairs = gxs.new_empty(gxs.shape)
         gx_pairs.index_copy_(0, order, gxs)

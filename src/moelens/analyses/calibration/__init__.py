@@ -1,16 +1,7 @@
-"""Calibration pass (docs/methods.md §3): routing, usage and expert features of every MoE layer.
-
-Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the configs (torch-free) without
-the analyses that compute with them."""
+"""Calibration pass (docs/methods.md §3): routing, usage and expert features of every MoE layer."""
 
 from moelens.analyses.declaration import Command, Declaration, FigureSpec
 from moelens.lazy import lazy_package
-
-_EXPORTS: dict[str, str] = {
-    "CalibrationConfig": "moelens.analyses.calibration.config",
-    **dict.fromkeys(("ANALYSIS", "Calibration", "CalibrationRun", "load_calibration"), "moelens.analyses.calibration.analysis"),
-    "calibrate": "moelens.analyses.api",
-}
 
 #: The calibration pass, declared once (:mod:`moelens.analyses.declaration`).
 DECLARATION = Declaration(
@@ -28,6 +19,7 @@ DECLARATION = Declaration(
     ),
 )
 
+_EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS", "CalibrationRun", "load_calibration"))
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

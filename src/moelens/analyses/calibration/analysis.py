@@ -38,15 +38,7 @@ import pandas as pd
 import torch
 
 from moelens.analyses.arrays import RunArrays
-from moelens.analyses.base import (
-    FORWARD_DTYPES,
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_unit_key,
-)
+from moelens.analyses.base import FORWARD_DTYPES, Analysis, Plan, Unit, UnitContext, chosen_layers, layer_unit_key
 from moelens.analyses.calibration.config import CalibrationConfig
 from moelens.analyses.calibration.tables import (
     LAYERS_SCHEMA,
@@ -242,9 +234,6 @@ class Calibration(Analysis):
     reads_whole_model = True
 
     name = ANALYSIS
-    title = "Calibration"
-    config_type = CalibrationConfig
-    inputs = ("a",)
     unit_tables = ()
     derived_tables = (USAGE_SCHEMA, LAYERS_SCHEMA, TOKENS_SCHEMA)
 

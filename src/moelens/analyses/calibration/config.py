@@ -10,7 +10,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from moelens.analyses.fields import FORWARD_DTYPES, as_index_tuple, check_stream, option, positive_int, stream_option
+from moelens.analyses.fields import (
+    as_index_tuple,
+    check_forward_dtype,
+    check_stream,
+    option,
+    positive_int,
+    stream_option,
+)
 from moelens.choices import DEFAULT_DEVICE, DEFAULT_MAX_TOKENS, DEVICE_HELP
 from moelens.errors import ConfigError
 from moelens.ranges import parse_ranges
@@ -51,8 +58,7 @@ class CalibrationConfig:
             object.__setattr__(self, "shard_tokens", positive_int(self.shard_tokens, "shard_tokens"))
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
         object.__setattr__(self, "stream", check_stream(self.stream))
-        if self.dtype not in FORWARD_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+        check_forward_dtype(self.dtype)
 
 
 

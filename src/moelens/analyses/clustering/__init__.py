@@ -1,19 +1,8 @@
 """Expert clustering (docs/methods.md §3): HC-SMoE and M-SMoE clusters of every MoE layer, merged
-checkpoints, and what merging costs.
-
-Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the configs (torch-free) without
-the analyses that compute with them."""
+checkpoints, and what merging costs."""
 
 from moelens.analyses.declaration import Command, Declaration, FigureSpec
 from moelens.lazy import lazy_package
-
-_EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("METHODS", "ClusteringConfig", "MergeCostConfig"), "moelens.analyses.clustering.config"),
-    **dict.fromkeys(("ANALYSIS", "Clustering"), "moelens.analyses.clustering.analysis"),
-    "MergeCost": "moelens.analyses.clustering.merge_cost",
-    "merge_clusters": "moelens.analyses.clustering.merging",
-    **dict.fromkeys(("cluster", "merge_cost"), "moelens.analyses.api"),
-}
 
 #: Expert clustering, declared once (:mod:`moelens.analyses.declaration`).
 CLUSTERING = Declaration(
@@ -52,6 +41,11 @@ MERGE_COST = Declaration(
     atlas="moelens.atlas:merge_cost_calls",
 )
 
+_EXPORTS: dict[str, str] = {
+    **CLUSTERING.exports(config=("METHODS",), analysis=("ANALYSIS",)),
+    **MERGE_COST.exports(),
+    "merge_clusters": "moelens.analyses.clustering.merging",
+}
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -208,9 +208,6 @@ class Clustering(Analysis):
     reads_whole_model = True
 
     name = ANALYSIS
-    title = "Expert clustering"
-    config_type = ClusteringConfig
-    inputs = ("a",)
     unit_tables = ()
     derived_tables = (USAGE_SCHEMA, LAYERS_SCHEMA, CLUSTERS_SCHEMA, CLUSTER_LAYERS_SCHEMA, TOKENS_SCHEMA)
 

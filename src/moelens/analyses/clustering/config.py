@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 from moelens.analyses.calibration.config import check_texts
 from moelens.analyses.fields import (
-    FORWARD_DTYPES,
     as_index_tuple,
+    check_forward_dtype,
     check_stream,
     comma_names,
     is_integer,
@@ -106,8 +106,7 @@ class MergeCostConfig:
             raise ConfigError(f"permute {self.permute!r}: choose both, on or off")
         object.__setattr__(self, "batch_tokens", positive_int(self.batch_tokens, "batch_tokens"))
         object.__setattr__(self, "stream", check_stream(self.stream))
-        if self.dtype not in FORWARD_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+        check_forward_dtype(self.dtype)
 
 
 

@@ -271,9 +271,6 @@ class MergeCost(Analysis):
     reads_whole_model = True
 
     name = ANALYSIS
-    title = "Merge cost"
-    config_type = MergeCostConfig
-    inputs = ("a",)
     unit_noun = "variants"
     unit_tables = (COST_SCHEMA,)
     derived_tables = (SUMMARY_SCHEMA,)

@@ -1,16 +1,7 @@
-"""Expert distance per layer (docs/methods.md §2, seeds 000 and 001): rel_l2 and sv_align of pairs of experts.
-
-Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the configs (torch-free) without
-the analyses that compute with them."""
+"""Expert distance per layer (docs/methods.md §2, seeds 000 and 001): rel_l2 and sv_align of pairs of experts."""
 
 from moelens.analyses.declaration import Command, Declaration, FigureSpec, ModelInput
 from moelens.lazy import lazy_package
-
-_EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("PAIRINGS", "ExpertDistanceConfig"), "moelens.analyses.expert_distance.config"),
-    **dict.fromkeys(("ANALYSIS", "ExpertDistance"), "moelens.analyses.expert_distance.analysis"),
-    "expert_distance": "moelens.analyses.api",
-}
 
 #: Expert distance, declared once (:mod:`moelens.analyses.declaration`).
 DECLARATION = Declaration(
@@ -37,6 +28,7 @@ DECLARATION = Declaration(
     atlas="moelens.atlas:distance_calls",
 )
 
+_EXPORTS: dict[str, str] = DECLARATION.exports(config=("PAIRINGS",), analysis=("ANALYSIS",))
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -26,14 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_units,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units
 from moelens.analyses.executors import Executor
 from moelens.analyses.expert_distance.config import PAIRINGS, ExpertDistanceConfig
 from moelens.analyses.expert_distance.tables import LAYER_SCHEMA, PAIR_SCHEMA, layer_summary, pair_rows
@@ -133,9 +126,6 @@ class ExpertDistance(Analysis):
     """docs/methods.md §2: one unit per MoE layer; one table row per (pair, matrix)."""
 
     name = ANALYSIS
-    title = "Expert distance"
-    config_type = ExpertDistanceConfig
-    inputs = ("a", "b")
     unit_tables = (PAIR_SCHEMA,)
     derived_tables = (LAYER_SCHEMA,)
 

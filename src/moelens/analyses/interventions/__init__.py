@@ -1,16 +1,7 @@
-"""Layer-wise interventions with JS divergence (docs/methods.md §4, seed 003).
-
-Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the configs (torch-free) without
-the analyses that compute with them."""
+"""Layer-wise interventions with JS divergence (docs/methods.md §4, seed 003)."""
 
 from moelens.analyses.declaration import Command, Declaration, FigureSpec, ModelInput
 from moelens.lazy import lazy_package
-
-_EXPORTS: dict[str, str] = {
-    "InterventionsConfig": "moelens.analyses.interventions.config",
-    **dict.fromkeys(("ANALYSIS", "Interventions", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"), "moelens.analyses.interventions.analysis"),
-    "trace": "moelens.analyses.api",
-}
 
 #: Layer-wise interventions, declared once (:mod:`moelens.analyses.declaration`).
 DECLARATION = Declaration(
@@ -36,6 +27,7 @@ DECLARATION = Declaration(
     atlas="moelens.atlas:trace_calls",
 )
 
+_EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"))
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -42,15 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers
 from moelens.analyses.executors import Executor
 from moelens.analyses.interventions.config import InterventionsConfig
 from moelens.analyses.runner import run_analysis
@@ -127,12 +120,6 @@ def _prompts_digest(records: Sequence[PromptRecord]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _dtype(choice: str, device: torch.device) -> str | None:
-    if choice == "auto":
-        return "float32" if device.type == "cpu" else None
-    return choice
-
-
 def _max_positions(model: Any) -> int | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     value = getattr(config, "max_position_embeddings", None)
@@ -144,9 +131,6 @@ class Interventions(Analysis):
     reads_whole_model = True
 
     name = ANALYSIS
-    title = "Layer-wise interventions"
-    config_type = InterventionsConfig
-    inputs = ("a",)
     unit_noun = "prompt groups"
     unit_tables = (TABLE_SCHEMA,)
     derived_tables = (SUMMARY_SCHEMA,)
@@ -154,6 +138,7 @@ class Interventions(Analysis):
     def plan(self, models: Mapping[str, Any], config: InterventionsConfig) -> Plan:
         from moelens.runtime import load_tokenizer
         from moelens.runtime.forward import open_forward
+        from moelens.runtime.load import auto_dtype
         from moelens.spectral import resolve_device
 
         model: MoEModel = models["a"]
@@ -181,7 +166,7 @@ class Interventions(Analysis):
         check_checkpoint_finite(model)  # NaN/inf weights named as the checkpoint stores them, before any write
         # the whole model when it fits, else one decoder layer at a time; a model that does not fit
         # with streaming off is refused here, before anything is written
-        forward = open_forward(model.path, device, _dtype(config.dtype, device), stream=config.stream, revision=model.revision)
+        forward = open_forward(model.path, device, auto_dtype(config.dtype, device), stream=config.stream, revision=model.revision)
         lm, arch = forward.model, forward.arch
         max_pos = _max_positions(lm)
         if max_pos is not None:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelens.analyses.fields import (
-    FORWARD_DTYPES,
     as_index_tuple,
+    check_forward_dtype,
     check_seed,
     check_stream,
     comma_names,
     is_bool,
+    name_tuple,
     option,
     positive_int,
     stream_option,
@@ -65,16 +66,7 @@ class InterventionsConfig:
             raise ConfigError(f"mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if self.ablation not in ABLATIONS:
             raise ConfigError(f"ablation {self.ablation!r}: choose mean or zero")
-        sites = self.sites
-        if sites is not None:
-            sites = comma_names(sites) if isinstance(sites, str) else tuple(sites)
-            valid = SITES[self.mode]
-            bad = [s for s in sites if s not in valid]
-            if bad:
-                raise ConfigError(f"site {bad[0]!r} is not a {self.mode} site; choose from {', '.join(valid)}")
-            if not sites:
-                raise ConfigError("no sites given; name at least one")
-            object.__setattr__(self, "sites", tuple(dict.fromkeys(sites)))
+        object.__setattr__(self, "sites", name_tuple(self.sites, SITES[self.mode], "site", f" is not a {self.mode} site;"))
         object.__setattr__(self, "layers", as_index_tuple(self.layers, "layer"))
         object.__setattr__(self, "window", positive_int(self.window, "window", allow_none=True))
         object.__setattr__(self, "limit", positive_int(self.limit, "limit", allow_none=True))
@@ -88,8 +80,7 @@ class InterventionsConfig:
         if not is_bool(self.correct_only):
             raise ConfigError(f"correct_only={self.correct_only!r}: give True or False")
         object.__setattr__(self, "correct_only", bool(self.correct_only))
-        if self.dtype not in FORWARD_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+        check_forward_dtype(self.dtype)
         if self.prompts is None:
             raise ConfigError("no prompts: give a JSONL file (--prompts FACTS.jsonl) with prompt and subject on every line")
         if isinstance(self.prompts, os.PathLike):

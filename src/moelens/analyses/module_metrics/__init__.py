@@ -1,16 +1,7 @@
-"""Per-module metrics of every layer (docs/methods.md §5, seed 002): single-model and pair metrics of each matrix.
-
-Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the configs (torch-free) without
-the analyses that compute with them."""
+"""Per-module metrics of every layer (docs/methods.md §5, seed 002): single-model and pair metrics of each matrix."""
 
 from moelens.analyses.declaration import Command, Declaration, FigureSpec, ModelInput
 from moelens.lazy import lazy_package
-
-_EXPORTS: dict[str, str] = {
-    "ModuleMetricsConfig": "moelens.analyses.module_metrics.config",
-    **dict.fromkeys(("ANALYSIS", "ModuleMetrics"), "moelens.analyses.module_metrics.analysis"),
-    "module_metrics": "moelens.analyses.api",
-}
 
 #: Module metrics, declared once (:mod:`moelens.analyses.declaration`).
 DECLARATION = Declaration(
@@ -37,6 +28,7 @@ DECLARATION = Declaration(
     atlas="moelens.atlas:modules_calls",
 )
 
+_EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS",))
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

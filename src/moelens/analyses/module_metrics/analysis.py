@@ -25,14 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_units,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units
 from moelens.analyses.executors import Executor
 from moelens.analyses.module_metrics.config import ModuleMetricsConfig
 from moelens.analyses.runner import run_analysis
@@ -259,9 +252,6 @@ class ModuleMetrics(Analysis):
     """docs/methods.md §5: one unit per layer, one row per (module, metric, model)."""
 
     name = ANALYSIS
-    title = "Module metrics"
-    config_type = ModuleMetricsConfig
-    inputs = ("a", "b", "base")
     unit_tables = (MODULE_SCHEMA, EXPERT_SCHEMA)
 
     def plan(self, models: Mapping[str, Any], config: ModuleMetricsConfig) -> Plan:

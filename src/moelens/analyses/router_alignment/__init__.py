@@ -1,16 +1,7 @@
-"""Router–expert alignment (docs/methods.md §1, seed report 004): config, analysis, nulls and tables.
-
-Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the configs (torch-free) without
-the analyses that compute with them."""
+"""Router–expert alignment (docs/methods.md §1, seed report 004): config, analysis, nulls and tables."""
 
 from moelens.analyses.declaration import Command, CommandFlag, Declaration, FigureSpec
 from moelens.lazy import lazy_package
-
-_EXPORTS: dict[str, str] = {
-    "RouterAlignmentConfig": "moelens.analyses.router_alignment.config",
-    **dict.fromkeys(("ANALYSIS", "AlignmentPlan", "RouterAlignment", "default_ks", "layer_energies", "layer_statistics", "resolve", "run_router_alignment"), "moelens.analyses.router_alignment.analysis"),
-    "router_alignment": "moelens.analyses.api",
-}
 
 #: Router–expert alignment, declared once (:mod:`moelens.analyses.declaration`).
 DECLARATION = Declaration(
@@ -39,6 +30,7 @@ DECLARATION = Declaration(
     atlas="moelens.atlas:alignment_calls",
 )
 
+_EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS", "AlignmentPlan", "default_ks", "layer_energies", "layer_statistics", "resolve", "run_router_alignment"))
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

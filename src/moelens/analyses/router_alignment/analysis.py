@@ -36,14 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moelens.analyses.base import (
-    Analysis,
-    Plan,
-    Unit,
-    UnitContext,
-    chosen_layers,
-    layer_units,
-)
+from moelens.analyses.base import Analysis, Plan, Unit, UnitContext, chosen_layers, layer_units
 from moelens.analyses.executors import Executor
 from moelens.analyses.router_alignment.config import RouterAlignmentConfig
 from moelens.analyses.router_alignment.nulls import (
@@ -247,9 +240,6 @@ class RouterAlignment(Analysis):
     """docs/methods.md §1: one unit per MoE layer, every matrix of the layer in it."""
 
     name = ANALYSIS
-    title = "Router–expert alignment"
-    config_type = RouterAlignmentConfig
-    inputs = ("a",)
     unit_tables = SCHEMAS
 
     def plan(self, models: Mapping[str, Any], config: RouterAlignmentConfig) -> Plan:

@@ -1,18 +1,8 @@
 """Router edits (docs/methods.md §8): does the router–expert alignment matter for routing and
-predictions? Project the aligned part out of a router row, against matched controls.
-
-Names are imported on first use (PEP 562, :mod:`moelens.lazy`): the config (torch-free) without
-the analysis that computes with it."""
+predictions? Project the aligned part out of a router row, against matched controls."""
 
 from moelens.analyses.declaration import Command, Declaration, FigureSpec, ModelInput
 from moelens.lazy import lazy_package
-
-_EXPORTS: dict[str, str] = {
-    "RouterEditsConfig": "moelens.analyses.router_edits.config",
-    **dict.fromkeys(("ANALYSIS", "RouterEdits", "MIGRATION_SCHEMA", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"),
-                    "moelens.analyses.router_edits.analysis"),
-    "router_edits": "moelens.analyses.api",
-}
 
 #: Router edits, declared once (:mod:`moelens.analyses.declaration`).
 DECLARATION = Declaration(
@@ -36,6 +26,7 @@ DECLARATION = Declaration(
     atlas="moelens.atlas:route_calls",
 )
 
+_EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS", "MIGRATION_SCHEMA", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"))
 __getattr__, __dir__ = lazy_package(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

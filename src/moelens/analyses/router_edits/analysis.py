@@ -238,20 +238,11 @@ class RouterEditsState:
     top_k: int
 
 
-def _dtype(choice: str, device: torch.device) -> str | None:
-    if choice == "auto":
-        return "float32" if device.type == "cpu" else None
-    return choice
-
-
 class RouterEdits(Analysis):
     """docs/methods.md §8: one unit per MoE layer, one row per (expert, edit, k, sample)."""
 
     reads_whole_model = True
     name = ANALYSIS
-    title = "Router edits"
-    config_type = RouterEditsConfig
-    inputs = ("a",)
     unit_noun = "layers"
     unit_tables = (TABLE_SCHEMA, MIGRATION_SCHEMA)
     derived_tables = (SUMMARY_SCHEMA,)
@@ -265,6 +256,7 @@ class RouterEdits(Analysis):
             max_positions,
             quiet_transformers,
         )
+        from moelens.runtime.load import auto_dtype
         from moelens.runtime.router_edits import RouterEditRunner
         from moelens.spectral import resolve_device
 
@@ -323,7 +315,7 @@ class RouterEdits(Analysis):
 
         # whole or layer by layer (a model that does not fit with streaming off is refused here,
         # before anything is written); a streamed unit runs its batches in one pass from its layer
-        forward = open_forward(model.path, device, _dtype(config.dtype, device), stream=config.stream, revision=model.revision)
+        forward = open_forward(model.path, device, auto_dtype(config.dtype, device), stream=config.stream, revision=model.revision)
         arch = forward.arch
         missing = [L for L in layers if arch.layers[L].router is None]
         if missing:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelens.analyses.fields import (
-    FORWARD_DTYPES,
     as_index_tuple,
+    check_forward_dtype,
     check_seed,
     check_stream,
     comma_names,
+    name_tuple,
     option,
     positive_int,
     stream_option,
@@ -80,15 +81,7 @@ class RouterEditsConfig:
     stream: str = stream_option()
 
     def __post_init__(self) -> None:
-        edits = self.edits
-        if edits is not None:
-            edits = comma_names(edits) if isinstance(edits, str) else tuple(edits)
-            bad = [e for e in edits if e not in EDITS]
-            if bad:
-                raise ConfigError(f"edit {bad[0]!r}: choose from {', '.join(EDITS)}")
-            if not edits:
-                raise ConfigError("no edits given; name at least one")
-            object.__setattr__(self, "edits", tuple(dict.fromkeys(edits)))
+        object.__setattr__(self, "edits", name_tuple(self.edits, EDITS, "edit"))
         if self.matrix not in ROLES:
             raise ConfigError(f"unknown matrix {self.matrix!r}; expected one of {', '.join(ROLES)}")
         k = as_index_tuple(self.k, "k")
@@ -109,8 +102,7 @@ class RouterEditsConfig:
         object.__setattr__(self, "batch_size", positive_int(self.batch_size, "batch_size", allow_none=True))
         object.__setattr__(self, "seed", check_seed(self.seed))
         object.__setattr__(self, "stream", check_stream(self.stream))
-        if self.dtype not in FORWARD_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {', '.join(FORWARD_DTYPES)}")
+        check_forward_dtype(self.dtype)
         if self.prompts is None:
             raise ConfigError("no prompts: give a JSONL file (--prompts PROMPTS.jsonl) with a prompt on every line, or a text file")
         if isinstance(self.prompts, os.PathLike):

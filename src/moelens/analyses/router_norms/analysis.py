@@ -50,9 +50,6 @@ class RouterNorms(Analysis):
     """docs/methods.md §9: one unit per MoE layer."""
 
     name = ANALYSIS
-    title = "Router norms"
-    config_type = RouterNormsConfig
-    inputs = ("a",)
     unit_tables = (NORMS_SCHEMA, LAYERS_SCHEMA)
 
     def plan(self, models: Mapping[str, Any], config: RouterNormsConfig) -> Plan:

@@ -52,15 +52,15 @@ def router_norm_heatmap(run: Run) -> Figure:
 
 
 _SECTION = """{% from "macros.html" import figure, run_section, table %}
+{% from "explanations.html" import explained %}
 <section id="router-norms-explanations">
 <h2>What is measured</h2>
-<section id="explain-router_norm_heatmap">
-<h3>{{ explain_title("router_norm_heatmap") }}</h3>
+{% call explained("router_norm_heatmap") %}
 <p>The router's logit for expert <i>e</i> is
 r<sub>e</sub> · x, so the L2 norm of its row r<sub>e</sub> scales every logit it gives. The heat map shows each row's norm divided
 by the mean over its layer's experts: 1 (white) is an average row; red rows are longer and score every token more strongly,
 blue rows shorter. The table gives each layer's mean, spread (coefficient of variation = std / mean) and extremes.</p>
-</section>
+{% endcall %}
 </section>
 {% for run in runs %}
 {% call run_section(run) %}
