@@ -68,6 +68,15 @@ from moelens.runtime.architecture import Architecture
 from moelens.runtime.checks import check_logits
 from moelens.runtime.forward import Forward, InMemoryForward
 from moelens.runtime.interventions import Batch, Edit, InterventionHooks, logits_call, lower_index_ties
+from moelens.runtime.prefix_cache import (
+    cache_keyword,
+    cache_row_bytes,
+    cache_tensors,
+    concat_tensors,
+    new_cache,
+    prefix,
+    prefix_cache_supported,
+)
 from moelens.runtime.prompts import TokenisedPrompt
 from moelens.runtime.stream import Call
 
@@ -193,7 +202,8 @@ class Tracer:
     Every pass is a list of batches handed to the runtime at once, so a streamed model reads each
     layer once for all of them; the hooks are the same either way."""
 
-    def __init__(self, model: Any, arch: Architecture, settings: TraceSettings, pad_id: int = 0, forward: Forward | None = None):
+    def __init__(self, model: Any, arch: Architecture, settings: TraceSettings, pad_id: int = 0, forward: Forward | None = None,
+                 shortcuts: bool = True):
         self.forward = forward if forward is not None else InMemoryForward(model)
         self.model = self.forward.model
         self.arch = arch
@@ -202,6 +212,8 @@ class Tracer:
         self.device = self.forward.device
         self.hooks = InterventionHooks(self.model, arch)
         self._routers_ready = False
+        # restore's exact savings in memory (:meth:`_restore_in_memory`); off: every cell runs the whole prompt
+        self.shortcuts = shortcuts
 
     # -- forward passes ------------------------------------------------------------------------
     def _spec(self, rows: Sequence[Sequence[int]], width: int, edits: dict[tuple[int, str], list[Edit]],
@@ -274,6 +286,12 @@ class Tracer:
         if self.s.rows_per_batch is not None:
             return self.s.rows_per_batch
         per_row = row_bytes(self.model, width, self.s.mode == "restore")
+        return int(max(1, min(2048, memory_budget(self.device) // max(per_row, 1))))
+
+    def _rows_within(self, per_row: int) -> int:
+        """Rows per batch when each needs ``per_row`` bytes (the setting, where one is given)."""
+        if self.s.rows_per_batch is not None:
+            return self.s.rows_per_batch
         return int(max(1, min(2048, memory_budget(self.device) // max(per_row, 1))))
 
     def clean(self, prompts: Sequence[TokenisedPrompt], capture: set[tuple[int, str]] | None = None) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
@@ -380,35 +398,187 @@ class Tracer:
             ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means, s.seed if seed is None else int(seed))
             cells = self.cells(prompts)
             samples = s.noise_samples if s.mode == "restore" else 1
-            per_batch = max(1, self.rows_per_batch(width) // samples)
-            probs_target = np.zeros(len(cells))
-            jsd = np.zeros(len(cells))
+            if s.mode == "restore" and not self.forward.streamed:
+                jsd, probs_target = self._restore_in_memory(ctx, cells, samples, width, progress, noun)
+            else:
+                jsd, probs_target = self._run_cells(ctx, cells, samples, width, progress, noun)
+            self.hooks.edits = {}
+        return _collect(prompts, cells, jsd, probs_target, ctx, s.mode)
+
+
+    def _run_cells(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int,
+                   progress: ProgressCallback | None = None, noun: str = "cells", done: int = 0,
+                   total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every cell as rows of batches padded to ``width`` (``samples`` rows per cell), the whole
+        prompt each time; progress counts from ``done`` of ``total``."""
+        total = len(cells) if total is None else total
+        per_batch = max(1, self.rows_per_batch(width) // samples)
+        probs_target = np.zeros(len(cells))
+        jsd = np.zeros(len(cells))
+        start = 0
+        if self.forward.streamed:  # every batch in one pass: each layer read once for all cells
+            starts = list(range(0, len(cells), per_batch))
+            specs = [self._batch_spec(ctx, cells[a:a + per_batch], samples, width) for a in starts]
+            logits = self._forward_many(specs, progress)
+            for a, lg in zip(starts, logits):
+                chunk = cells[a:a + per_batch]
+                jsd[a:a + len(chunk)], probs_target[a:a + len(chunk)] = self._batch_result(ctx, chunk, samples, lg)
+            report(progress, noun, done + len(cells), total)
+            start = len(cells)
+        while start < len(cells):
+            chunk = cells[start:start + per_batch]
+            try:
+                j, pt = self._run_batch(ctx, chunk, samples, width)
+            except torch.cuda.OutOfMemoryError:
+                if per_batch == 1:
+                    raise
+                per_batch = max(1, per_batch // 2)  # halve and retry the same cells
+                torch.cuda.empty_cache()
+                continue
+            jsd[start:start + len(chunk)] = j
+            probs_target[start:start + len(chunk)] = pt
+            start += len(chunk)
+            report(progress, noun, done + start, total)
+        return jsd, probs_target
+
+    # -- restore, in memory: the two exact savings ------------------------------------------------
+    def _restore_in_memory(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int,
+                           progress: ProgressCallback | None = None, noun: str = "cells") -> tuple[np.ndarray, np.ndarray]:
+        """Restore's cells on a model loaded whole, with two savings that leave every value as the
+        full pass computes it (up to float rounding):
+
+        1. a cell at a position t before the prompt's first subject token restores a state that is
+           already clean in the corrupted run (the noise enters later, and the model is causal), so
+           its p_restored is the corrupted baseline's: the baseline cell's values are copied;
+        2. where the model's cache allows it (:func:`moelens.runtime.prefix_cache.prefix_cache_supported`),
+           the corrupted run of each prompt is made once per noise sample with a key/value cache,
+           and a cell at t runs only the suffix ``input_ids[t:]`` on that cache cropped to t; the
+           rows of one batch share (prompt, t), so they have one length and need no padding.
+
+        Elsewhere (``shortcuts`` off, or a cache that does not qualify) the remaining cells run the
+        whole prompt as :meth:`_run_cells` does."""
+        n = len(cells)
+        jsd = np.zeros(n)
+        pt = np.zeros(n)
+        if not self.shortcuts:
+            return self._run_cells(ctx, cells, samples, width, progress, noun)
+        first = [min(p.subject_positions, default=p.length) for p in ctx.prompts]
+        baseline = {c[0]: k for k, c in enumerate(cells) if c[2] == CORRUPT}
+        early = [k for k, c in enumerate(cells) if c[2] != CORRUPT and c[3] < first[c[0]]]
+        skipped = set(early)
+        rest = [k for k in range(n) if k not in skipped]
+        if prefix_cache_supported(self.model, self.arch.n_layers):
+            done = len(early)
+            for i in range(len(ctx.prompts)):
+                mine = [k for k in rest if cells[k][0] == i]
+                done = self._restore_prompt(ctx, i, [cells[k] for k in mine], mine, samples, jsd, pt, progress, noun, done, n)
+        else:
+            j, p = self._run_cells(ctx, [cells[k] for k in rest], samples, width, progress, noun, len(early), n)
+            jsd[rest], pt[rest] = j, p
+        for k in early:
+            b = baseline[cells[k][0]]
+            jsd[k], pt[k] = jsd[b], pt[b]
+        return jsd, pt
+
+    def _restore_prompt(self, ctx: "_UnitContext", i: int, cells: Sequence[tuple[int, int, str, int]], index: Sequence[int],
+                        samples: int, jsd: np.ndarray, pt: np.ndarray, progress: ProgressCallback | None, noun: str,
+                        done: int, total: int) -> int:
+        """Prompt ``i``'s cells (its baseline among them) written at ``index`` of ``jsd`` / ``pt``:
+        the corrupted run once with a cache, then the cells of each position t on its suffix."""
+        p = ctx.prompts[i]
+        kv, probs = self._corrupted_cache(ctx, i, samples)
+        by_t: dict[int, list[int]] = {}
+        for c, k in zip(cells, index):
+            if c[2] == CORRUPT:
+                jsd[k] = float(js_divergence(ctx.p_clean[i:i + 1], probs[None])[0])
+                pt[k] = float(probs[ctx.target[i]].double())
+                done += 1
+            else:
+                by_t.setdefault(c[3], []).append(k)
+        all_cells = {k: c for c, k in zip(cells, index)}
+        for t in sorted(by_t):
+            ks = by_t[t]
+            length = p.length - t
+            per_batch = max(1, self._rows_within(row_bytes(self.model, length, True) + cache_row_bytes(self.model, p.length)) // samples)
             start = 0
-            if self.forward.streamed:  # every batch in one pass: each layer read once for all cells
-                starts = list(range(0, len(cells), per_batch))
-                specs = [self._batch_spec(ctx, cells[a:a + per_batch], samples, width) for a in starts]
-                logits = self._forward_many(specs, progress)
-                for a, lg in zip(starts, logits):
-                    chunk = cells[a:a + per_batch]
-                    jsd[a:a + len(chunk)], probs_target[a:a + len(chunk)] = self._batch_result(ctx, chunk, samples, lg)
-                report(progress, noun, len(cells), len(cells))
-                start = len(cells)
-            while start < len(cells):
-                chunk = cells[start:start + per_batch]
+            while start < len(ks):
+                chunk = ks[start:start + per_batch]
                 try:
-                    j, pt = self._run_batch(ctx, chunk, samples, width)
+                    lg = self._forward_suffix(ctx, i, t, [all_cells[k] for k in chunk], samples, kv)
                 except torch.cuda.OutOfMemoryError:
                     if per_batch == 1:
                         raise
                     per_batch = max(1, per_batch // 2)  # halve and retry the same cells
                     torch.cuda.empty_cache()
                     continue
-                jsd[start:start + len(chunk)] = j
-                probs_target[start:start + len(chunk)] = pt
+                j, q = self._batch_result(ctx, [all_cells[k] for k in chunk], samples, lg)
+                jsd[chunk], pt[chunk] = j, q
                 start += len(chunk)
-                report(progress, noun, start, len(cells))
-            self.hooks.edits = {}
-        return _collect(prompts, cells, jsd, probs_target, ctx, s.mode)
+                done += len(chunk)
+                report(progress, noun, done, total)
+        return done
+
+    def _corrupted_cache(self, ctx: "_UnitContext", i: int, samples: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Prompt ``i`` with each noise sample (one row each, chunked by the memory bound): its
+        key/value cache (rows = samples) and the mean over samples of the last position's
+        next-token distribution [V]."""
+        p = ctx.prompts[i]
+        step = self._rows_within(row_bytes(self.model, p.length, True) + cache_row_bytes(self.model, p.length))
+        parts = []
+        total = None
+        keyword = cache_keyword(self.model)
+        for a in range(0, samples, step):
+            sample = torch.arange(a, min(samples, a + step), device=self.device)
+            r = len(sample)
+            prompt = torch.full((r,), i, device=self.device)
+            edits = edits_for(self, ctx, prompt, np.full(r, -1), np.full(r, CORRUPT), torch.full((r,), -1, device=self.device),
+                              sample, p.length)
+            cache = new_cache(self.model)
+            ids = torch.tensor([p.input_ids], device=self.device).expand(r, -1)
+            kwargs = {"input_ids": ids, keyword: cache, "use_cache": True, "logits_to_keep": 1}
+            lg = self._forward_rows(kwargs, edits, r, p.length, check_kwargs={"input_ids": ids, "use_cache": False})
+            parts.append(cache_tensors(cache))
+            probs = torch.softmax(lg, -1).sum(0)
+            total = probs if total is None else total + probs
+        return concat_tensors(parts), total / samples
+
+    def _forward_suffix(self, ctx: "_UnitContext", i: int, t: int, cells: Sequence[tuple[int, int, str, int]], samples: int,
+                        kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Logits [R, V] at the last position of ``cells`` (all of prompt ``i`` at position t,
+        ``samples`` rows each) run on ``input_ids[t:]`` after the corrupted cache of positions < t."""
+        p = ctx.prompts[i]
+        dev = self.device
+        n = len(cells)
+        r = n * samples
+        length = p.length - t
+        prompt = torch.full((r,), i, device=dev)
+        layer = np.repeat([c[1] for c in cells], samples)
+        site = np.repeat([c[2] for c in cells], samples)
+        position = torch.full((r,), t, device=dev)
+        sample = torch.arange(samples, device=dev).repeat(n)
+        edits = edits_for(self, ctx, prompt, layer, site, position, sample, length, start=t)
+        ids = torch.tensor([p.input_ids[t:]], device=dev).expand(r, -1)
+        kwargs: dict[str, Any] = {"input_ids": ids, "logits_to_keep": 1}
+        if t > 0:  # rows are cell-major, sample-minor: row k continues sample k mod S's cache
+            kwargs.update({cache_keyword(self.model): prefix(self.model, kv, t, n), "use_cache": True})
+        else:
+            kwargs["use_cache"] = False
+        return self._forward_rows(kwargs, edits, r, length)
+
+    def _forward_rows(self, kwargs: dict[str, Any], edits: dict[tuple[int, str], list[Edit]], rows: int, length: int,
+                      check_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """Logits [R, V] (float32) at the last position of one unpadded batch, with ``edits``.
+        Non-finite logits are explained by re-running ``check_kwargs`` (a cache is spent by its
+        pass, so without them no layer is named)."""
+        self.hooks.attention_mask = torch.ones(rows, length, dtype=torch.long, device=self.device)
+        self.hooks.last = torch.full((rows,), length - 1, device=self.device)
+        self.hooks.edits = edits
+        with torch.no_grad():
+            out = self.model(**kwargs)
+        lg = out.logits[:, -1].float()
+        if not bool(torch.isfinite(lg).all()):
+            check_logits(lg, self.model if check_kwargs is not None else None, "forward pass", **(check_kwargs or {}))
+        return lg
 
     def _run_batch(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         logits = self._forward_many([self._batch_spec(ctx, cells, samples, width)])[0]
@@ -485,15 +655,16 @@ class _UnitContext:
 
 
 def edits_for(tracer: Tracer, ctx: _UnitContext, prompt: torch.Tensor, layer: np.ndarray, site: np.ndarray,
-              position: torch.Tensor, sample: torch.Tensor, width: int) -> dict[tuple[int, str], list[Edit]]:
+              position: torch.Tensor, sample: torch.Tensor, width: int, start: int = 0) -> dict[tuple[int, str], list[Edit]]:
     """The edits of one batch whose row r carries (prompt[r], layer[r], site[r], position[r],
-    sample[r]); built with tensor operations, looping over layers and sites only."""
+    sample[r]); built with tensor operations, looping over layers and sites only. The batch holds
+    the token positions [start, start + width) (``start`` > 0: a suffix run after a cache)."""
     s = tracer.s
     dev = tracer.device
     n_layers = tracer.arch.n_layers
     edits: dict[tuple[int, str], list[Edit]] = {}
-    arange = torch.arange(width, device=dev)
-    subject = ctx.subject[prompt]  # [R, T]
+    arange = torch.arange(start, start + width, device=dev)
+    subject = ctx.subject[prompt][:, start:start + width]  # [R, T]
     last = (arange[None, :] == ctx.last[prompt][:, None])  # [R, T]
 
     def rows_of(name: str, at: int) -> torch.Tensor | None:
@@ -518,24 +689,26 @@ def edits_for(tracer: Tracer, ctx: _UnitContext, prompt: torch.Tensor, layer: np
 
     if s.mode == "restore":
         noise = ctx.noise
-        edits[(-1, "embed")] = [Edit(subject, lambda: noise[prompt, sample], add=True)]
+        edits[(-1, "embed")] = [Edit(subject, lambda: noise[:, :, start:start + width][prompt, sample], add=True)]
         at_position = arange[None, :] == position[:, None]  # [R, T]
+        # each row restores one position, so its clean state there is its value: [R, 1, d]
+        clean_at = position.clamp(min=0)  # baseline rows (position −1) restore nothing
         for L in range(n_layers):
             hidden = rows_of("restore_hidden", L)
             if hidden is not None:
                 states = ctx.clean_states[(L, "layer")]
-                edits.setdefault((L, "layer"), []).append(Edit(hidden[:, None] & at_position, lambda st=states: st[prompt]))
+                edits.setdefault((L, "layer"), []).append(Edit(hidden[:, None] & at_position, lambda st=states: st[prompt, clean_at][:, None]))
             for name, point in (("restore_mlp", "mlp"), ("restore_attn", "attn")):
                 hit = (site == name) & (lo_h <= L) & (L <= hi_h)
                 if not hit.any() or (L, point) not in ctx.clean_states:
                     continue
                 rows = torch.as_tensor(hit, device=dev)
                 states = ctx.clean_states[(L, point)]
-                edits.setdefault((L, point), []).append(Edit(rows[:, None] & at_position, lambda st=states: st[prompt]))
+                edits.setdefault((L, point), []).append(Edit(rows[:, None] & at_position, lambda st=states: st[prompt, clean_at][:, None]))
         return edits
 
     # block: the keys each row's last position may not attend to
-    real = ctx.real[prompt]
+    real = ctx.real[prompt][:, start:start + width]
     keys_of = {"block_subj": subject, "block_nonsubj": real & ~subject & ~last, "block_last": last}
     for L in range(n_layers):
         if tracer.arch.layers[L].attention is None:
