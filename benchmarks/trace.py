@@ -18,6 +18,19 @@ tokenizer over synthetic words; speed does not depend on the values):
     python benchmarks/trace.py --quick --threads 2              # small shape, a minute
     python benchmarks/trace.py --shape medium --prompts 16      # the CPU figures of the README
     python benchmarks/trace.py --shape mixtral8 --device cuda   # the GPU figures
+
+``--restore`` times causal tracing instead (restore_hidden, restore_mlp, restore_attn at every layer
+and token, window 10) at S = 10, 100 and 1,000 noise samples against ROME's loop
+(``trace_with_patch`` of kmeng01/rome's ``experiments/causal_trace.py``): per prompt one corrupted
+forward pass, then one forward pass of S + 1 rows per (token, layer, site) cell, row 0 clean and
+rows 1..S with the noise, a hook copying row 0's state at the token into rows 1..S (the layer's
+output, or the MLP / attention output in every layer of the window), all logits computed, p_restored
+the mean over rows 1..S. The noise is the same draw for both (seed + prompt_id, s = 3σ of the
+embedding matrix). moelens's previous path (every cell running the whole prompt, batched) is timed
+too, and the largest |Δ indirect effect| against the loop is printed. The loop runs the cells of
+``--loop-prompts`` prompts at ``--loop-layers`` layers (every token and site): rates are per cell.
+
+    python benchmarks/trace.py --restore --quick --threads 1    # small shape, a couple of minutes
 """
 
 from __future__ import annotations
@@ -35,7 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from moelens.metrics.jsd import js_divergence  # noqa: E402
 from moelens.runtime.architecture import describe, first_tensor, replace_first  # noqa: E402
 from moelens.runtime.prompts import PromptRecord, tokenise  # noqa: E402
-from moelens.runtime.trace import SITE_POINT, Tracer, TraceSettings  # noqa: E402
+from moelens.runtime.trace import (  # noqa: E402
+    DEFAULT_WINDOW,
+    RESTORE_SITES,
+    SITE_POINT,
+    Tracer,
+    TraceSettings,
+    noise_std,
+    window,
+)
 
 SHAPES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512, vocab=8000),
@@ -107,6 +128,102 @@ def loop(model, arch, ps, means, layers, device) -> tuple[list[float], float]:
     return jsd, time.perf_counter() - t0
 
 
+def rome_loop(model, arch, ps, layers, samples: int, sigma: float, seed: int, device) -> tuple[dict, float]:
+    """ROME's causal tracing, one forward pass of S + 1 rows per cell (see the module docstring):
+    {(prompt_id, layer, site, position): indirect effect}, and the seconds it took."""
+    width = DEFAULT_WINDOW["restore"]
+    out = {}
+    t0 = time.perf_counter()
+    embed = arch.embedding
+    for p in ps:
+        ids = torch.tensor([p.input_ids] * (samples + 1), device=device)
+        g = torch.Generator().manual_seed(seed + p.prompt_id)
+        noise = (torch.randn(samples, len(p.subject_positions), embed.weight.shape[1], generator=g) * sigma).to(device)
+        subject = list(p.subject_positions)
+
+        def add_noise(mod, args, output, noise=noise, subject=subject):
+            t = output.clone()
+            t[1:, subject] += noise.to(t.dtype)
+            return t
+
+        def run(patches, ids=ids, add_noise=add_noise) -> torch.Tensor:
+            handles = [embed.register_forward_hook(add_noise)]
+            handles += [module.register_forward_hook(hook) for module, hook in patches]
+            try:
+                with torch.no_grad():
+                    logits = model(input_ids=ids, use_cache=False).logits  # every position, as ROME
+            finally:
+                for h in handles:
+                    h.remove()
+            return torch.softmax(logits[1:, -1].float(), -1).mean(0)
+
+        base = run([])
+        with torch.no_grad():
+            target = int(model(input_ids=ids[:1], use_cache=False).logits[0, -1].argmax())
+        low = float(base[target])
+        for site in RESTORE_SITES:
+            point = SITE_POINT[site]
+            for L in layers:
+                lo, hi = (L, L) if site == "restore_hidden" else window(L, width, arch.n_layers)
+                span = range(lo, hi + 1)
+                modules = [{"layer": arch.layers[k].layer, "attn": arch.layers[k].attention, "mlp": arch.layers[k].mlp}[point] for k in span]
+                for t in range(p.length):
+                    def patch(mod, args, output, t=t):
+                        h = first_tensor(output).clone()
+                        h[1:, t] = h[0, t]
+                        return replace_first(output, h)
+
+                    out[(p.prompt_id, L, site, t)] = float(run([(m, patch) for m in modules if m is not None])[target]) - low
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def restore_main(a, model, tok, words, arch, device, dtype) -> None:
+    """moelens's restore against ROME's loop and against its own previous path, at each S."""
+    n = a.prompts or (4 if a.quick else (16 if device.type == "cuda" else 8))
+    ps = prompts(tok, words, n)
+    layers = tuple(range(arch.n_layers))
+    loop_layers = tuple(a.loop_layers or (arch.n_layers // 2,))
+    loop_n = a.loop_prompts or 1
+    sigma = noise_std(arch.embedding, "embedding")
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    print(f"  restore: {n} prompts of {ps[0].length} tokens (subject at {list(ps[0].subject_positions)}), "
+          f"sites {', '.join(RESTORE_SITES)}, window {DEFAULT_WINDOW['restore']}, every layer and token")
+    for samples in a.samples:
+        settings = TraceSettings(mode="restore", sites=RESTORE_SITES, layers=layers, window=DEFAULT_WINDOW["restore"],
+                                 noise_samples=samples, seed=0)
+        timed = {}
+        tables = {}
+        for name, shortcuts in (("moelens", True), ("previous", False)):
+            tracer = Tracer(model, arch, settings, pad_id=tok.pad_token_id, shortcuts=shortcuts)
+            tracer.run(ps[:1])  # warm-up (kernels, allocator)
+            sync()
+            t0 = time.perf_counter()
+            tables[name] = tracer.run(ps if name == "moelens" else ps[:max(loop_n, min(n, 2))]).columns()
+            sync()
+            timed[name] = time.perf_counter() - t0
+        ref, loop_s = rome_loop(model, arch, ps[:loop_n], loop_layers, samples, sigma, 0, device)
+        ours = tables["moelens"]
+        keys = list(zip(ours["prompt_id"], ours["layer"], ours["site"], ours["position"]))
+        ie = dict(zip(keys, ours["indirect_effect"]))
+        diff = max(abs(ie[k] - v) for k, v in ref.items())
+        prev = tables["previous"]
+        prev_ie = dict(zip(zip(prev["prompt_id"], prev["layer"], prev["site"], prev["position"]), prev["indirect_effect"]))
+        diff_prev = max(abs(ie[k] - v) for k, v in prev_ie.items())
+        rate = len(keys) / timed["moelens"]
+        rate_prev = len(prev_ie) / timed["previous"]
+        rate_loop = len(ref) / loop_s
+        print(f"  S = {samples:5d}: moelens {rate:9.2f} cells/s ({len(keys)} cells, {timed['moelens']:.1f} s)   "
+              f"previous path {rate_prev:9.2f} cells/s ({len(prev_ie)} cells)   ROME loop {rate_loop:9.2f} cells/s "
+              f"({len(ref)} cells, {loop_s:.1f} s)")
+        print(f"             speed-up {rate / rate_loop:.1f}x over the loop, {rate / rate_prev:.1f}x over the previous path;  "
+              f"largest |Δ indirect effect| {diff:.2e} (loop), {diff_prev:.2e} (previous path)"
+              f"{'  (bf16)' if dtype == torch.bfloat16 else ''}")
+        if not (math.isfinite(diff) and math.isfinite(diff_prev)):
+            raise SystemExit("non-finite indirect effect")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
@@ -114,7 +231,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="prompts (default 16; 64 on CUDA)")
     ap.add_argument("--loop-prompts", type=int, default=None, help="prompts the plain loop runs (its rate is per cell)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="the small shape and 8 prompts")
+    ap.add_argument("--quick", action="store_true", help="the small shape and 8 prompts (restore: 4)")
+    ap.add_argument("--restore", action="store_true", help="causal tracing against ROME's loop instead of knockout")
+    ap.add_argument("--samples", type=int, nargs="+", default=[10, 100, 1000], help="restore: noise samples S")
+    ap.add_argument("--loop-layers", type=int, nargs="+", default=None, help="restore: the layers ROME's loop runs (default: the middle one)")
     a, ignored = ap.parse_known_args()  # make bench passes one BENCH_ARGS to every benchmark
     if ignored:
         print(f"(ignoring options for other benchmarks: {' '.join(ignored)})")
@@ -130,6 +250,9 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"interventions: {shape} Mixtral layout ({params:.2f} B parameters, {dtype}), {arch.n_layers} layers, device {device}, "
           f"{torch.get_num_threads()} threads; built in {time.perf_counter() - t0:.1f} s")
+    if a.restore:
+        restore_main(a, model, tok, words, arch, device, dtype)
+        return
     ps = prompts(tok, words, n)
     layers = tuple(range(arch.n_layers))
     settings = TraceSettings(mode="knockout", sites=SITES, ablation="mean", layers=layers)
