@@ -128,7 +128,7 @@ def loop(model, arch, ps, means, layers, device) -> tuple[list[float], float]:
     return jsd, time.perf_counter() - t0
 
 
-def rome_loop(model, arch, ps, layers, samples: int, sigma: float, seed: int, device) -> tuple[dict, float]:
+def rome_loop(model, arch, ps, layers, sites, samples: int, sigma: float, seed: int, device) -> tuple[dict, float]:
     """ROME's causal tracing, one forward pass of S + 1 rows per cell (see the module docstring):
     {(prompt_id, layer, site, position): indirect effect}, and the seconds it took."""
     width = DEFAULT_WINDOW["restore"]
@@ -161,7 +161,7 @@ def rome_loop(model, arch, ps, layers, samples: int, sigma: float, seed: int, de
         with torch.no_grad():
             target = int(model(input_ids=ids[:1], use_cache=False).logits[0, -1].argmax())
         low = float(base[target])
-        for site in RESTORE_SITES:
+        for site in sites:
             point = SITE_POINT[site]
             for L in layers:
                 lo, hi = (L, L) if site == "restore_hidden" else window(L, width, arch.n_layers)
@@ -180,8 +180,11 @@ def rome_loop(model, arch, ps, layers, samples: int, sigma: float, seed: int, de
 
 
 def restore_main(a, model, tok, words, arch, device, dtype) -> None:
-    """moelens's restore against ROME's loop and against its own previous path, at each S."""
-    n = a.prompts or (4 if a.quick else (16 if device.type == "cuda" else 8))
+    """moelens's restore against ROME's loop and against moelens's previous path, at each S: moelens
+    runs every cell of its prompts; the loop and the previous path run the cells of the first
+    ``--loop-prompts`` prompts at ``--loop-layers`` (every token; every site, or restore_hidden
+    alone at S ≥ 1000 with ``--quick``), and rates are compared per cell."""
+    n = a.prompts or (1 if a.quick else (16 if device.type == "cuda" else 4))
     ps = prompts(tok, words, n)
     layers = tuple(range(arch.n_layers))
     loop_layers = tuple(a.loop_layers or (arch.n_layers // 2,))
@@ -189,36 +192,33 @@ def restore_main(a, model, tok, words, arch, device, dtype) -> None:
     sigma = noise_std(arch.embedding, "embedding")
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
     print(f"  restore: {n} prompts of {ps[0].length} tokens (subject at {list(ps[0].subject_positions)}), "
-          f"sites {', '.join(RESTORE_SITES)}, window {DEFAULT_WINDOW['restore']}, every layer and token")
+          f"sites {', '.join(RESTORE_SITES)}, window {DEFAULT_WINDOW['restore']}, every layer and token; "
+          f"loop and previous path: {loop_n} prompt(s), layers {list(loop_layers)}")
+
+    def timed_run(settings, shortcuts, subset):
+        tracer = Tracer(model, arch, settings, pad_id=tok.pad_token_id, shortcuts=shortcuts)
+        tracer.run(subset[:1])  # warm-up (kernels, allocator)
+        sync()
+        t0 = time.perf_counter()
+        table = tracer.run(subset).columns()
+        sync()
+        keys = zip(table["prompt_id"], table["layer"], table["site"], table["position"])
+        return dict(zip(keys, table["indirect_effect"])), time.perf_counter() - t0
+
     for samples in a.samples:
-        settings = TraceSettings(mode="restore", sites=RESTORE_SITES, layers=layers, window=DEFAULT_WINDOW["restore"],
-                                 noise_samples=samples, seed=0)
-        timed = {}
-        tables = {}
-        for name, shortcuts in (("moelens", True), ("previous", False)):
-            tracer = Tracer(model, arch, settings, pad_id=tok.pad_token_id, shortcuts=shortcuts)
-            tracer.run(ps[:1])  # warm-up (kernels, allocator)
-            sync()
-            t0 = time.perf_counter()
-            tables[name] = tracer.run(ps if name == "moelens" else ps[:max(loop_n, min(n, 2))]).columns()
-            sync()
-            timed[name] = time.perf_counter() - t0
-        ref, loop_s = rome_loop(model, arch, ps[:loop_n], loop_layers, samples, sigma, 0, device)
-        ours = tables["moelens"]
-        keys = list(zip(ours["prompt_id"], ours["layer"], ours["site"], ours["position"]))
-        ie = dict(zip(keys, ours["indirect_effect"]))
-        diff = max(abs(ie[k] - v) for k, v in ref.items())
-        prev = tables["previous"]
-        prev_ie = dict(zip(zip(prev["prompt_id"], prev["layer"], prev["site"], prev["position"]), prev["indirect_effect"]))
-        diff_prev = max(abs(ie[k] - v) for k, v in prev_ie.items())
-        rate = len(keys) / timed["moelens"]
-        rate_prev = len(prev_ie) / timed["previous"]
-        rate_loop = len(ref) / loop_s
-        print(f"  S = {samples:5d}: moelens {rate:9.2f} cells/s ({len(keys)} cells, {timed['moelens']:.1f} s)   "
-              f"previous path {rate_prev:9.2f} cells/s ({len(prev_ie)} cells)   ROME loop {rate_loop:9.2f} cells/s "
-              f"({len(ref)} cells, {loop_s:.1f} s)")
+        sites = ("restore_hidden",) if (a.quick and samples >= 1000) else RESTORE_SITES
+        common = dict(mode="restore", window=DEFAULT_WINDOW["restore"], noise_samples=samples, seed=0)
+        ours, ours_s = timed_run(TraceSettings(sites=RESTORE_SITES, layers=layers, **common), True, ps)
+        prev, prev_s = timed_run(TraceSettings(sites=sites, layers=loop_layers, **common), False, ps[:loop_n])
+        ref, loop_s = rome_loop(model, arch, ps[:loop_n], loop_layers, sites, samples, sigma, 0, device)
+        diff = max(abs(ours[k] - v) for k, v in ref.items())
+        diff_prev = max(abs(prev[k] - v) for k, v in ref.items())
+        rate, rate_prev, rate_loop = len(ours) / ours_s, len(prev) / prev_s, len(ref) / loop_s
+        print(f"  S = {samples:5d}: moelens {rate:9.2f} cells/s ({len(ours)} cells, {ours_s:.1f} s)   "
+              f"previous path {rate_prev:9.2f} cells/s ({len(prev)} cells, {prev_s:.1f} s)   "
+              f"ROME loop {rate_loop:9.2f} cells/s ({len(ref)} cells{'' if sites == RESTORE_SITES else ', restore_hidden'}, {loop_s:.1f} s)")
         print(f"             speed-up {rate / rate_loop:.1f}x over the loop, {rate / rate_prev:.1f}x over the previous path;  "
-              f"largest |Δ indirect effect| {diff:.2e} (loop), {diff_prev:.2e} (previous path)"
+              f"largest |Δ indirect effect| against the loop {diff:.2e} (moelens), {diff_prev:.2e} (previous path)"
               f"{'  (bf16)' if dtype == torch.bfloat16 else ''}")
         if not (math.isfinite(diff) and math.isfinite(diff_prev)):
             raise SystemExit("non-finite indirect effect")
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="prompts (default 16; 64 on CUDA)")
     ap.add_argument("--loop-prompts", type=int, default=None, help="prompts the plain loop runs (its rate is per cell)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="the small shape and 8 prompts (restore: 4)")
+    ap.add_argument("--quick", action="store_true", help="the small shape and 8 prompts (restore: 1, the loop at S = 1000 on restore_hidden)")
     ap.add_argument("--restore", action="store_true", help="causal tracing against ROME's loop instead of knockout")
     ap.add_argument("--samples", type=int, nargs="+", default=[10, 100, 1000], help="restore: noise samples S")
     ap.add_argument("--loop-layers", type=int, nargs="+", default=None, help="restore: the layers ROME's loop runs (default: the middle one)")

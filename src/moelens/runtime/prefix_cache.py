@@ -14,10 +14,12 @@ whole prompt instead.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 # Families whose decoder keeps a plain full-attention DynamicCache and computes positions from its
 # length (rotary positions t, t+1, ... for the suffix); each is checked against the full pass in
@@ -52,7 +54,40 @@ def prefix_cache_supported(model: Any, n_layers: int) -> bool:
         layers = getattr(DynamicCache(config=model.config), "layers", None)
     except Exception:  # a config the cache cannot lay out: not a plain cache
         return False
-    return layers is not None and len(layers) == n_layers and all(type(layer) is DynamicLayer for layer in layers)
+    plain = layers is not None and len(layers) == n_layers and all(type(layer) is DynamicLayer for layer in layers)
+    first = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+    return plain and first is not None and decoder_list(model, first[0]) is not None
+
+
+def decoder_list(model: nn.Module, first: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module that holds the decoder layers' ModuleList (whose first entry is ``first``) and
+    its attribute name; None if the list is not a direct child of one module."""
+    for owner in model.modules():
+        for name, child in owner.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) > 0 and child[0] is first:
+                return owner, name
+    return None
+
+
+@contextmanager
+def layers_from(model: nn.Module, first: nn.Module, start: int) -> Iterator[None]:
+    """Within the block, the model's decoder runs its layers ``start``, ``start`` + 1, ... only
+    (its ``inputs_embeds`` stand for the input of layer ``start``). The families of
+    :data:`CACHED_FAMILIES` loop ``for layer in self.layers[:n]`` and each layer keeps its own
+    cache index, so a shorter list runs exactly those layers."""
+    if start == 0:
+        yield
+        return
+    found = decoder_list(model, first)
+    if found is None:
+        raise ValueError("the decoder's list of layers was not found")
+    owner, name = found
+    full = getattr(owner, name)
+    setattr(owner, name, nn.ModuleList(list(full)[start:]))
+    try:
+        yield
+    finally:
+        setattr(owner, name, full)
 
 
 def new_cache(model: Any) -> Any:
@@ -74,13 +109,17 @@ def concat_tensors(parts: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> 
     return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(len(parts[0]))]
 
 
-def prefix(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int, repeats: int) -> Any:
+def prefix(model: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], length: int, repeats: int, start: int = 0) -> Any:
     """A new cache holding positions [0, length) of ``kv`` (rows B), its rows repeated ``repeats``
-    times (row r of the result is row r mod B), so each batch row continues its own sample."""
+    times (row r of the result is row r mod B), so each batch row continues its own sample. Layers
+    before ``start`` (which will not run) keep their B rows: they only give the cache its length."""
     from transformers.cache_utils import DynamicCache
 
-    data = ((k[:, :, :length].repeat(repeats, 1, 1, 1), v[:, :, :length].repeat(repeats, 1, 1, 1)) for k, v in kv)
-    return DynamicCache(data, config=model.config)
+    def layer(index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = k[:, :, :length], v[:, :, :length]
+        return (k, v) if index < start else (k.repeat(repeats, 1, 1, 1), v.repeat(repeats, 1, 1, 1))
+
+    return DynamicCache((layer(index, k, v) for index, (k, v) in enumerate(kv)), config=model.config)
 
 
 def cache_row_bytes(model: Any, length: int) -> int:
@@ -95,5 +134,5 @@ def cache_row_bytes(model: Any, length: int) -> int:
     return 2 * 2 * layers * kv_heads * head_dim * length * elem
 
 
-__all__ = ["CACHED_FAMILIES", "cache_keyword", "cache_row_bytes", "cache_tensors", "concat_tensors", "new_cache",
+__all__ = ["CACHED_FAMILIES", "cache_keyword", "decoder_list", "layers_from", "cache_row_bytes", "cache_tensors", "concat_tensors", "new_cache",
            "prefix", "prefix_cache_supported"]

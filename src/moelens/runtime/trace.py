@@ -73,6 +73,7 @@ from moelens.runtime.prefix_cache import (
     cache_row_bytes,
     cache_tensors,
     concat_tensors,
+    layers_from,
     new_cache,
     prefix,
     prefix_cache_supported,
@@ -94,6 +95,9 @@ SITE_MODULE = {
 SITE_POINT = {"subj": "layer", "last": "layer", "attn": "attn", "moe": "mlp", "router": "router",
               "restore_hidden": "layer", "restore_mlp": "mlp", "restore_attn": "attn"}
 CORRUPT = "corrupt"  # restore's baseline cell: noise, nothing restored
+# Rows after which a restore batch on a cache stops taking cells that start at a lower layer
+# (fewer, larger batches below it; less work above it).
+BUSY_ROWS = 256
 
 
 def window(layer: int, width: int, n_layers: int) -> tuple[int, int]:
@@ -486,7 +490,7 @@ class Tracer:
         """Prompt ``i``'s cells (its baseline among them) written at ``index`` of ``jsd`` / ``pt``:
         the corrupted run once with a cache, then the cells of each position t on its suffix."""
         p = ctx.prompts[i]
-        kv, probs = self._corrupted_cache(ctx, i, samples)
+        kv, states, probs = self._corrupted_cache(ctx, i, samples)
         by_t: dict[int, list[int]] = {}
         for c, k in zip(cells, index):
             if c[2] == CORRUPT:
@@ -497,14 +501,21 @@ class Tracer:
                 by_t.setdefault(c[3], []).append(k)
         all_cells = {k: c for c, k in zip(cells, index)}
         for t in sorted(by_t):
-            ks = by_t[t]
+            # cells that leave more layers as the corrupted run left them first, so a batch's cells
+            # start at nearby layers
+            ks = sorted(by_t[t], key=lambda k: -self._first_changed(all_cells[k]))
             length = p.length - t
             per_batch = max(1, self._rows_within(row_bytes(self.model, length, True) + cache_row_bytes(self.model, p.length)) // samples)
             start = 0
             while start < len(ks):
                 chunk = ks[start:start + per_batch]
+                # a batch runs from its lowest first-changed layer: cells of a lower one wait for
+                # the next batch once this one has rows enough to keep the device busy
+                firsts = [self._first_changed(all_cells[k]) for k in chunk]
+                cut = next((m for m in range(1, len(chunk)) if firsts[m] != firsts[m - 1] and m * samples >= BUSY_ROWS), len(chunk))
+                chunk = chunk[:cut]
                 try:
-                    lg = self._forward_suffix(ctx, i, t, [all_cells[k] for k in chunk], samples, kv)
+                    lg = self._forward_suffix(ctx, i, t, [all_cells[k] for k in chunk], samples, kv, states)
                 except torch.cuda.OutOfMemoryError:
                     if per_batch == 1:
                         raise
@@ -518,13 +529,16 @@ class Tracer:
                 report(progress, noun, done, total)
         return done
 
-    def _corrupted_cache(self, ctx: "_UnitContext", i: int, samples: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    def _corrupted_cache(self, ctx: "_UnitContext", i: int, samples: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], torch.Tensor]:
         """Prompt ``i`` with each noise sample (one row each, chunked by the memory bound): its
-        key/value cache (rows = samples) and the mean over samples of the last position's
-        next-token distribution [V]."""
+        key/value cache (rows = samples), every decoder layer's output [S, T, d], and the mean over
+        samples of the last position's next-token distribution [V]."""
         p = ctx.prompts[i]
-        step = self._rows_within(row_bytes(self.model, p.length, True) + cache_row_bytes(self.model, p.length))
+        n_layers = self.arch.n_layers
+        step = self._rows_within(row_bytes(self.model, p.length, True) + cache_row_bytes(self.model, p.length)
+                                 + n_layers * p.length * self.arch.embedding.weight.shape[1] * self.arch.embedding.weight.element_size())
         parts = []
+        captured: list[dict[tuple[int, str], torch.Tensor]] = []
         total = None
         keyword = cache_keyword(self.model)
         for a in range(0, samples, step):
@@ -536,16 +550,36 @@ class Tracer:
             cache = new_cache(self.model)
             ids = torch.tensor([p.input_ids], device=self.device).expand(r, -1)
             kwargs = {"input_ids": ids, keyword: cache, "use_cache": True, "logits_to_keep": 1}
-            lg = self._forward_rows(kwargs, edits, r, p.length, check_kwargs={"input_ids": ids, "use_cache": False})
+            self.hooks.capture = {(L, "layer") for L in range(n_layers)}
+            try:
+                lg = self._forward_rows(kwargs, edits, r, p.length, check_kwargs={"input_ids": ids, "use_cache": False})
+                captured.append(self.hooks.captured)
+            finally:
+                self.hooks.capture = set()
+                self.hooks.captured = {}
             parts.append(cache_tensors(cache))
             probs = torch.softmax(lg, -1).sum(0)
             total = probs if total is None else total + probs
-        return concat_tensors(parts), total / samples
+        states = [torch.cat([c[(L, "layer")] for c in captured]) if len(captured) > 1 else captured[0][(L, "layer")]
+                  for L in range(n_layers)]
+        return concat_tensors(parts), states, total / samples
+
+    def _first_changed(self, cell: tuple[int, int, str, int]) -> int:
+        """The first decoder layer whose output a restore cell changes: restore_hidden at ℓ changes
+        the input of layer ℓ + 1; restore_mlp / restore_attn the first layer of their window.
+        Every earlier layer computes what the corrupted run computed."""
+        _, layer, site, _ = cell
+        if site == "restore_hidden":
+            return layer + 1
+        return window(layer, self.s.window, self.arch.n_layers)[0]
 
     def _forward_suffix(self, ctx: "_UnitContext", i: int, t: int, cells: Sequence[tuple[int, int, str, int]], samples: int,
-                        kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                        kv: list[tuple[torch.Tensor, torch.Tensor]], states: list[torch.Tensor]) -> torch.Tensor:
         """Logits [R, V] at the last position of ``cells`` (all of prompt ``i`` at position t,
-        ``samples`` rows each) run on ``input_ids[t:]`` after the corrupted cache of positions < t."""
+        ``samples`` rows each) run on the positions t, t + 1, ... after the corrupted cache of
+        positions < t, from the first layer k that one of them changes: the input of layer k is the
+        corrupted run's output of layer k − 1 (with the clean state at t for a restore_hidden cell
+        at k − 1), and layers < k do not run (k = 0: the tokens, noise added to their embeddings)."""
         p = ctx.prompts[i]
         dev = self.device
         n = len(cells)
@@ -557,13 +591,22 @@ class Tracer:
         position = torch.full((r,), t, device=dev)
         sample = torch.arange(samples, device=dev).repeat(n)
         edits = edits_for(self, ctx, prompt, layer, site, position, sample, length, start=t)
-        ids = torch.tensor([p.input_ids[t:]], device=dev).expand(r, -1)
-        kwargs: dict[str, Any] = {"input_ids": ids, "logits_to_keep": 1}
+        first = min(self._first_changed(c) for c in cells)
+        kwargs: dict[str, Any] = {"logits_to_keep": 1}
+        if first == 0:
+            kwargs["input_ids"] = torch.tensor([p.input_ids[t:]], device=dev).expand(r, -1)
+        else:
+            x = states[first - 1][sample, t:]  # [R, T − t, d]
+            hidden = torch.as_tensor((layer == first - 1) & (site == "restore_hidden"), device=dev)
+            clean = ctx.clean_states[(first - 1, "layer")][i, t]
+            x[:, 0] = torch.where(hidden[:, None], clean.to(x.dtype), x[:, 0])
+            kwargs["inputs_embeds"] = x
         if t > 0:  # rows are cell-major, sample-minor: row k continues sample k mod S's cache
-            kwargs.update({cache_keyword(self.model): prefix(self.model, kv, t, n), "use_cache": True})
+            kwargs.update({cache_keyword(self.model): prefix(self.model, kv, t, n, first), "use_cache": True})
         else:
             kwargs["use_cache"] = False
-        return self._forward_rows(kwargs, edits, r, length)
+        with layers_from(self.model, self.arch.layers[0].layer, first):
+            return self._forward_rows(kwargs, edits, r, length)
 
     def _forward_rows(self, kwargs: dict[str, Any], edits: dict[tuple[int, str], list[Edit]], rows: int, length: int,
                       check_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
