@@ -66,12 +66,14 @@ SHAPES = {
 SITES = ("subj", "attn", "last", "moe")
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype):
+def build(shape: str, device: torch.device, dtype: torch.dtype, layers: int | None = None):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from moelens.zoo.tokenizer import build_tokenizer
 
     s = dict(SHAPES[shape])
+    if layers:
+        s["num_hidden_layers"] = layers
     vocab = s.pop("vocab")
     words = [f"w{i}" for i in range(vocab - 4)]
     tok = build_tokenizer(words, max_length=256)
@@ -231,6 +233,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=None, help="prompts (default 16; 64 on CUDA)")
     ap.add_argument("--loop-prompts", type=int, default=None, help="prompts the plain loop runs (its rate is per cell)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--depth", type=int, default=None, help="decoder layers (default: the shape's)")
     ap.add_argument("--quick", action="store_true", help="the small shape and 8 prompts (restore: 1, the loop at S = 1000 on restore_hidden)")
     ap.add_argument("--restore", action="store_true", help="causal tracing against ROME's loop instead of knockout")
     ap.add_argument("--samples", type=int, nargs="+", default=[10, 100, 1000], help="restore: noise samples S")
@@ -245,7 +248,7 @@ def main() -> None:
     n = a.prompts or (8 if a.quick else (64 if device.type == "cuda" else 16))
     dtype = torch.bfloat16 if (device.type == "cuda") else torch.float32
     t0 = time.perf_counter()
-    model, tok, words = build(shape, device, dtype)
+    model, tok, words = build(shape, device, dtype, a.depth)
     arch = describe(model)
     params = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"interventions: {shape} Mixtral layout ({params:.2f} B parameters, {dtype}), {arch.n_layers} layers, device {device}, "

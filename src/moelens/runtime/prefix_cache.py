@@ -4,11 +4,13 @@ cache of positions < t stands in for them.
 A restore cell at token t changes nothing before t, so in a causal model the states of positions
 < t are those of the corrupted run at every layer. The corrupted run of a prompt is made once per
 noise sample with a cache; a cell at t then runs only the suffix ``input_ids[t:]`` on a copy of
-that cache cropped to t and repeated over its rows. This is exact where the cache holds every
-earlier key and value of every layer, unchanged: transformers' plain ``DynamicCache`` of
-full-attention layers (:func:`prefix_cache_supported`). Sliding-window caches (Mistral-style,
-Gemma 2/3), latent (MLA) caches, linear-attention states, and families not checked here run the
-whole prompt instead.
+that cache cropped to t and repeated over its rows, and from the first layer the cell changes
+(:func:`layers_from`; the corrupted run's output of the layer before is its input). This is exact
+where the cache holds every earlier key and value of every layer, unchanged, and the decoder runs
+its list of layers in order: transformers' plain ``DynamicCache`` of full-attention layers in the
+families of :data:`CACHED_FAMILIES` (:func:`prefix_cache_supported`). Sliding-window caches
+(Mistral-style, Gemma 2/3), latent (MLA) caches, linear-attention states, and families not
+checked here run the whole prompt instead.
 """
 
 from __future__ import annotations
