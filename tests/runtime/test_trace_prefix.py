@@ -55,12 +55,15 @@ def tok():
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-@pytest.mark.parametrize("family", ["mixtral", "llama", "qwen3_moe", "olmoe"])
-def test_suffix_on_the_cache_equals_the_full_pass(tok, family: str) -> None:
+@pytest.mark.parametrize("width", [2, 10])  # windows of distinct layers; windows that all clip to the whole model
+@pytest.mark.parametrize("family", ["mixtral", "llama", "qwen3_moe", "olmoe", "gpt2"])
+def test_suffix_on_the_cache_equals_the_full_pass(tok, family: str, width: int) -> None:
+    """Every family of the cache, and GPT-2 (no cache: only the cells before the subject and the
+    repeated windows are saved)."""
     model = _model(family, tok)
-    assert prefix_cache_supported(model, describe(model).n_layers)
+    assert prefix_cache_supported(model, describe(model).n_layers) == (family != "gpt2")
     prompts = _prompts(tok)
-    options = dict(sites=tuple(RESTORE_SITES), window=2, noise_samples=3, rows_per_batch=7)  # chunks that split cells and samples
+    options = dict(sites=tuple(RESTORE_SITES), window=width, noise_samples=3, rows_per_batch=7)  # chunks that split cells and samples
     fast = _table(model, tok, prompts, True, **options)
     full = _table(model, tok, prompts, False, **options)
     for key in ("prompt_id", "layer", "site", "position", "token_kind", "target_id"):

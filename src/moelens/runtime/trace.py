@@ -453,7 +453,8 @@ class Tracer:
 
         1. a cell at a position t before the prompt's first subject token restores a state that is
            already clean in the corrupted run (the noise enters later, and the model is causal), so
-           its p_restored is the corrupted baseline's: the baseline cell's values are copied;
+           its p_restored is the corrupted baseline's: the baseline cell's values are copied; and
+           window cells of one site whose windows clip to the same layers are computed once;
         2. where the model's cache allows it (:func:`moelens.runtime.prefix_cache.prefix_cache_supported`),
            the corrupted run of each prompt is made once per noise sample with a key/value cache,
            and a cell at t runs only the suffix ``input_ids[t:]`` on that cache cropped to t; the
@@ -470,17 +471,33 @@ class Tracer:
         baseline = {c[0]: k for k, c in enumerate(cells) if c[2] == CORRUPT}
         early = [k for k, c in enumerate(cells) if c[2] != CORRUPT and c[3] < first[c[0]]]
         skipped = set(early)
+        # restore_mlp / restore_attn cells whose windows clip to the same layers make the same edits
+        # (a model shallower than the window: all of them): one of them runs, the others copy it
+        same: dict[tuple[Any, ...], int] = {}
+        copies: list[tuple[int, int]] = []
+        for k, c in enumerate(cells):
+            if k in skipped or c[2] == CORRUPT:
+                continue
+            span = (c[1], c[1]) if c[2] == "restore_hidden" else window(c[1], self.s.window, self.arch.n_layers)
+            key = (c[0], c[2], span, c[3])
+            if key in same:
+                copies.append((k, same[key]))
+                skipped.add(k)
+            else:
+                same[key] = k
         rest = [k for k in range(n) if k not in skipped]
         if prefix_cache_supported(self.model, self.arch.n_layers):
-            done = len(early)
+            done = len(skipped)
             for i in range(len(ctx.prompts)):
                 mine = [k for k in rest if cells[k][0] == i]
                 done = self._restore_prompt(ctx, i, [cells[k] for k in mine], mine, samples, jsd, pt, progress, noun, done, n)
         else:
-            j, p = self._run_cells(ctx, [cells[k] for k in rest], samples, width, progress, noun, len(early), n)
+            j, p = self._run_cells(ctx, [cells[k] for k in rest], samples, width, progress, noun, len(skipped), n)
             jsd[rest], pt[rest] = j, p
         for k in early:
             b = baseline[cells[k][0]]
+            jsd[k], pt[k] = jsd[b], pt[b]
+        for k, b in copies:
             jsd[k], pt[k] = jsd[b], pt[b]
         return jsd, pt
 
