@@ -108,3 +108,29 @@ def test_a_sliding_window_is_not_a_plain_cache(tok) -> None:
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     assert not prefix_cache_supported(model, describe(model).n_layers)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_corrupted_run_too_large_to_keep_runs_the_whole_prompt(tok, monkeypatch) -> None:
+    from moelens.runtime import trace as trace_module
+
+    model = _model("mixtral", tok)
+    prompts = _prompts(tok)[:2]
+    arch = describe(model)
+    settings = TraceSettings(mode="restore", layers=tuple(range(arch.n_layers)), sites=tuple(RESTORE_SITES), noise_samples=3)
+    kept = Tracer(model, arch, settings, pad_id=tok.pad_token_id).run(prompts).columns()
+    calls = {"n": 0}
+    original = trace_module.Tracer._restore_prompt
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trace_module.Tracer, "_restore_prompt", counted)
+    monkeypatch.setattr(trace_module, "memory_budget", lambda device: 1)  # nothing fits: one row per batch
+    whole = Tracer(model, arch, settings, pad_id=tok.pad_token_id).run(prompts).columns()
+    assert calls["n"] == 0
+    assert np.abs(np.asarray(kept["indirect_effect"]) - np.asarray(whole["indirect_effect"])).max() <= TOL
+    monkeypatch.setattr(trace_module, "memory_budget", lambda device: 1 << 30)
+    Tracer(model, arch, settings, pad_id=tok.pad_token_id).run(prompts)
+    assert calls["n"] == len(prompts)

@@ -486,7 +486,7 @@ class Tracer:
             else:
                 same[key] = k
         rest = [k for k in range(n) if k not in skipped]
-        if prefix_cache_supported(self.model, self.arch.n_layers):
+        if prefix_cache_supported(self.model, self.arch.n_layers) and self._store_fits(ctx, samples):
             done = len(skipped)
             for i in range(len(ctx.prompts)):
                 mine = [k for k in rest if cells[k][0] == i]
@@ -580,6 +580,17 @@ class Tracer:
         states = [torch.cat([c[(L, "layer")] for c in captured]) if len(captured) > 1 else captured[0][(L, "layer")]
                   for L in range(n_layers)]
         return concat_tensors(parts), states, total / samples
+
+    def _store_fits(self, ctx: "_UnitContext", samples: int) -> bool:
+        """Whether one prompt's corrupted run, kept for its cells (the key/value cache and every
+        layer's output of ``samples`` rows), fits the memory a batch may use; if not, the cells run
+        the whole prompt."""
+        if self.s.rows_per_batch is not None:  # a batch size given: the memory is the caller's to bound
+            return True
+        length = max(p.length for p in ctx.prompts)
+        weight = self.arch.embedding.weight
+        per_row = cache_row_bytes(self.model, length) // 2 + self.arch.n_layers * length * weight.shape[1] * weight.element_size()
+        return samples * per_row <= memory_budget(self.device)
 
     def _first_changed(self, cell: tuple[int, int, str, int]) -> int:
         """The first decoder layer whose output a restore cell changes: restore_hidden at ℓ changes
