@@ -20,6 +20,10 @@ Sites (docs/methods.md §4):
   subject positions (``block_subj``), to the other non-subject positions (``block_nonsubj``) or
   to itself (``block_last``).
 
+Restore on a model loaded whole skips work that cannot change a value: cells before the subject,
+repeated windows, and the token and layer prefixes a cell shares with the corrupted run
+(:meth:`Tracer._restore_in_memory`, docs/methods.md §4 "Batching").
+
 Restore's noise, against ROME's causal tracing (kmeng01/rome, ``experiments/causal_trace.py``):
 
 - its std s (``noise_scale``): ``embedding`` (the default) s = 3σ, σ = std of all entries of the
@@ -409,7 +413,6 @@ class Tracer:
             self.hooks.edits = {}
         return _collect(prompts, cells, jsd, probs_target, ctx, s.mode)
 
-
     def _run_cells(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int,
                    progress: ProgressCallback | None = None, noun: str = "cells", done: int = 0,
                    total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -445,11 +448,11 @@ class Tracer:
             report(progress, noun, done + start, total)
         return jsd, probs_target
 
-    # -- restore, in memory: the two exact savings ------------------------------------------------
+    # -- restore, in memory: exact savings ------------------------------------------------------
     def _restore_in_memory(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int,
                            progress: ProgressCallback | None = None, noun: str = "cells") -> tuple[np.ndarray, np.ndarray]:
-        """Restore's cells on a model loaded whole, with two savings that leave every value as the
-        full pass computes it (up to float rounding):
+        """Restore's cells on a model loaded whole, with savings that leave every value as the full
+        pass computes it (up to float rounding):
 
         1. a cell at a position t before the prompt's first subject token restores a state that is
            already clean in the corrupted run (the noise enters later, and the model is causal), so
@@ -457,8 +460,9 @@ class Tracer:
            window cells of one site whose windows clip to the same layers are computed once;
         2. where the model's cache allows it (:func:`moelens.runtime.prefix_cache.prefix_cache_supported`),
            the corrupted run of each prompt is made once per noise sample with a key/value cache,
-           and a cell at t runs only the suffix ``input_ids[t:]`` on that cache cropped to t; the
-           rows of one batch share (prompt, t), so they have one length and need no padding.
+           and a cell at t runs only the suffix ``input_ids[t:]`` on that cache cropped to t, from
+           the first layer it changes (:meth:`_forward_suffix`); the rows of one batch share
+           (prompt, t), so they have one length and need no padding.
 
         Elsewhere (``shortcuts`` off, or a cache that does not qualify) the remaining cells run the
         whole prompt as :meth:`_run_cells` does."""
