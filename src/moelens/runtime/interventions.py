@@ -68,9 +68,9 @@ def _apply(t: torch.Tensor, mask: torch.Tensor, edit: Edit, inputs: torch.Tensor
     ``inputs``: the hook point's input, for an edit computed from it."""
     value = edit.resolve(inputs, t) if edit.of_input else edit.resolve()
     if t.dim() == 2 and mask.dim() == 2:  # tokens flattened to [R·T, ·] (router logits, some MoE blocks)
+        if isinstance(value, torch.Tensor) and value.dim() == 3:  # [R, T or 1, d] -> [R·T, d]
+            value = value.expand(mask.shape[0], mask.shape[1], value.shape[-1]).reshape(-1, value.shape[-1])
         mask = mask.reshape(-1)
-        if isinstance(value, torch.Tensor) and value.dim() == 3:
-            value = value.reshape(-1, value.shape[-1])
     m = mask.unsqueeze(-1)
     if edit.add:
         return torch.where(m, t + value.to(t.dtype), t)

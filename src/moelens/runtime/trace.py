@@ -20,6 +20,10 @@ Sites (docs/methods.md §4):
   subject positions (``block_subj``), to the other non-subject positions (``block_nonsubj``) or
   to itself (``block_last``).
 
+Restore on a model loaded whole skips work that cannot change a value: cells before the subject,
+repeated windows, and the token and layer prefixes a cell shares with the corrupted run
+(:meth:`Tracer._restore_in_memory`, docs/methods.md §4 "Batching").
+
 Restore's noise, against ROME's causal tracing (kmeng01/rome, ``experiments/causal_trace.py``):
 
 - its std s (``noise_scale``): ``embedding`` (the default) s = 3σ, σ = std of all entries of the
@@ -69,6 +73,16 @@ from moelens.runtime.architecture import Architecture
 from moelens.runtime.checks import check_logits
 from moelens.runtime.forward import Forward, InMemoryForward
 from moelens.runtime.interventions import Batch, Edit, InterventionHooks, logits_call, lower_index_ties
+from moelens.runtime.prefix_cache import (
+    cache_keyword,
+    cache_row_bytes,
+    cache_tensors,
+    concat_tensors,
+    layers_from,
+    new_cache,
+    prefix,
+    prefix_cache_supported,
+)
 from moelens.runtime.prompts import TokenisedPrompt
 from moelens.runtime.stream import Call
 
@@ -86,6 +100,9 @@ SITE_MODULE = {
 SITE_POINT = {"subj": "layer", "last": "layer", "attn": "attn", "moe": "mlp", "router": "router",
               "restore_hidden": "layer", "restore_mlp": "mlp", "restore_attn": "attn"}
 CORRUPT = "corrupt"  # restore's baseline cell: noise, nothing restored
+# Rows after which a restore batch on a cache stops taking cells that start at a lower layer
+# (fewer, larger batches below it; less work above it).
+BUSY_ROWS = 256
 
 
 def window(layer: int, width: int, n_layers: int) -> tuple[int, int]:
@@ -194,7 +211,8 @@ class Tracer:
     Every pass is a list of batches handed to the runtime at once, so a streamed model reads each
     layer once for all of them; the hooks are the same either way."""
 
-    def __init__(self, model: Any, arch: Architecture, settings: TraceSettings, pad_id: int = 0, forward: Forward | None = None):
+    def __init__(self, model: Any, arch: Architecture, settings: TraceSettings, pad_id: int = 0, forward: Forward | None = None,
+                 shortcuts: bool = True):
         self.forward = forward if forward is not None else InMemoryForward(model)
         self.model = self.forward.model
         self.arch = arch
@@ -203,6 +221,8 @@ class Tracer:
         self.device = self.forward.device
         self.hooks = InterventionHooks(self.model, arch)
         self._routers_ready = False
+        # restore's exact savings in memory (:meth:`_restore_in_memory`); off: every cell runs the whole prompt
+        self.shortcuts = shortcuts
 
     # -- forward passes ------------------------------------------------------------------------
     def _spec(self, rows: Sequence[Sequence[int]], width: int, edits: dict[tuple[int, str], list[Edit]],
@@ -275,6 +295,12 @@ class Tracer:
         if self.s.rows_per_batch is not None:
             return self.s.rows_per_batch
         per_row = row_bytes(self.model, width, self.s.mode == "restore")
+        return int(max(1, min(2048, memory_budget(self.device) // max(per_row, 1))))
+
+    def _rows_within(self, per_row: int) -> int:
+        """Rows per batch when each needs ``per_row`` bytes (the setting, where one is given)."""
+        if self.s.rows_per_batch is not None:
+            return self.s.rows_per_batch
         return int(max(1, min(2048, memory_budget(self.device) // max(per_row, 1))))
 
     def clean(self, prompts: Sequence[TokenisedPrompt], capture: set[tuple[int, str]] | None = None) -> tuple[torch.Tensor, dict[tuple[int, str], torch.Tensor]]:
@@ -390,48 +416,269 @@ class Tracer:
             unit_seed = s.seed if seed is None else int(seed)
             cells = self.cells(prompts)
             samples = s.noise_samples if s.mode == "restore" else 1
-            per_batch = max(1, self.rows_per_batch(width) // samples)
-            probs_target = np.zeros(len(cells))
-            jsd = np.zeros(len(cells))
-            start = 0
-            if self.forward.streamed:  # every batch in one pass: each layer read once for all cells
-                starts = list(range(0, len(cells), per_batch))
-                if s.mode == "restore":  # the cells' edits are the clean states: a pass of their own first
-                    p_clean, clean_states = self.clean(prompts, capture)
-                    ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means, unit_seed)
-                    clean_specs: list[Spec] = []
-                else:  # knockout and block edit nothing clean: the clean batches ride in the cells' pass
-                    clean_specs, parts = self._clean_specs([prompts])
-                    ctx = _UnitContext.build(self, prompts, width, None, {}, means, unit_seed)
-                specs = [self._batch_spec(ctx, cells[a:a + per_batch], samples, width) for a in starts]
-                logits = self._forward_many(clean_specs + specs, progress)
-                if clean_specs:
-                    ctx = ctx.with_clean(self._clean_results(iter(logits[:len(clean_specs)]), parts, None)[0][0])
-                    logits = logits[len(clean_specs):]
-                for a, lg in zip(starts, logits):
-                    chunk = cells[a:a + per_batch]
-                    jsd[a:a + len(chunk)], probs_target[a:a + len(chunk)] = self._batch_result(ctx, chunk, samples, lg)
-                report(progress, noun, len(cells), len(cells))
-                start = len(cells)
-            else:
+            if self.forward.streamed and s.mode != "restore":
+                # knockout and block edit nothing clean: the clean batches ride in the cells' pass
+                clean_specs, parts = self._clean_specs([prompts])
+                ctx = _UnitContext.build(self, prompts, width, None, {}, means, unit_seed)
+                jsd, probs_target, ctx = self._run_cells(ctx, cells, samples, width, progress, noun, clean=(clean_specs, parts))
+            else:  # restore's cells edit in the clean states: its clean pass comes first
                 p_clean, clean_states = self.clean(prompts, capture)
                 ctx = _UnitContext.build(self, prompts, width, p_clean, clean_states, means, unit_seed)
-            while start < len(cells):
-                chunk = cells[start:start + per_batch]
+                if s.mode == "restore" and not self.forward.streamed:
+                    jsd, probs_target = self._restore_in_memory(ctx, cells, samples, width, progress, noun)
+                else:
+                    jsd, probs_target, _ = self._run_cells(ctx, cells, samples, width, progress, noun)
+            self.hooks.edits = {}
+        return _collect(prompts, cells, jsd, probs_target, ctx, s.mode)
+
+    def _run_cells(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int,
+                   progress: ProgressCallback | None = None, noun: str = "cells", done: int = 0,
+                   total: int | None = None, clean: tuple[list[Spec], list[list[dict[tuple[int, str], torch.Tensor]]]] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, "_UnitContext"]:
+        """Every cell as rows of batches padded to ``width`` (``samples`` rows per cell), the whole
+        prompt each time; progress counts from ``done`` of ``total``. ``clean``: the clean batches
+        (:meth:`_clean_specs`) to run in the same streamed pass, first; the context returned then
+        holds their distributions (:meth:`_UnitContext.with_clean`)."""
+        total = len(cells) if total is None else total
+        per_batch = max(1, self.rows_per_batch(width) // samples)
+        probs_target = np.zeros(len(cells))
+        jsd = np.zeros(len(cells))
+        start = 0
+        if self.forward.streamed:  # every batch in one pass: each layer read once for all cells
+            starts = list(range(0, len(cells), per_batch))
+            clean_specs, parts = clean if clean is not None else ([], [])
+            specs = [self._batch_spec(ctx, cells[a:a + per_batch], samples, width) for a in starts]
+            logits = self._forward_many(clean_specs + specs, progress)
+            if clean_specs:
+                ctx = ctx.with_clean(self._clean_results(iter(logits[:len(clean_specs)]), parts, None)[0][0])
+                logits = logits[len(clean_specs):]
+            for a, lg in zip(starts, logits):
+                chunk = cells[a:a + per_batch]
+                jsd[a:a + len(chunk)], probs_target[a:a + len(chunk)] = self._batch_result(ctx, chunk, samples, lg)
+            report(progress, noun, done + len(cells), total)
+            start = len(cells)
+        while start < len(cells):
+            chunk = cells[start:start + per_batch]
+            try:
+                j, pt = self._run_batch(ctx, chunk, samples, width)
+            except torch.cuda.OutOfMemoryError:
+                if per_batch == 1:
+                    raise
+                per_batch = max(1, per_batch // 2)  # halve and retry the same cells
+                torch.cuda.empty_cache()
+                continue
+            jsd[start:start + len(chunk)] = j
+            probs_target[start:start + len(chunk)] = pt
+            start += len(chunk)
+            report(progress, noun, done + start, total)
+        return jsd, probs_target, ctx
+
+    # -- restore, in memory: exact savings ------------------------------------------------------
+    def _restore_in_memory(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int,
+                           progress: ProgressCallback | None = None, noun: str = "cells") -> tuple[np.ndarray, np.ndarray]:
+        """Restore's cells on a model loaded whole, with savings that leave every value as the full
+        pass computes it (up to float rounding):
+
+        1. a cell at a position t before the prompt's first subject token restores a state that is
+           already clean in the corrupted run (the noise enters later, and the model is causal), so
+           its p_restored is the corrupted baseline's: the baseline cell's values are copied; and
+           window cells of one site whose windows clip to the same layers are computed once;
+        2. where the model's cache allows it (:func:`moelens.runtime.prefix_cache.prefix_cache_supported`),
+           the corrupted run of each prompt is made once per noise sample with a key/value cache,
+           and a cell at t runs only the suffix ``input_ids[t:]`` on that cache cropped to t, from
+           the first layer it changes (:meth:`_forward_suffix`); the rows of one batch share
+           (prompt, t), so they have one length and need no padding.
+
+        Elsewhere (``shortcuts`` off, or a cache that does not qualify) the remaining cells run the
+        whole prompt as :meth:`_run_cells` does."""
+        n = len(cells)
+        jsd = np.zeros(n)
+        pt = np.zeros(n)
+        if not self.shortcuts:
+            return self._run_cells(ctx, cells, samples, width, progress, noun)[:2]
+        first = [min(p.subject_positions, default=p.length) for p in ctx.prompts]
+        baseline = {c[0]: k for k, c in enumerate(cells) if c[2] == CORRUPT}
+        early = [k for k, c in enumerate(cells) if c[2] != CORRUPT and c[3] < first[c[0]]]
+        skipped = set(early)
+        # restore_mlp / restore_attn cells whose windows clip to the same layers make the same edits
+        # (a model shallower than the window: all of them): one of them runs, the others copy it
+        same: dict[tuple[Any, ...], int] = {}
+        copies: list[tuple[int, int]] = []
+        for k, c in enumerate(cells):
+            if k in skipped or c[2] == CORRUPT:
+                continue
+            span = (c[1], c[1]) if c[2] == "restore_hidden" else window(c[1], self.s.window, self.arch.n_layers)
+            key = (c[0], c[2], span, c[3])
+            if key in same:
+                copies.append((k, same[key]))
+                skipped.add(k)
+            else:
+                same[key] = k
+        rest = [k for k in range(n) if k not in skipped]
+        if prefix_cache_supported(self.model, self.arch.n_layers) and self._store_fits(ctx, samples):
+            done = len(skipped)
+            for i in range(len(ctx.prompts)):
+                mine = [k for k in rest if cells[k][0] == i]
+                done = self._restore_prompt(ctx, i, [cells[k] for k in mine], mine, samples, jsd, pt, progress, noun, done, n)
+        else:
+            j, p, _ = self._run_cells(ctx, [cells[k] for k in rest], samples, width, progress, noun, len(skipped), n)
+            jsd[rest], pt[rest] = j, p
+        for k in early:
+            b = baseline[cells[k][0]]
+            jsd[k], pt[k] = jsd[b], pt[b]
+        for k, b in copies:
+            jsd[k], pt[k] = jsd[b], pt[b]
+        return jsd, pt
+
+    def _restore_prompt(self, ctx: "_UnitContext", i: int, cells: Sequence[tuple[int, int, str, int]], index: Sequence[int],
+                        samples: int, jsd: np.ndarray, pt: np.ndarray, progress: ProgressCallback | None, noun: str,
+                        done: int, total: int) -> int:
+        """Prompt ``i``'s cells (its baseline among them) written at ``index`` of ``jsd`` / ``pt``:
+        the corrupted run once with a cache, then the cells of each position t on its suffix."""
+        p = ctx.prompts[i]
+        kv, states, probs = self._corrupted_cache(ctx, i, samples)
+        by_t: dict[int, list[int]] = {}
+        for c, k in zip(cells, index):
+            if c[2] == CORRUPT:
+                jsd[k] = float(js_divergence(ctx.p_clean[i:i + 1], probs[None])[0])
+                pt[k] = float(probs[ctx.target[i]].double())
+                done += 1
+            else:
+                by_t.setdefault(c[3], []).append(k)
+        all_cells = {k: c for c, k in zip(cells, index)}
+        for t in sorted(by_t):
+            # cells that leave more layers as the corrupted run left them first, so a batch's cells
+            # start at nearby layers
+            ks = sorted(by_t[t], key=lambda k: -self._first_changed(all_cells[k]))
+            length = p.length - t
+            per_batch = max(1, self._rows_within(row_bytes(self.model, length, True) + cache_row_bytes(self.model, p.length)) // samples)
+            start = 0
+            while start < len(ks):
+                chunk = ks[start:start + per_batch]
+                # a batch runs from its lowest first-changed layer: cells of a lower one wait for
+                # the next batch once this one has rows enough to keep the device busy
+                firsts = [self._first_changed(all_cells[k]) for k in chunk]
+                cut = next((m for m in range(1, len(chunk)) if firsts[m] != firsts[m - 1] and m * samples >= BUSY_ROWS), len(chunk))
+                chunk = chunk[:cut]
                 try:
-                    j, pt = self._run_batch(ctx, chunk, samples, width)
+                    lg = self._forward_suffix(ctx, i, t, [all_cells[k] for k in chunk], samples, kv, states)
                 except torch.cuda.OutOfMemoryError:
                     if per_batch == 1:
                         raise
                     per_batch = max(1, per_batch // 2)  # halve and retry the same cells
                     torch.cuda.empty_cache()
                     continue
-                jsd[start:start + len(chunk)] = j
-                probs_target[start:start + len(chunk)] = pt
+                j, q = self._batch_result(ctx, [all_cells[k] for k in chunk], samples, lg)
+                jsd[chunk], pt[chunk] = j, q
                 start += len(chunk)
-                report(progress, noun, start, len(cells))
-            self.hooks.edits = {}
-        return _collect(prompts, cells, jsd, probs_target, ctx, s.mode)
+                done += len(chunk)
+                report(progress, noun, done, total)
+        return done
+
+    def _corrupted_cache(self, ctx: "_UnitContext", i: int, samples: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], torch.Tensor]:
+        """Prompt ``i`` with each noise sample (one row each, chunked by the memory bound): its
+        key/value cache (rows = samples), every decoder layer's output [S, T, d], and the mean over
+        samples of the last position's next-token distribution [V]."""
+        p = ctx.prompts[i]
+        n_layers = self.arch.n_layers
+        step = self._rows_within(row_bytes(self.model, p.length, True) + cache_row_bytes(self.model, p.length)
+                                 + n_layers * p.length * self.arch.embedding.weight.shape[1] * self.arch.embedding.weight.element_size())
+        parts = []
+        captured: list[dict[tuple[int, str], torch.Tensor]] = []
+        total = None
+        keyword = cache_keyword(self.model)
+        for a in range(0, samples, step):
+            sample = torch.arange(a, min(samples, a + step), device=self.device)
+            r = len(sample)
+            prompt = torch.full((r,), i, device=self.device)
+            edits = edits_for(self, ctx, prompt, np.full(r, -1), np.full(r, CORRUPT), torch.full((r,), -1, device=self.device),
+                              sample, p.length)
+            cache = new_cache(self.model)
+            ids = torch.tensor([p.input_ids], device=self.device).expand(r, -1)
+            kwargs = {"input_ids": ids, keyword: cache, "use_cache": True, "logits_to_keep": 1}
+            self.hooks.capture = {(L, "layer") for L in range(n_layers)}
+            try:
+                lg = self._forward_rows(kwargs, edits, r, p.length, check_kwargs={"input_ids": ids, "use_cache": False})
+                captured.append(self.hooks.captured)
+            finally:
+                self.hooks.capture = set()
+                self.hooks.captured = {}
+            parts.append(cache_tensors(cache))
+            probs = torch.softmax(lg, -1).sum(0)
+            total = probs if total is None else total + probs
+        states = [torch.cat([c[(L, "layer")] for c in captured]) if len(captured) > 1 else captured[0][(L, "layer")]
+                  for L in range(n_layers)]
+        return concat_tensors(parts), states, total / samples
+
+    def _store_fits(self, ctx: "_UnitContext", samples: int) -> bool:
+        """Whether one prompt's corrupted run, kept for its cells (the key/value cache and every
+        layer's output of ``samples`` rows), fits the memory a batch may use; if not, the cells run
+        the whole prompt."""
+        if self.s.rows_per_batch is not None:  # a batch size given: the memory is the caller's to bound
+            return True
+        length = max(p.length for p in ctx.prompts)
+        weight = self.arch.embedding.weight
+        per_row = cache_row_bytes(self.model, length) // 2 + self.arch.n_layers * length * weight.shape[1] * weight.element_size()
+        return samples * per_row <= memory_budget(self.device)
+
+    def _first_changed(self, cell: tuple[int, int, str, int]) -> int:
+        """The first decoder layer whose output a restore cell changes: restore_hidden at ℓ changes
+        the input of layer ℓ + 1; restore_mlp / restore_attn the first layer of their window.
+        Every earlier layer computes what the corrupted run computed."""
+        _, layer, site, _ = cell
+        if site == "restore_hidden":
+            return layer + 1
+        return window(layer, self.s.window, self.arch.n_layers)[0]
+
+    def _forward_suffix(self, ctx: "_UnitContext", i: int, t: int, cells: Sequence[tuple[int, int, str, int]], samples: int,
+                        kv: list[tuple[torch.Tensor, torch.Tensor]], states: list[torch.Tensor]) -> torch.Tensor:
+        """Logits [R, V] at the last position of ``cells`` (all of prompt ``i`` at position t,
+        ``samples`` rows each) run on the positions t, t + 1, ... after the corrupted cache of
+        positions < t, from the first layer k that one of them changes: the input of layer k is the
+        corrupted run's output of layer k − 1 (with the clean state at t for a restore_hidden cell
+        at k − 1), and layers < k do not run (k = 0: the tokens, noise added to their embeddings)."""
+        p = ctx.prompts[i]
+        dev = self.device
+        n = len(cells)
+        r = n * samples
+        length = p.length - t
+        prompt = torch.full((r,), i, device=dev)
+        layer = np.repeat([c[1] for c in cells], samples)
+        site = np.repeat([c[2] for c in cells], samples)
+        position = torch.full((r,), t, device=dev)
+        sample = torch.arange(samples, device=dev).repeat(n)
+        edits = edits_for(self, ctx, prompt, layer, site, position, sample, length, start=t)
+        first = min(self._first_changed(c) for c in cells)
+        kwargs: dict[str, Any] = {"logits_to_keep": 1}
+        if first == 0:
+            kwargs["input_ids"] = torch.tensor([p.input_ids[t:]], device=dev).expand(r, -1)
+        else:
+            x = states[first - 1][sample, t:]  # [R, T − t, d]
+            hidden = torch.as_tensor((layer == first - 1) & (site == "restore_hidden"), device=dev)
+            clean = ctx.clean_states[(first - 1, "layer")][i, t]
+            x[:, 0] = torch.where(hidden[:, None], clean.to(x.dtype), x[:, 0])
+            kwargs["inputs_embeds"] = x
+        if t > 0:  # rows are cell-major, sample-minor: row k continues sample k mod S's cache
+            kwargs.update({cache_keyword(self.model): prefix(self.model, kv, t, n, first), "use_cache": True})
+        else:
+            kwargs["use_cache"] = False
+        with layers_from(self.model, self.arch.layers[0].layer, first):
+            return self._forward_rows(kwargs, edits, r, length)
+
+    def _forward_rows(self, kwargs: dict[str, Any], edits: dict[tuple[int, str], list[Edit]], rows: int, length: int,
+                      check_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """Logits [R, V] (float32) at the last position of one unpadded batch, with ``edits``.
+        Non-finite logits are explained by re-running ``check_kwargs`` (a cache is spent by its
+        pass, so without them no layer is named)."""
+        self.hooks.attention_mask = torch.ones(rows, length, dtype=torch.long, device=self.device)
+        self.hooks.last = torch.full((rows,), length - 1, device=self.device)
+        self.hooks.edits = edits
+        with torch.no_grad():
+            out = self.model(**kwargs)
+        lg = out.logits[:, -1].float()
+        if not bool(torch.isfinite(lg).all()):
+            check_logits(lg, self.model if check_kwargs is not None else None, "forward pass", **(check_kwargs or {}))
+        return lg
 
     def _run_batch(self, ctx: "_UnitContext", cells: Sequence[tuple[int, int, str, int]], samples: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         logits = self._forward_many([self._batch_spec(ctx, cells, samples, width)])[0]
@@ -521,15 +768,16 @@ def _targets(prompts: Sequence[TokenisedPrompt], p_clean: torch.Tensor | None) -
 
 
 def edits_for(tracer: Tracer, ctx: _UnitContext, prompt: torch.Tensor, layer: np.ndarray, site: np.ndarray,
-              position: torch.Tensor, sample: torch.Tensor, width: int) -> dict[tuple[int, str], list[Edit]]:
+              position: torch.Tensor, sample: torch.Tensor, width: int, start: int = 0) -> dict[tuple[int, str], list[Edit]]:
     """The edits of one batch whose row r carries (prompt[r], layer[r], site[r], position[r],
-    sample[r]); built with tensor operations, looping over layers and sites only."""
+    sample[r]); built with tensor operations, looping over layers and sites only. The batch holds
+    the token positions [start, start + width) (``start`` > 0: a suffix run after a cache)."""
     s = tracer.s
     dev = tracer.device
     n_layers = tracer.arch.n_layers
     edits: dict[tuple[int, str], list[Edit]] = {}
-    arange = torch.arange(width, device=dev)
-    subject = ctx.subject[prompt]  # [R, T]
+    arange = torch.arange(start, start + width, device=dev)
+    subject = ctx.subject[prompt][:, start:start + width]  # [R, T]
     last = (arange[None, :] == ctx.last[prompt][:, None])  # [R, T]
 
     def rows_of(name: str, at: int) -> torch.Tensor | None:
@@ -554,24 +802,26 @@ def edits_for(tracer: Tracer, ctx: _UnitContext, prompt: torch.Tensor, layer: np
 
     if s.mode == "restore":
         noise = ctx.noise
-        edits[(-1, "embed")] = [Edit(subject, lambda: noise[prompt, sample], add=True)]
+        edits[(-1, "embed")] = [Edit(subject, lambda: noise[:, :, start:start + width][prompt, sample], add=True)]
         at_position = arange[None, :] == position[:, None]  # [R, T]
+        # each row restores one position, so its clean state there is its value: [R, 1, d]
+        clean_at = position.clamp(min=0)  # baseline rows (position −1) restore nothing
         for L in range(n_layers):
             hidden = rows_of("restore_hidden", L)
             if hidden is not None:
                 states = ctx.clean_states[(L, "layer")]
-                edits.setdefault((L, "layer"), []).append(Edit(hidden[:, None] & at_position, lambda st=states: st[prompt]))
+                edits.setdefault((L, "layer"), []).append(Edit(hidden[:, None] & at_position, lambda st=states: st[prompt, clean_at][:, None]))
             for name, point in (("restore_mlp", "mlp"), ("restore_attn", "attn")):
                 hit = (site == name) & (lo_h <= L) & (L <= hi_h)
                 if not hit.any() or (L, point) not in ctx.clean_states:
                     continue
                 rows = torch.as_tensor(hit, device=dev)
                 states = ctx.clean_states[(L, point)]
-                edits.setdefault((L, point), []).append(Edit(rows[:, None] & at_position, lambda st=states: st[prompt]))
+                edits.setdefault((L, point), []).append(Edit(rows[:, None] & at_position, lambda st=states: st[prompt, clean_at][:, None]))
         return edits
 
     # block: the keys each row's last position may not attend to
-    real = ctx.real[prompt]
+    real = ctx.real[prompt][:, start:start + width]
     keys_of = {"block_subj": subject, "block_nonsubj": real & ~subject & ~last, "block_last": last}
     for L in range(n_layers):
         if tracer.arch.layers[L].attention is None:
