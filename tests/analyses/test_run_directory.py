@@ -87,6 +87,21 @@ def test_a_second_process_is_refused_while_another_writes_the_directory(tiny_che
     assert not (out / "manifest.json").exists()
 
 
+def test_a_run_starting_elsewhere_before_its_manifest_is_in_use_not_foreign(tiny_checkpoint, tmp_path):
+    """Another process holds the directory and has written its first file but not yet its
+    manifest: the second is told the directory is in use, not that it is not a run directory."""
+    out = tmp_path / "starting"
+    with DirectoryLock(out):
+        (out / "parts").mkdir()
+        done = _moelens("align", tiny_checkpoint("mixtral"), "--out", out, "--layers", "0", "--k", "1")
+        _one_line_error(done, f"{out} is in use by another moelens process")
+    shutil.rmtree(out / "parts")
+    (out / "notes.txt").write_text("mine")  # no holder: a folder of other files is refused as before
+    _one_line_error(_moelens("align", tiny_checkpoint("mixtral"), "--out", out, "--layers", "0", "--k", "1"),
+                    "is not a moelens run directory")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_two_concurrent_align_processes_one_wins_one_is_refused(tiny_checkpoint, tmp_path):
     out = tmp_path / "race"
     cmd = [sys.executable, "-m", "moelens", "align", str(tiny_checkpoint("mixtral")), "--out", str(out), "--matrix", "all"]

@@ -181,6 +181,9 @@ class RunDirectory:
         if self.path.is_dir() and not (self.path / MANIFEST).is_file():
             content = [p for p in self.path.iterdir() if p.name not in (LOCK_NAME, SCRATCH) and not is_temporary(p.name)]
             if content:
+                if (self.path / LOCK_NAME).exists():
+                    # another process may be starting a run here (its manifest not yet written): say so
+                    DirectoryLock(self.path).acquire().release()
                 raise RunDirectoryError(
                     f"{self.path} exists and is not a moelens run directory (no {MANIFEST}); choose an empty or new --out directory"
                 )

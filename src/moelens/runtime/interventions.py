@@ -347,4 +347,21 @@ def logits_call(batch: Batch, lengths: Sequence[int]) -> tuple[dict[str, Any], C
     return kwargs, pick
 
 
-__all__ = ["Batch", "Edit", "InterventionHooks", "POINTS", "lower_index_ties", "blocked_mask", "last_logits", "logits_call"]
+def batch_for_hooks(hooks: InterventionHooks, rows: Sequence[Sequence[int]], pad_id: int, device: torch.device, width: int,
+                    edits: dict[tuple[int, str], list[Edit]]) -> tuple[Batch, dict[str, Any], Callable[[Any], torch.Tensor], Callable[[], None]]:
+    """``rows`` padded to ``width`` as a batch; its model call's keyword arguments and last-logits
+    picker (:func:`logits_call`); and the function that points ``hooks`` at it (its attention mask,
+    last positions and ``edits``), called before the batch runs through a layer."""
+    batch = Batch.of(rows, pad_id, device, width)
+    kwargs, pick = logits_call(batch, [len(r) for r in rows])
+
+    def point() -> None:
+        hooks.attention_mask = batch.attention_mask
+        hooks.last = batch.last
+        hooks.edits = edits
+
+    return batch, kwargs, pick, point
+
+
+__all__ = ["Batch", "Edit", "InterventionHooks", "POINTS", "batch_for_hooks", "lower_index_ties", "blocked_mask", "last_logits",
+           "logits_call"]

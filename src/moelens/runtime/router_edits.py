@@ -36,7 +36,7 @@ from moelens.metrics.jsd import LN2, js_divergence
 from moelens.progress import ProgressCallback, report
 from moelens.runtime.architecture import Architecture, first_tensor, router_weight
 from moelens.runtime.checks import check_logits
-from moelens.runtime.interventions import Batch, Edit, InterventionHooks, logits_call, lower_index_ties
+from moelens.runtime.interventions import Batch, Edit, InterventionHooks, batch_for_hooks, lower_index_ties
 from moelens.runtime.trace import memory_budget, row_bytes
 
 
@@ -206,13 +206,10 @@ class RouterEditRunner:
         its output is ``then(logits [R, V] float32, batch)`` of the last positions' logits."""
         from moelens.runtime.stream import Call
 
-        batch = Batch.of(rows, self.pad_id, self.device, width)
-        kwargs, pick = logits_call(batch, [len(r) for r in rows])
+        batch, kwargs, pick, point = batch_for_hooks(self.hooks, rows, self.pad_id, self.device, width, edits)
 
         def enter() -> None:
-            self.hooks.attention_mask = batch.attention_mask
-            self.hooks.last = batch.last
-            self.hooks.edits = edits
+            point()
             self._rec = rec
 
         def keep(output: Any) -> Any:

@@ -72,7 +72,7 @@ from moelens.progress import ProgressCallback, report
 from moelens.runtime.architecture import Architecture
 from moelens.runtime.checks import check_logits
 from moelens.runtime.forward import Forward, InMemoryForward
-from moelens.runtime.interventions import Batch, Edit, InterventionHooks, logits_call, lower_index_ties
+from moelens.runtime.interventions import Edit, InterventionHooks, batch_for_hooks, lower_index_ties
 from moelens.runtime.prefix_cache import (
     cache_keyword,
     cache_row_bytes,
@@ -103,6 +103,16 @@ CORRUPT = "corrupt"  # restore's baseline cell: noise, nothing restored
 # Rows after which a restore batch on a cache stops taking cells that start at a lower layer
 # (fewer, larger batches below it; less work above it).
 BUSY_ROWS = 256
+
+
+def halved_after_oom(per_batch: int) -> int:
+    """Cells per batch after CUDA ran out of memory on a batch of ``per_batch``: half as many, the
+    same cells retried (with the device's cache emptied); a batch of one cell re-raises the error.
+    Called from the ``except`` clause that caught it."""
+    if per_batch == 1:
+        raise  # the OutOfMemoryError being handled
+    torch.cuda.empty_cache()
+    return max(1, per_batch // 2)
 
 
 def window(layer: int, width: int, n_layers: int) -> tuple[int, int]:
@@ -228,13 +238,10 @@ class Tracer:
     def _spec(self, rows: Sequence[Sequence[int]], width: int, edits: dict[tuple[int, str], list[Edit]],
               captured: dict[tuple[int, str], torch.Tensor] | None = None) -> Spec:
         """One batch: ``rows`` padded to ``width``, the ``edits`` its pass makes, where its captures go."""
-        batch = Batch.of(rows, self.pad_id, self.device, width)
-        kwargs, pick = logits_call(batch, [len(r) for r in rows])
+        _, kwargs, pick, point = batch_for_hooks(self.hooks, rows, self.pad_id, self.device, width, edits)
 
         def enter() -> None:
-            self.hooks.attention_mask = batch.attention_mask
-            self.hooks.last = batch.last
-            self.hooks.edits = edits
+            point()
             if captured is not None:
                 self.hooks.captured = captured
 
@@ -462,10 +469,7 @@ class Tracer:
             try:
                 j, pt = self._run_batch(ctx, chunk, samples, width)
             except torch.cuda.OutOfMemoryError:
-                if per_batch == 1:
-                    raise
-                per_batch = max(1, per_batch // 2)  # halve and retry the same cells
-                torch.cuda.empty_cache()
+                per_batch = halved_after_oom(per_batch)
                 continue
             jsd[start:start + len(chunk)] = j
             probs_target[start:start + len(chunk)] = pt
@@ -563,10 +567,7 @@ class Tracer:
                 try:
                     lg = self._forward_suffix(ctx, i, t, [all_cells[k] for k in chunk], samples, kv, states)
                 except torch.cuda.OutOfMemoryError:
-                    if per_batch == 1:
-                        raise
-                    per_batch = max(1, per_batch // 2)  # halve and retry the same cells
-                    torch.cuda.empty_cache()
+                    per_batch = halved_after_oom(per_batch)
                     continue
                 j, q = self._batch_result(ctx, [all_cells[k] for k in chunk], samples, lg)
                 jsd[chunk], pt[chunk] = j, q
