@@ -22,9 +22,9 @@ def run_dirs(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     base = tiny_checkpoint("mixtral")
     ml.expert_distance(base, out=root / "within")
-    ml.router_alignment(base, k=[1, 4], out=root / "align", cache=False)
     ml.module_metrics(base, out=root / "modules")
-    return [root / "within", root / "align", root / "modules"]
+    ml.router_norms(base, out=root / "norms")
+    return [root / "within", root / "modules", root / "norms"]
 
 
 def _build(runs, jobs: int, taken: str | None = None) -> tuple[str, list[tuple[str, bytes, bytes]]]:
@@ -49,7 +49,7 @@ def test_sections_on_workers_give_the_serial_bytes(run_dirs):
 
 
 def test_a_file_name_taken_earlier_is_numbered_as_in_a_serial_build(run_dirs):
-    runs = [run_dirs[0], run_dirs[2]]  # distance and modules: the alignment section adds only time here
+    runs = run_dirs[:2]
     serial = _build(runs, jobs=1, taken="expert_distance")
     parallel = _build(runs, jobs=2, taken="expert_distance")
     stems = [f[0] for f in serial[1]]
