@@ -13,8 +13,7 @@ import pytest
 
 from moelens import load_run
 from moelens.analyses.clustering import cluster, merge_cost
-from moelens.runtime import forward as fw_module
-from tests.cli.helpers import run_moelens
+from tests.runtime.stream_checks import assert_refused_off_then_streamed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 COLUMNS = ["variant", "recall", "perplexity", "n_tokens", "n_facts", "groups_min", "groups_max"]
@@ -74,17 +73,10 @@ def test_a_bfloat16_checkpoint_is_merged_in_its_own_dtype_when_streamed(lm_dir, 
 
 
 def test_a_model_too_large_with_stream_off_is_refused_before_anything_is_written(lm_dir, lm_files, m_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(fw_module, "available_memory", lambda device: 1000)
     out = tmp_path / "cost"
     args = [str(lm_dir), "--clusters", str(m_run.path), "--texts", str(lm_files["text"]), "--permute", "off", "--device", "cpu",
             "--out", str(out)]
-    r = run_moelens("merge-cost", *args, "--stream", "off")
-    output = " ".join((r.stdout + r.stderr).split())
-    assert r.code == 2, output
-    assert "to run in memory" in output and "--stream on" in output
-    assert not out.exists()
-    r = run_moelens("merge-cost", *args)  # auto streams the same model
-    assert r.code == 0, r.stdout + r.stderr
+    assert_refused_off_then_streamed("merge-cost", args, out, monkeypatch)
     run = load_run(out)
     assert run.manifest["options"]["stream"] == "auto"
     monkeypatch.undo()

@@ -10,10 +10,9 @@ import pandas as pd
 import pytest
 
 import moelens as ml
-from moelens.runtime import forward as fw_module
 from moelens.runtime import stream as stream_module
 from tests.analyses import interventions_fixtures as fx
-from tests.cli.helpers import run_moelens
+from tests.runtime.stream_checks import assert_refused_off_then_streamed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 OPTIONS = dict(layers=[0, 1], experts=[0, 2], k=[1, 8], samples=2, pairs=[(0, 3), (2, 1)], device="cpu", dtype="float32")
@@ -51,17 +50,10 @@ def test_streamed_router_edits_equal_in_memory(models, family, monkeypatch) -> N
 
 
 def test_a_model_too_large_with_stream_off_is_refused_before_anything_is_written(models, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(fw_module, "available_memory", lambda device: 1000)
     out = tmp_path / "route"
     args = [str(models["mixtral"]), "--prompts", str(models["prompts"]), "--layers", "1", "--experts", "0", "--edits", "zero",
             "--device", "cpu", "--out", str(out)]
-    r = run_moelens("route", *args, "--stream", "off")
-    output = " ".join((r.stdout + r.stderr).split())
-    assert r.code == 2, output
-    assert "to run in memory" in output and "--stream on" in output
-    assert not out.exists()
-    r = run_moelens("route", *args)  # auto streams the same model
-    assert r.code == 0, r.stdout + r.stderr
+    assert_refused_off_then_streamed("route", args, out, monkeypatch)
     run = ml.load_run(out)
     assert run.manifest["options"]["stream"] == "auto"
     monkeypatch.undo()

@@ -10,12 +10,11 @@ import torch
 
 import moelens as ml
 from moelens.errors import ConfigError
-from moelens.runtime import forward as fw_module
 from moelens.runtime.forward import Estimate, choose_stream, open_forward, refusal
 from moelens.runtime.prompts import PromptRecord, TokenisedPrompt
 from moelens.runtime.trace import Tracer, TraceSettings
 from tests.analyses import interventions_fixtures as fx
-from tests.cli.helpers import run_moelens
+from tests.runtime.stream_checks import assert_refused_off_then_streamed, count_reads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -73,9 +72,7 @@ def test_streamed_interventions_equal_in_memory(tiny_checkpoint, family, layout)
 def test_each_layer_is_read_once_per_pass_and_passes_split_by_budget(tiny_checkpoint, monkeypatch):
     path = tiny_checkpoint("mixtral", "per_expert")
     streamed = open_forward(path, CPU, "float32", stream="on")
-    reads: list[str] = []
-    original = streamed.groups_of.read
-    monkeypatch.setattr(streamed.groups_of, "read", lambda group: (reads.append(group.name), original(group))[1])
+    reads = count_reads(streamed, monkeypatch)
     prompts = _prompts(streamed.model.get_input_embeddings().weight.shape[0])
     settings = TraceSettings(mode="knockout", sites=("subj", "last"), ablation="zero", layers=(0, 1), rows_per_batch=1)
     tracer = Tracer(streamed.model, streamed.arch, settings, 0, forward=streamed)
@@ -140,9 +137,7 @@ def test_knockout_and_block_read_each_layer_once_per_unit(tiny_checkpoint, monke
     prompts = _prompts(streamed.model.get_input_embeddings().weight.shape[0])
     settings = TraceSettings(mode=mode, sites=sites, ablation="zero", layers=(0, 1), window=1, noise_samples=2)
     tracer = Tracer(streamed.model, streamed.arch, settings, 0, forward=streamed)
-    reads: list[str] = []
-    original = streamed.groups_of.read
-    monkeypatch.setattr(streamed.groups_of, "read", lambda group: (reads.append(group.name), original(group))[1])
+    reads = count_reads(streamed, monkeypatch)
     result = tracer.run(prompts)
     assert reads.count("layer 0") == passes and reads.count("head") == passes
     memory = open_forward(path, CPU, "float32", stream="off")
@@ -205,21 +200,8 @@ def test_a_model_too_large_with_stream_off_is_refused_with_the_options_that_fit(
     assert "--stream on" in line and "3.0 GB" in line and "--dtype bfloat16" not in line  # bf16: 46 GB, does not fit
     assert "--dtype bfloat16" in refusal(Estimate(int(6e9), int(1e8), int(10e9), torch.float32), CPU)
     # the command line: one line, exit status 2, nothing written
-
-
-    def cli(*args: str) -> tuple[int, str]:
-        r = run_moelens("trace", *args)
-        return r.code, " ".join((r.stdout + r.stderr).split())
-
-    monkeypatch.setattr(fw_module, "available_memory", lambda device: 1000)
     out = tmp_path / "run"
-    code, output = cli(str(path), "--prompts", str(prompts), "--stream", "off", "--device", "cpu", "--out", str(out))
-    assert code == 2, output
-    assert "to run in memory" in output and "--stream on" in output
-    assert not out.exists()
-    # auto streams the same model instead
-    code, output = cli(str(path), "--prompts", str(prompts), "--device", "cpu", "--out", str(out))
-    assert code == 0, output
+    assert_refused_off_then_streamed("trace", [str(path), "--prompts", str(prompts), "--device", "cpu", "--out", str(out)], out, monkeypatch)
 
 
 def test_an_unknown_stream_choice_is_refused():

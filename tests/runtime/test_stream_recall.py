@@ -11,6 +11,7 @@ from moelens.runtime import fact_recall, load_causal_lm
 from moelens.runtime.forward import open_forward
 from moelens.runtime.perplexity import perplexity
 from tests.analyses import clustering_fixtures as fx
+from tests.runtime.stream_checks import count_reads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = torch.device("cpu")
@@ -57,9 +58,7 @@ def test_streamed_recall_and_perplexity_equal_in_memory(tiny_checkpoint, family,
 def test_a_streamed_recall_reads_each_layer_once_for_all_batches(tiny_checkpoint, monkeypatch):
     path = tiny_checkpoint("mixtral", "per_expert")
     streamed = open_forward(path, CPU, "float32", stream="on")
-    reads: list[str] = []
-    original = streamed.groups_of.read
-    monkeypatch.setattr(streamed.groups_of, "read", lambda group: (reads.append(group.name), original(group))[1])
+    reads = count_reads(streamed, monkeypatch)
     steps: list[tuple[str, int, int]] = []
     result = fact_recall(streamed, fx.tokenizer(), _facts(), batch_size=2, progress=lambda e: steps.append((e.task, e.done, e.total)))
     assert len(result.predicted_ids) == 12  # six batches
