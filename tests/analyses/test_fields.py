@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from moelens.analyses.fields import FORWARD_DTYPES, check_forward_dtype, name_tuple
+from moelens.analyses.fields import FORWARD_DTYPES, check_forward_dtype, name_tuple, prompts_value
 from moelens.errors import ConfigError
 
 VALID = ("a", "b", "c")
@@ -29,3 +31,12 @@ def test_check_forward_dtype():
     assert [check_forward_dtype(d) for d in FORWARD_DTYPES] == list(FORWARD_DTYPES)
     with pytest.raises(ConfigError, match=r"^dtype 'float64': choose one of auto, float32, bfloat16, float16$"):
         check_forward_dtype("float64")
+
+
+def test_prompts_are_a_path_kept_as_text_or_items_passed_through_one_function():
+    assert prompts_value("facts.jsonl", "none", str.upper) == "facts.jsonl"
+    assert prompts_value(Path("a") / "facts.jsonl", "none", str.upper) == "a/facts.jsonl"
+    assert prompts_value(["x", "y"], "none", str.upper) == ("X", "Y")
+    assert prompts_value((), "none", str.upper) == ()
+    with pytest.raises(ConfigError, match=r"^no prompts here$"):
+        prompts_value(None, "no prompts here", str.upper)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import sys
 from dataclasses import field
 from typing import Any, Callable, Mapping, Sequence
@@ -128,6 +129,16 @@ def name_tuple(value: Any, valid: Sequence[str], what: str, unknown: str = ":") 
     if not names:
         raise ConfigError(f"no {what}s given; name at least one")
     return tuple(dict.fromkeys(names))
+
+
+def prompts_value(value: Any, missing: str, item: Callable[[Any], Any]) -> str | tuple[Any, ...]:
+    """The ``prompts`` field: a path (kept as text, read when the analysis plans) or the prompts
+    themselves, each passed through ``item``; None is refused with ``missing``."""
+    if value is None:
+        raise ConfigError(missing)
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    return tuple(item(p) for p in value)
 
 
 def as_index_tuple(value: Any, what: str) -> tuple[int, ...] | None:
