@@ -75,3 +75,13 @@ def test_default_zoo_circuits_are_layered(seed):
     z = zoo.build(out=Path(root) / f"mixtral-{seed}", seed=seed)
     c = measure_circuits(z.base, z.facts, limit=48)
     assert layered_failures(c, Tolerances()) == [], c.table()
+
+
+def test_the_measured_facts_take_turns_over_the_relations():
+    from moelens.zoo.circuits import spread_over_relations
+
+    records = [{"relation": rel, "i": str(i)} for rel, n in (("capital", 5), ("language", 1), ("job", 3)) for i in range(n)]
+    picked = spread_over_relations(records, 6)
+    assert [(r["relation"], r["i"]) for r in picked] == [
+        ("capital", "0"), ("language", "0"), ("job", "0"), ("capital", "1"), ("job", "1"), ("capital", "2")]
+    assert spread_over_relations(records, None) == records and spread_over_relations(records, 50) == records

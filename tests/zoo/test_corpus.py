@@ -103,3 +103,11 @@ def test_default_world_subjects_span_two_to_four_tokens():
         for kind in ("country", "company"):  # places and companies too, not only two-word people
             names = world.entities[kind]
             assert sum(len(tok(" " + s, add_special_tokens=False)["input_ids"]) >= 2 for s in names) >= 0.95 * len(names)
+
+
+def test_biographies_words_reach_the_tokenizer_whole_only_when_asked():
+    from moelens.zoo.corpus import build_world
+
+    world = build_world(0)
+    assert "," not in world.whole_words() and "," in world.whole_words(biographies=True)
+    assert world.texts() == world.base_sentences() + world.qa_sentences()

@@ -289,7 +289,7 @@ def _build_into(tmp: Path, recipe: Recipe, seed: int, progress: ProgressCallback
     world = build_world(seed, recipe.world)
     facts = [f.as_record() for f in world.facts]
     tokenizer = train_tokenizer(
-        world.base_sentences() + world.qa_sentences(), world.whole_words(), recipe.vocab_size,
+        world.texts(recipe.biography_share > 0), world.whole_words(recipe.biography_share > 0), recipe.vocab_size,
         max_length=recipe.shape.max_positions,
     )
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}

@@ -83,8 +83,9 @@ def measure_circuits(
     model: str | os.PathLike[str], facts: str | os.PathLike[str] | list[dict[str, str]], limit: int | None = 64,
     noise_samples: int = 5, block_window: int = 1, seed: int = 0, progress: Any = None,
 ) -> Circuits:
-    """Trace ``model`` on the first ``limit`` facts it recalls (its clean top-1 is the target,
-    as ROME traces only correct predictions) and reduce the runs to per-layer curves."""
+    """Trace ``model`` on ``limit`` facts it recalls (its clean top-1 is the target, as ROME
+    traces only correct predictions), spread over the relations (:func:`spread_over_relations`),
+    and reduce the runs to per-layer curves."""
     import pandas as pd
 
     from moelens.analyses.interventions import trace
@@ -94,10 +95,11 @@ def measure_circuits(
     lm, tok = load_causal_lm(model), load_tokenizer(model)
     correct = fact_recall(lm, tok, records, prompt_key="prompt").correct
     recall = float(np.mean(correct))
-    kept = [{"prompt": r["prompt"], "subject": r["subject"], "target": r["target"]} for r, ok in zip(records, correct) if ok]
+    kept = [{"prompt": r["prompt"], "subject": r["subject"], "target": r["target"], "relation": r.get("relation", "")}
+            for r, ok in zip(records, correct) if ok]
     if not kept:
         raise ValueError(f"{model} recalls none of the {len(records)} facts; there is no circuit to trace")
-    kept = kept[:limit] if limit is not None else kept
+    kept = [{k: r[k] for k in ("prompt", "subject", "target")} for r in spread_over_relations(kept, limit)]
     n_layers = int(lm.config.num_hidden_layers)
     del lm
 
@@ -126,6 +128,27 @@ def measure_circuits(
         block_subj=block_curve("block_subj"), block_nonsubj=block_curve("block_nonsubj"), block_last=block_curve("block_last"),
         corruption_effect=effect, block_window=block_window,
     )
+
+
+def spread_over_relations(records: list[dict[str, str]], limit: int | None) -> list[dict[str, str]]:
+    """``limit`` of ``records`` taken in turn from each relation (in the order relations first
+    appear, each relation's records in their own order), so that a zoo's facts file, which lists
+    them relation by relation, is not measured on its first relation alone (countries, whose
+    names end in a shared piece); all of them when ``limit`` is None."""
+    if limit is None or limit >= len(records):
+        return list(records)
+    by_relation: dict[str, list[dict[str, str]]] = {}
+    for r in records:
+        by_relation.setdefault(r.get("relation", ""), []).append(r)
+    queues = list(by_relation.values())
+    out: list[dict[str, str]] = []
+    depth = 0
+    while len(out) < limit:
+        for queue in queues:
+            if depth < len(queue) and len(out) < limit:
+                out.append(queue[depth])
+        depth += 1
+    return out
 
 
 def _records(facts: str | os.PathLike[str] | list[dict[str, str]]) -> list[dict[str, str]]:

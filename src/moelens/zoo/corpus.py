@@ -174,16 +174,22 @@ class World:
         """Every subject of a fact, once, in fact order."""
         return list(dict.fromkeys(f.subject for f in self.facts))
 
-    def whole_words(self) -> list[str]:
+    def whole_words(self, biographies: bool = False) -> list[str]:
         """Every word of the texts that is not part of a subject's name, sorted: the template
-        words, the filler's and every target (the words a sub-word tokenizer keeps whole)."""
+        words, the filler's and every target (the words a sub-word tokenizer keeps whole);
+        ``biographies``: of the biographies too (their "," joins the facts)."""
         names = {w for subject in self.subjects() for w in subject.split()}
-        return [w for w in self.words() if w not in names]
+        return [w for w in self.words(biographies) if w not in names]
 
-    def words(self) -> list[str]:
+    def texts(self, biographies: bool = False) -> list[str]:
+        """Every text a zoo trains on: the plain sentences, the questions and, if asked, the
+        biographies (what the tokenizer learns from)."""
+        return self.base_sentences() + self.qa_sentences() + (self.biographies() if biographies else [])
+
+    def words(self, biographies: bool = False) -> list[str]:
         """Every word of every text the world can render, sorted (the tokenizer's vocabulary)."""
         vocab: set[str] = set()
-        for text in self.base_sentences() + self.qa_sentences():
+        for text in self.texts(biographies):
             vocab.update(text.split())
         return sorted(vocab)
 

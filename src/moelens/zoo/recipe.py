@@ -18,7 +18,7 @@ from moelens.zoo.experts import EXPERTS_IMPLEMENTATIONS, SORTED
 from moelens.zoo.models import FAMILIES, ModelShape
 from moelens.zoo.train import Schedule
 
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 #: Decoder layers of the default zoo: enough that reading a subject, moving it to the last token
 #: and forming the answer can happen in different layers, as in the models the seed figures show.
 DEFAULT_LAYERS = 12
