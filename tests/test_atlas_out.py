@@ -75,3 +75,23 @@ def test_the_command_line_refuses_with_one_line_and_exit_2(tiny_checkpoint, tmp_
     assert "Traceback" not in done.stderr and len(lines) == 1 and str(out) in lines[0], done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["report.html"]
     assert (out / "report.html").read_text() == "<html>my own report</html>"
+
+
+def test_the_atlas_takes_the_planners_inputs_declared_once(tmp_path):
+    """``atlas``'s inputs are :func:`plan_atlas`'s (one declaration, one set of defaults): its
+    signature shows them with the planner's defaults, and a misspelt one is refused before
+    anything is written."""
+    import inspect
+
+    from moelens.atlas import atlas
+
+    shown = inspect.signature(atlas).parameters
+    planned = {n: p for n, p in inspect.signature(plan_atlas).parameters.items() if n != "checks"}
+    for name, parameter in planned.items():
+        assert shown[name].default == parameter.default, name
+    assert {"title", "progress", "command", "jobs"} <= set(shown)
+    out = tmp_path / "atlas"
+    for wrong in ({"tunde": "x"}, {"checks": False}):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            atlas("model", out, **wrong)
+    assert not out.exists()

@@ -41,6 +41,7 @@ times per layer with the defaults.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
 from collections.abc import Callable
@@ -575,21 +576,19 @@ def _report_jobs(jobs: int | None) -> int:
 def atlas(
     model: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    tuned: str | os.PathLike[str] | None = None,
-    base: str | os.PathLike[str] | None = None,
-    prompts: str | os.PathLike[str] | None = None,
-    calibration: str | os.PathLike[str] | None = None,
-    executor: Any = None,
-    device: str = DEFAULT_DEVICE,
-    trace_limit: int | None = None,
-    restore_limit: int | None = RESTORE_PROMPTS,
+    *,
     title: str | None = None,
     progress: ProgressCallback | None = None,
     command: str | None = None,
     jobs: int | None = None,
+    **inputs: Any,
 ) -> Atlas:
     """Run every analysis that applies to ``model`` (and its fine-tune or base) under ``out`` and
     write one report; a second call reuses the finished runs.
+
+    ``inputs`` are :func:`plan_atlas`'s, declared there once (``tuned``, ``base``, ``prompts``,
+    ``calibration``, ``executor``, ``device``, ``trace_limit``, ``restore_limit``); the
+    signature shown by ``help(atlas)`` is made from both.
 
     ``jobs``: analyses run at once, each in a worker process (:mod:`moelens.atlas_pool`); None:
     one per core this process may use, when every run computes on the CPU with the local executor
@@ -603,8 +602,7 @@ def atlas(
 
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ConfigError(f"--jobs {jobs}: give a whole number ≥ 1")
-    plan = dict(model=model, out=out, tuned=tuned, base=base, prompts=prompts, calibration=calibration, executor=executor,
-                device=device, trace_limit=trace_limit, restore_limit=restore_limit)
+    plan = _plan_arguments(model, out, inputs)
     steps, notes = plan_atlas(**plan)
     out = Path(out)
     from moelens.safe_files import atomic_write_bytes
@@ -647,5 +645,30 @@ def atlas(
     path = write_report(html, out / "report.html")
     return Atlas(out, runs, path, figure_paths, notes, reused)
 
+
+
+def _plan_arguments(model: Any, out: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """:func:`plan_atlas`'s arguments, its defaults filled in; an unknown input is a TypeError, as
+    for any function."""
+    planner = inspect.signature(plan_atlas)
+    unknown = sorted((set(inputs) - set(planner.parameters)) | ({"checks", "model", "out"} & set(inputs)))
+    if unknown:
+        raise TypeError(f"atlas() got an unexpected keyword argument {unknown[0]!r}")
+    bound = planner.bind(model, out, **inputs)
+    bound.apply_defaults()
+    plan = dict(bound.arguments)
+    plan.pop("checks")
+    return plan
+
+
+def _atlas_signature() -> inspect.Signature:
+    """``atlas``'s signature as ``help`` shows it: the model and output, :func:`plan_atlas`'s inputs
+    (declared there once), then the atlas's own keywords."""
+    own = [p for p in inspect.signature(atlas).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    planned = [p for p in inspect.signature(plan_atlas).parameters.values() if p.name != "checks"]
+    return inspect.signature(atlas).replace(parameters=[*planned[:2], *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in planned[2:]), *own])
+
+
+atlas.__signature__ = _atlas_signature()  # type: ignore[attr-defined]
 
 __all__ = ["ATLAS_MARKER", "RESTORE_PROMPTS", "Atlas", "AtlasInputs", "Call", "RunRef", "Step", "reproduce_command", "step_of", "block_window", "atlas", "check_atlas_out", "is_atlas_directory", "plan_atlas", "write_figure_files"]

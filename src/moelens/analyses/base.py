@@ -166,11 +166,11 @@ class Analysis:
     #: Named inputs, the declaration's models by role: the first is required, the others optional
     #: (``("a", "b")``).
     inputs: ClassVar[tuple[str, ...]] = _Declared(lambda d: tuple(i.role for i in d.inputs))
-    #: Whether the analysis runs the model through transformers (which reads every weight file
-    #: whole, outside the tensor store): its manifest then records whole-file hashes.
-    reads_whole_model: ClassVar[bool] = False
-    #: What a unit is, for progress bars ("layers", "prompt batches").
-    unit_noun: ClassVar[str] = "layers"
+    #: Whether the analysis runs the model through transformers (its manifest then records
+    #: whole-file hashes): the declaration's.
+    reads_whole_model: ClassVar[bool] = _Declared(lambda d: d.reads_whole_model)
+    #: What a unit is, for progress bars ("layers", "prompt groups"): the declaration's.
+    unit_noun: ClassVar[str] = _Declared(lambda d: d.unit_noun)
     #: Tables every unit writes.
     unit_tables: ClassVar[tuple[TableSchema, ...]]
     #: Tables :meth:`finish` derives from all units.

@@ -96,6 +96,9 @@ class Declaration:
     tables of its runs; ``section`` its report section's builder (``(runs, fmt) -> Section``);
     ``figures`` its figures by name; ``command`` its command; ``atlas``
     (``"module:function"``, ``(AtlasInputs) -> [Call]``) what the atlas runs of it, if anything;
+    ``unit_noun`` what one of its units is, for progress bars ("layers", "prompt groups");
+    ``reads_whole_model`` whether it runs the model through transformers (which reads every
+    weight file whole, outside the tensor store: its manifests then record whole-file hashes).
     Every analysis takes ``executor=`` (and its command ``--executor``): its units run anywhere."""
 
     name: str
@@ -111,6 +114,8 @@ class Declaration:
     inputs: tuple[ModelInput, ...] = (ModelInput(),)
     figures: Mapping[str, FigureSpec] = field(default_factory=dict)
     atlas: str | None = None
+    unit_noun: str = "layers"
+    reads_whole_model: bool = False
 
     @property
     def config_type(self) -> type:

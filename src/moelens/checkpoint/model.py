@@ -108,6 +108,23 @@ class MoELayer:
         return self._family.shared_expert_gate(self.index)
 
 
+class _MoECount:
+    """A count the family adapter knows (its method of the same name), 0 for a dense model;
+    ``per_layer``: asked of the first MoE layer (every MoE layer of a checkpoint shares it)."""
+
+    def __init__(self, method: str, per_layer: bool = False):
+        self.method = method
+        self.per_layer = per_layer
+
+    def __get__(self, model: "MoEModel | None", owner: type) -> Any:
+        if model is None:
+            return self
+        if not model.is_moe:
+            return 0
+        ask = getattr(model.family_adapter, self.method)
+        return int(ask(model.moe_layers[0]) if self.per_layer else ask())
+
+
 @dataclass
 class MoEModel:
     """A checkpoint opened for reading. Build it with :func:`moelens.open_model`.
@@ -155,21 +172,10 @@ class MoEModel:
     def is_moe(self) -> bool:
         return bool(self.moe_layers)
 
-    @property
-    def n_experts(self) -> int:
-        return self.family_adapter.n_experts(self.moe_layers[0]) if self.is_moe else 0
-
-    @property
-    def top_k(self) -> int:
-        return self.family_adapter.top_k() if self.is_moe else 0
-
-    @property
-    def expert_ffn(self) -> int:
-        return self.family_adapter.expert_ffn(self.moe_layers[0]) if self.is_moe else 0
-
-    @property
-    def n_shared_experts(self) -> int:
-        return self.family_adapter.n_shared_experts() if self.is_moe else 0
+    n_experts = _MoECount("n_experts", per_layer=True)
+    top_k = _MoECount("top_k")
+    expert_ffn = _MoECount("expert_ffn", per_layer=True)
+    n_shared_experts = _MoECount("n_shared_experts")
 
     @property
     def dtype(self) -> str:

@@ -183,43 +183,45 @@ def _centred_norm2(k: torch.Tensor, g_fro2: float) -> tuple[float, bool]:
     return k2, k2 <= (2 * c * EPS64) ** 2 * g_fro2
 
 
-@dataclass
-class _Sums:
-    """What one pass over A (and B) leaves: float64 totals and, if asked, the Grams."""
+class _Moments:
+    """One matrix's running float64 moments over the entries seen: their count, mean, centred sum
+    of squares M2 = Σ(x − mean)² and raw sum of squares ‖·‖²."""
 
-    count: int = 0
-    mean_a: float = 0.0
-    mean_b: float = 0.0
-    m2_a: float = 0.0
-    m2_b: float = 0.0
-    c_ab: float = 0.0
-    dot: float = 0.0
-    sq_a: float = 0.0
-    sq_b: float = 0.0
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2, self.sq = 0, 0.0, 0.0, 0.0
 
-    def merge(self, va: torch.Tensor, vb: torch.Tensor | None) -> None:
-        """Add a chunk's entries (flat float64), merging centred moments (Chan et al.)."""
-        m = int(va.numel())
+    def merge(self, v: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """Add a chunk (flat float64) by Chan et al.'s pairwise update,
+        M2 ← M2 + M2_chunk + δ²·n·m/(n + m), δ = mean_chunk − mean; returns what the cross term of
+        a pair needs: the chunk centred on its own mean, δ, and n·m/(n + m)."""
+        m = int(v.numel())
         total = self.count + m
         w = self.count * m / total
-        ma = float(va.mean())
-        da = va - ma
-        self.sq_a += float(torch.dot(va, va))
-        cm2a = float(torch.dot(da, da))
-        dma = ma - self.mean_a
-        self.m2_a += cm2a + dma * dma * w
-        self.mean_a += dma * m / total
-        if vb is not None:
-            mb = float(vb.mean())
-            db = vb - mb
-            self.sq_b += float(torch.dot(vb, vb))
-            self.dot += float(torch.dot(va, vb))
-            cm2b, ccab = float(torch.dot(db, db)), float(torch.dot(da, db))
-            dmb = mb - self.mean_b
-            self.m2_b += cm2b + dmb * dmb * w
-            self.c_ab += ccab + dma * dmb * w
-            self.mean_b += dmb * m / total
+        chunk_mean = float(v.mean())
+        centred = v - chunk_mean
+        shift = chunk_mean - self.mean
+        self.sq += float(torch.dot(v, v))
+        self.m2 += float(torch.dot(centred, centred)) + shift * shift * w
+        self.mean += shift * m / total
         self.count = total
+        return centred, shift, w
+
+
+class _Sums:
+    """What one pass over A (and B) leaves: each matrix's moments, and the pair's co-moment
+    C = Σ(a − ā)(b − b̄) and dot product ⟨A, B⟩."""
+
+    def __init__(self) -> None:
+        self.a, self.b = _Moments(), _Moments()
+        self.c_ab, self.dot = 0.0, 0.0
+
+    def merge(self, va: torch.Tensor, vb: torch.Tensor | None) -> None:
+        """Add a chunk's entries of A (and the same entries of B), merging centred moments."""
+        da, shift_a, w = self.a.merge(va)
+        if vb is not None:
+            db, shift_b, _ = self.b.merge(vb)
+            self.dot += float(torch.dot(va, vb))
+            self.c_ab += float(torch.dot(da, db)) + shift_a * shift_b * w
 
 
 def _ratio(num: float, den: float) -> float:
@@ -274,14 +276,14 @@ def _one(
             cross.addmm_(xb.T, xa)  # type: ignore[union-attr]
 
     res: dict[str, float] = {}
-    spread_a = sums.m2_a > ZERO_SPREAD * sums.sq_a
-    spread_b = sums.m2_b > ZERO_SPREAD * sums.sq_b
+    spread_a = sums.a.m2 > ZERO_SPREAD * sums.a.sq
+    spread_b = sums.b.m2 > ZERO_SPREAD * sums.b.sq
     if "corr" in pair:
-        res["corr"] = float(np.clip(_ratio(sums.c_ab, math.sqrt(sums.m2_a * sums.m2_b)), -1, 1)) if spread_a and spread_b else math.nan
+        res["corr"] = float(np.clip(_ratio(sums.c_ab, math.sqrt(sums.a.m2 * sums.b.m2)), -1, 1)) if spread_a and spread_b else math.nan
     if "cos" in pair:
-        res["cos"] = float(np.clip(_ratio(sums.dot, math.sqrt(sums.sq_a * sums.sq_b)), -1, 1))
-    std_a = math.sqrt(sums.m2_a / sums.count) if spread_a else 0.0
-    norm_a, norm_b = math.sqrt(sums.sq_a), math.sqrt(sums.sq_b)
+        res["cos"] = float(np.clip(_ratio(sums.dot, math.sqrt(sums.a.sq * sums.b.sq)), -1, 1))
+    std_a = math.sqrt(sums.a.m2 / sums.a.count) if spread_a else 0.0
+    norm_a, norm_b = math.sqrt(sums.a.sq), math.sqrt(sums.b.sq)
     want_changed = "changed_frac" in pair and std_a > 0
     want_rel = "rel_l2" in pair and norm_a > 0 and norm_b > 0
     if want_changed or want_rel:
@@ -295,7 +297,7 @@ def _one(
                 d = (xa / norm_a).sub_(xb, alpha=1.0 / norm_b).view(-1)
                 rel2 += float(torch.dot(d, d))
         if want_changed:
-            res["changed_frac"] = changed / sums.count
+            res["changed_frac"] = changed / sums.a.count
         if want_rel:
             res["rel_l2"] = min(2.0, math.sqrt(rel2))
     if "changed_frac" in pair and not want_changed:
@@ -333,7 +335,7 @@ def _one(
             else:
                 num = float(torch.dot(ga.reshape(-1), gb.reshape(-1)))  # type: ignore[union-attr]
             res["cka"] = float(np.clip(_ratio(num, norms[0] * norms[1]), 0.0, 1.0))
-    return res, lam_a, lam_b, sums.sq_a, sums.sq_b
+    return res, lam_a, lam_b, sums.a.sq, sums.b.sq
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -123,32 +124,48 @@ class Nullable(Spec):
                 raise ManifestFieldError(path, f"must be {self.what}, got {_shown(value)}") from None
 
 
-class ListOf(Spec):
+class _Each(Spec):
+    """A JSON container whose entries share one spec; subclasses say which container and how an
+    entry's path is written."""
+
+    container: type
+    kind: str
+
     def __init__(self, item: Spec, plural: str):
         self.item = item
-        self.what = f"a list of {plural}"
+        self.what = f"{self.kind} of {plural}"
+
+    def entries(self, value: Any, path: str) -> Iterator[tuple[Any, str]]:
+        raise NotImplementedError
 
     def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, list):
+        if not isinstance(value, self.container):
             raise ManifestFieldError(path, f"must be {self.what}, got {_shown(value)}")
+        for item, item_path in self.entries(value, path):
+            self.item.check(item, item_path)
+
+
+class ListOf(_Each):
+    """A list; a scalar entry of the wrong kind is named as the list's mistake (a list of numbers
+    holding a string), a nested one at its own path."""
+
+    container, kind = list, "a list"
+
+    def entries(self, value: Any, path: str) -> Iterator[tuple[Any, str]]:
         for i, item in enumerate(value):
-            if not self.item.accepts(item) and not isinstance(self.item, (ListOf, MapOf, Obj, Nullable)):
+            if not self.item.accepts(item) and not isinstance(self.item, (_Each, Obj, Nullable)):
                 raise ManifestFieldError(path, f"must be {self.what}, got {_shown(value)}")
-            self.item.check(item, f"{path}[{i}]")
+            yield item, f"{path}[{i}]"
 
 
-class MapOf(Spec):
+class MapOf(_Each):
     """An object whose keys are free (unit keys, file names) and whose values share one spec."""
 
-    def __init__(self, value: Spec, plural: str):
-        self.value = value
-        self.what = f"an object of {plural}"
+    container, kind = dict, "an object"
 
-    def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, dict):
-            raise ManifestFieldError(path, f"must be {self.what}, got {_shown(value)}")
+    def entries(self, value: Any, path: str) -> Iterator[tuple[Any, str]]:
         for key, item in value.items():
-            self.value.check(item, _join(path, key))
+            yield item, _join(path, key)
 
 
 @dataclass(frozen=True)

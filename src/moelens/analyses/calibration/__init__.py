@@ -17,6 +17,7 @@ DECLARATION = Declaration(
                      "and its mean output over all tokens (HC-SMoE's feature).",
         show="moelens.cli.clustering:show_calibration",
     ),
+    reads_whole_model=True,
 )
 
 _EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS", "CalibrationRun", "load_calibration"))

@@ -231,7 +231,6 @@ def calibration_extra(setup: CalibrationSetup) -> dict[str, Any]:
 class Calibration(Analysis):
     """docs/methods.md §3's calibration pass: one unit per MoE layer (or per shard of its tokens);
     every table is derived from the assembled matrices."""
-    reads_whole_model = True
 
     name = ANALYSIS
     unit_tables = ()

@@ -23,6 +23,7 @@ CLUSTERING = Declaration(
         show="moelens.cli.clustering:show_clustering",
     ),
     atlas="moelens.atlas:clustering_calls",
+    reads_whole_model=True,
 )
 
 #: What merging costs, declared once (:mod:`moelens.analyses.declaration`).
@@ -39,6 +40,7 @@ MERGE_COST = Declaration(
         show="moelens.cli.clustering:show_merge_cost",
     ),
     atlas="moelens.atlas:merge_cost_calls",
+    unit_noun="variants", reads_whole_model=True,
 )
 
 _EXPORTS: dict[str, str] = {

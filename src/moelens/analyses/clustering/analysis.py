@@ -205,7 +205,6 @@ class Clustering(Analysis):
     """docs/methods.md §3's HC-SMoE and M-SMoE clusters (see the module docstring): calibration units
     and the clusters derived in :meth:`finish`, or, reusing a calibration run, one clustering unit
     per layer."""
-    reads_whole_model = True
 
     name = ANALYSIS
     unit_tables = ()

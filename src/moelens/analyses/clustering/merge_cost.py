@@ -268,10 +268,8 @@ def _measure_in_one_pass(state: MergeCostState, forward: Any, context: UnitConte
 
 class MergeCost(Analysis):
     """One unit per variant (the original, each clustering with and without permutation)."""
-    reads_whole_model = True
 
     name = ANALYSIS
-    unit_noun = "variants"
     unit_tables = (COST_SCHEMA,)
     derived_tables = (SUMMARY_SCHEMA,)
 

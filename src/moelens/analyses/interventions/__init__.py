@@ -25,6 +25,7 @@ DECLARATION = Declaration(
         show="moelens.cli.analyses:show_trace",
     ),
     atlas="moelens.atlas:trace_calls",
+    unit_noun="prompt groups", reads_whole_model=True,
 )
 
 _EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"))

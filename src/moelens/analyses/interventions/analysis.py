@@ -128,10 +128,8 @@ def _max_positions(model: Any) -> int | None:
 
 class Interventions(Analysis):
     """docs/methods.md §4: one unit per group of prompts, one row per prompt × (layer, site[, position])."""
-    reads_whole_model = True
 
     name = ANALYSIS
-    unit_noun = "prompt groups"
     unit_tables = (TABLE_SCHEMA,)
     derived_tables = (SUMMARY_SCHEMA,)
 

@@ -24,6 +24,7 @@ DECLARATION = Declaration(
         show="moelens.cli.analyses:show_route",
     ),
     atlas="moelens.atlas:route_calls",
+    reads_whole_model=True,
 )
 
 _EXPORTS: dict[str, str] = DECLARATION.exports(analysis=("ANALYSIS", "MIGRATION_SCHEMA", "SUMMARY_SCHEMA", "TABLE_SCHEMA", "summarise"))

@@ -241,9 +241,7 @@ class RouterEditsState:
 class RouterEdits(Analysis):
     """docs/methods.md §8: one unit per MoE layer, one row per (expert, edit, k, sample)."""
 
-    reads_whole_model = True
     name = ANALYSIS
-    unit_noun = "layers"
     unit_tables = (TABLE_SCHEMA, MIGRATION_SCHEMA)
     derived_tables = (SUMMARY_SCHEMA,)
 
