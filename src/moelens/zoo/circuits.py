@@ -30,21 +30,6 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class Tolerances:
-    """What "recovers" and "matters" mean in :func:`layered_failures`.
-
-    A restore curve recovers the answer at a layer when its value (share of the corruption's
-    effect undone) is at least ``recovers``, and does not when it is at most ``no_recovery``;
-    blocking matters at a layer when its mean JSD is at least ``matters`` bits, in at least
-    ``min_block_layers`` layers."""
-
-    recovers: float = 0.5
-    no_recovery: float = 0.25
-    matters: float = 0.05
-    min_block_layers: int = 2
-
-
-@dataclass(frozen=True)
 class Circuits:
     """Per-layer curves of one model (index = decoder layer) and what they were measured on."""
 
@@ -158,6 +143,21 @@ def _records(facts: str | os.PathLike[str] | list[dict[str, str]]) -> list[dict[
     if isinstance(facts, (str, os.PathLike)):
         return [json.loads(line) for line in Path(facts).read_text().splitlines() if line.strip()]
     return list(facts)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """What "recovers" and "matters" mean in :func:`layered_failures`.
+
+    A restore curve recovers the answer at a layer when its value (share of the corruption's
+    effect undone) is at least ``recovers``, and does not when it is at most ``no_recovery``;
+    blocking matters at a layer when its mean JSD is at least ``matters`` bits, in at least
+    ``min_block_layers`` layers."""
+
+    recovers: float = 0.5
+    no_recovery: float = 0.25
+    matters: float = 0.05
+    min_block_layers: int = 2
 
 
 def layered_failures(c: Circuits, tol: Tolerances = Tolerances(), min_recall: float = 0.9) -> list[str]:
