@@ -29,6 +29,22 @@ def input_singular_vectors(weight: torch.Tensor, role: str, dtype: torch.dtype =
     return u if role == "down" else vh.transpose(0, 1)
 
 
+def float32_slack(weight: torch.Tensor, role: str, ks: Sequence[int]) -> list[float]:
+    """How far one float32 decomposition may move the energy in the top-k input subspace, per k:
+    ε₃₂ σ₁ / (σ_k − σ_{k+1}), the first-order (Wedin) bound on the subspace's rotation. Energies at
+    a near-tie of σ_k and σ_{k+1} are ill-conditioned whatever the method, and which way float32
+    rounding falls there depends on the CPU's kernels (seen: up to 0.66 of this bound, against a
+    float64 SVD, on the tiny checkpoints; typically ≈ 3e-6 here). 0 where the subspace is the whole
+    space (k ≥ r)."""
+    s = torch.linalg.svdvals(weight.to(torch.float64)).tolist()
+    eps = torch.finfo(torch.float32).eps
+    out = []
+    for k in ks:
+        gap = s[k - 1] - s[k] if k < len(s) else math.inf
+        out.append(eps * s[0] / gap if gap > 0 else math.inf)
+    return out
+
+
 def normalized_routers(router: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     r = router.to(dtype)
     return r / (r.norm(dim=1, keepdim=True) + EPS)

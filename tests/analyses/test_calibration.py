@@ -130,7 +130,9 @@ def test_identical_experts_have_identical_features_and_usage_adds_up():
     x = torch.randn(10, 4, generator=g)
     acc.add(x)
     f = acc.result()
-    assert np.array_equal(f[0], f[1]) and np.array_equal(f[0], f[2])
+    # equal up to rounding: a batched kernel need not give every batch item the same summation order
+    np.testing.assert_allclose(f[1], f[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(f[2], f[0], rtol=1e-6, atol=1e-7)
     expected = (_silu(x.double() @ gate[0].double().T) * (x.double() @ up[0].double().T)) @ down[0].double().T
     np.testing.assert_allclose(f[0], expected.mean(0).numpy(), rtol=1e-6)
     assert usage_counts(np.array([[0, 1], [1, 2], [2, -1], [7, 2]]), 3).tolist() == [1, 2, 3]  # −1 and 7 are not selections

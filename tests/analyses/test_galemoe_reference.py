@@ -14,9 +14,13 @@ Tolerances. Both sides decompose the same float32 w1 with ``torch.linalg.svd``. 
 projection energies and pools the null values in float32, moelens in float64, so the numbers
 differ by float32 rounding: up to ~1e-7 seen on align, μ and σ. Hence 1e-6 absolute on align,
 cos²θ, shuffle_mean, shuffle_std and delta_vs_shuffle. z = δ/σ divides that rounding by σ
-(≥ 0.02 here): seen ≤ 4e-7; the bound is 1e-4 · max(1, |z|). At k = d every energy is 1, σ is
-rounding (~1e-7): GaleMoE divides by it and prints noise (z up to ±3), moelens reports 0 there
-(alignment_nulls.z_scores), so z is compared only for k < d and at k = d moelens must give 0.
+(≥ 0.02 here): seen ≤ 4e-7; the bound is 1e-4 · max(1, |z|). The two float32 SVDs themselves
+differ with the CPU's kernels (GaleMoE's numbers were recorded on another machine), most where
+σ_k and σ_{k+1} of an expert nearly tie (seen 1.2e-6): each bound is widened by twice the slack
+that conditioning allows one of them (slow_reference.float32_slack, a few 1e-6 at most k here).
+At k = d every energy is 1, σ is rounding (~1e-7): GaleMoE divides by it and prints noise (z up to
+±3), moelens reports 0 there (alignment_nulls.z_scores), so z is compared only for k < d and at
+k = d moelens must give 0.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import pytest
 import moelens as ml
 from moelens.checkpoint import open_model
 from moelens.testing.tiny import TinySpec, build_tiny_checkpoint
+
+from .slow_reference import float32_slack
 
 DATA = Path(__file__).parent / "data" / "galemoe_reference.json"
 REF = json.loads(DATA.read_text())
@@ -90,32 +96,37 @@ def layer_one_alone(tiny_model):
     return _run(tiny_model, [1])
 
 
-def _check_layer(run, L: int) -> None:
+def _check_layer(run, model, L: int) -> None:
     table = run["alignment"]
     table = table[(table["layer"] == L) & (table["matrix"] == "gate")]
     layers = run["alignment_layers"]
     layers = layers[(layers["layer"] == L) & (layers["matrix"] == "gate")].set_index("k")
+    slack = np.array([float32_slack(model.layer(L).expert_matrix(e, "gate"), "gate", KS) for e in range(RECIPE["n_experts"])])
     for ref in REF["layers"][str(L)]:
         k = ref["k"]
         rows = table[table["k"] == k].sort_values("expert")
         assert rows["expert"].tolist() == list(range(RECIPE["n_experts"]))
         where = f"layer {L}, k={k}"
-        np.testing.assert_allclose(rows["align"], ref["align"], rtol=0, atol=ABS, err_msg=f"align, {where}")
-        np.testing.assert_allclose(rows["shuffle_mean"], ref["shuffle_mean"], rtol=0, atol=ABS, err_msg=f"shuffle_mean, {where}")
-        np.testing.assert_allclose(rows["shuffle_std"], ref["shuffle_std"], rtol=0, atol=ABS, err_msg=f"shuffle_std, {where}")
-        np.testing.assert_allclose(rows["delta_vs_shuffle"], ref["delta_vs_shuffle"], rtol=0, atol=ABS, err_msg=f"delta, {where}")
+        # two float32 SVDs on different CPUs: at near-tied σ energies move by the slack conditioning allows
+        tol = ABS + 2 * slack[:, KS.index(k)]  # each side's float32 SVD may move by the slack
+        pooled = float(tol.max())
+        assert np.all(np.abs(rows["align"].to_numpy() - ref["align"]) <= tol), f"align, {where}: {rows['align'].tolist()} vs {ref['align']}"
+        np.testing.assert_allclose(rows["shuffle_mean"], ref["shuffle_mean"], rtol=0, atol=pooled, err_msg=f"shuffle_mean, {where}")
+        np.testing.assert_allclose(rows["shuffle_std"], ref["shuffle_std"], rtol=0, atol=pooled, err_msg=f"shuffle_std, {where}")
+        np.testing.assert_allclose(rows["delta_vs_shuffle"], ref["delta_vs_shuffle"], rtol=0, atol=2 * pooled, err_msg=f"delta, {where}")
         np.testing.assert_allclose(rows["random_expect_k_over_d"], ref["random_expect_k_over_d"], rtol=1e-12)
-        assert layers.loc[k, "align"] == pytest.approx(ref["mean_align"], abs=ABS), where
+        assert layers.loc[k, "align"] == pytest.approx(ref["mean_align"], abs=pooled), where
         if k == 1:
-            np.testing.assert_allclose(rows["cos_squared"], ref["cos_squared"], rtol=0, atol=ABS, err_msg=f"cos², {where}")
+            assert np.all(np.abs(rows["cos_squared"].to_numpy() - ref["cos_squared"]) <= tol), f"cos², {where}"
         if k < D:
             z_ref = np.asarray(ref["z_vs_shuffle"])
-            z_bound = Z_REL * np.maximum(1.0, np.abs(z_ref))
+            sd = np.asarray(ref["shuffle_std"])
+            z_bound = Z_REL * np.maximum(1.0, np.abs(z_ref)) + 2 * (pooled - ABS) * (1 + np.abs(z_ref)) / sd
             assert np.all(np.abs(rows["z_vs_shuffle"].to_numpy() - z_ref) <= z_bound), (
                 f"z_vs_shuffle, {where}: {rows['z_vs_shuffle'].tolist()} vs GaleMoE {z_ref.tolist()}"
             )
             mean_z = ref["mean_z_vs_shuffle"]
-            assert layers.loc[k, "z_vs_shuffle"] == pytest.approx(mean_z, rel=0, abs=Z_REL * max(1.0, abs(mean_z))), where
+            assert layers.loc[k, "z_vs_shuffle"] == pytest.approx(mean_z, rel=0, abs=float(z_bound.max())), where
         else:
             # σ is rounding here: GaleMoE's z is noise (δ/1e-7), moelens's documented value is 0
             assert ref["shuffle_std"] < 1e-5
@@ -130,13 +141,13 @@ def test_reference_was_recorded_as_documented():
 
 
 @pytest.mark.parametrize("L", [0, 1])
-def test_two_layer_run_matches_galemoe_per_layer_runs(two_layer_run, L):
+def test_two_layer_run_matches_galemoe_per_layer_runs(two_layer_run, tiny_model, L):
     """Layer 0 matches with any stream policy; layer 1 only if its stream restarts at the seed."""
-    _check_layer(two_layer_run, L)
+    _check_layer(two_layer_run, tiny_model, L)
 
 
-def test_layer_one_alone_matches_galemoe(layer_one_alone):
-    _check_layer(layer_one_alone, 1)
+def test_layer_one_alone_matches_galemoe(layer_one_alone, tiny_model):
+    _check_layer(layer_one_alone, tiny_model, 1)
 
 
 def test_two_layer_run_equals_single_layer_runs(two_layer_run, layer_one_alone):

@@ -35,42 +35,47 @@ def _check_against_reference(run, model, null):
         for role in opts["matrices"]:
             a = _reference_layer(model, L, role, ks)
             n = len(a)
+            # float32 moves energies at near-tied σ by more than TOL: per expert, the slack that
+            # conditioning allows (slow_reference.float32_slack), and the worst of them for what pools experts
+            slack = [ref.float32_slack(model.layer(L).expert_matrix(j, role), role, ks) for j in range(n)]
             for ki, k in enumerate(ks):
+                tol = [TOL + slack[j][ki] for j in range(n)]
+                pooled = max(tol)
                 mu, sd = ref.exact_moments(a, ki, derangement=(null == "derangement"))
                 perm_mean, var, p = ref.enumerated_layer_test(a, ki)
                 zs, margins, hits = [], [], 0
                 for e in range(n):
                     row = table.loc[(L, role, e, k)]
-                    assert row["align"] == pytest.approx(a[e][e][ki], abs=TOL)
+                    assert row["align"] == pytest.approx(a[e][e][ki], abs=tol[e])
                     assert row["random_expect_k_over_d"] == pytest.approx(k / d)
-                    assert row["effect_over_random"] == pytest.approx(a[e][e][ki] - k / d, abs=TOL)
-                    assert row["shuffle_mean"] == pytest.approx(mu, abs=TOL)
-                    assert row["shuffle_std"] == pytest.approx(sd, abs=TOL)
-                    assert row["delta_vs_shuffle"] == pytest.approx(a[e][e][ki] - mu, abs=TOL)
+                    assert row["effect_over_random"] == pytest.approx(a[e][e][ki] - k / d, abs=tol[e])
+                    assert row["shuffle_mean"] == pytest.approx(mu, abs=pooled)
+                    assert row["shuffle_std"] == pytest.approx(sd, abs=pooled)
+                    assert row["delta_vs_shuffle"] == pytest.approx(a[e][e][ki] - mu, abs=tol[e] + pooled)
                     if sd > 1e-3:
                         z = (a[e][e][ki] - mu) / sd
-                        assert row["z_vs_shuffle"] == pytest.approx(z, abs=TOL * (1 + abs(z)) / sd)
+                        assert row["z_vs_shuffle"] == pytest.approx(z, abs=2 * pooled * (1 + abs(z)) / sd)
                         zs.append(z)
                     margin = a[e][e][ki] - max(a[e][j][ki] for j in range(n) if j != e)
-                    assert row["margin"] == pytest.approx(margin, abs=2 * TOL)
+                    assert row["margin"] == pytest.approx(margin, abs=2 * pooled)
                     margins.append(margin)
                     if k == 1:
-                        assert row["cos_squared"] == pytest.approx(a[e][e][0], abs=TOL)
+                        assert row["cos_squared"] == pytest.approx(a[e][e][0], abs=tol[e])
                     else:
                         assert np.isnan(row["cos_squared"])
                     hits += margin > 1e-6  # own expert is the unique argmax
                     for j in range(n):
-                        assert pairs.loc[(L, role, e, j, k), "energy"] == pytest.approx(a[e][j][ki], abs=TOL)
+                        assert pairs.loc[(L, role, e, j, k), "energy"] == pytest.approx(a[e][j][ki], abs=tol[j])
                 lay = layers.loc[(L, role, k)]
-                assert lay["align"] == pytest.approx(np.mean([a[e][e][ki] for e in range(n)]), abs=TOL)
-                assert lay["margin"] == pytest.approx(np.mean(margins), abs=2 * TOL)
+                assert lay["align"] == pytest.approx(np.mean([a[e][e][ki] for e in range(n)]), abs=pooled)
+                assert lay["margin"] == pytest.approx(np.mean(margins), abs=2 * pooled)
                 assert lay["argmax_accuracy"] == pytest.approx(hits / n)
                 assert lay["n_experts"] == n
                 assert lay["p_layer_method"] == "exact"
                 if var > 1e-8:  # at k = d every S(π) is 1 up to rounding: z_layer is undefined
                     observed = np.mean([a[e][e][ki] for e in range(n)])
                     z_layer = (observed - perm_mean) / np.sqrt(var)
-                    assert lay["z_layer"] == pytest.approx(z_layer, abs=TOL * (1 + abs(z_layer)) / np.sqrt(var))
+                    assert lay["z_layer"] == pytest.approx(z_layer, abs=pooled * (1 + abs(z_layer)) / np.sqrt(var))
                     assert lay["p_layer"] == pytest.approx(p, abs=1e-12)
                 if zs and len(zs) == n:
                     assert lay["z_vs_shuffle"] == pytest.approx(np.mean(zs), rel=1e-3, abs=1e-3)
