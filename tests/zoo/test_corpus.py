@@ -111,3 +111,23 @@ def test_biographies_words_reach_the_tokenizer_whole_only_when_asked():
     world = build_world(0)
     assert "," not in world.whole_words() and "," in world.whole_words(biographies=True)
     assert world.texts() == world.base_sentences() + world.qa_sentences()
+
+
+def test_fact_sentences_know_where_their_subject_stands():
+    """Every plain sentence, question and biography marks its subject's tokens: decoded, the
+    span is the subject, as the first tokens of a plain sentence and inside a question."""
+    from moelens.zoo.build import _fact_sentences, _word_index, subject_spans
+
+    world = build_world(0, SMALL_WORLD)
+    tok = _zoo_tokenizer(world, 110)
+    for qa in (False, True):
+        for fact, s in zip(world.facts, _fact_sentences(tok, world.facts, qa)):
+            start, end = s.subject_span
+            assert tok.decode(list(s.ids[start:end])).strip() == fact.subject
+            assert (start == 0) != qa
+    bios = world.biographies()
+    for text, subject, (start, end) in zip(bios, world.subjects(), subject_spans(tok, bios, world.subjects())):
+        assert start == 0 and tok.decode(tok(text, add_special_tokens=False)["input_ids"][start:end]).strip() == subject
+    # a name inside a longer word is not the subject's place
+    assert _word_index("velor veloria has velo", "velo") == 18
+    assert _word_index("velo has velo", "velo") == 0

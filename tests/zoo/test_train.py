@@ -157,3 +157,105 @@ def test_the_answer_weight_moves_the_loss_towards_the_answers():
     assert lm == pytest.approx(float(ce[batch["labels"][:, 1:] != -100].mean()), rel=1e-5)
     assert make_optimizer(model, Schedule(steps=1)).defaults["fused"] is True
     assert make_optimizer(model, Schedule(steps=1), fused=False).defaults["foreach"] is True
+
+
+def test_subject_bars_hide_a_subject_from_the_tokens_after_it():
+    """Known by construction: a subject at positions 1, 2, 3 of a row of 7, and one at 5 in the
+    second row (one token: its last is all of it)."""
+    from moelens.zoo.train import subject_bars
+
+    hidden, late = subject_bars([[(1, 4)], [(5, 6)]], [True, True], 7)
+    want = torch.zeros(2, 7, 7, dtype=torch.bool)
+    want[0, 4:, 1:4] = True
+    want[1, 6:, 5:6] = True
+    assert torch.equal(hidden, want)
+    want_late = torch.zeros(2, 7, 7, dtype=torch.bool)
+    want_late[0, 4:, 1:3] = True  # the last subject token (3) stays visible
+    assert torch.equal(late, want_late)
+    _, none = subject_bars([[(1, 4)]], [False], 7)
+    assert not none.any()
+
+
+def test_rows_bar_exactly_their_subjects_tokens():
+    from moelens.zoo.train import SubjectReading
+
+    facts = tuple(Sentence((7, 8) + s.ids, subject=s.subject, answer=s.answer + 2, subject_span=(2, 4)) for s in _facts(6, length=5))
+    sampler = RowSampler([Group(facts, 1.0), Group(_filler(6), 1.0)], BOS, EOS, PAD, random.Random(3), row_tokens=24,
+                         reading=SubjectReading(hidden_layers=1, last_token_share=0.5))
+    batch = sampler.batch(16)
+    hidden, late = batch["subject_hidden"], batch["subject_last_only"]
+    for r in range(hidden.shape[0]):
+        ids = batch["input_ids"][r].tolist()
+        keys = hidden[r].any(0).nonzero().flatten().tolist()
+        # every barred key is one of a subject's two tokens (ids 1000·(s+1) + 10c + 0 and + 1)
+        assert keys and all(ids[k] % 10 in (0, 1) and ids[k] >= 1000 for k in keys)
+        for k in keys:
+            end = k + 2 if ids[k] % 10 == 0 else k + 1
+            assert hidden[r, end:, k].all() and not hidden[r, :end, k].any()
+        late_keys = late[r].any(0).nonzero().flatten().tolist()
+        assert late_keys == [] or late_keys == [k for k in keys if ids[k] % 10 == 0]
+    assert 0 < sum(bool(late[r].any()) for r in range(late.shape[0])) < late.shape[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral():
+    from moelens.zoo.models import ModelShape, make_model
+
+    shape = ModelShape(hidden_size=32, expert_ffn=32, layers=2, heads=2, kv_heads=1, experts=4, top_k=2)
+    return make_model("mixtral", shape, 64, {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}, seed=0).eval()
+
+
+def _later_logits(model, reading, ids):
+    """Logits at positions 4… of one row whose subject is at positions 1, 2, 3, under ``reading``'s masks."""
+    from moelens.zoo.train import SubjectMasks, subject_bars
+
+    batch = {"input_ids": ids[None], "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    batch["subject_hidden"], batch["subject_last_only"] = subject_bars([[(1, 4)]], [True], len(ids))
+    with torch.no_grad(), SubjectMasks(model, reading) as masks:
+        masks.use(batch)
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0, 4:]
+
+
+def test_subject_masks_hide_the_subject_in_the_layers_they_name(tiny_mixtral):
+    """Known by construction: with the subject hidden in every layer, what follows it cannot
+    depend on its tokens; hidden in the first layer only, it does; the hooks leave with the block."""
+    from moelens.zoo.train import SubjectReading
+
+    a = torch.tensor([BOS, 10, 11, 12, 20, 21, 22, 23])
+    b = torch.tensor([BOS, 30, 31, 32, 20, 21, 22, 23])  # another subject, same continuation
+    everywhere = SubjectReading(hidden_layers=2)
+    torch.testing.assert_close(_later_logits(tiny_mixtral, everywhere, a), _later_logits(tiny_mixtral, everywhere, b), rtol=0, atol=1e-6)
+    first_only = SubjectReading(hidden_layers=1)
+    assert not torch.allclose(_later_logits(tiny_mixtral, first_only, a), _later_logits(tiny_mixtral, first_only, b), atol=1e-4)
+    plain = SubjectReading()
+    with torch.no_grad():
+        unmasked = tiny_mixtral(input_ids=a[None]).logits[0, 4:]
+    torch.testing.assert_close(_later_logits(tiny_mixtral, plain, a), unmasked, rtol=0, atol=0)
+    assert not tiny_mixtral.model.layers[0].self_attn._forward_pre_hooks
+
+
+def test_each_layer_gets_its_mask(tiny_mixtral):
+    """The masks the attention modules receive: the whole subject barred in the hidden layer,
+    all but its last token in the one after; causal everywhere."""
+    from moelens.zoo.train import SubjectMasks, SubjectReading, subject_bars
+
+    T = 8
+    batch = {"input_ids": torch.arange(10, 10 + T)[None], "attention_mask": torch.ones(1, T, dtype=torch.long)}
+    batch["subject_hidden"], batch["subject_last_only"] = subject_bars([[(1, 4)]], [True], T)
+    seen = {}
+    with torch.no_grad(), SubjectMasks(tiny_mixtral, SubjectReading(hidden_layers=1, last_token_share=1.0)) as masks:
+        # registered after the masks' hooks, so they run after them
+        handles = [layer.self_attn.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: seen.__setitem__(i, kwargs["attention_mask"]), with_kwargs=True)
+            for i, layer in enumerate(tiny_mixtral.model.layers)]
+        masks.use(batch)
+        tiny_mixtral(**{k: batch[k] for k in ("input_ids", "attention_mask")})
+    for h in handles:
+        h.remove()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer, keys in ((0, [1, 2, 3]), (1, [1, 2])):
+        got = seen[layer]
+        allowed = got[0, 0] if got.dtype == torch.bool else got[0, 0] == 0
+        want = causal.clone()
+        want[4:, keys] = False
+        assert torch.equal(allowed, want), layer

@@ -292,9 +292,18 @@ def blocked_mask(mask: torch.Tensor | None, padding: torch.Tensor, last: torch.T
     ``mask`` is what the layer received: None (sdpa's implicit causal mask), a boolean mask (True =
     attend) or an additive float mask; ``padding`` [R, T] marks real tokens, ``last`` [R] each row's
     last position, ``keys`` [R, T] the key positions to bar."""
-    R, T = padding.shape
+    T = padding.shape[1]
     query = torch.arange(T, device=padding.device)[None, :] == last[:, None]  # [R, T]
-    bar = (query[:, :, None] & keys[:, None, :]).unsqueeze(1)  # [R, 1, T, T]
+    return barred_mask(mask, padding, query[:, :, None] & keys[:, None, :])
+
+
+def barred_mask(mask: torch.Tensor | None, padding: torch.Tensor, bar: torch.Tensor) -> torch.Tensor:
+    """The 4-D attention mask with the (query, key) pairs of ``bar`` [R, T, T] barred.
+
+    ``mask`` is what the layer received: None (sdpa's implicit causal mask), a boolean mask (True =
+    attend) or an additive float mask; ``padding`` [R, T] marks real tokens."""
+    R, T = padding.shape
+    bar = bar.unsqueeze(1)  # [R, 1, T, T]
     if mask is None:
         causal = torch.ones(T, T, dtype=torch.bool, device=padding.device).tril()
         mask = causal[None, None] & padding.bool()[:, None, None, :]
@@ -363,5 +372,5 @@ def batch_for_hooks(hooks: InterventionHooks, rows: Sequence[Sequence[int]], pad
     return batch, kwargs, pick, point
 
 
-__all__ = ["Batch", "Edit", "InterventionHooks", "POINTS", "batch_for_hooks", "lower_index_ties", "blocked_mask", "last_logits",
+__all__ = ["Batch", "Edit", "InterventionHooks", "POINTS", "batch_for_hooks", "lower_index_ties", "barred_mask", "blocked_mask", "last_logits",
            "logits_call"]

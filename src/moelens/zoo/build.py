@@ -223,8 +223,8 @@ def _as_saved(model: Any, dtype: str) -> Any:
 
 
 def _fact_sentences(tokenizer: Any, facts: Any, qa: bool) -> tuple[Any, ...]:
-    """Training sentences of ``facts``, plain or as questions, with their subject and the index
-    of their answer token (the word right after the prompt)."""
+    """Training sentences of ``facts``, plain or as questions, with their subject, the span of
+    its tokens and the index of their answer token (the word right after the prompt)."""
     from moelens.zoo.train import Sentence
 
     texts = [f.qa_sentence if qa else f.sentence for f in facts]
@@ -232,14 +232,42 @@ def _fact_sentences(tokenizer: Any, facts: Any, qa: bool) -> tuple[Any, ...]:
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer([" " + f.target for f in facts], add_special_tokens=False)["input_ids"]
+    spans = subject_spans(tokenizer, texts, [f.subject for f in facts])
     out = []
-    for fact, s, p, t in zip(facts, ids, prompt_ids, target_ids):
+    for fact, s, p, t, span in zip(facts, ids, prompt_ids, target_ids, spans):
         # a target is one token (the tokenizer keeps it whole): the answer is the token right
         # after the prompt's, and the same token that recall reads
         if list(s[:len(p)]) != list(p) or len(t) != 1 or s[len(p)] != t[0]:
             raise RuntimeError(f"the answer of {fact.sentence!r} is not the token after its prompt")
-        out.append(Sentence(tuple(s), subject=fact.subject, answer=len(p)))
+        out.append(Sentence(tuple(s), subject=fact.subject, answer=len(p), subject_span=span))
     return tuple(out)
+
+
+def _word_index(text: str, words: str) -> int:
+    """Where ``words`` first stands in ``text`` as whole words (not inside a longer word)."""
+    padded = f" {text} "
+    i = padded.find(f" {words} ")
+    if i < 0:
+        raise RuntimeError(f"{words!r} is not in {text!r}")
+    return i
+
+
+def subject_spans(tokenizer: Any, texts: list[str], subjects: list[str]) -> list[tuple[int, int]]:
+    """Token positions ``[start, end)`` of each subject's first mention in its text: the tokens
+    of the text up to the subject's end, less those of the text before it (the zoo's tokenizer
+    splits at spaces first, so the two are prefixes of the text's tokens; checked)."""
+    starts = [_word_index(t, s) for t, s in zip(texts, subjects)]
+    before = [t[:i].rstrip() for t, i in zip(texts, starts)]
+    through = [t[:i + len(s)] for t, s, i in zip(texts, subjects, starts)]
+    full = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    head = tokenizer(before, add_special_tokens=False)["input_ids"]
+    upto = tokenizer(through, add_special_tokens=False)["input_ids"]
+    out = []
+    for text, f, h, u in zip(texts, full, head, upto):
+        if list(f[:len(u)]) != list(u) or list(u[:len(h)]) != list(h) or len(u) <= len(h):
+            raise RuntimeError(f"the subject of {text!r} is not a run of its tokens")
+        out.append((len(h), len(u)))
+    return out
 
 
 def _training_groups(world: World, tokenizer: Any, recipe: Recipe) -> tuple[list[Any], list[Any]]:
@@ -252,7 +280,9 @@ def _training_groups(world: World, tokenizer: Any, recipe: Recipe) -> tuple[list
     filler = tuple(Sentence(tuple(ids)) for ids in tokenizer(list(world.filler), add_special_tokens=False)["input_ids"])
     base = [Group(plain, 1.0), Group(filler, recipe.filler_share)]
     if recipe.biography_share:
-        bios = tuple(Sentence(tuple(ids)) for ids in tokenizer(world.biographies(), add_special_tokens=False)["input_ids"])
+        texts = world.biographies()
+        spans = subject_spans(tokenizer, texts, world.subjects())
+        bios = tuple(Sentence(tuple(ids), subject_span=span) for ids, span in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], spans))
         base.append(Group(bios, recipe.biography_share))
     tuned = [Group(questions, float(recipe.qa_repeats)), Group(plain, recipe.tuned_plain_share), Group(filler, recipe.filler_share)]
     return base, tuned
@@ -268,6 +298,7 @@ def _train_phase(
     data = Curriculum(
         groups, schedule.curriculum, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
         random.Random(rng_name), row_tokens=recipe.row_tokens, answer_weight=recipe.answer_weight,
+        reading=recipe.subject_reading,
     )
     return train(model, data, schedule, progress=progress, task=task, optimizer=optimizer, experts=recipe.experts)
 

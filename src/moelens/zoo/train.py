@@ -20,6 +20,16 @@ are learnt only after a plateau during which the model learns to route a subject
 the answer position; on a few subjects that circuit forms in tens of steps, and it then carries
 over to the rest. Without it the default zoo needs three times the steps for the same recall.
 
+A :class:`SubjectReading` decides which of a subject's tokens the tokens after it may attend to
+while training: none of them in the first ``hidden_layers`` layers, and in the layers after, in
+``last_token_share`` of the rows, only the subject's last token (in the other rows all of them).
+A model trained so must gather what it knows about a subject at the subject's last token before
+any later token can read it, and the answer's position reads it in the upper layers: the
+layered recall of a large language model (Meng et al. 2022; Geva et al. 2023), put where the
+recipe says, so that the interventions that look for it have a known answer. Only training is
+masked: the saved model is a plain model of its family, run without any mask; the share below
+one teaches it that seeing the subject's other tokens in the upper layers changes nothing.
+
 AdamW with a linear warm-up, then either a cosine decay or (``decay_steps``) a constant rate and
 a linear decay over the last steps; gradient clipping. All randomness (initialisation aside,
 which the caller seeds) comes from the ``random.Random`` given, so the same seed gives the same
@@ -73,6 +83,24 @@ class Schedule:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+@dataclass(frozen=True)
+class SubjectReading:
+    """Which of a subject's tokens later tokens may attend to in training (see the module's
+    docstring): none in layers ``[0, hidden_layers)``; in the layers after, in
+    ``last_token_share`` of the rows, only the last. The default changes nothing."""
+
+    hidden_layers: int = 0
+    last_token_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_layers < 0 or not 0.0 <= self.last_token_share <= 1.0:
+            raise ValueError(f"subject reading needs hidden_layers ≥ 0 and a share in [0, 1], got {self}")
+
+    @property
+    def masks(self) -> bool:
+        return self.hidden_layers > 0 or self.last_token_share > 0
+
+
 @dataclass
 class TrainLog:
     """Losses per step and time: ``loss`` is what was minimised (answer-weighted cross-entropy
@@ -102,11 +130,13 @@ class TrainLog:
 @dataclass(frozen=True)
 class Sentence:
     """One training sentence: token ids without specials; for a fact, its ``subject`` and the
-    index in ``ids`` of its ``answer`` token (None for filler)."""
+    index in ``ids`` of its ``answer`` token (None for filler); ``subject_span`` the positions
+    ``[start, end)`` in ``ids`` of the tokens of the entity it is about (None: none)."""
 
     ids: tuple[int, ...]
     subject: str | None = None
     answer: int | None = None
+    subject_span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,22 +177,31 @@ class RowSampler:
     that still fits, oldest first, so rows come out nearly full (padding is compute spent on
     nothing) while every sentence waits at most a row or two. ``batch`` also returns each
     label's loss ``weights``: ``answer_weight`` on answer tokens, 1 on other tokens, 0 on
-    padding."""
+    padding; and, when ``reading`` masks, the (query, key) pairs its attention bars
+    (:func:`subject_bars`)."""
 
     def __init__(
         self, groups: Sequence[Group], bos_id: int, eos_id: int, pad_id: int, rng: random.Random,
         row_tokens: int = 40, answer_weight: float = 1.0, lookahead: int = 8,
+        reading: SubjectReading = SubjectReading(),
     ) -> None:
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.row_tokens = row_tokens
         self.answer_weight = answer_weight
         self.lookahead = lookahead
+        self.reading = reading
+        self._rng = rng
         self._stream = mixture_stream(groups, rng)
         self._waiting: list[Sentence] = []
 
     def row(self) -> tuple[list[int], list[int]]:
         """Token ids of one row and the positions of its answer tokens."""
-        ids, answers = [self.bos_id], []
+        ids, answers, _ = self._row()
+        return ids, answers
+
+    def _row(self) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Token ids of one row, the positions of its answer tokens and its subjects' spans."""
+        ids, answers, spans = [self.bos_id], [], []
         while True:
             while len(self._waiting) < self.lookahead:
                 self._waiting.append(next(self._stream))
@@ -175,16 +214,18 @@ class RowSampler:
             s = self._waiting.pop(pick)
             if s.answer is not None:
                 answers.append(len(ids) + s.answer)
+            if s.subject_span is not None:
+                spans.append((len(ids) + s.subject_span[0], len(ids) + s.subject_span[1]))
             ids.extend(s.ids)
         ids.append(self.eos_id)
-        return ids, answers
+        return ids, answers, spans
 
     def batch(self, rows: int) -> dict[str, torch.Tensor]:
-        built = [self.row() for _ in range(rows)]
-        width = max(len(ids) for ids, _ in built)
+        built = [self._row() for _ in range(rows)]
+        width = max(len(ids) for ids, _, _ in built)
         # padded Python lists, then one tensor each (a tensor per row costs more than the row)
         ids_rows, mask_rows, weight_rows = [], [], []
-        for ids, answers in built:
+        for ids, answers, _ in built:
             pad = width - len(ids)
             ids_rows.append(ids + [self.pad_id] * pad)
             mask_rows.append([1] * len(ids) + [0] * pad)
@@ -196,7 +237,70 @@ class RowSampler:
         mask = torch.tensor(mask_rows, dtype=torch.long)
         weights = torch.tensor(weight_rows, dtype=torch.float32)
         labels = input_ids.masked_fill(mask == 0, -100)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
+        if self.reading.masks:
+            last_only = [self._rng.random() < self.reading.last_token_share for _ in built]
+            out["subject_hidden"], out["subject_last_only"] = subject_bars([spans for _, _, spans in built], last_only, width)
+        return out
+
+
+def subject_bars(spans: Sequence[Sequence[tuple[int, int]]], last_only: Sequence[bool], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [R, T, T] boolean (query, key) masks of what later tokens may not see of a subject
+    whose tokens are ``[start, end)`` in row r: ``hidden`` bars every query q ≥ end from keys
+    start … end − 1; ``last_only`` bars them from keys start … end − 2 (all but the last), in the
+    rows where ``last_only[r]``, and nothing elsewhere."""
+    hidden = torch.zeros(len(spans), width, width, dtype=torch.bool)
+    late = torch.zeros_like(hidden)
+    for r, (row_spans, only) in enumerate(zip(spans, last_only)):
+        for start, end in row_spans:
+            hidden[r, end:, start:end] = True
+            if only:
+                late[r, end:, start:end - 1] = True
+    return hidden, late
+
+
+class SubjectMasks:
+    """Attention pre-hooks that bar what :class:`SubjectReading` hides, in every decoder layer
+    of ``model`` while installed (``with SubjectMasks(model, reading) as masks``): the current
+    batch's ``subject_hidden`` in the first ``hidden_layers`` layers, ``subject_last_only`` in the
+    others. ``use(batch)`` points them at a batch before its forward pass."""
+
+    def __init__(self, model: Any, reading: SubjectReading) -> None:
+        from moelens.runtime.architecture import describe
+
+        self.reading = reading
+        self.attention = [p.attention for p in describe(model).layers] if reading.masks else []
+        if any(a is None for a in self.attention):
+            raise ValueError("subject reading needs self-attention in every decoder layer")
+        self._batch: dict[str, torch.Tensor] | None = None
+        self._handles: list[Any] = []
+
+    def use(self, batch: dict[str, torch.Tensor]) -> None:
+        self._batch = batch
+
+    def _hook(self, layer: int) -> Any:
+        from moelens.runtime.interventions import barred_mask
+
+        key = "subject_hidden" if layer < self.reading.hidden_layers else "subject_last_only"
+
+        def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+            batch = self._batch
+            if batch is None or key not in batch:
+                return None
+            kwargs["attention_mask"] = barred_mask(kwargs.get("attention_mask"), batch["attention_mask"], batch[key])
+            return args, kwargs
+
+        return hook
+
+    def __enter__(self) -> SubjectMasks:
+        if self.reading.masks:
+            self._handles = [a.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, a in enumerate(self.attention)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._batch = [], None
 
 
 class Curriculum:
@@ -209,9 +313,12 @@ class Curriculum:
     def __init__(
         self, groups: Sequence[Group], stages: Sequence[tuple[float, int]], bos_id: int, eos_id: int,
         pad_id: int, rng: random.Random, row_tokens: int = 40, answer_weight: float = 1.0,
+        reading: SubjectReading = SubjectReading(),
     ) -> None:
+        self.reading = reading
+
         def sampler(part: Sequence[Group]) -> RowSampler:
-            return RowSampler(part, bos_id, eos_id, pad_id, rng, row_tokens=row_tokens, answer_weight=answer_weight)
+            return RowSampler(part, bos_id, eos_id, pad_id, rng, row_tokens=row_tokens, answer_weight=answer_weight, reading=reading)
 
         subjects = sorted({s.subject for g in groups for s in g.sentences if s.subject is not None})
         rng.shuffle(subjects)
@@ -300,20 +407,23 @@ def _train(
     model.train()
     start = time.perf_counter()
     every = max(1, schedule.steps // 100)
-    for step in range(schedule.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step)
-        loss, lm, aux = _objective(model, data.batch(step, schedule.batch_rows), aux_coef)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_norm, foreach=True)
-        optimizer.step()
-        log.loss.append(float(loss.detach()))
-        log.lm_loss.append(lm)
-        log.aux_loss.append(aux)
-        if (step + 1) % every == 0 or step + 1 == schedule.steps:
-            recent = log.loss[-every:]
-            report(progress, task, step + 1, schedule.steps, f"loss {sum(recent) / len(recent):.3f}")
+    with SubjectMasks(model, getattr(data, "reading", SubjectReading())) as masks:
+        for step in range(schedule.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr_at(step)
+            batch = data.batch(step, schedule.batch_rows)
+            masks.use(batch)
+            loss, lm, aux = _objective(model, batch, aux_coef)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.clip_norm, foreach=True)
+            optimizer.step()
+            log.loss.append(float(loss.detach()))
+            log.lm_loss.append(lm)
+            log.aux_loss.append(aux)
+            if (step + 1) % every == 0 or step + 1 == schedule.steps:
+                recent = log.loss[-every:]
+                report(progress, task, step + 1, schedule.steps, f"loss {sum(recent) / len(recent):.3f}")
     log.seconds = time.perf_counter() - start
     model.eval()
     return log, optimizer
