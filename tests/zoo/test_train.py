@@ -197,12 +197,16 @@ def test_rows_bar_exactly_their_subjects_tokens():
     assert 0 < sum(bool(late[r].any()) for r in range(late.shape[0])) < late.shape[0]
 
 
-@pytest.fixture(scope="module")
-def tiny_mixtral():
+def _tiny_zoo_model(family: str):
     from moelens.zoo.models import ModelShape, make_model
 
     shape = ModelShape(hidden_size=32, expert_ffn=32, layers=2, heads=2, kv_heads=1, experts=4, top_k=2)
-    return make_model("mixtral", shape, 64, {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}, seed=0).eval()
+    return make_model(family, shape, 64, {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral():
+    return _tiny_zoo_model("mixtral")
 
 
 def _later_logits(model, reading, ids):
@@ -216,22 +220,26 @@ def _later_logits(model, reading, ids):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0, 4:]
 
 
-def test_subject_masks_hide_the_subject_in_the_layers_they_name(tiny_mixtral):
-    """Known by construction: with the subject hidden in every layer, what follows it cannot
-    depend on its tokens; hidden in the first layer only, it does; the hooks leave with the block."""
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_subject_masks_hide_the_subject_in_the_layers_they_name(family):
+    """Known by construction, in every zoo family: with the subject hidden in every layer, what
+    follows it cannot depend on its tokens; hidden in the first layer only, it does; the hooks
+    leave with the block."""
     from moelens.zoo.train import SubjectReading
+
+    model = _tiny_zoo_model(family)
 
     a = torch.tensor([BOS, 10, 11, 12, 20, 21, 22, 23])
     b = torch.tensor([BOS, 30, 31, 32, 20, 21, 22, 23])  # another subject, same continuation
     everywhere = SubjectReading(hidden_layers=2)
-    torch.testing.assert_close(_later_logits(tiny_mixtral, everywhere, a), _later_logits(tiny_mixtral, everywhere, b), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_later_logits(model, everywhere, a), _later_logits(model, everywhere, b), rtol=0, atol=1e-6)
     first_only = SubjectReading(hidden_layers=1)
-    assert not torch.allclose(_later_logits(tiny_mixtral, first_only, a), _later_logits(tiny_mixtral, first_only, b), atol=1e-4)
+    assert not torch.allclose(_later_logits(model, first_only, a), _later_logits(model, first_only, b), atol=1e-4)
     plain = SubjectReading()
     with torch.no_grad():
-        unmasked = tiny_mixtral(input_ids=a[None]).logits[0, 4:]
-    torch.testing.assert_close(_later_logits(tiny_mixtral, plain, a), unmasked, rtol=0, atol=0)
-    assert not tiny_mixtral.model.layers[0].self_attn._forward_pre_hooks
+        unmasked = model(input_ids=a[None]).logits[0, 4:]
+    torch.testing.assert_close(_later_logits(model, plain, a), unmasked, rtol=0, atol=0)
+    assert not model.model.layers[0].self_attn._forward_pre_hooks
 
 
 def test_each_layer_gets_its_mask(tiny_mixtral):
