@@ -154,11 +154,24 @@ def test_default_directory_honours_moelens_cache(monkeypatch, tmp_path):
     assert zoo.default_zoo_dir() == tmp_path / "zoo" / "mixtral-0"
 
 
+def test_a_recipe_that_hides_the_subject_everywhere_is_refused():
+    from moelens.errors import ConfigError
+    from moelens.zoo.train import SubjectReading
+
+    with pytest.raises(ConfigError, match="no layer would be left"):
+        replace(zoo.recipe_for(), subject_reading=SubjectReading(hidden_layers=12))
+    with pytest.raises(ValueError, match="share"):
+        SubjectReading(hidden_layers=2, last_token_share=1.5)
+
+
 def test_recipe_hash_changes_with_every_field():
+    from moelens.zoo.train import SubjectReading
+
     r = zoo.recipe_for(small=True)
     hashes = {
         r.hash(0), r.hash(1), replace(r, threads=2).hash(0), replace(r, dtype="bfloat16").hash(0),
         replace(r, base=replace(r.base, steps=301)).hash(0), replace(r, shape=replace(r.shape, top_k=1)).hash(0),
         zoo.recipe_for(small=False).hash(0), zoo.recipe_for("olmoe", small=True).hash(0),
+        replace(r, subject_reading=SubjectReading(hidden_layers=1, last_token_share=0.5)).hash(0),
     }
-    assert len(hashes) == 8
+    assert len(hashes) == 9

@@ -77,6 +77,9 @@ class Recipe:
             raise ConfigError(f"unknown experts implementation {self.experts!r}; choose one of {', '.join(EXPERTS_IMPLEMENTATIONS)}")
         if self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.subject_reading.hidden_layers >= self.shape.layers:
+            raise ConfigError(f"subject_reading hides the subject in {self.subject_reading.hidden_layers} layers of "
+                              f"{self.shape.layers}: no layer would be left to read it")
 
     def as_dict(self) -> dict[str, Any]:
         """The recipe as plain JSON values (lists, not tuples), as ``zoo.json`` holds it."""
