@@ -232,7 +232,7 @@ def _fact_sentences(tokenizer: Any, facts: Any, qa: bool) -> tuple[Any, ...]:
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer([" " + f.target for f in facts], add_special_tokens=False)["input_ids"]
-    spans = subject_spans(tokenizer, texts, [f.subject for f in facts])
+    spans = subject_spans(tokenizer, texts, ids, [f.subject for f in facts])
     out = []
     for fact, s, p, t, span in zip(facts, ids, prompt_ids, target_ids, spans):
         # a target is one token (the tokenizer keeps it whole): the answer is the token right
@@ -252,18 +252,17 @@ def _word_index(text: str, words: str) -> int:
     return i
 
 
-def subject_spans(tokenizer: Any, texts: list[str], subjects: list[str]) -> list[tuple[int, int]]:
-    """Token positions ``[start, end)`` of each subject's first mention in its text: the tokens
-    of the text up to the subject's end, less those of the text before it (the zoo's tokenizer
-    splits at spaces first, so the two are prefixes of the text's tokens; checked)."""
+def subject_spans(tokenizer: Any, texts: list[str], ids: list[list[int]], subjects: list[str]) -> list[tuple[int, int]]:
+    """Token positions ``[start, end)`` of each subject's first mention in its text (``ids``: the
+    text's tokens): the tokens of the text up to the subject's end, less those of the text before
+    it (the zoo's tokenizer splits at spaces first, so the two are prefixes of ``ids``; checked)."""
     starts = [_word_index(t, s) for t, s in zip(texts, subjects)]
     before = [t[:i].rstrip() for t, i in zip(texts, starts)]
     through = [t[:i + len(s)] for t, s, i in zip(texts, subjects, starts)]
-    full = tokenizer(texts, add_special_tokens=False)["input_ids"]
     head = tokenizer(before, add_special_tokens=False)["input_ids"]
     upto = tokenizer(through, add_special_tokens=False)["input_ids"]
     out = []
-    for text, f, h, u in zip(texts, full, head, upto):
+    for text, f, h, u in zip(texts, ids, head, upto):
         if list(f[:len(u)]) != list(u) or list(u[:len(h)]) != list(h) or len(u) <= len(h):
             raise RuntimeError(f"the subject of {text!r} is not a run of its tokens")
         out.append((len(h), len(u)))
@@ -281,8 +280,8 @@ def _training_groups(world: World, tokenizer: Any, recipe: Recipe) -> tuple[list
     base = [Group(plain, 1.0), Group(filler, recipe.filler_share)]
     if recipe.biography_share:
         texts = world.biographies()
-        spans = subject_spans(tokenizer, texts, world.subjects())
-        bios = tuple(Sentence(tuple(ids), subject_span=span) for ids, span in zip(tokenizer(texts, add_special_tokens=False)["input_ids"], spans))
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        bios = tuple(Sentence(tuple(i), subject_span=span) for i, span in zip(ids, subject_spans(tokenizer, texts, ids, world.subjects())))
         base.append(Group(bios, recipe.biography_share))
     tuned = [Group(questions, float(recipe.qa_repeats)), Group(plain, recipe.tuned_plain_share), Group(filler, recipe.filler_share)]
     return base, tuned
